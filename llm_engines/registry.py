@@ -1,0 +1,72 @@
+"""Engine names mapped to their classes, imported lazily, and the per-process engine cache."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import threading
+from collections.abc import Mapping
+from importlib import import_module
+from typing import Any
+
+from llm_engines.base import Engine
+
+
+class UnknownName(LookupError):
+    """A name that no registry entry has; the message lists the known ones and the closest match."""
+
+
+class Registry:
+    """Short names mapped to dotted paths of classes, imported only when first asked for.
+
+    Used for engines here and for agents in ``agents.registry``.
+    """
+
+    def __init__(self, kind: str, entries: Mapping[str, str]) -> None:
+        self.kind = kind
+        self.entries = dict(entries)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def load(self, name: str) -> Any:
+        try:
+            dotted = self.entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self.entries, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(self.names())
+            raise UnknownName(f"unknown {self.kind} {name!r}{hint}; known {self.kind}s: {known}") from None
+        module_name, _, attribute = dotted.rpartition(".")
+        return getattr(import_module(module_name), attribute)
+
+
+ENGINES = Registry(
+    "engine",
+    {
+        "llama_cpp": "llm_engines.local.llama_cpp_engine.LlamaCppEngine",
+        # Answers at once without a model: for tests and benchmarks only, never a default.
+        "instant": "llm_engines.testing.InstantEngine",
+    },
+)
+
+
+def engine_class(name: str) -> type[Engine]:
+    return ENGINES.load(name)
+
+
+_cache: dict[tuple[str, str], Engine] = {}
+_cache_lock = threading.Lock()
+
+
+def get_engine(name: str, settings: Mapping[str, Any]) -> Engine:
+    """The engine for ``settings``, created once per process (a model is loaded once, not per task)."""
+    key = (name, json.dumps(settings, sort_keys=True, default=str))
+    engine = _cache.get(key)
+    if engine is None:
+        with _cache_lock:
+            engine = _cache.get(key)
+            if engine is None:
+                engine = engine_class(name)(**settings)
+                _cache[key] = engine
+    return engine

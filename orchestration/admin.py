@@ -1,0 +1,105 @@
+"""The admin's view of tasks: read-only, filtered and searchable; cancel and retry go through the services."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+
+from orchestration.exceptions import ApplicationError
+from orchestration.models import Task
+from orchestration.services import task_cancel, task_retry
+
+
+def _pretty(value: Any) -> str:
+    return format_html("<pre style='white-space: pre-wrap'>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False))
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = ("task_id", "profile", "role", "status", "iteration", "version", "created_at", "updated_at")
+    list_filter = ("status", "profile", "role")
+    search_fields = ("task_id",)
+    date_hierarchy = "created_at"
+    actions = ("cancel_tasks", "retry_tasks")
+    fields = (
+        "task_id", "profile", "role", "status", "iteration", "version", "parent_id", "created_at", "updated_at",
+        "payload_view", "result_view", "history_view",
+    )  # fmt: skip
+    readonly_fields = fields
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Task], search_term: str):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            return queryset.filter(task_id=uuid.UUID(term)), False
+        except ValueError:
+            return queryset.none(), False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
+        return False  # the state file is the truth: tasks change only through the services
+
+    def has_delete_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
+        return False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("orchestration.change_task")
+
+    @admin.display(description="payload")
+    def payload_view(self, obj: Task) -> str:
+        return _pretty(obj.packet.get("payload"))
+
+    @admin.display(description="result")
+    def result_view(self, obj: Task) -> str:
+        return _pretty(obj.packet.get("result"))
+
+    @admin.display(description="history")
+    def history_view(self, obj: Task) -> str:
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    event.get("at"),
+                    event.get("event"),
+                    event.get("status"),
+                    event.get("agent") or "",
+                    event.get("llm") or "",
+                    _pretty(event.get("detail")) if event.get("detail") else "",
+                )
+                for event in obj.packet.get("history", [])
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>at</th><th>event</th><th>status</th><th>agent</th><th>LLM</th><th>detail</th>"
+            "</tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
+
+    def _apply(self, request: HttpRequest, queryset: QuerySet[Task], service, verb: str) -> None:
+        done = 0
+        for task in queryset:
+            try:
+                service(task_id=str(task.task_id))
+                done += 1
+            except ApplicationError as exc:
+                self.message_user(request, f"{task.task_id}: {exc.detail}", messages.WARNING)
+        if done:
+            self.message_user(request, f"{verb} {done} task(s).", messages.SUCCESS)
+
+    @admin.action(description="Cancel the selected tasks", permissions=["operate"])
+    def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        self._apply(request, queryset, task_cancel, "Cancelled")
+
+    @admin.action(description="Retry the selected tasks", permissions=["operate"])
+    def retry_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        self._apply(request, queryset, task_retry, "Retried")

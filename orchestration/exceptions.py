@@ -1,0 +1,52 @@
+"""The one application error of the API, and the DRF handler that shapes every error body.
+
+Every error answer has the same shape: ``{"code": ..., "detail": ...}``, plus
+``field`` when one field is at fault and any other facts that help (the valid
+profiles, the existing task...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+
+class ApplicationError(Exception):
+    """A request the service refuses, with the HTTP status that says why."""
+
+    def __init__(self, detail: str, *, status_code: int = 400, code: str = "invalid", **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status_code = status_code
+        self.code = code
+        self.extra = extra
+
+
+def _first_error(errors: Any, path: str = "") -> tuple[str, str]:
+    """The path and message of the first error in a DRF ValidationError's nested detail."""
+    if isinstance(errors, dict):
+        key, value = next(iter(errors.items()))
+        name = "" if key == "non_field_errors" else str(key)
+        return _first_error(value, f"{path}.{name}" if path and name else (name or path))
+    if isinstance(errors, list) and errors:
+        return _first_error(errors[0], path)
+    return path, str(errors)
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ApplicationError):
+        return Response({"code": exc.code, "detail": exc.detail, **exc.extra}, status=exc.status_code)
+    if isinstance(exc, exceptions.ValidationError):
+        field, message = _first_error(exc.detail)
+        body = {"code": "invalid", "detail": f"{field}: {message}" if field else message}
+        if field:
+            body["field"] = field
+        return Response(body, status=status.HTTP_400_BAD_REQUEST)
+    response = exception_handler(exc, context)
+    if response is not None and isinstance(exc, exceptions.APIException):
+        codes = exc.get_codes()
+        response.data = {"code": codes if isinstance(codes, str) else "error", "detail": str(exc.detail)}
+    return response

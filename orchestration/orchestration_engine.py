@@ -1,0 +1,102 @@
+"""The orchestration engine: claims a queued task, runs its step through the role's agent, records the outcome.
+
+This first version runs single-step tasks: the step's outcome finishes the task.
+Delegation to child tasks and the QA → Debug → Coder feedback loop come with
+issue 5; nothing here pretends to do them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from agents.base import AgentOutcome, PayloadError
+from agents.registry import agent_class
+from llm_engines.errors import EngineError
+from orchestration.packets import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, history_event
+from orchestration.runtime import configuration, task_store
+
+logger = logging.getLogger(__name__)
+
+
+def task_step(*, task_id: str, worker: str) -> str:
+    """Run the task's step if it is still queued; returns the task's status afterwards.
+
+    The claim (queued → running) happens under the task's lock, so a job that
+    is delivered twice, or a job of a task cancelled meanwhile, does nothing.
+    """
+
+    def claim(packet: dict[str, Any]) -> bool:
+        if packet["status"] != QUEUED:
+            return False
+        packet["status"] = RUNNING
+        packet["history"].append(history_event("claimed", status=RUNNING, detail={"worker": worker}))
+        return True
+
+    packet, claimed = task_store().update(task_id, claim)
+    if not claimed:
+        logger.info("task %s: not claimed, it is %s", task_id, packet["status"])
+        return packet["status"]
+
+    agent_name = None
+    time_limit = None
+    try:
+        config = configuration()
+        role = config.role(packet["profile"], packet["role"])
+        agent_name, time_limit = role.agent, role.time_limit_s
+        agent = agent_class(role.agent)()
+        outcome = agent.run(
+            payload=agent.validate_payload(packet["payload"]), role=role, config=config, timeout=role.time_limit_s
+        )
+    except SoftTimeLimitExceeded:
+        return _fail(task_id, agent_name, f"the step exceeded its time limit of {time_limit:g}s")
+    except (LookupError, PayloadError, EngineError) as exc:
+        # LookupError: the role or its agent left the configuration, or no LLM
+        # can serve the role any more (the balancer's NoCandidate).
+        return _fail(task_id, agent_name, str(exc))
+    except Exception as exc:
+        _fail(task_id, agent_name, f"internal error: {type(exc).__name__}: {exc}")
+        raise
+    return _record(task_id, agent_name, outcome)
+
+
+def _record(task_id: str, agent_name: str, outcome: AgentOutcome) -> str:
+    def finish(packet: dict[str, Any]) -> bool:
+        if packet["status"] != RUNNING:
+            # Cancelled while the model was answering: the answer is not used.
+            packet["history"].append(
+                history_event(
+                    "step_discarded",
+                    status=packet["status"],
+                    agent=agent_name,
+                    llm=outcome.llm,
+                    detail={"reason": f"the task was {packet['status']} during the step", **outcome.step_detail()},
+                )
+            )
+            return True
+        packet["status"] = SUCCEEDED
+        packet["result"] = outcome.result
+        packet["history"].append(
+            history_event("step", status=SUCCEEDED, agent=agent_name, llm=outcome.llm, detail=outcome.step_detail())
+        )
+        packet["history"].append(history_event("finished", status=SUCCEEDED))
+        return True
+
+    packet, _ = task_store().update(task_id, finish)
+    return packet["status"]
+
+
+def _fail(task_id: str, agent_name: str | None, reason: str) -> str:
+    logger.warning("task %s failed: %s", task_id, reason)
+
+    def fail(packet: dict[str, Any]) -> bool:
+        if packet["status"] == CANCELLED:
+            return False
+        packet["status"] = FAILED
+        packet["history"].append(history_event("failed", status=FAILED, agent=agent_name, detail={"reason": reason}))
+        return True
+
+    packet, _ = task_store().update(task_id, fail)
+    return packet["status"]

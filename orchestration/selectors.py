@@ -1,0 +1,54 @@
+"""Reads of tasks: one packet from its state file, lists from the database mirror."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+
+from orchestration.exceptions import ApplicationError
+from orchestration.models import Task
+from orchestration.packets import STATUSES, parse_task_id
+from orchestration.runtime import task_store
+from orchestration.state_store import TaskNotFound
+
+# History events that put a job on a queue; their detail carries its job_id.
+_JOB_EVENTS = ("submitted", "enqueued", "retried")
+
+
+def canonical_task_id(task_id: str) -> str:
+    """The task id in canonical form, or a 400 application error: it names a file, so only a UUID will do."""
+    try:
+        return parse_task_id(task_id)
+    except ValueError as exc:
+        raise ApplicationError(str(exc), field="task_id") from None
+
+
+def task_get(*, task_id: str) -> dict[str, Any]:
+    """The packet, read from its state file (the truth), or a 400/404 application error."""
+    canonical = canonical_task_id(task_id)
+    try:
+        return task_store().read(canonical)
+    except TaskNotFound:
+        raise ApplicationError(f"no task {canonical}", status_code=404, code="not_found") from None
+
+
+def task_job_id(packet: dict[str, Any]) -> str | None:
+    """The Celery job id of the task's latest queueing."""
+    for event in reversed(packet["history"]):
+        if event["event"] in _JOB_EVENTS:
+            return event["detail"].get("job_id")
+    return None
+
+
+def task_list(*, status: str | None = None, profile: str | None = None, role: str | None = None) -> QuerySet[Task]:
+    if status is not None and status not in STATUSES:
+        raise ApplicationError(f"unknown status {status!r}; valid statuses: {', '.join(STATUSES)}", field="status")
+    tasks = Task.objects.all()
+    if status:
+        tasks = tasks.filter(status=status)
+    if profile:
+        tasks = tasks.filter(profile=profile)
+    if role:
+        tasks = tasks.filter(role=role)
+    return tasks

@@ -1,0 +1,209 @@
+"""Writes to tasks: submit, cancel, retry. The API, the admin and the commands all come through here."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from django.db import transaction
+from kombu.exceptions import OperationalError as BrokerError
+
+from agents.base import PayloadError
+from agents.registry import agent_class
+from balancer import load_balancer
+from balancer.configuration import RoleConfig
+from orchestration.exceptions import ApplicationError
+from orchestration.packets import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    history_event,
+    new_packet,
+    parse_task_id,
+)
+from orchestration.runtime import configuration, task_store
+from orchestration.selectors import canonical_task_id, task_get, task_job_id
+from orchestration.state_store import TaskExists, TaskNotFound
+
+logger = logging.getLogger(__name__)
+
+
+def _role(profile: str, role: str) -> RoleConfig:
+    config = configuration()
+    try:
+        return config.role(profile, role)
+    except LookupError as exc:
+        extra: dict[str, Any] = {"valid_profiles": list(config.profiles)}
+        if profile in config.profiles:
+            extra["valid_roles"] = list(config.profiles[profile].roles)
+        raise ApplicationError(str(exc), status_code=404, code="not_found", **extra) from None
+
+
+def _storage_error(exc: OSError) -> ApplicationError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ApplicationError("the task state directory is full", status_code=507, code="insufficient_storage")
+    return ApplicationError(
+        f"the task state directory cannot be written: {exc.strerror}", status_code=503, code="storage_unavailable"
+    )
+
+
+def _update(task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
+    """``TaskStore.update`` with its failures turned into application errors."""
+    canonical = canonical_task_id(task_id)
+    try:
+        return task_store().update(canonical, change)
+    except TaskNotFound:
+        raise ApplicationError(f"no task {canonical}", status_code=404, code="not_found") from None
+    except OSError as exc:
+        raise _storage_error(exc) from exc
+
+
+def _publish(*, task_id: str, job_id: str, role: RoleConfig) -> None:
+    """Put the job on the role's queue; the soft limit leaves the engine's own timeout room to act first."""
+    from orchestration.tasks import run_task
+
+    run_task.apply_async(
+        args=[task_id],
+        task_id=job_id,
+        queue=role.queue,
+        soft_time_limit=role.time_limit_s + 5,
+        time_limit=role.time_limit_s + 30,
+    )
+
+
+def _enqueue(*, packet: dict[str, Any], job_id: str, role: RoleConfig) -> None:
+    try:
+        _publish(task_id=packet["task_id"], job_id=job_id, role=role)
+    except (BrokerError, OSError) as exc:
+        logger.error("task %s: could not be queued: %s", packet["task_id"], exc)
+        error = str(exc)
+
+        def failed(current: dict[str, Any]) -> bool:
+            current["history"].append(
+                history_event("enqueue_failed", status=current["status"], detail={"job_id": job_id, "error": error})
+            )
+            return True
+
+        _update(packet["task_id"], failed)
+        raise ApplicationError(
+            "the task is stored as queued but the queue (Redis) is unavailable; submit it again with the same "
+            "task_id to queue it",
+            status_code=503,
+            code="queue_unavailable",
+            task_id=packet["task_id"],
+        ) from exc
+
+
+def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Validate and store a new task as queued and enqueue it after the commit.
+
+    Returns the packet and whether it was created: the same ``task_id`` with the
+    same request gives back the stored task (an idempotent retry); with another
+    one it is a conflict.
+    """
+    role_config = _role(profile, role)
+    try:
+        payload = agent_class(role_config.agent).validate_payload(payload)
+    except PayloadError as exc:
+        raise ApplicationError(str(exc), field=exc.field) from None
+    try:
+        load_balancer.choose(configuration(), role_config)
+    except load_balancer.NoCandidate as exc:
+        raise ApplicationError(str(exc), status_code=422, code="no_llm") from None
+
+    task_id = parse_task_id(task_id) if task_id is not None else str(uuid.uuid4())
+    job_id = str(uuid.uuid4())
+    packet = new_packet(task_id=task_id, profile=profile, role=role, payload=payload)
+    packet["history"].append(
+        history_event("submitted", status=QUEUED, detail={"queue": role_config.queue, "job_id": job_id})
+    )
+    try:
+        stored = task_store().create(packet)
+    except TaskExists as exists:
+        return _resubmit(exists.packet, profile=profile, role=role, payload=payload, role_config=role_config), False
+    except OSError as exc:
+        raise _storage_error(exc) from exc
+    transaction.on_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))
+    return stored, True
+
+
+def _resubmit(
+    existing: dict[str, Any], *, profile: str, role: str, payload: dict[str, Any], role_config: RoleConfig
+) -> dict[str, Any]:
+    if (existing["profile"], existing["role"], existing["payload"]) != (profile, role, payload):
+        raise ApplicationError(
+            f"task {existing['task_id']} exists with a different profile, role or payload",
+            status_code=409,
+            code="conflict",
+            task_id=existing["task_id"],
+        )
+    if existing["status"] == QUEUED and existing["history"][-1]["event"] == "enqueue_failed":
+        # The first submit stored the task but could not queue it: this retry queues it.
+        job_id = str(uuid.uuid4())
+
+        def enqueued(current: dict[str, Any]) -> bool:
+            current["history"].append(history_event("enqueued", status=QUEUED, detail={"job_id": job_id}))
+            return True
+
+        existing, _ = _update(existing["task_id"], enqueued)
+        _enqueue(packet=existing, job_id=job_id, role=role_config)
+    return existing
+
+
+def task_cancel(*, task_id: str) -> dict[str, Any]:
+    """Cancel a task that has not finished: a queued job is revoked, a running one stops at its next step."""
+    previous: list[str] = []
+
+    def cancel(packet: dict[str, Any]) -> bool:
+        if packet["status"] in FINISHED:
+            raise ApplicationError(
+                f"task {packet['task_id']} has already finished as {packet['status']}",
+                status_code=409,
+                code="finished",
+            )
+        previous.append(packet["status"])
+        packet["status"] = CANCELLED
+        packet["history"].append(history_event("cancelled", status=CANCELLED, detail={"was": previous[0]}))
+        return True
+
+    packet, _ = _update(task_id, cancel)
+    job_id = task_job_id(packet)
+    if previous[0] == QUEUED and job_id:
+        from aiagentserver.celery import app
+
+        try:
+            app.control.revoke(job_id)
+        except (BrokerError, OSError) as exc:
+            # The claim guard still keeps the job from running: it finds the task cancelled.
+            logger.warning("task %s: could not revoke job %s: %s", task_id, job_id, exc)
+    return packet
+
+
+def task_retry(*, task_id: str) -> dict[str, Any]:
+    """Queue a failed or cancelled task again from its payload."""
+    stored = task_get(task_id=task_id)
+    # profile and role never change, so they can be read before the lock.
+    role_config = _role(stored["profile"], stored["role"])
+    job_id = str(uuid.uuid4())
+
+    def retry(current: dict[str, Any]) -> bool:
+        if current["status"] not in (FAILED, CANCELLED):
+            raise ApplicationError(
+                f"only failed or cancelled tasks can be retried; task {current['task_id']} is {current['status']}",
+                status_code=409,
+                code="not_retryable",
+            )
+        current["status"] = QUEUED
+        current["result"] = None
+        current["history"].append(
+            history_event("retried", status=QUEUED, detail={"queue": role_config.queue, "job_id": job_id})
+        )
+        return True
+
+    packet, _ = _update(task_id, retry)
+    transaction.on_commit(lambda: _enqueue(packet=packet, job_id=job_id, role=role_config))
+    return packet

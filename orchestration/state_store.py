@@ -1,0 +1,160 @@
+"""The task state store: one JSON file per task, the truth, mirrored into the ``Task`` table.
+
+Every write happens under the task's file lock (so that concurrent workers
+never lose a history event), goes to a temporary file in the same directory
+that is fsynced and then renamed over the old one (so that a crash never leaves
+half a file), and raises ``version`` by one. The mirror row is written in the
+same call, after the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from django.db import DatabaseError, transaction
+from django.utils.dateparse import parse_datetime
+
+from orchestration.models import Task
+from orchestration.packets import now_iso, parse_task_id
+
+logger = logging.getLogger(__name__)
+
+
+class TaskNotFound(LookupError):
+    pass
+
+
+class TaskExists(Exception):
+    def __init__(self, packet: dict[str, Any]) -> None:
+        super().__init__(f"task {packet['task_id']} exists")
+        self.packet = packet
+
+
+class TaskStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._locks = self.root / ".locks"
+
+    def _ensure_dirs(self) -> None:
+        self._locks.mkdir(parents=True, exist_ok=True)
+
+    def path(self, task_id: str) -> Path:
+        return self.root / f"{parse_task_id(task_id)}.json"
+
+    @contextlib.contextmanager
+    def _locked(self, task_id: str) -> Iterator[None]:
+        self._ensure_dirs()
+        fd = os.open(self._locks / f"{parse_task_id(task_id)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def read(self, task_id: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.path(task_id).read_bytes())
+        except FileNotFoundError:
+            raise TaskNotFound(f"no task {task_id}") from None
+
+    def exists(self, task_id: str) -> bool:
+        return self.path(task_id).exists()
+
+    def create(self, packet: dict[str, Any]) -> dict[str, Any]:
+        """Store a new packet (version 1), or raise ``TaskExists`` with the stored one."""
+        task_id = packet["task_id"]
+        with self._locked(task_id):
+            if self.exists(task_id):
+                raise TaskExists(self.read(task_id))
+            stored = {**packet, "version": 1}
+            self._write(stored)
+        return stored
+
+    def update(self, task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
+        """Apply ``change`` to the stored packet under the task's lock.
+
+        ``change`` gets a copy to modify and returns whether to store it; a
+        False leaves the task as it was. Returns the packet as stored
+        afterwards and whether it was written.
+        """
+        with self._locked(task_id):
+            current = self.read(task_id)
+            updated = copy.deepcopy(current)
+            if not change(updated):
+                return current, False
+            updated["version"] = current["version"] + 1
+            updated["updated_at"] = now_iso()
+            self._write(updated)
+        return updated, True
+
+    def _write(self, packet: dict[str, Any]) -> None:
+        target = self.path(packet["task_id"])
+        data = json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8")
+        fd, temp_name = tempfile.mkstemp(dir=self.root, prefix=f".{target.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_name)
+            raise
+        _fsync_dir(self.root)
+        mirror_packet(packet)
+
+    def iter_packets(self) -> Iterator[dict[str, Any]]:
+        """Every stored packet; a file that does not parse is logged and skipped."""
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                packet = json.loads(path.read_bytes())
+                if parse_task_id(packet.get("task_id")) != path.stem:
+                    raise ValueError("task_id does not match the file name")
+            except (OSError, ValueError) as exc:
+                logger.error("skipping unreadable state file %s: %s", path, exc)
+                continue
+            yield packet
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "profile": packet["profile"],
+        "role": packet["role"],
+        "status": packet["status"],
+        "version": packet["version"],
+        "iteration": packet.get("iteration", 0),
+        "parent_id": packet.get("parent_id"),
+        "packet": packet,
+        "created_at": parse_datetime(packet["created_at"]),
+        "updated_at": parse_datetime(packet["updated_at"]),
+    }
+
+
+def mirror_packet(packet: dict[str, Any]) -> None:
+    """Write the packet's row. A database failure is logged, not raised: the file is
+    already the truth, and ``sync_tasks`` brings the row up to date."""
+    try:
+        with transaction.atomic():
+            Task.objects.update_or_create(task_id=packet["task_id"], defaults=mirror_fields(packet))
+    except DatabaseError as exc:
+        logger.warning("task %s: database mirror not updated (%s); run sync_tasks", packet["task_id"], exc)

@@ -1,0 +1,12 @@
+"""URLs of the REST API under /api/v1/. The task routes come first: "tasks" is not a profile name."""
+
+from django.urls import path
+
+from orchestration import api_handler
+
+urlpatterns = [
+    path("tasks/", api_handler.TaskListApi.as_view(), name="task-list"),
+    path("tasks/<str:task_id>", api_handler.TaskDetailApi.as_view(), name="task-detail"),
+    path("tasks/<str:task_id>/cancel", api_handler.TaskCancelApi.as_view(), name="task-cancel"),
+    path("<str:profile>/<str:role>", api_handler.TaskSubmitApi.as_view(), name="task-submit"),
+]

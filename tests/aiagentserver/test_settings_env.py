@@ -1,0 +1,46 @@
+"""The typed environment readers fail loudly, naming the variable."""
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from aiagentserver.env import env_bool, env_int, env_list, env_path
+
+
+def test_env_bool(monkeypatch):
+    monkeypatch.setenv("FLAG", "yes")
+    assert env_bool("FLAG", False) is True
+    monkeypatch.setenv("FLAG", "0")
+    assert env_bool("FLAG", True) is False
+    monkeypatch.setenv("FLAG", "maybe")
+    with pytest.raises(ImproperlyConfigured, match="FLAG='maybe'"):
+        env_bool("FLAG", False)
+
+
+def test_env_int(monkeypatch):
+    monkeypatch.delenv("SIZE", raising=False)
+    assert env_int("SIZE", 5) == 5
+    monkeypatch.setenv("SIZE", "12k")
+    with pytest.raises(ImproperlyConfigured, match="SIZE='12k' is not an integer"):
+        env_int("SIZE", 5)
+    monkeypatch.setenv("SIZE", "3")
+    with pytest.raises(ImproperlyConfigured, match="minimum of 10"):
+        env_int("SIZE", 50, minimum=10)
+
+
+def test_env_list_and_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOSTS", "a.example, b.example,,")
+    assert env_list("HOSTS", []) == ["a.example", "b.example"]
+    monkeypatch.setenv("DIR", "relative/dir")
+    assert env_path("DIR", tmp_path, base=tmp_path) == tmp_path / "relative/dir"
+
+
+def test_secret_key_is_required_without_debug(tmp_path):
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "DEBUG": "0", "VAR_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import aiagentserver.settings"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when DEBUG is off" in result.stderr

@@ -1,0 +1,115 @@
+"""configuration.json: the shipped file is valid, and every kind of mistake is named with its field."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+
+from balancer.configuration import ConfigurationError, ConfigurationSource, load_configuration, parse_configuration
+
+SHIPPED = Path(settings.AIAGENT_CONFIG)
+
+
+@pytest.fixture
+def raw():
+    return json.loads(SHIPPED.read_text())
+
+
+def problems(raw, **kwargs):
+    with pytest.raises(ConfigurationError) as error:
+        parse_configuration(raw, known_agents={"generic"}, **kwargs)
+    return dict(error.value.problems)
+
+
+def test_the_shipped_configuration_is_valid():
+    config = load_configuration(SHIPPED, known_agents={"generic"})
+    assert set(config.profiles) == {"developer", "productivity"}
+    assert set(config.profiles["developer"].roles) == {
+        "diagnosis", "architect", "planner", "fast_coder", "deep_coder", "qa", "debug",
+    }  # fmt: skip
+    assert {"vision", "summarizer", "writer", "translator"} <= set(config.profiles["productivity"].roles)
+    assert all(role.system_prompt for profile in config.profiles.values() for role in profile.roles.values())
+    assert "developer.planner" in config.queues()
+
+
+def test_unknown_engine_is_named_with_a_suggestion(raw):
+    raw["llms"][0]["engine"] = "llamacpp"
+    assert "did you mean 'llama_cpp'" in problems(raw)["llms[0].engine"]
+
+
+def test_a_role_preferring_a_missing_llm_is_named(raw):
+    raw["profiles"]["developer"]["roles"]["planner"]["preferred_llms"] = ["gpt-9"]
+    assert "gpt-9" in problems(raw)["profiles.developer.roles.planner.preferred_llms[0]"]
+
+
+def test_a_secret_in_the_file_is_refused(raw):
+    raw["llms"][0]["api_key"] = "sk-123"
+    raw["llms"][0]["options"]["token"] = "abc"
+    found = problems(raw)
+    assert "environment variable" in found["llms[0].api_key"]
+    assert "environment variable" in found["llms[0].options.token"]
+
+
+def test_duplicate_ids_wrong_types_and_unknown_fields(raw):
+    raw["llms"].append(copy.deepcopy(raw["llms"][0]))
+    raw["llms"][0]["toggle"] = "yes"
+    raw["llms"][0]["max_concurrency"] = 0
+    raw["profiles"]["developer"]["roles"]["qa"]["temprature"] = 0.5
+    raw["profiles"]["developer"]["roles"]["qa"]["agent"] = "wizard"
+    raw["profiles"]["productivity"]["roles"]["writer"]["capabilities"] = ["telepathy"]
+    found = problems(raw)
+    assert "duplicate id" in found["llms[1].id"]
+    assert "true or false" in found["llms[0].toggle"]
+    assert "at least 1" in found["llms[0].max_concurrency"]
+    assert "unknown field" in found["profiles.developer.roles.qa.temprature"]
+    assert "unknown agent" in found["profiles.developer.roles.qa.agent"]
+    assert "telepathy" in found["profiles.productivity.roles.writer.capabilities[0]"]
+
+
+def test_a_missing_model_file_and_bad_names(raw):
+    raw["llms"][0]["options"]["model_path"] = "/nowhere/model.gguf"
+    raw["profiles"]["Bad Name"] = raw["profiles"].pop("productivity")
+    raw["profiles"]["tasks"] = copy.deepcopy(raw["profiles"]["developer"])
+    found = problems(raw)
+    assert "does not exist" in found["llms[0].options.model_path"]
+    assert "must match" in found["profiles.Bad Name"]
+    assert "reserved" in found["profiles.tasks"]
+
+
+def test_invalid_json_names_line_and_column(tmp_path):
+    path = tmp_path / "configuration.json"
+    path.write_text('{"llms": [,]}')
+    with pytest.raises(ConfigurationError, match="line 1, column 11"):
+        load_configuration(path)
+
+
+def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path, raw):
+    path = tmp_path / "configuration.json"
+    path.write_text(json.dumps(raw))
+    source = ConfigurationSource(path, known_agents={"generic"})
+    good = source.current()
+    raw["llms"][0]["engine"] = "nope"
+    path.write_text(json.dumps(raw) + " ")
+    assert source.current() is good
+    assert "llms[0].engine" in str(source.last_error)
+    raw["llms"][0]["engine"] = "llama_cpp"
+    raw["profiles"]["developer"]["roles"]["planner"]["max_tokens"] = 99
+    path.write_text(json.dumps(raw))
+    assert source.current().profiles["developer"].roles["planner"].max_tokens == 99
+    assert source.last_error is None
+
+
+def test_check_config_command_prints_every_problem(tmp_path, raw, capsys):
+    raw["llms"][0]["engine"] = "nope"
+    raw["profiles"]["developer"]["roles"]["qa"]["max_tokens"] = -1
+    path = tmp_path / "configuration.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CommandError) as error:
+        call_command("check_config", str(path))
+    assert "llms[0].engine" in str(error.value)
+    assert "profiles.developer.roles.qa.max_tokens" in str(error.value)
+    call_command("check_config")
+    assert "valid" in capsys.readouterr().out

@@ -1,0 +1,123 @@
+"""Shared fixtures: an isolated state directory, API clients, and a real Celery worker process.
+
+Run the suite with ``make test``: it makes sure the test Redis answers (the
+server's Redis with database 15, which these tests flush) and sets
+TEST_REDIS_URL and REDIS_URL for this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from orchestration.packets import FINISHED
+from orchestration.runtime import configuration
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test session writes its task files to a directory of its own."""
+    path = tmp_path_factory.mktemp("tasks_state")
+    settings.TASKS_STATE_DIR = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = settings.REDIS_URL
+    if os.environ.get("TEST_REDIS_URL") == url:
+        redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
+def api_user(django_user_model):
+    return django_user_model.objects.create_user(username=f"client-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def api(api_user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=api_user).key}")
+    return client
+
+
+def _test_database_url() -> str:
+    """A URL for the test database that pytest-django created, for processes started by the tests."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    return urlunsplit(parts._replace(path=f"/{db['NAME']}"))
+
+
+def wait_for(task_id: str, statuses: set[str] | frozenset[str] = FINISHED, timeout: float = 120) -> dict:
+    """Poll the task's state file until its status is one of ``statuses``."""
+    path = Path(settings.TASKS_STATE_DIR) / f"{task_id}.json"
+    deadline = time.monotonic() + timeout
+    packet: dict = {}
+    while time.monotonic() < deadline:
+        if path.exists():
+            packet = json.loads(path.read_bytes())
+            if packet["status"] in statuses:
+                return packet
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not reach {sorted(statuses)} in {timeout}s; last: {packet}")
+
+
+class WorkerProcess:
+    def __init__(self, process: subprocess.Popen, name: str, log: Path) -> None:
+        self.process = process
+        self.name = name
+        self.log = log
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup, redis_url, state_dir, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """A real Celery worker (prefork, 2 processes) on every role queue, against the test database."""
+    from aiagentserver.celery import app
+
+    name = f"test-{uuid.uuid4().hex[:8]}@localhost"
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "REDIS_URL": redis_url,
+        "TASKS_STATE_DIR": str(state_dir),
+        "AIAGENT_CONFIG": str(settings.AIAGENT_CONFIG),
+        "DEBUG": "1",
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q",
+        ",".join(configuration().queues()), "--concurrency", "2", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not app.control.ping(destination=[name], timeout=0.5):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the Celery worker did not start:\n{log.read_text()[-4000:]}")
+    yield WorkerProcess(process, name, log)
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()

@@ -1,0 +1,51 @@
+"""The admin's task pages: they render for staff, refuse anonymous users, and act through the services."""
+
+import json
+
+import pytest
+
+from orchestration.models import Task
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def task(api):
+    body = {"payload": {"input": "<script>alert('x')</script> plan"}}
+    response = api.post("/api/v1/developer/planner", data=json.dumps(body), content_type="application/json")
+    return response.json()
+
+
+def test_task_list_and_detail_render_for_staff(admin_client, task):
+    listing = admin_client.get("/admin/orchestration/task/")
+    assert listing.status_code == 200
+    assert task["task_id"] in listing.content.decode()
+    filtered = admin_client.get("/admin/orchestration/task/", {"status__exact": "queued", "role": "planner"})
+    assert filtered.status_code == 200
+    found = admin_client.get("/admin/orchestration/task/", {"q": task["task_id"]})
+    assert task["task_id"] in found.content.decode()
+    nothing = admin_client.get("/admin/orchestration/task/", {"q": "not-a-uuid"})
+    assert nothing.status_code == 200 and task["task_id"] not in nothing.content.decode()
+    detail = admin_client.get(f"/admin/orchestration/task/{task['task_id']}/change/")
+    assert detail.status_code == 200
+    page = detail.content.decode()
+    assert "submitted" in page and "developer.planner" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert" in page
+
+
+def test_admin_pages_refuse_an_anonymous_user(client, task):
+    for url in ("/admin/orchestration/task/", f"/admin/orchestration/task/{task['task_id']}/change/"):
+        response = client.get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/admin/login/")
+
+
+def test_cancel_action_goes_through_the_service(admin_client, task, state_dir):
+    response = admin_client.post(
+        "/admin/orchestration/task/", {"action": "cancel_tasks", "_selected_action": [task["task_id"]]}, follow=True
+    )
+    assert response.status_code == 200
+    stored = json.loads((state_dir / f"{task['task_id']}.json").read_text())
+    assert stored["status"] == "cancelled"
+    assert stored["history"][-1]["event"] == "cancelled"
+    assert Task.objects.get(task_id=task["task_id"]).status == "cancelled"

@@ -1,0 +1,128 @@
+"""The JSON state store: atomic writes, versions, per-task locking across processes, the mirror."""
+
+import io
+import json
+import multiprocessing
+import uuid
+
+import pytest
+from django.core.management import call_command
+from django.db import connections
+
+from orchestration.models import Task
+from orchestration.packets import history_event, new_packet
+from orchestration.state_store import TaskExists, TaskNotFound, TaskStore
+
+
+def make_packet(**overrides):
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="developer", role="planner", payload={"input": "x"})
+    packet.update(overrides)
+    return packet
+
+
+@pytest.fixture
+def store(tmp_path):
+    return TaskStore(tmp_path / "state")
+
+
+@pytest.mark.django_db
+def test_create_writes_version_1_and_refuses_a_second_create(store):
+    packet = make_packet()
+    stored = store.create(packet)
+    assert stored["version"] == 1
+    assert store.read(packet["task_id"]) == stored
+    with pytest.raises(TaskExists) as exists:
+        store.create(make_packet(task_id=packet["task_id"]))
+    assert exists.value.packet == stored
+
+
+@pytest.mark.django_db
+def test_update_raises_the_version_and_a_refused_change_writes_nothing(store):
+    packet = store.create(make_packet())
+
+    def append(current):
+        current["history"].append(history_event("note", status=current["status"]))
+        return True
+
+    updated, written = store.update(packet["task_id"], append)
+    assert written and updated["version"] == 2 and len(updated["history"]) == 1
+    unchanged, written = store.update(packet["task_id"], lambda current: False)
+    assert not written and unchanged == updated
+    assert store.read(packet["task_id"]) == updated
+
+
+@pytest.mark.django_db
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(store, monkeypatch):
+    packet = store.create(make_packet())
+
+    def unserialisable(current):
+        current["payload"] = {"input": object()}
+        return True
+
+    with pytest.raises(TypeError):
+        store.update(packet["task_id"], unserialisable)
+    assert store.read(packet["task_id"]) == packet
+    assert [path.name for path in store.root.iterdir() if path.is_file()] == [f"{packet['task_id']}.json"]
+
+
+def test_read_of_a_missing_task_and_a_bad_id(store):
+    with pytest.raises(TaskNotFound):
+        store.read(str(uuid.uuid4()))
+    with pytest.raises(ValueError, match="UUID"):
+        store.path("../../etc/passwd")
+
+
+def _append_many(root: str, task_id: str, writer: str, count: int) -> None:
+    connections.close_all()  # a forked child must not share the parent's database connection
+    store = TaskStore(root)
+    for index in range(count):
+
+        def append(current, index=index):
+            event = history_event("note", status=current["status"], detail={"writer": writer, "n": index})
+            current["history"].append(event)
+            return True
+
+        store.update(task_id, append)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_processes_appending_to_one_history_lose_nothing(store):
+    packet = store.create(make_packet())
+    connections.close_all()
+    context = multiprocessing.get_context("fork")
+    count = 60
+    workers = [
+        context.Process(target=_append_many, args=(str(store.root), packet["task_id"], name, count)) for name in "ab"
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    final = store.read(packet["task_id"])
+    assert final["version"] == 1 + 2 * count
+    for name in "ab":
+        assert [e["detail"]["n"] for e in final["history"] if e["detail"]["writer"] == name] == list(range(count))
+    assert Task.objects.get(task_id=packet["task_id"]).version == final["version"]
+
+
+@pytest.mark.django_db
+def test_sync_tasks_rebuilds_the_mirror_from_the_files(settings, tmp_path):
+    settings.TASKS_STATE_DIR = tmp_path / "state"
+    store = TaskStore(settings.TASKS_STATE_DIR)
+    first = store.create(make_packet())
+    second = store.create(make_packet(status="succeeded", result={"output": "done"}))
+    orphan = Task.objects.create(
+        task_id=uuid.uuid4(), profile="p", role="r", status="queued", version=1, packet={},
+        created_at="2026-01-01T00:00:00Z", updated_at="2026-01-01T00:00:00Z",
+    )  # fmt: skip
+    Task.objects.filter(task_id=first["task_id"]).delete()
+    Task.objects.filter(task_id=second["task_id"]).update(status="queued", version=0)
+    (store.root / "broken.json").write_text("{not json")
+    call_command("sync_tasks", stdout=io.StringIO())
+    rows = {str(row.task_id): row for row in Task.objects.all()}
+    assert set(rows) == {first["task_id"], second["task_id"]}
+    assert rows[second["task_id"]].status == "succeeded"
+    assert rows[second["task_id"]].packet == second
+    assert rows[first["task_id"]].packet == json.loads(store.path(first["task_id"]).read_text())
+    assert not Task.objects.filter(task_id=orphan.task_id).exists()

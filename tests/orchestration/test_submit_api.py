@@ -1,0 +1,209 @@
+"""POST /api/v1/{profile}/{role}: validation, the stored packet, idempotency; no worker needed.
+
+These tests run inside a transaction, so the enqueue (an on-commit callback)
+does not happen; the tests with a worker are in test_task_flow.py.
+"""
+
+import json
+import uuid
+
+import pytest
+from rest_framework.test import APIClient
+
+from orchestration.models import Task
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/v1/developer/planner"
+
+
+def post(api: APIClient, body, url: str = URL, **extra):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return api.post(url, data=data, content_type="application/json", **extra)
+
+
+def test_submit_stores_a_queued_packet_and_answers_202_with_location(api, state_dir):
+    response = post(api, {"payload": {"input": "plan a release"}})
+    assert response.status_code == 202
+    packet = response.json()
+    assert packet["status"] == "queued"
+    assert packet["version"] == 1
+    assert packet["profile"] == "developer" and packet["role"] == "planner"
+    assert response["Location"].endswith(f"/api/v1/tasks/{packet['task_id']}")
+    stored = json.loads((state_dir / f"{packet['task_id']}.json").read_text())
+    assert stored == packet
+    assert [event["event"] for event in stored["history"]] == ["submitted"]
+    assert stored["history"][0]["detail"]["queue"] == "developer.planner"
+    row = Task.objects.get(task_id=packet["task_id"])
+    assert (row.status, row.profile, row.role, row.version) == ("queued", "developer", "planner", 1)
+
+
+def test_get_returns_the_stored_packet(api):
+    packet = post(api, {"payload": {"input": "x"}}).json()
+    response = api.get(f"/api/v1/tasks/{packet['task_id']}")
+    assert response.status_code == 200
+    assert response.json() == packet
+
+
+def _files(state_dir):
+    return sorted(path.name for path in state_dir.glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "needle"),
+    [
+        ("/api/v1/nope/planner", 404, "valid profiles: developer, productivity"),
+        ("/api/v1/developer/nope", 404, "valid roles: diagnosis"),
+    ],
+)
+def test_unknown_profile_or_role_is_404_listing_the_valid_ones(api, state_dir, url, status, needle):
+    before = _files(state_dir)
+    response = post(api, {"payload": {"input": "x"}}, url=url)
+    assert response.status_code == status
+    assert needle in response.json()["detail"]
+    assert _files(state_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "payload"),
+        ({"payload": None}, "payload"),
+        ({"payload": {}}, "payload.input"),
+        ({"payload": {"input": ""}}, "payload.input"),
+        ({"payload": {"input": 42}}, "payload.input"),
+        ({"payload": {"input": "x", "extra": 1}}, "payload.extra"),
+        ({"payload": "just text"}, "payload"),
+        ({"payload": {"input": "x"}, "task_id": "not-a-uuid"}, "task_id"),
+        ({"payload": {"input": "x"}, "task_id": "../../etc/passwd"}, "task_id"),
+        ({"payload": {"input": "x"}, "status": "succeeded"}, "status"),
+        ({"payload": {"input": "x"}, "result": {"output": "forged"}}, "result"),
+        ({"payload": {"input": "x"}, "history": [{"event": "forged"}]}, "history"),
+        ({"payload": {"input": "x"}, "version": 7}, "version"),
+        ({"payload": {"input": "x"}, "role": "qa"}, "role"),
+        ({"payload": {"input": "x"}, "surprise": True}, "surprise"),
+    ],
+)
+def test_bad_body_is_400_naming_the_field_and_stores_nothing(api, state_dir, body, field):
+    before = _files(state_dir)
+    response = post(api, body)
+    assert response.status_code == 400, response.json()
+    assert response.json()["field"] == field
+    assert field in response.json()["detail"]
+    assert _files(state_dir) == before
+    assert not Task.objects.exists()
+
+
+def test_initial_values_of_server_fields_are_accepted(api):
+    body = {"payload": {"input": "x"}, "status": "queued", "result": None, "history": [], "version": 0}
+    assert post(api, body).status_code == 202
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe{}", b"[1, 2]", b'"text"'])
+def test_a_body_that_is_not_a_json_object_is_400(api, state_dir, raw):
+    before = _files(state_dir)
+    response = api.post(URL, data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["detail"]
+    assert _files(state_dir) == before
+
+
+def test_a_body_over_the_limit_is_413(api, settings, state_dir):
+    settings.API_MAX_BODY_BYTES = 2048
+    before = _files(state_dir)
+    response = post(api, {"payload": {"input": "x" * 4096}})
+    assert response.status_code == 413
+    assert "2048" in response.json()["detail"]
+    assert _files(state_dir) == before
+
+
+def test_same_task_id_and_payload_returns_the_existing_task(api):
+    task_id = str(uuid.uuid4())
+    first = post(api, {"task_id": task_id, "payload": {"input": "same"}})
+    again = post(api, {"task_id": task_id, "payload": {"input": "same"}})
+    assert first.status_code == 202
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    assert Task.objects.count() == 1
+
+
+def test_same_task_id_with_another_payload_is_409_and_keeps_the_original(api, state_dir):
+    task_id = str(uuid.uuid4())
+    original = post(api, {"task_id": task_id, "payload": {"input": "first"}}).json()
+    response = post(api, {"task_id": task_id, "payload": {"input": "second"}})
+    assert response.status_code == 409
+    assert task_id in response.json()["detail"]
+    assert json.loads((state_dir / f"{task_id}.json").read_text()) == original
+
+
+def test_same_task_id_on_another_role_is_409(api):
+    task_id = str(uuid.uuid4())
+    post(api, {"task_id": task_id, "payload": {"input": "x"}})
+    response = post(api, {"task_id": task_id, "payload": {"input": "x"}}, url="/api/v1/developer/architect")
+    assert response.status_code == 409
+
+
+def test_a_role_no_llm_can_serve_is_422_with_the_reason(api, state_dir):
+    before = _files(state_dir)
+    response = post(api, {"payload": {"input": "what is in this picture?"}}, url="/api/v1/productivity/vision")
+    assert response.status_code == 422
+    assert "lacks capabilities vision" in response.json()["detail"]
+    assert _files(state_dir) == before
+
+
+def test_every_endpoint_but_healthz_needs_a_token(client):
+    anonymous = APIClient()
+    task_id = str(uuid.uuid4())
+    assert post(anonymous, {"payload": {"input": "x"}}).status_code == 401
+    assert anonymous.get("/api/v1/tasks/").status_code == 401
+    assert anonymous.get(f"/api/v1/tasks/{task_id}").status_code == 401
+    assert anonymous.post(f"/api/v1/tasks/{task_id}/cancel").status_code == 401
+    wrong = APIClient()
+    wrong.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
+    assert wrong.get("/api/v1/tasks/").status_code == 401
+    assert anonymous.get("/healthz").status_code == 200
+
+
+def test_get_with_a_path_that_is_not_a_uuid_is_400(api):
+    for bad in ["nope", "%7B12345678-1234-5678-1234-567812345678%7D", "..", "12345678123456781234567812345678"]:
+        response = api.get(f"/api/v1/tasks/{bad}")
+        assert response.status_code == 400, bad
+        assert response.json()["field"] == "task_id"
+
+
+def test_path_traversal_in_the_task_path_reaches_no_file(api):
+    for bad in ["..%2F..%2Fetc%2Fpasswd", "../../etc/passwd", "%2e%2e%2fsecret"]:
+        for response in (api.get(f"/api/v1/tasks/{bad}"), api.post(f"/api/v1/tasks/{bad}/cancel")):
+            assert response.status_code in (400, 404), bad
+            assert response.json()["code"] in ("invalid", "not_found")
+
+
+def test_unknown_task_is_404(api):
+    assert api.get(f"/api/v1/tasks/{uuid.uuid4()}").status_code == 404
+    assert api.post(f"/api/v1/tasks/{uuid.uuid4()}/cancel").status_code == 404
+
+
+def test_list_filters_by_status_profile_and_role_and_paginates(api):
+    for _ in range(3):
+        post(api, {"payload": {"input": "p"}})
+    post(api, {"payload": {"input": "s"}}, url="/api/v1/productivity/summarizer")
+    everything = api.get("/api/v1/tasks/", {"page_size": 2}).json()
+    assert everything["count"] == 4
+    assert len(everything["results"]) == 2 and everything["next"]
+    planners = api.get("/api/v1/tasks/", {"profile": "developer", "role": "planner", "status": "queued"}).json()
+    assert planners["count"] == 3
+    assert {task["role"] for task in planners["results"]} == {"planner"}
+    assert api.get("/api/v1/tasks/", {"status": "succeeded"}).json()["count"] == 0
+    bad = api.get("/api/v1/tasks/", {"status": "bogus"})
+    assert bad.status_code == 400 and bad.json()["field"] == "status"
+
+
+def test_cancel_a_queued_task_marks_it_cancelled(api):
+    packet = post(api, {"payload": {"input": "x"}}).json()
+    response = api.post(f"/api/v1/tasks/{packet['task_id']}/cancel")
+    assert response.status_code == 200
+    cancelled = response.json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["version"] == 2
+    assert cancelled["history"][-1]["event"] == "cancelled"
+    assert api.post(f"/api/v1/tasks/{packet['task_id']}/cancel").status_code == 409
