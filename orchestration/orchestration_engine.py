@@ -21,23 +21,31 @@ from orchestration.runtime import configuration, task_store
 logger = logging.getLogger(__name__)
 
 
-def task_step(*, task_id: str, worker: str) -> str:
-    """Run the task's step if it is still queued; returns the task's status afterwards.
+def task_step(*, task_id: str, job_id: str, worker: str) -> str:
+    """Run the task's step if this job may; returns the task's status afterwards.
 
-    The claim (queued → running) happens under the task's lock, so a job that
-    is delivered twice, or a job of a task cancelled meanwhile, does nothing.
+    The claim happens under the task's lock. A queued task is claimed. A
+    running task is claimed again only by the same job: the broker hands a
+    job back only when its worker died (``reject_on_worker_lost``), because
+    the time limits end every step before the visibility timeout (a system
+    check keeps it so). Anything else (a cancelled or finished task, another
+    job of a running one) is left alone.
     """
 
     def claim(packet: dict[str, Any]) -> bool:
-        if packet["status"] != QUEUED:
+        if packet["status"] == QUEUED:
+            event = "claimed"
+        elif packet["status"] == RUNNING and _claimed_by(packet) == job_id:
+            event = "reclaimed"
+        else:
             return False
         packet["status"] = RUNNING
-        packet["history"].append(history_event("claimed", status=RUNNING, detail={"worker": worker}))
+        packet["history"].append(history_event(event, status=RUNNING, detail={"worker": worker, "job_id": job_id}))
         return True
 
     packet, claimed = task_store().update(task_id, claim)
     if not claimed:
-        logger.info("task %s: not claimed, it is %s", task_id, packet["status"])
+        logger.info("task %s: job %s not run, the task is %s", task_id, job_id, packet["status"])
         return packet["status"]
 
     agent_name = None
@@ -100,3 +108,11 @@ def _fail(task_id: str, agent_name: str | None, reason: str) -> str:
 
     packet, _ = task_store().update(task_id, fail)
     return packet["status"]
+
+
+def _claimed_by(packet: dict[str, Any]) -> str | None:
+    """The job id of the task's latest claim."""
+    for event in reversed(packet["history"]):
+        if event["event"] in ("claimed", "reclaimed"):
+            return event["detail"].get("job_id")
+    return None

@@ -15,6 +15,7 @@ from agents.base import PayloadError
 from agents.registry import agent_class
 from balancer import load_balancer
 from balancer.configuration import RoleConfig
+from orchestration.checks import HARD_LIMIT_MARGIN_S
 from orchestration.exceptions import ApplicationError
 from orchestration.packets import (
     CANCELLED,
@@ -71,7 +72,7 @@ def _publish(*, task_id: str, job_id: str, role: RoleConfig) -> None:
         task_id=job_id,
         queue=role.queue,
         soft_time_limit=role.time_limit_s + 5,
-        time_limit=role.time_limit_s + 30,
+        time_limit=role.time_limit_s + HARD_LIMIT_MARGIN_S,
     )
 
 

@@ -1,6 +1,8 @@
 """A task through a real Celery worker process, a real Redis and the real SmolLM2 model."""
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -31,7 +33,7 @@ def test_posted_task_succeeds_with_a_real_model_answer_and_its_history(api, cele
     assert step["detail"]["tokens"]["prompt"] > 0 and step["detail"]["tokens"]["completion"] > 0
     assert step["detail"]["latency_ms"] > 0
     assert step["detail"]["balancer"]["chosen"] == "smollm2-135m"
-    assert done["history"][1]["detail"]["worker"] == celery_worker.name
+    assert done["history"][1]["detail"]["worker"].startswith(f"{celery_worker.name}:")
     assert done["version"] == 3
     # The mirror follows the file, and the API serves the same packet.
     row = Task.objects.get(task_id=packet["task_id"])
@@ -85,3 +87,22 @@ def test_retrying_a_cancelled_task_runs_it(api, celery_worker):
     assert done["status"] == "succeeded"
     events = [event["event"] for event in done["history"]]
     assert events == ["submitted", "cancelled", "retried", "claimed", "step", "finished"]
+
+
+def test_a_worker_process_killed_mid_step_hands_the_job_back_and_the_task_completes(api, celery_worker):
+    packet = submit(
+        api,
+        "/api/v1/developer/deep_coder",
+        "Write a Python module with a binary search tree class: insert, delete, search and in-order traversal, "
+        "with docstrings and examples.",
+    )
+    running = wait_for(packet["task_id"], {"running"}, timeout=60)
+    claim = running["history"][-1]
+    os.kill(int(claim["detail"]["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    done = wait_for(packet["task_id"], timeout=240)
+    assert done["status"] == "succeeded", done["history"]
+    assert [event["event"] for event in done["history"]] == ["submitted", "claimed", "reclaimed", "step", "finished"]
+    reclaim = done["history"][2]
+    assert reclaim["detail"]["job_id"] == claim["detail"]["job_id"]
+    assert reclaim["detail"]["worker"] != claim["detail"]["worker"]
+    assert done["result"]["output"]

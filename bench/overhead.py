@@ -1,0 +1,180 @@
+"""Orchestration overhead: POST to succeeded for single-step tasks, against a bare Celery round trip.
+
+Both run in the same run, against the same Redis and the same Celery worker:
+
+- server: POST /api/v1/bench/echo to a real gunicorn, then wait until the
+  task's state file says succeeded. The role's LLM is the instant engine, so
+  the time is the server's own: validation, the state file and its mirror,
+  the enqueue, the worker's claim, the agent, the record.
+- baseline: a bare Celery task published on its own queue that pushes to a
+  Redis list when it runs; the client waits on that list (BLPOP).
+
+Tasks go one at a time (latency, not throughput). Prints p50 and p99 of both
+and their ratio.
+
+    .venv/bin/python bench/overhead.py -n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+
+CONFIG = {
+    "llms": [{"id": "instant", "engine": "instant", "source": "local", "model": "instant"}],
+    "profiles": {"bench": {"roles": {"echo": {"agent": "generic", "system_prompt": "Repeat the input."}}}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=200, help="tasks measured on each side")
+    parser.add_argument("--warmup", type=int, default=20, help="tasks run first on each side and not measured")
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="aiagent-bench-"))
+    (work / "configuration.json").write_text(json.dumps(CONFIG))
+    os.environ.update(
+        {
+            # Served as in production: DEBUG off (Django then keeps no query log).
+            "DEBUG": "0",
+            "SECRET_KEY": uuid.uuid4().hex * 2,
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "VAR_DIR": str(work),
+            "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
+            "TASKS_STATE_DIR": str(work / "state"),
+            "AIAGENT_CONFIG": str(work / "configuration.json"),
+            "REDIS_URL": args.redis_url,
+            "LOG_LEVEL": "WARNING",
+            "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
+        }
+    )
+    import django
+
+    django.setup()
+    import redis
+
+    from aiagentserver.celery import app
+
+    client = redis.Redis.from_url(args.redis_url)
+    client.flushdb()
+    manage = [sys.executable, str(BASE_DIR / "manage.py")]
+    subprocess.run([*manage, "migrate", "-v", "0"], check=True, cwd=BASE_DIR)
+    token = subprocess.run(
+        [*manage, "create_token", "bench"], check=True, cwd=BASE_DIR, capture_output=True, text=True
+    ).stdout.strip()
+    port = free_port()
+    worker_name = f"bench-{uuid.uuid4().hex[:6]}@localhost"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", worker_name,
+             "-Q", "bench.echo,bench.bare", "-I", "bench.bare_tasks", "--concurrency", "1",
+             "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+            cwd=BASE_DIR,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
+             "--workers", "2", "--log-level", "warning"],
+            cwd=BASE_DIR,
+        ),
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(destination=[worker_name], timeout=0.5):
+            if time.monotonic() > deadline:
+                sys.exit("the worker did not start")
+        connection = http.client.HTTPConnection("127.0.0.1", port)
+        while True:
+            try:
+                connection.request("GET", "/healthz")
+                connection.getresponse().read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("the web server did not start")
+                connection.close()
+                time.sleep(0.2)
+
+        def bare_round_trip() -> float:
+            key = f"bench:done:{uuid.uuid4().hex}"
+            started = time.perf_counter()
+            app.send_task("bench.bare_echo", args=[key], queue="bench.bare")
+            if client.blpop([key], timeout=30) is None:
+                sys.exit("a bare job did not run within 30 s")
+            return time.perf_counter() - started
+
+        state_dir = work / "state"
+        headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+
+        def server_round_trip() -> float:
+            body = json.dumps({"payload": {"input": "ping"}})
+            started = time.perf_counter()
+            connection.request("POST", "/api/v1/bench/echo", body=body, headers=headers)
+            response = connection.getresponse()
+            packet = json.loads(response.read())
+            if response.status != 202:
+                sys.exit(f"POST answered {response.status}: {packet}")
+            path = state_dir / f"{packet['task_id']}.json"
+            give_up = started + 30
+            while True:
+                status = json.loads(path.read_bytes())["status"]
+                if status == "succeeded":
+                    return time.perf_counter() - started
+                if status not in ("queued", "running") or time.perf_counter() > give_up:
+                    sys.exit(f"task {packet['task_id']} ended as {status}")
+                time.sleep(0.0005)
+
+        for _ in range(args.warmup):
+            bare_round_trip()
+            server_round_trip()
+        bare: list[float] = []
+        server: list[float] = []
+        for _ in range(args.n):  # interleaved, so both see the same machine
+            bare.append(bare_round_trip())
+            server.append(server_round_trip())
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+    print(f"single-step tasks, sequential, n={args.n} each (after {args.warmup} warm-up), Redis {args.redis_url}")
+    print(f"{'':28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name, samples in (("bare Celery round trip", bare), ("server POST -> succeeded", server)):
+        print(
+            f"{name:28}{percentile(samples, 0.5) * 1000:10.2f}{percentile(samples, 0.99) * 1000:10.2f}"
+            f"{statistics.fmean(samples) * 1000:10.2f}"
+        )
+    print(
+        f"ratio server/bare: p50 {percentile(server, 0.5) / percentile(bare, 0.5):.2f}x, "
+        f"p99 {percentile(server, 0.99) / percentile(bare, 0.99):.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
