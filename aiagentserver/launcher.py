@@ -139,17 +139,17 @@ def run() -> int:
 
 
 def _wait(started: list[tuple[str, subprocess.Popen]]) -> int:
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    try:
-        while not stopping:
-            for name, process in started:
-                if process.poll() is not None:
-                    say(f"{name} exited with {process.returncode}; stopping the rest")
-                    return 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    """Until Ctrl-C or SIGTERM (0), or until a process exits by itself (1)."""
+    stopping: list[int] = []
+    # Set explicitly: a shell that starts us in the background leaves SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda received, _frame: stopping.append(received))
+    while not stopping:
+        for name, process in started:
+            if process.poll() is not None:
+                say(f"{name} exited with {process.returncode}; stopping the rest")
+                return 1
+        time.sleep(0.5)
     return 0
 
 
