@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from balancer import load_balancer
 from balancer.configuration import Configuration, RoleConfig
-from llm_engines.base import ChatResult, Message
+from llm_engines.base import ChatOptions, ChatResult, Message
 from llm_engines.registry import get_engine
 
 
@@ -72,9 +72,7 @@ class Agent(ABC):
         engine = get_engine(decision.llm.engine, decision.llm.engine_settings())
         reply = engine.chat(
             self.build_messages(payload, role),
-            max_tokens=role.max_tokens,
-            temperature=role.temperature,
-            timeout=timeout,
+            ChatOptions(max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout),
         )
         return AgentOutcome(
             result=self.parse_result(reply),

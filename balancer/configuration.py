@@ -54,11 +54,21 @@ class LLMConfig:
     capabilities: frozenset[str] = frozenset({"chat"})
     context_length: int = 2048
     max_concurrency: int = 1
+    base_url: str | None = None
+    api_key_env: str | None = None
+    # Price in the API's currency per 1,000 tokens: {"prompt": ..., "completion": ...}.
+    cost_per_1k_tokens: Mapping[str, float] = field(default_factory=dict)
+    weight: float = 1.0
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def engine_settings(self) -> dict[str, Any]:
-        """What the engine is constructed with: the model, its context, and the engine's own options."""
-        return {"model": self.model, "context_length": self.context_length, **self.options}
+        """What the engine is constructed with: the model, its context, where and how to reach it, and
+        the engine's own options."""
+        settings = {"model": self.model, "context_length": self.context_length, **self.options}
+        for key in ENGINE_FIELDS:
+            if getattr(self, key) is not None:
+                settings[key] = getattr(self, key)
+        return settings
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class RoleConfig:
     max_tokens: int = 256
     temperature: float = 0.7
     time_limit_s: float = 300.0
+    max_iterations: int = 3
 
     @property
     def queue(self) -> str:
@@ -110,7 +121,9 @@ class _Checker:
         self.problems: list[tuple[str, str]] = []
 
     def fail(self, path: str, reason: str) -> None:
-        self.problems.append((path, reason))
+        """Record a problem; the first one found for a field is the one reported."""
+        if all(path != known for known, _ in self.problems):
+            self.problems.append((path, reason))
 
     def mapping(self, value: Any, path: str) -> dict[str, Any] | None:
         if not isinstance(value, dict):
@@ -188,12 +201,16 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+# LLM fields that are passed to the engine besides ``model``, ``context_length`` and ``options``.
+ENGINE_FIELDS = ("base_url", "api_key_env")
+ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 _LLM_FIELDS = {
-    "id", "engine", "source", "model", "toggle", "locked", "capabilities",
-    "context_length", "max_concurrency", "options",
+    "id", "engine", "source", "model", "toggle", "locked", "capabilities", "context_length",
+    "max_concurrency", "base_url", "api_key_env", "cost_per_1k_tokens", "weight", "options",
 }  # fmt: skip
 _ROLE_FIELDS = {
     "agent", "system_prompt", "capabilities", "preferred_llms", "max_tokens", "temperature", "time_limit_s",
+    "max_iterations",
 }  # fmt: skip
 
 
@@ -217,19 +234,50 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
         capabilities=check.capabilities(data.get("capabilities", ["chat"]), f"{path}.capabilities"),
         context_length=check.integer(data.get("context_length", 2048), f"{path}.context_length", minimum=128),
         max_concurrency=check.integer(data.get("max_concurrency", 1), f"{path}.max_concurrency", minimum=1),
+        base_url=check.string(data["base_url"], f"{path}.base_url") if "base_url" in data else None,
+        api_key_env=_api_key_env(check, data, path),
+        cost_per_1k_tokens=_costs(check, data, path),
+        weight=check.number(data.get("weight", 1.0), f"{path}.weight", minimum=0.0, maximum=1000.0),
         options=MappingProxyType(dict(options)),
     )
     if "source" in data and llm.source not in SOURCES:
         check.fail(f"{path}.source", f"must be one of {', '.join(sorted(SOURCES))}, not {llm.source!r}")
+    if llm.cost_per_1k_tokens and llm.source != "api":
+        check.fail(f"{path}.cost_per_1k_tokens", "only api LLMs have a cost")
     if engine_name:
         try:
             cls = engine_class(engine_name)
         except UnknownName as exc:
             check.fail(f"{path}.engine", str(exc))
         else:
+            top_level = {"model", "context_length", *ENGINE_FIELDS}
             for key, reason in cls.validate_settings(llm.engine_settings()).items():
-                check.fail(f"{path}.options.{key}", reason)
+                check.fail(f"{path}.{key}" if key in top_level else f"{path}.options.{key}", reason)
     return llm
+
+
+def _api_key_env(check: _Checker, data: dict[str, Any], path: str) -> str | None:
+    if "api_key_env" not in data:
+        return None
+    name = check.string(data["api_key_env"], f"{path}.api_key_env")
+    if name and not ENV_NAME_RE.match(name):
+        check.fail(
+            f"{path}.api_key_env",
+            "must name an environment variable (like OPENAI_API_KEY) that holds the key, never the key itself",
+        )
+    return name
+
+
+def _costs(check: _Checker, data: dict[str, Any], path: str) -> Mapping[str, float]:
+    raw = check.mapping(data.get("cost_per_1k_tokens", {}), f"{path}.cost_per_1k_tokens") or {}
+    check.keys(raw, f"{path}.cost_per_1k_tokens", required=set(), allowed={"prompt", "completion"})
+    return MappingProxyType(
+        {
+            key: check.number(value, f"{path}.cost_per_1k_tokens.{key}", minimum=0.0, maximum=1e6)
+            for key, value in raw.items()
+            if key in ("prompt", "completion")
+        }
+    )
 
 
 def _parse_role(
@@ -253,6 +301,7 @@ def _parse_role(
         max_tokens=check.integer(data.get("max_tokens", 256), f"{path}.max_tokens", minimum=1),
         temperature=check.number(data.get("temperature", 0.7), f"{path}.temperature", minimum=0.0, maximum=2.0),
         time_limit_s=check.number(data.get("time_limit_s", 300), f"{path}.time_limit_s", minimum=1, maximum=86400),
+        max_iterations=check.integer(data.get("max_iterations", 3), f"{path}.max_iterations", minimum=1),
     )
 
 

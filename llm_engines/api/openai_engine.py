@@ -1,0 +1,177 @@
+"""Any OpenAI-compatible chat API (OpenAI, vLLM, llama.cpp's server, LM Studio...) through the official client.
+
+The API key is read from the environment variable that the configuration
+names (``api_key_env``); it is never stored, logged or returned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import openai
+
+from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.errors import (
+    ContextTooLong,
+    EngineAuthError,
+    EngineBadRequest,
+    EngineError,
+    EngineRateLimited,
+    EngineTimeout,
+    EngineUnavailable,
+)
+from llm_engines.http import base_url_problems, retry_after_seconds
+
+# Words with which OpenAI-compatible servers say a prompt does not fit.
+_CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
+
+
+# How a server takes a JSON schema: OpenAI's ``json_schema`` response format, or
+# ``json_object`` with a ``schema`` (llama-cpp-python's server and others).
+STRUCTURED_OUTPUT = ("json_schema", "json_object")
+
+
+class OpenAIEngine(Engine):
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str | None = None,
+        context_length: int = 8192,
+        request_timeout: float = 120.0,
+        structured_output: str = "json_schema",
+    ) -> None:
+        self.model = model
+        self.structured_output = structured_output
+        self.base_url = base_url
+        self.context_length = context_length
+        api_key = None
+        if api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise EngineAuthError(f"the environment variable {api_key_env} is not set", engine=self.name)
+        # A local server needs no key, but the client insists on one.
+        self.client = openai.OpenAI(
+            api_key=api_key or "no-key", base_url=base_url, max_retries=0, timeout=request_timeout
+        )
+
+    @classmethod
+    def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
+        problems = {**super().validate_settings(settings), **base_url_problems(settings)}
+        if settings.get("structured_output", "json_schema") not in STRUCTURED_OUTPUT:
+            problems["structured_output"] = f"must be one of {', '.join(STRUCTURED_OUTPUT)}"
+        return problems
+
+    def _error(self, exc: openai.OpenAIError) -> EngineError:
+        message = getattr(exc, "message", None) or str(exc)
+        if isinstance(exc, openai.APITimeoutError):
+            return EngineTimeout(f"no answer in time from {self.base_url or 'the API'}", engine=self.name)
+        if isinstance(exc, openai.APIConnectionError):
+            return EngineUnavailable(f"cannot reach {self.base_url or 'the API'}: {message}", engine=self.name)
+        if isinstance(exc, openai.RateLimitError):
+            retry_after = retry_after_seconds(exc.response.headers)
+            return EngineRateLimited(f"rate limited: {message}", engine=self.name, retry_after=retry_after)
+        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return EngineAuthError(f"refused the credentials: {message}", engine=self.name)
+        if isinstance(exc, openai.APIStatusError):
+            if exc.status_code >= 500:
+                return EngineUnavailable(f"server error {exc.status_code}: {message}", engine=self.name)
+            if any(marker in message.lower() for marker in _CONTEXT_MARKERS):
+                return ContextTooLong(message, engine=self.name)
+            return EngineBadRequest(f"{exc.status_code}: {message}", engine=self.name)
+        return EngineError(message, engine=self.name)
+
+    def _request(self, messages: Sequence[Message], options: ChatOptions) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": [dict(message) for message in messages],
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+        }
+        if options.stop:
+            request["stop"] = list(options.stop)
+        if options.timeout:
+            request["timeout"] = options.timeout
+        if options.json_schema is not None:
+            schema = dict(options.json_schema)
+            if self.structured_output == "json_schema":
+                request["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+            else:
+                request["response_format"] = {"type": "json_object", "schema": schema}
+        return request
+
+    def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
+        options = options or ChatOptions()
+        started = time.perf_counter()
+        try:
+            response = self.client.chat.completions.create(**self._request(messages, options))
+        except openai.OpenAIError as exc:
+            raise self._error(exc) from exc
+        choice = response.choices[0]
+        usage = response.usage
+        return ChatResult(
+            text=choice.message.content or "",
+            model=response.model or self.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_s=time.perf_counter() - started,
+            finish_reason=choice.finish_reason,
+        )
+
+    def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
+        options = options or ChatOptions()
+        started = time.perf_counter()
+        first_at = None
+        parts: list[str] = []
+        finish_reason = None
+        model = self.model
+        usage = None
+        try:
+            chunks = self.client.chat.completions.create(
+                **self._request(messages, options), stream=True, stream_options={"include_usage": True}
+            )
+            with chunks:
+                for chunk in chunks:
+                    model = chunk.model or model
+                    usage = chunk.usage or usage
+                    if not chunk.choices:
+                        continue
+                    choice = chunk.choices[0]
+                    finish_reason = choice.finish_reason or finish_reason
+                    text = choice.delta.content if choice.delta else None
+                    if text:
+                        if first_at is None:
+                            first_at = time.perf_counter()
+                        parts.append(text)
+                        yield ChatChunk(text=text)
+        except openai.OpenAIError as exc:
+            raise self._error(exc) from exc
+        yield ChatChunk(
+            text="",
+            result=ChatResult(
+                text="".join(parts),
+                model=model,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else len(parts),
+                latency_s=time.perf_counter() - started,
+                time_to_first_token_s=None if first_at is None else first_at - started,
+                finish_reason=finish_reason,
+            ),
+        )
+
+    def health(self) -> Health:
+        started = time.perf_counter()
+        try:
+            served = [item.id for item in self.client.models.list(timeout=5)]
+        except openai.OpenAIError as exc:
+            return Health(False, str(self._error(exc)), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if self.model not in served:
+            return Health(False, f"model {self.model} is not served (served: {', '.join(served[:10])})", elapsed)
+        return Health(True, f"{self.model} served", elapsed)

@@ -1,0 +1,176 @@
+"""Ollama through the official ``ollama`` client: chat, streaming, images, structured output.
+
+Messages arrive in the OpenAI shape; images must be ``data:`` URLs, which are
+passed to Ollama as base64 in the message's ``images``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import httpx
+import ollama
+
+from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.errors import (
+    ContextTooLong,
+    EngineBadRequest,
+    EngineError,
+    EngineRateLimited,
+    EngineTimeout,
+    EngineUnavailable,
+)
+from llm_engines.http import base_url_problems, retry_after_seconds
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+
+
+def to_ollama_message(message: Message) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return {"role": message["role"], "content": content or ""}
+    texts: list[str] = []
+    images: list[str] = []
+    for part in content:
+        if part.get("type") == "text":
+            texts.append(part.get("text", ""))
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            if not url.startswith("data:") or ";base64," not in url:
+                raise EngineBadRequest("Ollama takes images as data: URLs with base64 content", engine="ollama")
+            images.append(url.split(";base64,", 1)[1])
+        else:
+            raise EngineBadRequest(f"unsupported content part {part.get('type')!r}", engine="ollama")
+    converted: dict[str, Any] = {"role": message["role"], "content": "\n".join(texts)}
+    if images:
+        converted["images"] = images
+    return converted
+
+
+class OllamaEngine(Engine):
+    name = "ollama"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str = DEFAULT_HOST,
+        context_length: int = 2048,
+        request_timeout: float = 120.0,
+        keep_alive: str | None = None,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url
+        self.context_length = context_length
+        self.request_timeout = request_timeout
+        self.keep_alive = keep_alive
+        self._clients: dict[float, ollama.Client] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
+        return {**super().validate_settings(settings), **base_url_problems(settings)}
+
+    def _client(self, timeout: float | None) -> ollama.Client:
+        """The client for a timeout: the ollama client sets its timeout once, at creation."""
+        key = float(timeout or self.request_timeout)
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = ollama.Client(host=self.base_url, timeout=key)
+            return self._clients[key]
+
+    def _error(self, exc: Exception) -> EngineError:
+        if isinstance(exc, httpx.TimeoutException):
+            return EngineTimeout(f"no answer in time from {self.base_url}", engine=self.name)
+        if isinstance(exc, (ConnectionError, httpx.TransportError)):
+            return EngineUnavailable(f"cannot reach {self.base_url}: {exc}", engine=self.name)
+        if isinstance(exc, ollama.ResponseError):
+            status, message = exc.status_code, exc.error
+            if status == 429:
+                # The client raises ResponseError "from None", but keeps the HTTP error as the context.
+                headers = getattr(getattr(exc.__context__, "response", None), "headers", None)
+                return EngineRateLimited(
+                    f"rate limited: {message}", engine=self.name, retry_after=retry_after_seconds(headers)
+                )
+            if status >= 500:
+                return EngineUnavailable(f"server error {status}: {message}", engine=self.name)
+            if "context" in message.lower():
+                return ContextTooLong(message, engine=self.name)
+            return EngineBadRequest(f"{status}: {message}", engine=self.name)
+        return EngineError(str(exc), engine=self.name)
+
+    def _request(self, messages: Sequence[Message], options: ChatOptions) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": [to_ollama_message(message) for message in messages],
+            "options": {
+                "num_predict": options.max_tokens,
+                "temperature": options.temperature,
+                "num_ctx": self.context_length,
+                **({"stop": list(options.stop)} if options.stop else {}),
+            },
+        }
+        if options.json_schema is not None:
+            request["format"] = dict(options.json_schema)
+        if self.keep_alive is not None:
+            request["keep_alive"] = self.keep_alive
+        return request
+
+    def _result(self, response: Any, text: str, started: float, first_at: float | None) -> ChatResult:
+        return ChatResult(
+            text=text,
+            model=response.model or self.model,
+            prompt_tokens=response.prompt_eval_count or 0,
+            completion_tokens=response.eval_count or 0,
+            latency_s=time.perf_counter() - started,
+            time_to_first_token_s=None if first_at is None else first_at - started,
+            finish_reason=response.done_reason,
+        )
+
+    def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
+        options = options or ChatOptions()
+        request = self._request(messages, options)
+        started = time.perf_counter()
+        try:
+            response = self._client(options.timeout).chat(**request, stream=False)
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+            raise self._error(exc) from exc
+        return self._result(response, response.message.content or "", started, None)
+
+    def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
+        options = options or ChatOptions()
+        request = self._request(messages, options)
+        started = time.perf_counter()
+        first_at = None
+        parts: list[str] = []
+        last = None
+        try:
+            for chunk in self._client(options.timeout).chat(**request, stream=True):
+                last = chunk
+                text = chunk.message.content if chunk.message else ""
+                if text:
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    parts.append(text)
+                    yield ChatChunk(text=text)
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+            raise self._error(exc) from exc
+        if last is None or not last.done:
+            raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)
+        yield ChatChunk(text="", result=self._result(last, "".join(parts), started, first_at))
+
+    def health(self) -> Health:
+        started = time.perf_counter()
+        try:
+            listed = self._client(5.0).list()
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+            return Health(False, str(self._error(exc)), time.perf_counter() - started)
+        names = {model.model for model in listed.models}
+        elapsed = time.perf_counter() - started
+        wanted = {self.model, f"{self.model}:latest"}
+        if not names & wanted:
+            return Health(False, f"model {self.model} is not pulled (available: {', '.join(sorted(names))})", elapsed)
+        return Health(True, f"{self.model} available", elapsed)

@@ -1,0 +1,105 @@
+"""The ollama engine with the official client against the suite's Ollama-API server.
+
+No Ollama binary can be installed on these machines: tests/llm_engines/ollama_api_server.py
+implements the documented /api/chat (streaming NDJSON too), /api/tags and /api/version on the
+real SmolLM2 model, in its own process.
+"""
+
+import json
+
+import pytest
+
+from llm_engines.base import ChatOptions
+from llm_engines.errors import ContextTooLong, EngineBadRequest, EngineRateLimited, EngineTimeout, EngineUnavailable
+from llm_engines.local.ollama_engine import OllamaEngine, to_ollama_message
+from tests.llm_engines.conftest import PERSON_SCHEMA
+
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name one fruit."}]
+
+
+@pytest.fixture
+def engine(ollama_server):
+    return OllamaEngine(model="smollm2:135m", base_url=ollama_server, context_length=512)
+
+
+def test_chat_returns_text_usage_and_model(engine):
+    reply = engine.chat(HELLO, ChatOptions(max_tokens=16, temperature=0.0))
+    assert reply.text.strip()
+    assert reply.model == "smollm2:135m"
+    assert reply.prompt_tokens > 0
+    assert 0 < reply.completion_tokens <= 16
+
+
+def test_stream_yields_pieces_then_the_whole_result(engine):
+    chunks = list(engine.stream(HELLO, ChatOptions(max_tokens=16)))
+    pieces = [chunk.text for chunk in chunks if chunk.result is None]
+    result = chunks[-1].result
+    assert len(pieces) > 1
+    assert result.text == "".join(pieces)
+    assert result.completion_tokens == len(pieces)
+    assert result.prompt_tokens > 0
+    assert 0 < result.time_to_first_token_s <= result.latency_s
+
+
+def test_format_schema_reply_parses_and_follows_the_schema(engine):
+    reply = engine.chat(
+        [{"role": "user", "content": "Invent a person. Answer in JSON."}],
+        ChatOptions(max_tokens=64, temperature=0.0, json_schema=PERSON_SCHEMA),
+    )
+    person = json.loads(reply.text)
+    assert isinstance(person["name"], str)
+    assert isinstance(person["age"], int)
+
+
+def test_images_go_as_base64_in_the_message():
+    message = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        ],
+    }
+    assert to_ollama_message(message) == {"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}
+    with pytest.raises(EngineBadRequest, match="data: URLs"):
+        to_ollama_message({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]})
+
+
+def test_the_server_refusing_images_is_a_bad_request(engine):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(EngineBadRequest, match="does not support images"):
+        engine.chat([{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}])
+
+
+def test_a_prompt_over_the_context_is_context_too_long(engine):
+    with pytest.raises(ContextTooLong):
+        engine.chat([{"role": "user", "content": "word " * 800}], ChatOptions(max_tokens=8))
+
+
+def test_health_lists_the_models(engine, ollama_server):
+    assert engine.health().ok
+    missing = OllamaEngine(model="llama3:70b", base_url=ollama_server).health()
+    assert not missing.ok
+    assert "not pulled" in missing.detail
+
+
+def test_an_unknown_model_is_a_bad_request(ollama_server):
+    with pytest.raises(EngineBadRequest, match="not found"):
+        OllamaEngine(model="nope", base_url=ollama_server).chat(HELLO)
+
+
+def test_a_stopped_server_is_unavailable(closed_url):
+    engine = OllamaEngine(model="m", base_url=closed_url)
+    with pytest.raises(EngineUnavailable):
+        engine.chat(HELLO)
+    assert not engine.health().ok
+
+
+def test_a_429_is_rate_limited_with_its_retry_after(fault_server):
+    with pytest.raises(EngineRateLimited) as error:
+        OllamaEngine(model="m", base_url=fault_server("ratelimit")).chat(HELLO)
+    assert error.value.retry_after == 7.0
+
+
+def test_no_answer_within_the_timeout_is_engine_timeout(fault_server):
+    with pytest.raises(EngineTimeout):
+        OllamaEngine(model="m", base_url=fault_server("hang")).chat(HELLO, ChatOptions(timeout=0.5))
