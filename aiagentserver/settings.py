@@ -125,6 +125,9 @@ STATIC_ROOT = VAR_DIR / "static"
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 TASKS_STATE_DIR = env_path("TASKS_STATE_DIR", VAR_DIR / "tasks_state", base=BASE_DIR)
 AIAGENT_CONFIG = env_path("AIAGENT_CONFIG", BASE_DIR / "balancer" / "configuration.json", base=BASE_DIR)
+# A worker renews its lease on a running step every third of this; a step whose
+# worker died is taken over by its returning job once the lease expires.
+TASK_LEASE_SECONDS = env_int("TASK_LEASE_SECONDS", 15, minimum=2)
 # The largest request body the API accepts, in bytes (413 above it).
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
@@ -165,6 +168,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_connect_timeout": 3,
     "socket_timeout": 10,
 }
+# A worker that loses Redis stops its running steps rather than let Redis hand
+# their jobs to another worker while they go on.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 

@@ -177,7 +177,7 @@ class _Checker:
             self.fail(path, f"must be a list, not {_kind(value)}")
             return frozenset()
         for index, item in enumerate(value):
-            if item not in CAPABILITIES:
+            if not isinstance(item, str) or item not in CAPABILITIES:
                 self.fail(f"{path}[{index}]", f"unknown capability {item!r} (known: {', '.join(sorted(CAPABILITIES))})")
         return frozenset(item for item in value if isinstance(item, str))
 
@@ -186,7 +186,7 @@ class _Checker:
             self.fail(path, f"must be a list of LLM ids, not {_kind(value)}")
             return ()
         for index, item in enumerate(value):
-            if item not in known:
+            if not isinstance(item, str) or item not in known:
                 self.fail(f"{path}[{index}]", f"no LLM has the id {item!r} (known: {', '.join(known) or 'none'})")
         return tuple(item for item in value if isinstance(item, str))
 
@@ -227,7 +227,7 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
     llm = LLMConfig(
         id=check.string(data.get("id", ""), f"{path}.id", pattern=LLM_ID_RE),
         engine=engine_name,
-        source=data.get("source", ""),
+        source=check.string(data.get("source", ""), f"{path}.source"),
         model=check.string(data.get("model", ""), f"{path}.model"),
         toggle=check.boolean(data.get("toggle", True), f"{path}.toggle"),
         locked=check.boolean(data.get("locked", False), f"{path}.locked"),
@@ -240,7 +240,7 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
         weight=check.number(data.get("weight", 1.0), f"{path}.weight", minimum=0.0, maximum=1000.0),
         options=MappingProxyType(dict(options)),
     )
-    if "source" in data and llm.source not in SOURCES:
+    if llm.source and llm.source not in SOURCES:
         check.fail(f"{path}.source", f"must be one of {', '.join(sorted(SOURCES))}, not {llm.source!r}")
     if llm.cost_per_1k_tokens and llm.source != "api":
         check.fail(f"{path}.cost_per_1k_tokens", "only api LLMs have a cost")

@@ -2,7 +2,7 @@
 
 Both run in the same run, against the same Redis and the same Celery worker:
 
-- server: POST /api/v1/bench/echo to a real gunicorn, then wait until the
+- server: POST /api/v1/bench_<run>/echo to a real gunicorn, then wait until the
   task's state file says succeeded. The role's LLM is the instant engine, so
   the time is the server's own: validation, the state file and its mirror,
   the enqueue, the worker's claim, the agent, the record.
@@ -33,9 +33,12 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+# A profile name of its own for each run, so that nothing left in Redis by an
+# earlier run (nothing is flushed) reaches this one's queues.
+PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
 CONFIG = {
     "llms": [{"id": "instant", "engine": "instant", "source": "local", "model": "instant"}],
-    "profiles": {"bench": {"roles": {"echo": {"agent": "generic", "system_prompt": "Repeat the input."}}}},
+    "profiles": {PROFILE: {"roles": {"echo": {"agent": "generic", "system_prompt": "Repeat the input."}}}},
 }
 
 
@@ -54,7 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=200, help="tasks measured on each side")
     parser.add_argument("--warmup", type=int, default=20, help="tasks run first on each side and not measured")
-    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        help="the Redis to use (nothing in it is flushed; this run's queues have names of their own)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="aiagent-bench-"))
@@ -82,7 +89,6 @@ def main() -> None:
     from aiagentserver.celery import app
 
     client = redis.Redis.from_url(args.redis_url)
-    client.flushdb()
     manage = [sys.executable, str(BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v", "0"], check=True, cwd=BASE_DIR)
     token = subprocess.run(
@@ -93,7 +99,7 @@ def main() -> None:
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", worker_name,
-             "-Q", "bench.echo,bench.bare", "-I", "bench.bare_tasks", "--concurrency", "1",
+             "-Q", f"{PROFILE}.echo,{PROFILE}.bare", "-I", "bench.bare_tasks", "--concurrency", "1",
              "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
             cwd=BASE_DIR,
         ),
@@ -123,7 +129,7 @@ def main() -> None:
         def bare_round_trip() -> float:
             key = f"bench:done:{uuid.uuid4().hex}"
             started = time.perf_counter()
-            app.send_task("bench.bare_echo", args=[key], queue="bench.bare")
+            app.send_task("bench.bare_echo", args=[key], queue=f"{PROFILE}.bare")
             if client.blpop([key], timeout=30) is None:
                 sys.exit("a bare job did not run within 30 s")
             return time.perf_counter() - started
@@ -134,7 +140,7 @@ def main() -> None:
         def server_round_trip() -> float:
             body = json.dumps({"payload": {"input": "ping"}})
             started = time.perf_counter()
-            connection.request("POST", "/api/v1/bench/echo", body=body, headers=headers)
+            connection.request("POST", f"/api/v1/{PROFILE}/echo", body=body, headers=headers)
             response = connection.getresponse()
             packet = json.loads(response.read())
             if response.status != 202:

@@ -5,6 +5,7 @@ The endpoints are documented in doc/api_endpoints.md.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis
@@ -22,7 +23,7 @@ from rest_framework.views import APIView
 
 from orchestration.models import Task
 from orchestration.packets import SERVER_OWNED_INITIAL, parse_task_id
-from orchestration.selectors import task_get, task_list
+from orchestration.selectors import role_get, task_get, task_list
 from orchestration.services import task_cancel, task_submit
 
 
@@ -49,7 +50,8 @@ class TaskSubmitApi(APIView):
                 if unknown:
                     raise serializers.ValidationError({unknown[0]: ["unknown field"]})
                 for field, initial in SERVER_OWNED_INITIAL.items():
-                    if field in data and data[field] != initial:
+                    # Compared as JSON, so that false is not taken for 0.
+                    if field in data and json.dumps(data[field]) != json.dumps(initial):
                         raise serializers.ValidationError(
                             {field: [f"is set by the server; a new task may only send {initial!r}"]}
                         )
@@ -71,6 +73,7 @@ class TaskSubmitApi(APIView):
             return attrs
 
     def post(self, request: Request, profile: str, role: str) -> Response:
+        role_get(profile=profile, role=role)  # an unknown profile or role is a 404 whatever the body
         serializer = self.InputSerializer(data=request.data, context={"profile": profile, "role": role})
         serializer.is_valid(raise_exception=True)
         packet, created = task_submit(

@@ -15,39 +15,59 @@ from celery.exceptions import SoftTimeLimitExceeded
 from agents.base import AgentOutcome, PayloadError
 from agents.registry import agent_class
 from llm_engines.errors import EngineError
-from orchestration.packets import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, history_event
+from orchestration.leases import StepLease
+from orchestration.packets import FAILED, QUEUED, RUNNING, SUCCEEDED, history_event
 from orchestration.runtime import configuration, task_store
 
 logger = logging.getLogger(__name__)
 
 
+class StepBusy(Exception):
+    """A live worker still holds the task's lease; the job should come back after ``countdown`` seconds."""
+
+    def __init__(self, countdown: float) -> None:
+        super().__init__(f"the task's lease is held for {countdown:.1f}s more")
+        self.countdown = countdown
+
+
 def task_step(*, task_id: str, job_id: str, worker: str) -> str:
     """Run the task's step if this job may; returns the task's status afterwards.
 
-    The claim happens under the task's lock. A queued task is claimed. A
-    running task is claimed again only by the same job: the broker hands a
-    job back only when its worker died (``reject_on_worker_lost``), because
-    the time limits end every step before the visibility timeout (a system
-    check keeps it so). Anything else (a cancelled or finished task, another
-    job of a running one) is left alone.
+    A job runs the step when it takes the task's lease and then claims the
+    task under its file lock: a queued task, or a running one claimed by this
+    same job whose worker died (its lease expired). A job that finds the lease
+    held by a live worker either waits (``StepBusy``: its own job came back
+    early, or the task was queued again while an old step still runs) or has
+    nothing to do.
     """
+    lease = StepLease(task_id, job_id)
+    if not lease.acquire():
+        packet = task_store().read(task_id)
+        own = packet["status"] == RUNNING and _claimed_by(packet) == job_id
+        if packet["status"] == QUEUED or own:
+            raise StepBusy(lease.remaining_s() + 0.5)
+        return packet["status"]
 
     def claim(packet: dict[str, Any]) -> bool:
         if packet["status"] == QUEUED:
             event = "claimed"
         elif packet["status"] == RUNNING and _claimed_by(packet) == job_id:
-            event = "reclaimed"
+            event = "reclaimed"  # the worker that ran it died: its lease expired
         else:
             return False
         packet["status"] = RUNNING
         packet["history"].append(history_event(event, status=RUNNING, detail={"worker": worker, "job_id": job_id}))
         return True
 
-    packet, claimed = task_store().update(task_id, claim)
-    if not claimed:
-        logger.info("task %s: job %s not run, the task is %s", task_id, job_id, packet["status"])
-        return packet["status"]
+    with lease:
+        packet, claimed = task_store().update(task_id, claim)
+        if not claimed:
+            logger.info("task %s: job %s not run, the task is %s", task_id, job_id, packet["status"])
+            return packet["status"]
+        return _run(task_id, job_id, packet)
 
+
+def _run(task_id: str, job_id: str, packet: dict[str, Any]) -> str:
     agent_name = None
     time_limit = None
     try:
@@ -58,22 +78,22 @@ def task_step(*, task_id: str, job_id: str, worker: str) -> str:
         outcome = agent.run(
             payload=agent.validate_payload(packet["payload"]), role=role, config=config, timeout=role.time_limit_s
         )
+        return _record(task_id, job_id, agent_name, outcome)
     except SoftTimeLimitExceeded:
-        return _fail(task_id, agent_name, f"the step exceeded its time limit of {time_limit:g}s")
+        return _fail(task_id, job_id, agent_name, f"the step exceeded its time limit of {time_limit:g}s")
     except (LookupError, PayloadError, EngineError) as exc:
         # LookupError: the role or its agent left the configuration, or no LLM
         # can serve the role any more (the balancer's NoCandidate).
-        return _fail(task_id, agent_name, str(exc))
+        return _fail(task_id, job_id, agent_name, str(exc))
     except Exception as exc:
-        _fail(task_id, agent_name, f"internal error: {type(exc).__name__}: {exc}")
+        _fail(task_id, job_id, agent_name, f"internal error: {type(exc).__name__}: {exc}")
         raise
-    return _record(task_id, agent_name, outcome)
 
 
-def _record(task_id: str, agent_name: str, outcome: AgentOutcome) -> str:
+def _record(task_id: str, job_id: str, agent_name: str, outcome: AgentOutcome) -> str:
     def finish(packet: dict[str, Any]) -> bool:
-        if packet["status"] != RUNNING:
-            # Cancelled while the model was answering: the answer is not used.
+        if packet["status"] != RUNNING or _claimed_by(packet) != job_id:
+            # Cancelled (or taken over) while the model was answering: the answer is not used.
             packet["history"].append(
                 history_event(
                     "step_discarded",
@@ -96,18 +116,25 @@ def _record(task_id: str, agent_name: str, outcome: AgentOutcome) -> str:
     return packet["status"]
 
 
-def _fail(task_id: str, agent_name: str | None, reason: str) -> str:
-    logger.warning("task %s failed: %s", task_id, reason)
+def _fail(task_id: str, job_id: str, agent_name: str | None, reason: str) -> str:
+    """Fail the task if this job's run is still the one in force."""
 
     def fail(packet: dict[str, Any]) -> bool:
-        if packet["status"] == CANCELLED:
+        if packet["status"] != RUNNING or _claimed_by(packet) != job_id:
             return False
         packet["status"] = FAILED
         packet["history"].append(history_event("failed", status=FAILED, agent=agent_name, detail={"reason": reason}))
         return True
 
-    packet, _ = task_store().update(task_id, fail)
+    packet, failed = task_store().update(task_id, fail)
+    if failed:
+        logger.warning("task %s failed: %s", task_id, reason)
     return packet["status"]
+
+
+def task_abandoned(*, task_id: str, job_id: str, reason: str) -> str:
+    """The job ended without recording its step (Celery's hard time limit killed it): fail the task."""
+    return _fail(task_id, job_id, None, reason)
 
 
 def _claimed_by(packet: dict[str, Any]) -> str | None:

@@ -6,14 +6,27 @@ from typing import Any
 
 from django.db.models import QuerySet
 
+from balancer.configuration import RoleConfig
 from orchestration.exceptions import ApplicationError
 from orchestration.models import Task
 from orchestration.packets import STATUSES, parse_task_id
-from orchestration.runtime import task_store
-from orchestration.state_store import TaskNotFound
+from orchestration.runtime import configuration, task_store
+from orchestration.state_store import CorruptState, TaskNotFound
 
 # History events that put a job on a queue; their detail carries its job_id.
 _JOB_EVENTS = ("submitted", "enqueued", "retried")
+
+
+def role_get(*, profile: str, role: str) -> RoleConfig:
+    """The role's configuration, or a 404 listing the valid profiles (and roles)."""
+    config = configuration()
+    try:
+        return config.role(profile, role)
+    except LookupError as exc:
+        extra: dict[str, Any] = {"valid_profiles": list(config.profiles)}
+        if profile in config.profiles:
+            extra["valid_roles"] = list(config.profiles[profile].roles)
+        raise ApplicationError(str(exc), status_code=404, code="not_found", **extra) from None
 
 
 def canonical_task_id(task_id: str) -> str:
@@ -31,6 +44,16 @@ def task_get(*, task_id: str) -> dict[str, Any]:
         return task_store().read(canonical)
     except TaskNotFound:
         raise ApplicationError(f"no task {canonical}", status_code=404, code="not_found") from None
+    except CorruptState as exc:
+        raise corrupt_state_error(exc) from None
+
+
+def corrupt_state_error(exc: CorruptState) -> ApplicationError:
+    return ApplicationError(
+        f"{exc}; restore the file from a backup, or remove it and run manage.py sync_tasks",
+        status_code=500,
+        code="corrupt_state",
+    )
 
 
 def task_job_id(packet: dict[str, Any]) -> str | None:

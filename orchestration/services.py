@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -27,21 +28,10 @@ from orchestration.packets import (
     parse_task_id,
 )
 from orchestration.runtime import configuration, task_store
-from orchestration.selectors import canonical_task_id, task_get, task_job_id
-from orchestration.state_store import TaskExists, TaskNotFound
+from orchestration.selectors import canonical_task_id, corrupt_state_error, role_get, task_get, task_job_id
+from orchestration.state_store import CorruptState, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
-
-
-def _role(profile: str, role: str) -> RoleConfig:
-    config = configuration()
-    try:
-        return config.role(profile, role)
-    except LookupError as exc:
-        extra: dict[str, Any] = {"valid_profiles": list(config.profiles)}
-        if profile in config.profiles:
-            extra["valid_roles"] = list(config.profiles[profile].roles)
-        raise ApplicationError(str(exc), status_code=404, code="not_found", **extra) from None
 
 
 def _storage_error(exc: OSError) -> ApplicationError:
@@ -59,6 +49,8 @@ def _update(task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dic
         return task_store().update(canonical, change)
     except TaskNotFound:
         raise ApplicationError(f"no task {canonical}", status_code=404, code="not_found") from None
+    except CorruptState as exc:
+        raise corrupt_state_error(exc) from None
     except OSError as exc:
         raise _storage_error(exc) from exc
 
@@ -106,7 +98,13 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     same request gives back the stored task (an idempotent retry); with another
     one it is a conflict.
     """
-    role_config = _role(profile, role)
+    role_config = role_get(profile=profile, role=role)
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApplicationError(
+            "payload: contains text that is not valid Unicode (an unpaired surrogate)", field="payload"
+        ) from None
     try:
         payload = agent_class(role_config.agent).validate_payload(payload)
     except PayloadError as exc:
@@ -142,15 +140,18 @@ def _resubmit(
             code="conflict",
             task_id=existing["task_id"],
         )
-    if existing["status"] == QUEUED and existing["history"][-1]["event"] == "enqueue_failed":
-        # The first submit stored the task but could not queue it: this retry queues it.
-        job_id = str(uuid.uuid4())
+    job_id = str(uuid.uuid4())
 
-        def enqueued(current: dict[str, Any]) -> bool:
-            current["history"].append(history_event("enqueued", status=QUEUED, detail={"job_id": job_id}))
-            return True
+    def enqueued(current: dict[str, Any]) -> bool:
+        # Only a task whose first enqueue failed is queued again, and only once
+        # however many retries arrive together (the check is under the lock).
+        if current["status"] != QUEUED or current["history"][-1]["event"] != "enqueue_failed":
+            return False
+        current["history"].append(history_event("enqueued", status=QUEUED, detail={"job_id": job_id}))
+        return True
 
-        existing, _ = _update(existing["task_id"], enqueued)
+    existing, written = _update(existing["task_id"], enqueued)
+    if written:
         _enqueue(packet=existing, job_id=job_id, role=role_config)
     return existing
 
@@ -188,7 +189,7 @@ def task_retry(*, task_id: str) -> dict[str, Any]:
     """Queue a failed or cancelled task again from its payload."""
     stored = task_get(task_id=task_id)
     # profile and role never change, so they can be read before the lock.
-    role_config = _role(stored["profile"], stored["role"])
+    role_config = role_get(profile=stored["profile"], role=stored["role"])
     job_id = str(uuid.uuid4())
 
     def retry(current: dict[str, Any]) -> bool:

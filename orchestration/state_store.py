@@ -33,6 +33,25 @@ class TaskNotFound(LookupError):
     pass
 
 
+class CorruptState(Exception):
+    """A state file that is not a task packet; the message names the file and the problem."""
+
+
+REQUIRED_FIELDS = ("task_id", "profile", "role", "status", "payload", "history", "version", "created_at", "updated_at")
+
+
+def check_packet(packet: Any, task_id: str) -> dict[str, Any]:
+    """The packet if it has the shape of one, else ``CorruptState``."""
+    if not isinstance(packet, dict):
+        raise CorruptState(f"the state file of task {task_id} does not hold a JSON object")
+    missing = [name for name in REQUIRED_FIELDS if name not in packet]
+    if missing:
+        raise CorruptState(f"the state file of task {task_id} lacks {', '.join(missing)}")
+    if packet["task_id"] != task_id:
+        raise CorruptState(f"the state file of task {task_id} names another task, {packet['task_id']}")
+    return packet
+
+
 class TaskExists(Exception):
     def __init__(self, packet: dict[str, Any]) -> None:
         super().__init__(f"task {packet['task_id']} exists")
@@ -61,10 +80,16 @@ class TaskStore:
             os.close(fd)  # closing the descriptor releases the lock
 
     def read(self, task_id: str) -> dict[str, Any]:
+        path = self.path(task_id)
         try:
-            return json.loads(self.path(task_id).read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             raise TaskNotFound(f"no task {task_id}") from None
+        try:
+            packet = json.loads(data)
+        except ValueError as exc:
+            raise CorruptState(f"the state file of task {task_id} is not valid JSON: {exc}") from None
+        return check_packet(packet, path.stem)
 
     def exists(self, task_id: str) -> bool:
         return self.path(task_id).exists()
@@ -86,6 +111,9 @@ class TaskStore:
         False leaves the task as it was. Returns the packet as stored
         afterwards and whether it was written.
         """
+        if not self.exists(task_id):
+            # Checked before locking too, so that requests for unknown tasks leave no lock files.
+            raise TaskNotFound(f"no task {task_id}")
         with self._locked(task_id):
             current = self.read(task_id)
             updated = copy.deepcopy(current)
@@ -119,13 +147,9 @@ class TaskStore:
             return
         for path in sorted(self.root.glob("*.json")):
             try:
-                packet = json.loads(path.read_bytes())
-                if parse_task_id(packet.get("task_id")) != path.stem:
-                    raise ValueError("task_id does not match the file name")
-            except (OSError, ValueError) as exc:
-                logger.error("skipping unreadable state file %s: %s", path, exc)
-                continue
-            yield packet
+                yield self.read(parse_task_id(path.stem))
+            except (OSError, ValueError, CorruptState, TaskNotFound) as exc:
+                logger.error("skipping state file %s: %s", path, exc)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -150,11 +174,20 @@ def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def mirror_row(packet: dict[str, Any]) -> bool:
+    """Make the packet's row match it unless the row already holds a newer version; True if written."""
+    fields = mirror_fields(packet)
+    with transaction.atomic():
+        if Task.objects.filter(task_id=packet["task_id"], version__lt=packet["version"]).update(**fields):
+            return True
+        _, created = Task.objects.get_or_create(task_id=packet["task_id"], defaults=fields)
+        return created
+
+
 def mirror_packet(packet: dict[str, Any]) -> None:
     """Write the packet's row. A database failure is logged, not raised: the file is
     already the truth, and ``sync_tasks`` brings the row up to date."""
     try:
-        with transaction.atomic():
-            Task.objects.update_or_create(task_id=packet["task_id"], defaults=mirror_fields(packet))
+        mirror_row(packet)
     except DatabaseError as exc:
         logger.warning("task %s: database mirror not updated (%s); run sync_tasks", packet["task_id"], exc)

@@ -58,6 +58,19 @@ def api(api_user) -> APIClient:
     return client
 
 
+def server_env(**overrides: str) -> dict[str, str]:
+    """The environment for a server process started by a test: the test database, Redis and state."""
+    return {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "TASKS_STATE_DIR": str(settings.TASKS_STATE_DIR),
+        "AIAGENT_CONFIG": str(settings.AIAGENT_CONFIG),
+        "DEBUG": "1",
+        **overrides,
+    }
+
+
 def _test_database_url() -> str:
     """A URL for the test database that pytest-django created, for processes started by the tests."""
     db = connection.settings_dict
@@ -95,14 +108,8 @@ def celery_worker(django_db_setup, redis_url, state_dir, tmp_path_factory) -> It
 
     name = f"test-{uuid.uuid4().hex[:8]}@localhost"
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {
-        **os.environ,
-        "DATABASE_URL": _test_database_url(),
-        "REDIS_URL": redis_url,
-        "TASKS_STATE_DIR": str(state_dir),
-        "AIAGENT_CONFIG": str(settings.AIAGENT_CONFIG),
-        "DEBUG": "1",
-    }
+    # Short leases, so that the tests that kill a worker wait seconds, not the default 15 s.
+    env = server_env(TASK_LEASE_SECONDS="4")
     command = [
         sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q",
         ",".join(configuration().queues()), "--concurrency", "2", "--loglevel", "INFO",

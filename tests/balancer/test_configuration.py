@@ -113,3 +113,32 @@ def test_check_config_command_prints_every_problem(tmp_path, raw, capsys):
     assert "profiles.developer.roles.qa.max_tokens" in str(error.value)
     call_command("check_config")
     assert "valid" in capsys.readouterr().out
+
+
+def test_values_of_the_wrong_type_are_named_not_crashed_on(raw):
+    raw["llms"][0]["source"] = []
+    raw["profiles"]["developer"]["roles"]["qa"]["capabilities"] = [{}]
+    raw["profiles"]["developer"]["roles"]["qa"]["preferred_llms"] = [[1]]
+    raw["profiles"]["developer"]["default_llms"] = "smollm2-135m"
+    found = problems(raw)
+    assert "must be a string" in found["llms[0].source"]
+    assert "unknown capability" in found["profiles.developer.roles.qa.capabilities[0]"]
+    assert "no LLM has the id" in found["profiles.developer.roles.qa.preferred_llms[0]"]
+    assert "must be a list" in found["profiles.developer.default_llms"]
+
+
+def test_api_fields_are_checked(raw):
+    raw["llms"].append(
+        {"id": "remote", "engine": "openai", "source": "api", "model": "gpt", "base_url": "ftp://x",
+         "api_key_env": "sk-live-abcdef", "cost_per_1k_tokens": {"prompt": -1, "output": 2}}
+    )  # fmt: skip
+    raw["llms"][0]["cost_per_1k_tokens"] = {"prompt": 0.1}
+    found = problems(raw)
+    assert "http://" in found["llms[1].base_url"]
+    assert "never the key itself" in found["llms[1].api_key_env"]
+    assert (
+        "at least" in found["llms[1].cost_per_1k_tokens.prompt"]
+        or "between" in found["llms[1].cost_per_1k_tokens.prompt"]
+    )
+    assert "unknown field" in found["llms[1].cost_per_1k_tokens.output"]
+    assert "only api LLMs" in found["llms[0].cost_per_1k_tokens"]

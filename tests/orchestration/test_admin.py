@@ -16,7 +16,29 @@ def task(api):
     return response.json()
 
 
-def test_task_list_and_detail_render_for_staff(admin_client, task):
+@pytest.fixture
+def staff_client(client, django_user_model):
+    """A staff user who may view tasks (not a superuser)."""
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user(username="operator", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client.force_login(user)
+    return client
+
+
+def test_task_list_and_detail_render_for_a_staff_user(staff_client, task):
+    listing = staff_client.get("/admin/orchestration/task/")
+    assert listing.status_code == 200
+    assert task["task_id"] in listing.content.decode()
+    detail = staff_client.get(f"/admin/orchestration/task/{task['task_id']}/change/")
+    assert detail.status_code == 200
+    assert "submitted" in detail.content.decode()
+    # Viewing is not operating: the cancel and retry actions need the change permission.
+    assert "cancel_tasks" not in listing.content.decode()
+
+
+def test_task_list_and_detail_render_for_a_superuser(admin_client, task):
     listing = admin_client.get("/admin/orchestration/task/")
     assert listing.status_code == 200
     assert task["task_id"] in listing.content.decode()
@@ -49,3 +71,20 @@ def test_cancel_action_goes_through_the_service(admin_client, task, state_dir):
     assert stored["status"] == "cancelled"
     assert stored["history"][-1]["event"] == "cancelled"
     assert Task.objects.get(task_id=task["task_id"]).status == "cancelled"
+
+
+def test_retry_action_requeues_a_cancelled_task(admin_client, task, state_dir):
+    from orchestration.services import task_cancel
+
+    task_cancel(task_id=task["task_id"])
+    admin_client.post("/admin/orchestration/task/", {"action": "retry_tasks", "_selected_action": [task["task_id"]]})
+    stored = json.loads((state_dir / f"{task['task_id']}.json").read_text())
+    assert stored["status"] == "queued"
+    assert [event["event"] for event in stored["history"]] == ["submitted", "cancelled", "retried"]
+
+
+def test_an_action_that_does_not_apply_says_why(admin_client, task):
+    response = admin_client.post(
+        "/admin/orchestration/task/", {"action": "retry_tasks", "_selected_action": [task["task_id"]]}, follow=True
+    )
+    assert "only failed or cancelled tasks can be retried" in response.content.decode()

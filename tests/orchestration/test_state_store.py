@@ -119,6 +119,7 @@ def test_sync_tasks_rebuilds_the_mirror_from_the_files(settings, tmp_path):
     Task.objects.filter(task_id=first["task_id"]).delete()
     Task.objects.filter(task_id=second["task_id"]).update(status="queued", version=0)
     (store.root / "broken.json").write_text("{not json")
+    (store.root / f"{uuid.uuid4()}.json").write_text("[1, 2]")
     call_command("sync_tasks", stdout=io.StringIO())
     rows = {str(row.task_id): row for row in Task.objects.all()}
     assert set(rows) == {first["task_id"], second["task_id"]}

@@ -94,6 +94,43 @@ def test_bad_body_is_400_naming_the_field_and_stores_nothing(api, state_dir, bod
     assert not Task.objects.exists()
 
 
+@pytest.mark.parametrize(("field", "value"), [("version", False), ("version", 0.0), ("iteration", False)])
+def test_server_fields_must_have_the_initial_value_and_type(api, field, value):
+    response = post(api, {"payload": {"input": "x"}, field: value})
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+
+
+def test_text_that_is_not_valid_unicode_is_400(api, state_dir):
+    before = _files(state_dir)
+    response = api.post(URL, data=b'{"payload": {"input": "a\\ud800b"}}', content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["field"] == "payload"
+    assert "Unicode" in response.json()["detail"]
+    assert _files(state_dir) == before
+
+
+def test_an_unknown_profile_is_404_even_with_a_bad_body(api):
+    response = post(api, {"nonsense": True}, url="/api/v1/nope/planner")
+    assert response.status_code == 404
+
+
+def test_a_corrupt_state_file_is_a_clear_error(api, state_dir):
+    task_id = str(uuid.uuid4())
+    (state_dir / f"{task_id}.json").write_text("[1, 2]")
+    for response in (api.get(f"/api/v1/tasks/{task_id}"), api.post(f"/api/v1/tasks/{task_id}/cancel")):
+        assert response.status_code == 500
+        assert response.json()["code"] == "corrupt_state"
+        assert "sync_tasks" in response.json()["detail"]
+    (state_dir / f"{task_id}.json").unlink()
+
+
+def test_requests_for_unknown_tasks_leave_no_lock_files(api, state_dir):
+    task_id = str(uuid.uuid4())
+    assert api.post(f"/api/v1/tasks/{task_id}/cancel").status_code == 404
+    assert not (state_dir / ".locks" / f"{task_id}.lock").exists()
+
+
 def test_initial_values_of_server_fields_are_accepted(api):
     body = {"payload": {"input": "x"}, "status": "queued", "result": None, "history": [], "version": 0}
     assert post(api, body).status_code == 202

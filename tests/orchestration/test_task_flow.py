@@ -3,12 +3,21 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 from aiagentserver.celery import app
 from orchestration.models import Task
-from tests.conftest import wait_for
+from orchestration.orchestration_engine import StepBusy, task_step
+from orchestration.packets import new_packet
+from orchestration.state_store import TaskStore
+from tests.conftest import server_env, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
@@ -61,15 +70,41 @@ def test_cancelling_a_queued_task_revokes_its_job(api, celery_worker):
     assert [event["event"] for event in final["history"]] == ["submitted", "cancelled"]
 
 
-def test_a_job_delivered_twice_runs_the_step_once(api, celery_worker):
+def test_a_job_delivered_again_after_the_task_finished_does_nothing(api, celery_worker):
     from orchestration.tasks import run_task
 
     packet = submit(api, "/api/v1/productivity/writer", "Write one sentence about rain.")
     done = wait_for(packet["task_id"])
-    # A redelivery of the job (as after a lost acknowledgement) finds the task finished and does nothing.
-    job = run_task.apply_async(args=[packet["task_id"]], queue="productivity.writer")
+    job_id = packet["history"][0]["detail"]["job_id"]
+    job = run_task.apply_async(args=[packet["task_id"]], queue="productivity.writer", task_id=job_id)
     assert job.get(timeout=60) == "succeeded"  # waiting on a result is fine in a test, never in the server
     assert wait_for(packet["task_id"]) == done
+
+
+def test_the_same_job_twice_at_once_runs_the_step_once(state_dir):
+    """Two deliveries of one job at the same time (a connection loss or a visibility timeout while
+    the first still runs): the second finds the lease held and is told to come back later."""
+    store = TaskStore(state_dir)
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="productivity", role="writer", payload={"input": "Hi."})
+    store.create(packet)
+    job_id = str(uuid.uuid4())
+    outcomes: list = []
+
+    def deliver() -> None:
+        try:
+            outcomes.append(task_step(task_id=packet["task_id"], job_id=job_id, worker="test"))
+        except StepBusy as busy:
+            outcomes.append(busy)
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == ["StepBusy", "str"]
+    final = store.read(packet["task_id"])
+    assert final["status"] == "succeeded"
+    assert [event["event"] for event in final["history"]] == ["claimed", "step", "finished"]
 
 
 def test_retrying_a_cancelled_task_runs_it(api, celery_worker):
@@ -99,6 +134,7 @@ def test_a_worker_process_killed_mid_step_hands_the_job_back_and_the_task_comple
     running = wait_for(packet["task_id"], {"running"}, timeout=60)
     claim = running["history"][-1]
     os.kill(int(claim["detail"]["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    # The job comes back at once, waits for the dead worker's lease to expire, then takes over.
     done = wait_for(packet["task_id"], timeout=240)
     assert done["status"] == "succeeded", done["history"]
     assert [event["event"] for event in done["history"]] == ["submitted", "claimed", "reclaimed", "step", "finished"]
@@ -106,3 +142,58 @@ def test_a_worker_process_killed_mid_step_hands_the_job_back_and_the_task_comple
     assert reclaim["detail"]["job_id"] == claim["detail"]["job_id"]
     assert reclaim["detail"]["worker"] != claim["detail"]["worker"]
     assert done["result"]["output"]
+
+
+def test_a_cancelled_steps_late_answer_does_not_finish_the_retried_task(api, celery_worker):
+    """Cancel while the model answers, retry at once: the old answer is discarded, and the new
+    job waits for the old step's lease before it runs its own step."""
+    from orchestration.services import task_cancel, task_retry
+
+    store = TaskStore(settings.TASKS_STATE_DIR)
+    packet = new_packet(
+        task_id=str(uuid.uuid4()),
+        profile="developer",
+        role="deep_coder",
+        payload={"input": "Write a Python module for a priority queue with docstrings and tests."},
+    )
+    store.create(packet)
+    first = threading.Thread(target=task_step, kwargs={"task_id": packet["task_id"], "job_id": "job-a", "worker": "t"})
+    first.start()
+    wait_for(packet["task_id"], {"running"}, timeout=30)
+    task_cancel(task_id=packet["task_id"])
+    task_retry(task_id=packet["task_id"])
+    first.join()
+    done = wait_for(packet["task_id"], {"succeeded", "failed"}, timeout=240)
+    events = [event["event"] for event in done["history"]]
+    assert events == ["claimed", "cancelled", "retried", "step_discarded", "claimed", "step", "finished"]
+    assert done["history"][4]["detail"]["job_id"] == done["history"][2]["detail"]["job_id"]
+
+
+def test_a_submit_while_redis_is_down_is_503_and_a_resubmit_queues_it(api, celery_worker, tmp_path):
+    """A web process whose Redis does not answer (a real process, pointed at a closed port)."""
+    task_id = str(uuid.uuid4())
+    script = (
+        "import django, json; django.setup()\n"
+        "from orchestration.exceptions import ApplicationError\n"
+        "from orchestration.services import task_submit\n"
+        "try:\n"
+        f"    task_submit(profile='productivity', role='writer', payload={{'input': 'Say hi.'}}, task_id='{task_id}')\n"
+        "except ApplicationError as exc:\n"
+        "    print(json.dumps({'status': exc.status_code, 'code': exc.code}))\n"
+    )
+    env = server_env(REDIS_URL="redis://127.0.0.1:1/0", DJANGO_SETTINGS_MODULE="aiagentserver.settings")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 503, "code": "queue_unavailable"}
+    stored = json.loads((Path(settings.TASKS_STATE_DIR) / f"{task_id}.json").read_text())
+    assert stored["status"] == "queued"
+    assert [event["event"] for event in stored["history"]] == ["submitted", "enqueue_failed"]
+    again = api.post(
+        "/api/v1/productivity/writer",
+        data=json.dumps({"task_id": task_id, "payload": {"input": "Say hi."}}),
+        content_type="application/json",
+    )
+    assert again.status_code == 200
+    done = wait_for(task_id)
+    assert done["status"] == "succeeded"
+    events = [event["event"] for event in done["history"]]
+    assert events == ["submitted", "enqueue_failed", "enqueued", "claimed", "step", "finished"]

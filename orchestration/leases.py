@@ -1,0 +1,84 @@
+"""Step leases: a Redis key that says a worker is alive and running a task's step.
+
+The worker that claims a task takes the lease ``aiagent:lease:<task_id>`` with
+a short expiry and renews it from a background thread while the step runs. A
+job that comes back from the broker (after a worker was killed, a lost
+connection or a visibility timeout) may run the step again only once the lease
+has expired, so a live step is never run twice, and a dead one is taken over
+within ``TASK_LEASE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from functools import cache
+
+import redis
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# Take or renew the lease when it is free or already ours: KEYS[1] key, ARGV[1] holder, ARGV[2] ttl ms.
+_TAKE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# Give the lease up only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@cache
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+class StepLease:
+    def __init__(self, task_id: str, job_id: str, *, ttl_s: float | None = None) -> None:
+        self.key = f"aiagent:lease:{task_id}"
+        self.holder = f"{job_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.ttl_ms = int((ttl_s or settings.TASK_LEASE_SECONDS) * 1000)
+        self._redis = _client(settings.REDIS_URL)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        """Take the lease if no live worker holds it."""
+        return bool(self._redis.eval(_TAKE, 1, self.key, self.holder, self.ttl_ms))
+
+    def remaining_s(self) -> float:
+        """Seconds until the current holder's lease expires (0 when free)."""
+        return max(0, self._redis.pttl(self.key)) / 1000
+
+    def __enter__(self) -> StepLease:
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self._redis.eval(_RELEASE, 1, self.key, self.holder)
+        except redis.RedisError as exc:
+            logger.warning("%s: could not release (%s); it expires by itself", self.key, exc)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                if not self.acquire():
+                    logger.error("%s: lost to another holder while the step runs", self.key)
+            except redis.RedisError as exc:
+                logger.warning("%s: could not renew (%s)", self.key, exc)
