@@ -69,7 +69,7 @@ class Agent(ABC):
         self, *, payload: Mapping[str, Any], role: RoleConfig, config: Configuration, timeout: float | None = None
     ) -> AgentOutcome:
         decision = load_balancer.choose(config, role)
-        engine = get_engine(decision.llm.engine, decision.llm.engine_settings())
+        engine = get_engine(decision.llm.engine, decision.llm.engine_settings(), key=decision.llm.id)
         reply = engine.chat(
             self.build_messages(payload, role),
             ChatOptions(max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout),

@@ -113,6 +113,36 @@ class Configuration:
     def queues(self) -> list[str]:
         return [role.queue for profile in self.profiles.values() for role in profile.roles.values()]
 
+    def as_dict(self) -> dict[str, Any]:
+        """The configuration in force, in the file's shape. It holds no secret: the file never does."""
+        return {
+            "llms": [llm_as_dict(llm) for llm in self.llms.values()],
+            "profiles": {
+                profile.name: {
+                    "default_llms": list(profile.default_llms),
+                    "roles": {role.name: role_as_dict(role) for role in profile.roles.values()},
+                }
+                for profile in self.profiles.values()
+            },
+        }
+
+
+def role_as_dict(role: RoleConfig) -> dict[str, Any]:
+    return {
+        "agent": role.agent, "system_prompt": role.system_prompt, "capabilities": sorted(role.capabilities),
+        "preferred_llms": list(role.preferred_llms), "max_tokens": role.max_tokens, "temperature": role.temperature,
+        "time_limit_s": role.time_limit_s, "max_iterations": role.max_iterations, "queue": role.queue,
+    }  # fmt: skip
+
+
+def llm_as_dict(llm: LLMConfig) -> dict[str, Any]:
+    return {
+        "id": llm.id, "engine": llm.engine, "source": llm.source, "model": llm.model, "toggle": llm.toggle,
+        "locked": llm.locked, "capabilities": sorted(llm.capabilities), "context_length": llm.context_length,
+        "max_concurrency": llm.max_concurrency, "base_url": llm.base_url, "api_key_env": llm.api_key_env,
+        "cost_per_1k_tokens": dict(llm.cost_per_1k_tokens), "weight": llm.weight, "options": dict(llm.options),
+    }  # fmt: skip
+
 
 class _Checker:
     """Collects problems with their field paths while reading the raw JSON."""
@@ -354,8 +384,6 @@ def parse_configuration(
             )  # fmt: skip
             if role is not None:
                 roles[role_name] = role
-        if not roles:
-            check.fail(f"{path}.roles", "a profile needs at least one role")
         profiles[profile_name] = ProfileConfig(
             name=profile_name,
             roles=MappingProxyType(roles),
@@ -383,6 +411,15 @@ def load_configuration(path: Path, *, known_agents: Collection[str] | None = Non
     return parse_configuration(raw, source=str(path), known_agents=known_agents)
 
 
+def file_stamp(path: Path) -> str:
+    """Changes whenever the file is replaced or written; empty when there is no file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    return f"{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}"
+
+
 class ConfigurationSource:
     """The current configuration of one file, reloaded when the file changes.
 
@@ -397,19 +434,12 @@ class ConfigurationSource:
         self.known_agents = known_agents
         self.last_error: ConfigurationError | None = None
         self._config: Configuration | None = None
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: str | None = None
         self._lock = threading.Lock()
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
     def current(self) -> Configuration:
-        stamp = self._file_stamp()
-        if stamp is not None and stamp == self._stamp and self._config is not None:
+        stamp = file_stamp(self.path)
+        if stamp and stamp == self._stamp and self._config is not None:
             return self._config
         with self._lock:
             if stamp != self._stamp or self._config is None:

@@ -57,18 +57,24 @@ def engine_class(name: str) -> type[Engine]:
     return ENGINES.load(name)
 
 
-_cache: dict[tuple[str, str], Engine] = {}
+_cache: dict[str, tuple[str, Engine]] = {}
 _cache_lock = threading.Lock()
 
 
-def get_engine(name: str, settings: Mapping[str, Any]) -> Engine:
-    """The engine for ``settings``, created once per process (a model is loaded once, not per task)."""
-    key = (name, json.dumps(settings, sort_keys=True, default=str))
-    engine = _cache.get(key)
-    if engine is None:
-        with _cache_lock:
-            engine = _cache.get(key)
-            if engine is None:
-                engine = engine_class(name)(**settings)
-                _cache[key] = engine
-    return engine
+def get_engine(name: str, settings: Mapping[str, Any], *, key: str | None = None) -> Engine:
+    """The engine for ``settings``, created once per process (a model is loaded once, not per task).
+
+    ``key`` names the configured LLM: when its settings change, the new engine
+    replaces the old one, whose model is then released.
+    """
+    fingerprint = json.dumps([name, settings], sort_keys=True, default=str)
+    key = key or fingerprint
+    cached = _cache.get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is None or cached[0] != fingerprint:
+            cached = (fingerprint, engine_class(name)(**settings))
+            _cache[key] = cached
+    return cached[1]

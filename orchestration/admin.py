@@ -103,3 +103,8 @@ class TaskAdmin(admin.ModelAdmin):
     @admin.action(description="Retry the selected tasks", permissions=["operate"])
     def retry_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
         self._apply(request, queryset, task_retry, "Retried")
+
+
+# The configuration's pages live beside the tasks' (they need the agent names, which the
+# balancer does not know).
+from orchestration import config_admin  # noqa: E402, F401

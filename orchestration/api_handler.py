@@ -23,7 +23,7 @@ from rest_framework.views import APIView
 
 from orchestration.models import Task
 from orchestration.packets import SERVER_OWNED_INITIAL, parse_task_id
-from orchestration.selectors import role_get, task_get, task_list
+from orchestration.selectors import config_get, llm_list, role_get, task_get, task_list
 from orchestration.services import task_cancel, task_submit
 
 
@@ -133,6 +133,20 @@ class TaskListApi(APIView):
         paginator = TaskPagination()
         page = paginator.paginate_queryset(task_list(**filters.validated_data), request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+
+
+class ConfigApi(APIView):
+    """GET /api/v1/config: the configuration in force (it holds no secrets)."""
+
+    def get(self, request: Request) -> Response:
+        return Response(config_get())
+
+
+class LLMListApi(APIView):
+    """GET /api/v1/llms: every configured LLM with its health."""
+
+    def get(self, request: Request) -> Response:
+        return Response({"results": llm_list()})
 
 
 class HealthzApi(APIView):

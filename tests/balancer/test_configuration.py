@@ -5,12 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from balancer.configuration import ConfigurationError, ConfigurationSource, load_configuration, parse_configuration
 
-SHIPPED = Path(settings.AIAGENT_CONFIG)
+SHIPPED = Path(__file__).resolve().parents[2] / "balancer" / "configuration.json"
 
 
 @pytest.fixture

@@ -70,6 +70,15 @@ def test_the_model_is_loaded_once_per_process(engine):
     assert engine._loaded == 1
 
 
+def test_changed_settings_replace_the_cached_engine():
+    first = get_engine("instant", {"model": "a"}, key="llm-x")
+    assert get_engine("instant", {"model": "a"}, key="llm-x") is first
+    second = get_engine("instant", {"model": "b"}, key="llm-x")
+    assert second is not first
+    assert second.model == "b"
+    assert get_engine("instant", {"model": "b"}, key="llm-x") is second
+
+
 def test_one_generation_at_a_time_unless_parallel_is_configured():
     engine = LlamaCppEngine(**SETTINGS, parallel=2)
     threads = [threading.Thread(target=engine.chat, args=(HELLO, ChatOptions(max_tokens=8))) for _ in range(4)]

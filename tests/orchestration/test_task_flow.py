@@ -197,3 +197,30 @@ def test_a_submit_while_redis_is_down_is_503_and_a_resubmit_queues_it(api, celer
     assert done["status"] == "succeeded"
     events = [event["event"] for event in done["history"]]
     assert events == ["submitted", "enqueue_failed", "enqueued", "claimed", "step", "finished"]
+
+
+def test_a_step_killed_by_the_hard_time_limit_fails_its_task(state_dir):
+    """Celery calls the task's on_failure from the worker's main process when the hard limit kills
+    the step (celery/worker/request.py, on_timeout); that hook must fail the task."""
+    from billiard.exceptions import TimeLimitExceeded
+
+    from orchestration.tasks import run_task
+
+    store = TaskStore(state_dir)
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="productivity", role="writer", payload={"input": "x"})
+    store.create(packet)
+
+    def claim(current):
+        current["status"] = "running"
+        current["history"].append({"at": "t", "event": "claimed", "agent": None, "status": "running", "llm": None,
+                                   "detail": {"worker": "w", "job_id": "job-1"}})  # fmt: skip
+        return True
+
+    store.update(packet["task_id"], claim)
+    run_task.on_failure(TimeLimitExceeded(35), "job-1", [packet["task_id"]], {}, None)
+    failed = store.read(packet["task_id"])
+    assert failed["status"] == "failed"
+    assert "TimeLimitExceeded" in failed["history"][-1]["detail"]["reason"]
+    # Another job's failure does not touch a task it does not hold.
+    run_task.on_failure(TimeLimitExceeded(35), "job-2", [packet["task_id"]], {}, None)
+    assert store.read(packet["task_id"]) == failed

@@ -1,0 +1,154 @@
+"""Between configuration.json and the rows the admin edits.
+
+The file is the truth. ``sync_from_file`` copies it into the rows when it has
+changed since the last copy (a broken file is recorded, not copied);
+``check_rows`` validates the rows, with one edited or removed row, as a whole
+configuration; ``save_rows_to_file`` writes them back atomically. Every
+process picks the new file up at its next use of the configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from django.db import models, transaction
+
+from balancer.configuration import (
+    Configuration,
+    ConfigurationError,
+    file_stamp,
+    load_configuration,
+    parse_configuration,
+)
+from balancer.models import LLM, ConfigurationFile, Profile, Role
+
+logger = logging.getLogger(__name__)
+
+
+def _rows(model: type[models.Model], replace: models.Model | None, remove: models.Model | None) -> list:
+    rows = [row for row in model.objects.all() if not (remove is not None and row.pk == remove.pk)]
+    if replace is not None and isinstance(replace, model):
+        rows = [replace if row.pk == replace.pk else row for row in rows]
+        if replace.pk is None or all(row is not replace for row in rows):
+            rows.append(replace)
+    return sorted(rows, key=lambda row: row.position)
+
+
+def raw_from_rows(*, replace: models.Model | None = None, remove: models.Model | None = None) -> dict[str, Any]:
+    """The configuration file's content from the rows, with ``replace`` in place of its stored row
+    (or added) and without ``remove``."""
+    llms = []
+    for llm in _rows(LLM, replace, remove):
+        entry: dict[str, Any] = {
+            "id": llm.llm_id, "engine": llm.engine, "source": llm.source, "model": llm.model,
+            "toggle": llm.toggle, "locked": llm.locked, "capabilities": llm.capabilities,
+            "context_length": llm.context_length, "max_concurrency": llm.max_concurrency,
+        }  # fmt: skip
+        for key in ("base_url", "api_key_env", "cost_per_1k_tokens", "options"):
+            if getattr(llm, key):
+                entry[key] = getattr(llm, key)
+        if llm.weight != 1.0:
+            entry["weight"] = llm.weight
+        llms.append(entry)
+    profiles: dict[str, Any] = {}
+    removed_profile = remove.pk if isinstance(remove, Profile) else None
+    by_pk = {}
+    for profile in _rows(Profile, replace, remove):
+        by_pk[profile.pk] = profile
+        profiles[profile.name] = {"default_llms": profile.default_llms, "roles": {}}
+    for role in _rows(Role, replace, remove):
+        if role.profile_id == removed_profile:
+            continue
+        profile = by_pk.get(role.profile_id) or role.profile
+        profiles.setdefault(profile.name, {"default_llms": profile.default_llms, "roles": {}})
+        profiles[profile.name]["roles"][role.name] = {
+            "agent": role.agent, "system_prompt": role.system_prompt, "capabilities": role.capabilities,
+            "preferred_llms": role.preferred_llms, "max_tokens": role.max_tokens, "temperature": role.temperature,
+            "time_limit_s": role.time_limit_s, "max_iterations": role.max_iterations,
+        }  # fmt: skip
+    return {"llms": llms, "profiles": profiles}
+
+
+def check_rows(
+    *, known_agents: Collection[str], replace: models.Model | None = None, remove: models.Model | None = None
+) -> dict[str, Any]:
+    """The raw configuration of the rows (with the edit), or ``ConfigurationError`` naming every bad field."""
+    raw = raw_from_rows(replace=replace, remove=remove)
+    parse_configuration(raw, source="the configuration with this change", known_agents=known_agents)
+    return raw
+
+
+def write_file(path: Path, raw: dict[str, Any]) -> None:
+    """Replace the file atomically: a temporary file beside it, fsynced, then renamed over it."""
+    data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
+def save_rows_to_file(path: Path, *, known_agents: Collection[str]) -> None:
+    """Validate the rows as they are now and write them to the file."""
+    raw = check_rows(known_agents=known_agents)
+    write_file(path, raw)
+    ConfigurationFile.objects.update_or_create(path=str(path), defaults={"stamp": file_stamp(path), "error": ""})
+
+
+def _import(config: Configuration) -> None:
+    Role.objects.all().delete()
+    Profile.objects.all().delete()
+    LLM.objects.all().delete()
+    for position, llm in enumerate(config.llms.values()):
+        LLM.objects.create(
+            llm_id=llm.id, position=position, engine=llm.engine, source=llm.source, model=llm.model,
+            base_url=llm.base_url or "", api_key_env=llm.api_key_env or "", toggle=llm.toggle, locked=llm.locked,
+            capabilities=sorted(llm.capabilities), context_length=llm.context_length,
+            max_concurrency=llm.max_concurrency, cost_per_1k_tokens=dict(llm.cost_per_1k_tokens),
+            weight=llm.weight, options=dict(llm.options),
+        )  # fmt: skip
+    for profile_position, profile in enumerate(config.profiles.values()):
+        row = Profile.objects.create(
+            name=profile.name, position=profile_position, default_llms=list(profile.default_llms)
+        )
+        for position, role in enumerate(profile.roles.values()):
+            Role.objects.create(
+                profile=row, name=role.name, position=position, agent=role.agent, system_prompt=role.system_prompt,
+                capabilities=sorted(role.capabilities), preferred_llms=list(role.preferred_llms),
+                max_tokens=role.max_tokens, temperature=role.temperature, time_limit_s=role.time_limit_s,
+                max_iterations=role.max_iterations,
+            )  # fmt: skip
+
+
+def sync_from_file(path: Path, *, known_agents: Collection[str]) -> str:
+    """Copy the file into the rows if it changed since the last copy. Returns the file's current
+    problem ("" when it is valid); a broken file leaves the rows as they were."""
+    stamp = file_stamp(path)
+    state, _ = ConfigurationFile.objects.get_or_create(path=str(path))
+    if state.stamp == stamp and state.stamp:
+        return state.error
+    try:
+        config = load_configuration(path, known_agents=known_agents)
+    except ConfigurationError as exc:
+        logger.error("configuration not loaded into the admin: %s", exc)
+        state.stamp, state.error = stamp, str(exc)
+        state.save()
+        return state.error
+    with transaction.atomic():
+        _import(config)
+        state.stamp, state.error = stamp, ""
+        state.save()
+    return ""

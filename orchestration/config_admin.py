@@ -1,0 +1,113 @@
+"""The admin's pages for the configuration: LLMs, profiles and roles.
+
+Every page first refreshes the rows from configuration.json if the file
+changed (a broken file is shown as an error and not loaded). A save validates
+the whole configuration with the change, names every bad field, and writes the
+file back atomically; every web and worker process uses the new file at its
+next use of the configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.db import transaction
+from django.forms.models import construct_instance
+from django.http import HttpRequest, HttpResponseRedirect
+
+from agents.registry import AGENTS
+from balancer import config_store
+from balancer.configuration import ConfigurationError
+from balancer.models import LLM, Profile, Role
+
+
+def _path() -> Path:
+    return Path(settings.AIAGENT_CONFIG)
+
+
+class ConfigurationForm(forms.ModelForm):
+    """Validates the whole configuration as it would be with this form's change."""
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        candidate = construct_instance(self, copy.copy(self.instance))
+        try:
+            config_store.check_rows(known_agents=AGENTS.names(), replace=candidate)
+        except ConfigurationError as exc:
+            for path, reason in exc.problems:
+                self.add_error(None, f"{path}: {reason}" if path else reason)
+        return cleaned
+
+
+class ConfigurationAdmin(admin.ModelAdmin):
+    form = ConfigurationForm
+
+    def _sync(self, request: HttpRequest) -> None:
+        error = config_store.sync_from_file(_path(), known_agents=AGENTS.names())
+        if error:
+            messages.error(request, f"{_path()} was not loaded; the server keeps its previous configuration. {error}")
+
+    def changelist_view(self, request, extra_context=None):
+        self._sync(request)
+        return super().changelist_view(request, extra_context)
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        if request.method == "GET":
+            self._sync(request)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def get_changelist_form(self, request, **kwargs):
+        # The list's editable columns (toggle, locked) validate the same way as the form.
+        return super().get_changelist_form(request, form=self.form, **kwargs)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # deletions go one by one, each validated
+        return actions
+
+    def save_model(self, request, obj, form, change):
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            config_store.save_rows_to_file(_path(), known_agents=AGENTS.names())
+
+    def delete_view(self, request, object_id, extra_context=None):
+        obj = self.get_object(request, object_id)
+        if request.method == "POST" and obj is not None:
+            try:
+                config_store.check_rows(known_agents=AGENTS.names(), remove=obj)
+            except ConfigurationError as exc:
+                problems = "; ".join(f"{path}: {reason}" for path, reason in exc.problems)
+                messages.error(request, f"{obj} was not deleted: {problems}")
+                return HttpResponseRedirect(request.path.rsplit("/delete/", 1)[0] + "/change/")
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request, obj):
+        with transaction.atomic():
+            super().delete_model(request, obj)
+            config_store.save_rows_to_file(_path(), known_agents=AGENTS.names())
+
+
+@admin.register(LLM)
+class LLMAdmin(ConfigurationAdmin):
+    list_display = ("llm_id", "engine", "source", "model", "toggle", "locked", "context_length", "max_concurrency")
+    list_editable = ("toggle", "locked")
+    list_filter = ("engine", "source", "toggle", "locked")
+    search_fields = ("llm_id", "model")
+
+
+@admin.register(Profile)
+class ProfileAdmin(ConfigurationAdmin):
+    list_display = ("name", "default_llms", "position")
+
+
+@admin.register(Role)
+class RoleAdmin(ConfigurationAdmin):
+    list_display = ("name", "profile", "agent", "preferred_llms", "max_tokens", "time_limit_s")
+    list_filter = ("profile", "agent")
+    search_fields = ("name", "system_prompt")

@@ -1,0 +1,134 @@
+"""Editing the configuration in the admin and by hand: validation, write-back, and pick-up."""
+
+import json
+
+import pytest
+
+from balancer.models import LLM, Role
+from orchestration.runtime import configuration
+
+pytestmark = pytest.mark.django_db
+
+LLM_LIST = "/admin/balancer/llm/"
+
+
+def llm_form(**overrides):
+    data = {
+        "llm_id": "extra", "position": 5, "engine": "instant", "source": "local", "model": "echo",
+        "base_url": "", "api_key_env": "", "toggle": "on", "capabilities": '["chat"]', "context_length": 2048,
+        "max_concurrency": 1, "cost_per_1k_tokens": "{}", "weight": 1.0, "options": "{}",
+    }  # fmt: skip
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def role_form(role: Role, **overrides):
+    data = {
+        "profile": role.profile_id, "name": role.name, "position": role.position, "agent": role.agent,
+        "system_prompt": role.system_prompt, "capabilities": json.dumps(role.capabilities),
+        "preferred_llms": json.dumps(role.preferred_llms), "max_tokens": role.max_tokens,
+        "temperature": role.temperature, "time_limit_s": role.time_limit_s, "max_iterations": role.max_iterations,
+    }  # fmt: skip
+    data.update(overrides)
+    return data
+
+
+def test_the_admin_shows_the_file_and_adds_an_llm_to_it(admin_client, config_file, edit_config):
+    listing = admin_client.get(LLM_LIST)
+    assert listing.status_code == 200
+    assert "smollm2-135m" in listing.content.decode()
+    response = admin_client.post(f"{LLM_LIST}add/", llm_form())
+    assert response.status_code == 302, response.content.decode()[:2000]
+    written = json.loads(config_file.read_text())
+    assert [llm["id"] for llm in written["llms"]] == ["smollm2-135m", "extra"]
+    assert "extra" in configuration().llms
+
+
+def test_toggle_and_locked_are_editable_in_the_list(admin_client, config_file, edit_config):
+    admin_client.get(LLM_LIST)
+    llm = LLM.objects.get(llm_id="smollm2-135m")
+    response = admin_client.post(
+        LLM_LIST,
+        {
+            "form-TOTAL_FORMS": "1", "form-INITIAL_FORMS": "1", "form-MIN_NUM_FORMS": "0",
+            "form-MAX_NUM_FORMS": "1000", "form-0-id": str(llm.pk), "form-0-locked": "on", "_save": "Save",
+        },
+    )  # fmt: skip
+    assert response.status_code == 302
+    written = json.loads(config_file.read_text())["llms"][0]
+    assert written["toggle"] is False
+    assert written["locked"] is True
+    assert configuration().llms["smollm2-135m"].toggle is False
+
+
+def test_an_invalid_edit_names_the_field_and_leaves_the_file(admin_client, config_file, edit_config):
+    admin_client.get(LLM_LIST)
+    before = config_file.read_text()
+    role = Role.objects.get(profile__name="developer", name="planner")
+    response = admin_client.post(f"/admin/balancer/role/{role.pk}/change/", role_form(role, preferred_llms='["ghost"]'))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "profiles.developer.roles.planner.preferred_llms[0]" in page
+    assert "ghost" in page
+    assert config_file.read_text() == before
+
+
+def test_a_secret_cannot_be_entered(admin_client, config_file, edit_config):
+    admin_client.get(LLM_LIST)
+    before = config_file.read_text()
+    response = admin_client.post(f"{LLM_LIST}add/", llm_form(api_key_env="sk-proj-abcdef123"))
+    assert response.status_code == 200
+    assert "never the key itself" in response.content.decode()
+    assert config_file.read_text() == before
+
+
+def test_deleting_an_llm_that_roles_name_is_refused(admin_client, config_file, edit_config):
+    admin_client.get(LLM_LIST)
+    before = config_file.read_text()
+    llm = LLM.objects.get(llm_id="smollm2-135m")
+    response = admin_client.post(f"{LLM_LIST}{llm.pk}/delete/", {"post": "yes"}, follow=True)
+    assert "was not deleted" in response.content.decode()
+    assert LLM.objects.filter(pk=llm.pk).exists()
+    assert config_file.read_text() == before
+
+
+def test_a_hand_edit_is_picked_up_and_a_broken_one_is_not(admin_client, api, config_file, edit_config):
+    assert configuration().profiles["developer"].roles["planner"].max_tokens == 384
+    edit_config(lambda raw: raw["profiles"]["developer"]["roles"]["planner"].update(max_tokens=99))
+    assert configuration().profiles["developer"].roles["planner"].max_tokens == 99
+    admin_client.get(LLM_LIST)
+    assert Role.objects.get(profile__name="developer", name="planner").max_tokens == 99
+
+    config_file.write_text('{"llms": [}')
+    assert configuration().profiles["developer"].roles["planner"].max_tokens == 99  # the last good one
+    page = admin_client.get(LLM_LIST, follow=True).content.decode()
+    assert "was not loaded" in page
+    assert "not valid JSON" in page
+    assert Role.objects.get(profile__name="developer", name="planner").max_tokens == 99
+    shown = api.get("/api/v1/config").json()
+    assert "not valid JSON" in shown["error"]
+    assert shown["profiles"]["developer"]["roles"]["planner"]["max_tokens"] == 99
+
+
+def test_config_and_llms_endpoints(api):
+    config = api.get("/api/v1/config").json()
+    assert config["error"] is None
+    assert config["profiles"]["productivity"]["roles"]["writer"]["queue"] == "productivity.writer"
+    llms = api.get("/api/v1/llms").json()["results"]
+    assert [llm["id"] for llm in llms] == ["smollm2-135m"]
+    assert llms[0]["health"]["ok"] is True
+    assert "present" in llms[0]["health"]["detail"]
+
+
+def test_an_llm_whose_key_is_missing_is_reported_unhealthy(api, edit_config, monkeypatch):
+    monkeypatch.delenv("AIAGENT_MISSING_KEY", raising=False)
+    edit_config(
+        lambda raw: raw["llms"].append(
+            {"id": "remote", "engine": "openai", "source": "api", "model": "gpt", "base_url": "http://127.0.0.1:9/v1",
+             "api_key_env": "AIAGENT_MISSING_KEY"}
+        )
+    )  # fmt: skip
+    llms = {llm["id"]: llm for llm in api.get("/api/v1/llms").json()["results"]}
+    assert llms["remote"]["health"]["ok"] is False
+    assert "AIAGENT_MISSING_KEY is not set" in llms["remote"]["health"]["detail"]
+    assert llms["remote"]["api_key_env"] == "AIAGENT_MISSING_KEY"
