@@ -9,11 +9,8 @@ process picks the new file up at its next use of the configuration.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from balancer.configuration import (
     load_configuration,
     parse_configuration,
 )
+from balancer.files import atomic_write
 from balancer.models import LLM, ConfigurationFile, Profile, Role
 
 logger = logging.getLogger(__name__)
@@ -86,19 +84,7 @@ def check_rows(
 
 
 def write_file(path: Path, raw: dict[str, Any]) -> None:
-    """Replace the file atomically: a temporary file beside it, fsynced, then renamed over it."""
-    data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
+    atomic_write(path, (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def save_rows_to_file(path: Path, *, known_agents: Collection[str]) -> None:

@@ -15,7 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from django.db import DatabaseError, transaction
 from django.utils.dateparse import parse_datetime
 
+from balancer.files import atomic_write
 from orchestration.models import Task
 from orchestration.packets import now_iso, parse_task_id
 
@@ -125,20 +125,7 @@ class TaskStore:
         return updated, True
 
     def _write(self, packet: dict[str, Any]) -> None:
-        target = self.path(packet["task_id"])
-        data = json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8")
-        fd, temp_name = tempfile.mkstemp(dir=self.root, prefix=f".{target.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_name)
-            raise
-        _fsync_dir(self.root)
+        atomic_write(self.path(packet["task_id"]), json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8"))
         mirror_packet(packet)
 
     def iter_packets(self) -> Iterator[dict[str, Any]]:
@@ -150,14 +137,6 @@ class TaskStore:
                 yield self.read(parse_task_id(path.stem))
             except (OSError, ValueError, CorruptState, TaskNotFound) as exc:
                 logger.error("skipping state file %s: %s", path, exc)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:

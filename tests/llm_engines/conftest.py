@@ -15,13 +15,6 @@ import pytest
 
 from tests.conftest import free_port
 
-# A schema that a small model can follow under grammar constraints.
-PERSON_SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-}
-
 
 class _FaultHandler(BaseHTTPRequestHandler):
     mode = "ratelimit"

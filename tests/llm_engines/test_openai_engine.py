@@ -1,19 +1,15 @@
 """The openai engine with the official client against ``python -m llama_cpp.server`` (SmolLM2)."""
 
-import json
-
 import pytest
 
 from llm_engines.api.openai_engine import OpenAIEngine
 from llm_engines.base import ChatOptions
 from llm_engines.errors import (
-    ContextTooLong,
     EngineAuthError,
     EngineRateLimited,
     EngineTimeout,
     EngineUnavailable,
 )
-from tests.llm_engines.conftest import PERSON_SCHEMA
 
 HELLO = [{"role": "user", "content": "Name one fruit."}]
 
@@ -22,40 +18,6 @@ HELLO = [{"role": "user", "content": "Name one fruit."}]
 def engine(openai_server):
     # llama-cpp-python's server takes a schema as response_format json_object + schema.
     return OpenAIEngine(model="smollm2", base_url=openai_server, structured_output="json_object")
-
-
-def test_chat_returns_text_usage_and_model(engine):
-    reply = engine.chat(HELLO, ChatOptions(max_tokens=16, temperature=0.0))
-    assert reply.text.strip()
-    assert reply.model == "smollm2"
-    assert reply.prompt_tokens > 0
-    assert 0 < reply.completion_tokens <= 16
-    assert reply.finish_reason in ("stop", "length")
-
-
-def test_stream_yields_pieces_then_the_whole_result(engine):
-    chunks = list(engine.stream(HELLO, ChatOptions(max_tokens=16)))
-    pieces = [chunk.text for chunk in chunks if chunk.result is None]
-    result = chunks[-1].result
-    assert len(pieces) > 1
-    assert result.text == "".join(pieces)
-    assert 0 < result.time_to_first_token_s <= result.latency_s
-
-
-def test_json_schema_reply_parses_and_follows_the_schema(engine):
-    reply = engine.chat(
-        [{"role": "user", "content": "Invent a person. Answer in JSON."}],
-        ChatOptions(max_tokens=64, temperature=0.0, json_schema=PERSON_SCHEMA),
-    )
-    person = json.loads(reply.text)
-    assert isinstance(person["name"], str)
-    assert isinstance(person["age"], int)
-
-
-def test_a_prompt_over_the_context_is_context_too_long(engine):
-    with pytest.raises(ContextTooLong) as error:
-        engine.chat([{"role": "user", "content": "word " * 800}], ChatOptions(max_tokens=8))
-    assert not error.value.transient
 
 
 def test_health(engine, openai_server):
