@@ -36,6 +36,12 @@ class _FaultHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = _answer
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A client that gave up (the timeout tests) leaves a broken pipe: that is the point.
+        pass
+
+
 @pytest.fixture
 def fault_server() -> Iterator[callable]:
     """A real HTTP server on loopback that answers 429 with Retry-After: 7, or first hangs for 3 s."""
@@ -43,7 +49,7 @@ def fault_server() -> Iterator[callable]:
 
     def start(mode: str) -> str:
         handler = type("Handler", (_FaultHandler,), {"mode": mode})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = _QuietServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
