@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from balancer import load_balancer
-from balancer.configuration import Configuration, RoleConfig
+from balancer.configuration import Configuration, LLMConfig, RoleConfig
+from balancer.load_balancer import LoadBalancer, estimate_tokens
 from llm_engines.base import ChatOptions, ChatResult, Message
 from llm_engines.registry import get_engine
 
@@ -66,13 +66,32 @@ class Agent(ABC):
         """The task's result from the model's reply."""
 
     def run(
-        self, *, payload: Mapping[str, Any], role: RoleConfig, config: Configuration, timeout: float | None = None
+        self,
+        *,
+        payload: Mapping[str, Any],
+        role: RoleConfig,
+        config: Configuration,
+        balancer: LoadBalancer,
+        deadline: float | None = None,
+        sticky: str | None = None,
     ) -> AgentOutcome:
-        decision = load_balancer.choose(config, role)
-        engine = get_engine(decision.llm.engine, decision.llm.engine_settings(), key=decision.llm.id)
-        reply = engine.chat(
-            self.build_messages(payload, role),
-            ChatOptions(max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout),
+        """One step: the prompt, an LLM from the balancer (which waits, fails over and records), the
+        result. ``deadline`` is on the balancer's clock."""
+        messages = self.build_messages(payload, role)
+
+        def call(llm: LLMConfig) -> ChatResult:
+            timeout = None if deadline is None else max(deadline - balancer.clock(), 1.0)
+            options = ChatOptions(max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout)
+            return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(messages, options)
+
+        reply, decision = balancer.run(
+            config,
+            role,
+            call,
+            prompt_tokens=estimate_tokens(messages),
+            deadline=deadline,
+            sticky=sticky,
+            budget=config.profiles[role.profile].daily_budget,
         )
         return AgentOutcome(
             result=self.parse_result(reply),

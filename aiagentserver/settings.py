@@ -129,6 +129,9 @@ AIAGENT_CONFIG = env_path("AIAGENT_CONFIG", BASE_DIR / "balancer" / "configurati
 # A worker renews its lease on a running step every third of this; a step whose
 # worker died is taken over by its returning job once the lease expires.
 TASK_LEASE_SECONDS = env_int("TASK_LEASE_SECONDS", 15, minimum=2)
+# An LLM call's slot (the balancer's rule 4) is renewed every third of this while
+# the call runs; a killed worker's slot comes back after it.
+LLM_SLOT_LEASE_SECONDS = env_int("LLM_SLOT_LEASE_SECONDS", 30, minimum=2)
 # The largest request body the API accepts, in bytes (413 above it).
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES

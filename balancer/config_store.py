@@ -61,6 +61,8 @@ def raw_from_rows(*, replace: models.Model | None = None, remove: models.Model |
     for profile in _rows(Profile, replace, remove):
         by_pk[profile.pk] = profile
         profiles[profile.name] = {"default_llms": profile.default_llms, "roles": {}}
+        if profile.daily_budget is not None:
+            profiles[profile.name]["daily_budget"] = profile.daily_budget
     for role in _rows(Role, replace, remove):
         if role.profile_id == removed_profile:
             continue
@@ -108,7 +110,10 @@ def _import(config: Configuration) -> None:
         )  # fmt: skip
     for profile_position, profile in enumerate(config.profiles.values()):
         row = Profile.objects.create(
-            name=profile.name, position=profile_position, default_llms=list(profile.default_llms)
+            name=profile.name,
+            position=profile_position,
+            default_llms=list(profile.default_llms),
+            daily_budget=profile.daily_budget,
         )
         for position, role in enumerate(profile.roles.values()):
             Role.objects.create(

@@ -94,6 +94,8 @@ class ProfileConfig:
     name: str
     roles: Mapping[str, RoleConfig]
     default_llms: tuple[str, ...] = ()
+    # What api LLMs with a cost may spend for this profile per UTC day; None: no limit.
+    daily_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Configuration:
             "profiles": {
                 profile.name: {
                     "default_llms": list(profile.default_llms),
+                    "daily_budget": profile.daily_budget,
                     "roles": {role.name: role_as_dict(role) for role in profile.roles.values()},
                 }
                 for profile in self.profiles.values()
@@ -372,7 +375,7 @@ def parse_configuration(
         data = check.mapping(raw_profile, path)
         if data is None:
             continue
-        check.keys(data, path, required={"roles"}, allowed={"roles", "default_llms"})
+        check.keys(data, path, required={"roles"}, allowed={"roles", "default_llms", "daily_budget"})
         roles: dict[str, RoleConfig] = {}
         for role_name, raw_role in (check.mapping(data.get("roles", {}), f"{path}.roles") or {}).items():
             role_path = f"{path}.roles.{role_name}"
@@ -388,6 +391,11 @@ def parse_configuration(
             name=profile_name,
             roles=MappingProxyType(roles),
             default_llms=check.llm_ids(data.get("default_llms", []), f"{path}.default_llms", llms),
+            daily_budget=(
+                check.number(data["daily_budget"], f"{path}.daily_budget", minimum=0.0, maximum=1e9)
+                if data.get("daily_budget") is not None
+                else None
+            ),
         )
     if not profiles:
         check.fail("profiles", "at least one profile is required")

@@ -1,35 +1,190 @@
 """The load balancer: which configured LLM serves a role's next call, and why.
 
 Rules are numbered as in balancer/load_balancer_rules.md; keep the two true to
-each other. This first version filters and orders by preference; health,
-capacity, latency-based choice and failover come with issue 4.
+each other, and name the rule in every exclusion reason. Everything that
+several processes must agree on (in-flight slots, breaker states, latency
+averages, spending) lives in Redis, under ``aiagent:lb:``. Time comes from a
+replaceable clock (wall-clock seconds), passed into every Redis script, so that
+the tests and the simulation drive it.
+
+``select`` is the non-blocking core: it reserves a slot on the best available
+candidate or says how long to wait. ``run`` is what agents call: it waits (up
+to the step's deadline), calls the engine through the caller's function,
+records the outcome, and fails over on transient errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
+from llm_engines.base import ChatResult
+from llm_engines.errors import EngineBadRequest, EngineError, EngineRateLimited, EngineUnavailable
 
 
 class NoCandidate(LookupError):
     """No configured LLM can serve the role; the message says why each was excluded."""
 
 
+class NoCapacity(EngineUnavailable):
+    """Every candidate stayed full or cooling down until the step's deadline (transient)."""
+
+
 @dataclass(frozen=True)
+class Policy:
+    """The balancer's numbers. The rules document states them; the simulation and tests vary them."""
+
+    window: int = 20  # rule 3: the recent calls a breaker looks at
+    min_calls: int = 5  # rule 3: calls in the window before the failure share can trip it
+    failure_share: float = 0.5  # rule 3
+    consecutive_failures: int = 3  # rule 3
+    base_cooldown_s: float = 10.0  # rule 3: the first trip's cooldown; each repeated trip doubles it
+    max_cooldown_s: float = 300.0  # rule 3
+    trips_forgotten_after_s: float = 600.0  # rule 3: a trip this long after the last one counts as a first
+    probe_lease_s: float = 60.0  # rule 3: how long a half-open probe may take before another is let through
+    slot_lease_s: float = 30.0  # rule 4: a slot's lease, renewed while the call runs
+    poll_s: float = 0.05  # rule 4: how often a waiting call looks for a free slot
+    ewma_alpha: float = 0.2  # rule 5
+    explore_share: float = 0.1  # rule 5
+    stale_after_s: float = 600.0  # rule 5: samples older than this do not count as recent
+    max_attempts: int = 3  # rule 6
+
+
+DEFAULT_POLICY = Policy()
+PREFIX = "aiagent:lb:"
+
+# Rule 4. KEYS[1] the LLM's slots (token -> lease expiry); ARGV now, expiry, token, limit.
+_ACQUIRE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+# Rule 4. Renew a slot that is still held: KEYS[1] the slots; ARGV token, new expiry.
+_RENEW_SLOT = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+# Rule 3. KEYS[1] the breaker hash; ARGV now, probe token, probe lease expiry.
+# An open breaker whose cooldown has passed lets exactly one caller through (half-open).
+_TRY_PROBE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+local now = tonumber(ARGV[1])
+if state == 'open' and now >= tonumber(redis.call('HGET', KEYS[1], 'open_until')) then
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe', ARGV[2], 'probe_until', ARGV[3])
+  return 1
+end
+if state == 'half_open' and now >= tonumber(redis.call('HGET', KEYS[1], 'probe_until')) then
+  redis.call('HSET', KEYS[1], 'probe', ARGV[2], 'probe_until', ARGV[3])
+  return 1
+end
+return 0
+"""
+# Rule 3. KEYS[1] recent outcomes (list), KEYS[2] the breaker hash.
+# ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after.
+_RECORD = """
+local ok = ARGV[1] == '1'
+local now = tonumber(ARGV[2])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+local state = redis.call('HGET', KEYS[2], 'state') or 'closed'
+if ok then
+  redis.call('HSET', KEYS[2], 'consecutive', 0)
+  if state ~= 'closed' then
+    redis.call('HSET', KEYS[2], 'state', 'closed')
+    redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
+  end
+  return 'closed'
+end
+local consecutive = redis.call('HINCRBY', KEYS[2], 'consecutive', 1)
+local outcomes = redis.call('LRANGE', KEYS[1], 0, -1)
+local failures = 0
+for _, outcome in ipairs(outcomes) do
+  if outcome == '0' then failures = failures + 1 end
+end
+local retry_after = tonumber(ARGV[10])
+local trip = state == 'half_open' or retry_after > 0 or consecutive >= tonumber(ARGV[6])
+  or (#outcomes >= tonumber(ARGV[4]) and failures / #outcomes >= tonumber(ARGV[5]))
+if not trip then return state end
+local last_trip = tonumber(redis.call('HGET', KEYS[2], 'last_trip') or '-1e18')
+local trips = tonumber(redis.call('HGET', KEYS[2], 'trips') or '0')
+if now - last_trip > tonumber(ARGV[9]) then trips = 0 end
+trips = trips + 1
+local cooldown = math.min(tonumber(ARGV[7]) * 2 ^ (trips - 1), tonumber(ARGV[8]))
+if retry_after > cooldown then cooldown = retry_after end
+redis.call('HSET', KEYS[2], 'state', 'open', 'open_until', now + cooldown, 'trips', trips,
+  'last_trip', now, 'consecutive', 0)
+redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
+redis.call('DEL', KEYS[1])
+return 'open'
+"""
+# Rule 5. KEYS[1] the stats hash; ARGV alpha, ttft ms, per-token ms, now.
+_SAMPLE = """
+local alpha = tonumber(ARGV[1])
+local samples = tonumber(redis.call('HGET', KEYS[1], 'samples') or '0')
+for index, name in ipairs({'ttft_ms', 'tpot_ms'}) do
+  local value = tonumber(ARGV[index + 1])
+  local old = redis.call('HGET', KEYS[1], name)
+  if samples > 0 and old then value = alpha * value + (1 - alpha) * tonumber(old) end
+  redis.call('HSET', KEYS[1], name, value)
+end
+redis.call('HSET', KEYS[1], 'samples', samples + 1, 'last_at', ARGV[4])
+return samples + 1
+"""
+
+
+@dataclass
 class Decision:
-    """The LLM chosen, the candidates in order, and the rule that excluded each other LLM."""
+    """One call's choice: the LLM, the candidates in order, why each other LLM was left out, the
+    failover attempts before it, and the time spent waiting for a slot or a cooldown."""
 
     llm: LLMConfig
     candidates: tuple[str, ...]
     excluded: dict[str, str] = field(default_factory=dict)
+    attempts: list[dict[str, str]] = field(default_factory=list)
+    waited_s: float = 0.0
+    slot: str = ""
+    probe: bool = False
 
-    def as_detail(self) -> dict:
-        return {"chosen": self.llm.id, "candidates": list(self.candidates), "excluded": dict(self.excluded)}
+    def as_detail(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {
+            "chosen": self.llm.id,
+            "candidates": list(self.candidates),
+            "excluded": dict(self.excluded),
+        }
+        if self.attempts:
+            detail["failed_over"] = list(self.attempts)
+        if self.waited_s:
+            detail["waited_ms"] = round(self.waited_s * 1000, 1)
+        return detail
 
 
-def _exclusion(llm: LLMConfig, role: RoleConfig) -> str | None:
-    """Rule 1: why ``llm`` cannot serve ``role``, or None when it can."""
+@dataclass(frozen=True)
+class Wait:
+    """Nothing can take the call now; look again at ``until`` (on the balancer's clock)."""
+
+    until: float
+    candidates: tuple[str, ...]
+    excluded: dict[str, str]
+
+
+def static_exclusion(llm: LLMConfig, role: RoleConfig, prompt_tokens: int = 0) -> str | None:
+    """Rule 1: why ``llm`` can never serve this call, or None."""
     if not llm.toggle:
         return "rule 1: toggled off"
     if llm.locked and llm.id not in role.preferred_llms:
@@ -37,31 +192,422 @@ def _exclusion(llm: LLMConfig, role: RoleConfig) -> str | None:
     missing = role.capabilities - llm.capabilities
     if missing:
         return f"rule 1: lacks capabilities {', '.join(sorted(missing))}"
+    needed = prompt_tokens + role.max_tokens
+    if prompt_tokens and needed > llm.context_length:
+        return f"rule 1: context of {llm.context_length} tokens is too small for {needed}"
     return None
 
 
-def candidates(config: Configuration, role: RoleConfig) -> tuple[list[LLMConfig], dict[str, str]]:
-    """The LLMs that can serve ``role``, in preference order (rule 2), and the reasons for the others."""
+def tier(config: Configuration, role: RoleConfig, llm_id: str, sticky: str | None = None) -> int:
+    """Rule 2 (and rule 8): 0 for the sticky LLM, then the role's preferences, the profile's defaults, the rest."""
+    if sticky is not None and llm_id == sticky:
+        return 0
+    if llm_id in role.preferred_llms:
+        return 1
+    if llm_id in config.profiles[role.profile].default_llms:
+        return 2
+    return 3
+
+
+def candidates(
+    config: Configuration, role: RoleConfig, prompt_tokens: int = 0
+) -> tuple[list[LLMConfig], dict[str, str]]:
+    """The LLMs that rule 1 lets serve ``role``, in rule 2's order, and the reasons for the others."""
     excluded: dict[str, str] = {}
-    eligible: dict[str, LLMConfig] = {}
+    eligible: list[LLMConfig] = []
     for llm in config.llms.values():
-        reason = _exclusion(llm, role)
+        reason = static_exclusion(llm, role, prompt_tokens)
         if reason:
             excluded[llm.id] = reason
         else:
-            eligible[llm.id] = llm
-    profile = config.profiles[role.profile]
-    order = [*role.preferred_llms, *profile.default_llms, *eligible]
-    ranked = list(dict.fromkeys(llm_id for llm_id in order if llm_id in eligible))
-    return [eligible[llm_id] for llm_id in ranked], excluded
+            eligible.append(llm)
+    order = {
+        llm_id: index
+        for index, llm_id in enumerate([*role.preferred_llms, *config.profiles[role.profile].default_llms])
+    }
+    eligible.sort(key=lambda llm: (tier(config, role, llm.id), order.get(llm.id, 0)))
+    return eligible, excluded
 
 
-def choose(config: Configuration, role: RoleConfig) -> Decision:
-    """The LLM for the role's next call, or ``NoCandidate`` saying why there is none."""
+def check_servable(config: Configuration, role: RoleConfig) -> None:
+    """``NoCandidate`` when no LLM could ever serve the role (the submit answers 422 with the reasons)."""
     ranked, excluded = candidates(config, role)
     if not ranked:
         reasons = "; ".join(f"{llm_id}: {reason}" for llm_id, reason in excluded.items()) or "no LLM is configured"
         raise NoCandidate(
             f"no enabled LLM can serve role {role.queue} (needs {', '.join(sorted(role.capabilities))}): {reasons}"
         )
-    return Decision(llm=ranked[0], candidates=tuple(llm.id for llm in ranked), excluded=excluded)
+
+
+def estimate_tokens(messages: Iterable[dict[str, Any]]) -> int:
+    """A cheap upper estimate of a prompt's tokens (about four characters a token, plus framing)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        text = (
+            content
+            if isinstance(content, str)
+            else " ".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+        )
+        total += len(text) // 3 + 8
+    return total
+
+
+class LoadBalancer:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        policy: Policy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.redis = client
+        self.policy = policy
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
+        self._renew_slot = client.register_script(_RENEW_SLOT)
+        self._try_probe = client.register_script(_TRY_PROBE)
+        self._record = client.register_script(_RECORD)
+        self._sample = client.register_script(_SAMPLE)
+
+    # --- keys -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(kind: str, llm_id: str) -> str:
+        return f"{PREFIX}{kind}:{llm_id}"
+
+    def _spend_key(self, profile: str) -> str:
+        day = datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%d")
+        return f"{PREFIX}spend:{profile}:{day}"
+
+    # --- reading the shared state -----------------------------------------------------------
+
+    def _snapshot(self, llms: list[LLMConfig], profile: str) -> tuple[dict[str, dict], dict[str, dict], int, float]:
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        for llm in llms:
+            pipe.hgetall(self._key("breaker", llm.id))
+            pipe.hgetall(self._key("stats", llm.id))
+            pipe.zcount(self._key("slots", llm.id), now, "+inf")
+        pipe.get(self._spend_key(profile))
+        results = pipe.execute()
+        breakers, stats, in_flight = {}, {}, {}
+        for index, llm in enumerate(llms):
+            breakers[llm.id] = _decode(results[3 * index])
+            stats[llm.id] = _decode(results[3 * index + 1])
+            in_flight[llm.id] = int(results[3 * index + 2])
+        spent = float(results[-1] or 0)
+        return breakers, stats, in_flight, spent
+
+    def _expected_s(self, llm: LLMConfig, stats: dict, in_flight: int, role: RoleConfig, prior: float) -> float:
+        """Rule 5: the expected completion time of a call of this role on this LLM now: its average time
+        to first token and per token for the role's tokens, stretched by its share of slots in use,
+        divided by its weight. ``prior`` stands in for an LLM with no recent samples."""
+        if _recent(stats, self.clock(), self.policy.stale_after_s):
+            base = (float(stats["ttft_ms"]) + float(stats["tpot_ms"]) * role.max_tokens) / 1000
+        else:
+            base = prior
+        return base * (1 + in_flight / llm.max_concurrency) / max(llm.weight, 1e-6)
+
+    # --- the decision -----------------------------------------------------------------------
+
+    def select(
+        self,
+        config: Configuration,
+        role: RoleConfig,
+        *,
+        prompt_tokens: int = 0,
+        sticky: str | None = None,
+        exclude: dict[str, str] | None = None,
+        budget: float | None = None,
+    ) -> Decision | Wait:
+        """Reserve a slot on the best LLM that can take the call now, or say when to look again.
+
+        ``exclude`` maps LLMs that already failed this step to the reason (rule 6).
+        """
+        now = self.clock()
+        policy = self.policy
+        ranked, excluded = candidates(config, role, prompt_tokens)
+        if not ranked:
+            raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()) or "no LLM is configured")
+        breakers, stats, in_flight, spent = self._snapshot(ranked, role.profile)
+        if budget is not None and spent >= budget:
+            for llm in ranked:
+                if llm.source == "api" and llm.cost_per_1k_tokens:
+                    excluded[llm.id] = f"rule 7: the daily budget of {budget:g} for {role.profile} is spent"
+        for llm_id, reason in (exclude or {}).items():
+            excluded[llm_id] = reason
+        live = [llm for llm in ranked if llm.id not in excluded]
+        if not live:
+            raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()))
+
+        available: list[LLMConfig] = []
+        probes: set[str] = set()
+        wake = now + policy.poll_s
+        for llm in live:
+            breaker = breakers[llm.id]
+            state = breaker.get("state", "closed")
+            open_until = float(breaker.get("open_until", 0))
+            if state == "open" and now < open_until:
+                if len(live) > 1:
+                    excluded[llm.id] = f"rule 3: cooling down until {_iso(open_until)}"
+                    continue
+                # The only candidate is never cooled down: the call waits for it.
+                return Wait(until=open_until, candidates=(llm.id,), excluded=excluded)
+            if state == "open" or (state == "half_open" and now >= float(breaker.get("probe_until", 0))):
+                probes.add(llm.id)
+            elif state == "half_open":
+                if len(live) > 1:
+                    excluded[llm.id] = "rule 3: a probe call is testing it"
+                    continue
+                return Wait(until=float(breaker["probe_until"]), candidates=(llm.id,), excluded=excluded)
+            available.append(llm)
+        ordered = self._order(config, role, available, stats, in_flight, sticky)
+        names = tuple(llm.id for llm in ordered)
+        lease = now + policy.slot_lease_s
+        for llm in ordered:
+            token = uuid.uuid4().hex
+            if not self._acquire_slot(keys=[self._key("slots", llm.id)], args=[now, lease, token, llm.max_concurrency]):
+                continue
+            if llm.id in probes:
+                probe_until = now + policy.probe_lease_s
+                if not self._try_probe(keys=[self._key("breaker", llm.id)], args=[now, token, probe_until]):
+                    self._release(llm.id, token)  # another caller won the probe
+                    continue
+            others = {k: v for k, v in excluded.items()}
+            for other in ordered:
+                if (
+                    other.id != llm.id
+                    and other.id not in others
+                    and in_flight.get(other.id, 0) >= other.max_concurrency
+                ):
+                    others[other.id] = f"rule 4: all {other.max_concurrency} slots in use"
+            return Decision(llm=llm, candidates=names, excluded=others, slot=token, probe=llm.id in probes)
+        return Wait(until=wake, candidates=names, excluded=excluded)
+
+    def _order(
+        self,
+        config: Configuration,
+        role: RoleConfig,
+        llms: list[LLMConfig],
+        stats: dict[str, dict],
+        in_flight: dict[str, int],
+        sticky: str | None,
+    ) -> list[LLMConfig]:
+        """Rules 2, 5 and 8: by tier, then within a tier by expected completion time, ties at random.
+        LLMs with no recent samples come after those with some, except that now and then (the
+        exploration share) one of them is tried first; when none has samples, all count alike."""
+        now = self.clock()
+        recent = {llm.id: _recent(stats[llm.id], now, self.policy.stale_after_s) for llm in llms}
+        unexplored = [llm for llm in llms if not recent[llm.id]]
+        any_known = len(unexplored) < len(llms)
+        sticky_here = sticky is not None and any(llm.id == sticky for llm in llms)
+        explore = bool(unexplored) and any_known and not sticky_here and self.rng.random() < self.policy.explore_share
+        first = self.rng.choice(unexplored).id if explore else None
+
+        listed = [*role.preferred_llms, *config.profiles[role.profile].default_llms]
+
+        def key(llm: LLMConfig) -> tuple:
+            # An unknown LLM's base time is 1 s, so that the in-flight load still orders them.
+            expected = self._expected_s(llm, stats[llm.id], in_flight.get(llm.id, 0), role, 1.0)
+            unknown = any_known and not recent[llm.id]
+            # Equal times: the order the role and the profile list them in, then chance.
+            listed_at = listed.index(llm.id) if llm.id in listed else len(listed)
+            return (
+                llm.id != first,
+                tier(config, role, llm.id, sticky),
+                unknown,
+                round(expected, 6),
+                listed_at,
+                self.rng.random(),
+            )
+
+        return sorted(llms, key=key)
+
+    # --- after the call ---------------------------------------------------------------------
+
+    def _release(self, llm_id: str, token: str) -> None:
+        self.redis.zrem(self._key("slots", llm_id), token)
+
+    def record(self, decision: Decision, *, result: ChatResult | None = None, error: EngineError | None = None) -> str:
+        """Free the slot and record the outcome (rules 3 and 5). Returns the breaker's state after it."""
+        llm = decision.llm
+        policy = self.policy
+        now = self.clock()
+        self._release(llm.id, decision.slot)
+        if error is not None and isinstance(error, EngineBadRequest):
+            # The request was wrong, not the LLM: no sample either way; a probe is let go.
+            if decision.probe:
+                self.redis.hset(self._key("breaker", llm.id), "probe_until", now)
+            return "closed"
+        ok = error is None
+        retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
+        state = self._record(
+            keys=[self._key("calls", llm.id), self._key("breaker", llm.id)],
+            args=[
+                "1" if ok else "0", now, policy.window, policy.min_calls, policy.failure_share,
+                policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
+                policy.trips_forgotten_after_s, retry_after,
+            ],
+        )  # fmt: skip
+        if result is not None:
+            ttft = result.time_to_first_token_s
+            tokens = max(result.completion_tokens, 1)
+            if ttft is None:
+                ttft = result.latency_s / (tokens + 1)
+            per_token = max(result.latency_s - ttft, 0.0) / tokens
+            self._sample(
+                keys=[self._key("stats", llm.id)], args=[policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
+            )
+        return state.decode() if isinstance(state, bytes) else str(state)
+
+    # --- the whole call ---------------------------------------------------------------------
+
+    def run(
+        self,
+        config: Configuration,
+        role: RoleConfig,
+        call: Callable[[LLMConfig], ChatResult],
+        *,
+        prompt_tokens: int = 0,
+        deadline: float | None = None,
+        sticky: str | None = None,
+        budget: float | None = None,
+    ) -> tuple[ChatResult, Decision]:
+        """Choose, wait if need be, call, record; fail over on transient errors (rule 6).
+
+        A permanent error fails at once with the engine's message; a transient one on the last
+        attempt, or no slot before ``deadline``, raises the last error.
+        """
+        started = self.clock()
+        failed: dict[str, str] = {}
+        attempts: list[dict[str, str]] = []
+        last_error: EngineError | None = None
+        for _ in range(self.policy.max_attempts):
+            try:
+                decision = self._wait_for(config, role, prompt_tokens, sticky, failed, budget, deadline)
+            except NoCandidate:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            decision.attempts = list(attempts)
+            decision.waited_s = max(self.clock() - started, 0.0)
+            try:
+                with self._holding(decision):
+                    result = call(decision.llm)
+            except EngineError as exc:
+                self.record(decision, error=exc)
+                if not exc.transient:
+                    raise
+                last_error = exc
+                failed[decision.llm.id] = f"rule 6: failed in this step: {exc}"
+                attempts.append({"llm": decision.llm.id, "error": str(exc)})
+                continue
+            except BaseException:
+                self._release(decision.llm.id, decision.slot)  # cancelled or interrupted: the slot comes back
+                raise
+            self.record(decision, result=result)
+            self.spend(role.profile, decision.llm, result)
+            return result, decision
+        assert last_error is not None
+        raise last_error
+
+    @contextlib.contextmanager
+    def _holding(self, decision: Decision) -> Iterator[None]:
+        """Renew the call's slot while it runs, so that only a dead holder's slot expires (rule 4)."""
+        stop = threading.Event()
+        key = self._key("slots", decision.llm.id)
+        every = self.policy.slot_lease_s / 3
+
+        def renew() -> None:
+            while not stop.wait(every):
+                # If Redis stays away the slot expires by itself.
+                with contextlib.suppress(redis.RedisError):
+                    self._renew_slot(keys=[key], args=[decision.slot, self.clock() + self.policy.slot_lease_s])
+
+        thread = threading.Thread(target=renew, name=f"slot-{decision.llm.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _wait_for(self, config, role, prompt_tokens, sticky, failed, budget, deadline) -> Decision:
+        while True:
+            outcome = self.select(
+                config, role, prompt_tokens=prompt_tokens, sticky=sticky, exclude=failed, budget=budget
+            )
+            if isinstance(outcome, Decision):
+                return outcome
+            now = self.clock()
+            if deadline is not None and outcome.until > deadline:
+                reasons = "; ".join(f"{k}: {v}" for k, v in outcome.excluded.items())
+                raise NoCapacity(f"no LLM could take the call before the step's deadline ({reasons or 'all busy'})")
+            self.sleep(max(min(outcome.until - now, 1.0), 0.001))
+
+    def spend(self, profile: str, llm: LLMConfig, result: ChatResult) -> float:
+        """Rule 7: add the call's cost to the profile's spending today."""
+        cost = _cost(llm, result)
+        if cost:
+            key = self._spend_key(profile)
+            self.redis.incrbyfloat(key, cost)
+            self.redis.expire(key, 3 * 86400)
+        return cost
+
+    # --- what operators see -----------------------------------------------------------------
+
+    def states(self, config: Configuration) -> dict[str, dict[str, Any]]:
+        """Each LLM's shared state: healthy or cooling down until when, in flight, average latency."""
+        now = self.clock()
+        llms = list(config.llms.values())
+        if not llms:
+            return {}
+        breakers, stats, in_flight, _ = self._snapshot(llms, next(iter(config.profiles), ""))
+        states = {}
+        for llm in llms:
+            breaker = breakers[llm.id]
+            state = breaker.get("state", "closed")
+            open_until = float(breaker.get("open_until", 0))
+            if state == "open" and now >= open_until:
+                state = "half_open"  # the next call is a probe
+            sample = stats[llm.id]
+            states[llm.id] = {
+                "breaker": state,
+                "cooling_until": _iso(open_until) if state == "open" else None,
+                "trips": int(breaker.get("trips", 0)),
+                "in_flight": in_flight[llm.id],
+                "max_concurrency": llm.max_concurrency,
+                "ttft_ms": round(float(sample["ttft_ms"]), 1) if sample else None,
+                "ms_per_token": round(float(sample["tpot_ms"]), 2) if sample else None,
+                "samples": int(sample.get("samples", 0)) if sample else 0,
+            }
+        return states
+
+
+def _decode(mapping: dict) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in mapping.items()
+    }
+
+
+def _recent(stats: dict, now: float, stale_after_s: float) -> bool:
+    return bool(stats) and int(stats.get("samples", 0)) > 0 and now - float(stats.get("last_at", 0)) < stale_after_s
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _cost(llm: LLMConfig, result: ChatResult) -> float:
+    prices = llm.cost_per_1k_tokens
+    if not prices:
+        return 0.0
+    return (
+        result.prompt_tokens * prices.get("prompt", 0.0) + result.completion_tokens * prices.get("completion", 0.0)
+    ) / 1000

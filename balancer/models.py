@@ -51,6 +51,9 @@ class Profile(models.Model):
     name = models.CharField(max_length=64, unique=True)
     position = models.PositiveIntegerField(default=0)
     default_llms = models.JSONField(default=list, blank=True, help_text="a JSON list of LLM ids")
+    daily_budget = models.FloatField(
+        null=True, blank=True, help_text="what api LLMs with a cost may spend per UTC day; empty: no limit"
+    )
 
     class Meta:
         ordering = ["position", "name"]

@@ -23,6 +23,7 @@ from agents.registry import AGENTS
 from balancer import config_store
 from balancer.configuration import ConfigurationError
 from balancer.models import LLM, Profile, Role
+from orchestration.runtime import configuration, load_balancer
 
 
 def _path() -> Path:
@@ -95,10 +96,28 @@ class ConfigurationAdmin(admin.ModelAdmin):
 
 @admin.register(LLM)
 class LLMAdmin(ConfigurationAdmin):
-    list_display = ("llm_id", "engine", "source", "model", "toggle", "locked", "context_length", "max_concurrency")
+    list_display = ("llm_id", "engine", "source", "model", "toggle", "locked", "context_length", "state")
     list_editable = ("toggle", "locked")
     list_filter = ("engine", "source", "toggle", "locked")
     search_fields = ("llm_id", "model")
+
+    def changelist_view(self, request, extra_context=None):
+        # One read of the shared state for the whole page.
+        self._states = load_balancer().states(configuration())
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="state (breaker · in flight · latency)")
+    def state(self, obj: LLM) -> str:
+        state = getattr(self, "_states", {}).get(obj.llm_id)
+        if state is None:
+            return "not in force"
+        breaker = state["breaker"] if state["breaker"] != "open" else f"cooling down until {state['cooling_until']}"
+        latency = (
+            f"{state['ttft_ms']} ms to first token, {state['ms_per_token']} ms/token"
+            if state["samples"]
+            else "no samples yet"
+        )
+        return f"{breaker} · {state['in_flight']}/{state['max_concurrency']} in flight · {latency}"
 
 
 @admin.register(Profile)

@@ -17,7 +17,7 @@ from agents.registry import agent_class
 from llm_engines.errors import EngineError
 from orchestration.leases import StepLease
 from orchestration.packets import FAILED, QUEUED, RUNNING, SUCCEEDED, history_event
-from orchestration.runtime import configuration, task_store
+from orchestration.runtime import configuration, load_balancer, task_store
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,13 @@ def _run(task_id: str, job_id: str, packet: dict[str, Any]) -> str:
         role = config.role(packet["profile"], packet["role"])
         agent_name, time_limit = role.agent, role.time_limit_s
         agent = agent_class(role.agent)()
+        balancer = load_balancer()
         outcome = agent.run(
-            payload=agent.validate_payload(packet["payload"]), role=role, config=config, timeout=role.time_limit_s
+            payload=agent.validate_payload(packet["payload"]),
+            role=role,
+            config=config,
+            balancer=balancer,
+            deadline=balancer.clock() + role.time_limit_s,
         )
         return _record(task_id, job_id, agent_name, outcome)
     except SoftTimeLimitExceeded:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import redis
 from django.conf import settings
 
 from agents.registry import AGENTS
 from balancer.configuration import Configuration, ConfigurationError, ConfigurationSource
+from balancer.load_balancer import LoadBalancer, Policy
 from orchestration.state_store import TaskStore
 
 
@@ -36,3 +38,14 @@ def _store(path: Path) -> TaskStore:
 
 def task_store() -> TaskStore:
     return _store(Path(settings.TASKS_STATE_DIR))
+
+
+@cache
+def _balancer(url: str, slot_lease_s: float) -> LoadBalancer:
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return LoadBalancer(client, policy=Policy(slot_lease_s=slot_lease_s))
+
+
+def load_balancer() -> LoadBalancer:
+    """This process's load balancer; its shared state is in Redis."""
+    return _balancer(settings.REDIS_URL, settings.LLM_SLOT_LEASE_SECONDS)

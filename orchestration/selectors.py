@@ -12,7 +12,7 @@ from balancer.health import checker
 from orchestration.exceptions import ApplicationError
 from orchestration.models import Task
 from orchestration.packets import STATUSES, parse_task_id
-from orchestration.runtime import configuration, configuration_error, task_store
+from orchestration.runtime import configuration, configuration_error, load_balancer, task_store
 from orchestration.state_store import CorruptState, TaskNotFound
 
 # History events that put a job on a queue; their detail carries its job_id.
@@ -86,9 +86,10 @@ def config_get() -> dict[str, Any]:
 
 
 def llm_list() -> list[dict[str, Any]]:
-    """Every configured LLM with its health."""
+    """Every configured LLM with its health and its balancer state (breaker, in-flight, latency)."""
     config = configuration()
     health = checker.check(config)
+    states = load_balancer().states(config)
     listed = []
     for llm in config.llms.values():
         state, checked_at = health[llm.id]
@@ -101,6 +102,7 @@ def llm_list() -> list[dict[str, Any]]:
                     "latency_ms": round(state.latency_s * 1000, 1),
                     "checked_at": datetime.fromtimestamp(checked_at, UTC).isoformat().replace("+00:00", "Z"),
                 },
+                "state": states[llm.id],
             }
         )
     return listed

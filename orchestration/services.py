@@ -110,7 +110,7 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     except PayloadError as exc:
         raise ApplicationError(str(exc), field=exc.field) from None
     try:
-        load_balancer.choose(configuration(), role_config)
+        load_balancer.check_servable(configuration(), role_config)
     except load_balancer.NoCandidate as exc:
         raise ApplicationError(str(exc), status_code=422, code="no_llm") from None
 

@@ -5,7 +5,7 @@ import pytest
 from agents.base import PayloadError
 from agents.generic import GenericAgent
 from agents.registry import agent_class
-from orchestration.runtime import configuration
+from orchestration.runtime import configuration, load_balancer
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,9 @@ def test_a_real_step_with_the_default_model():
     config = configuration()
     role = config.role("productivity", "writer")
     agent = agent_class(role.agent)()
-    outcome = agent.run(payload={"input": "Write one short sentence about the sea."}, role=role, config=config)
+    outcome = agent.run(
+        payload={"input": "Write one short sentence about the sea."}, role=role, config=config, balancer=load_balancer()
+    )
     assert outcome.result["output"]
     assert outcome.llm == "smollm2-135m"
     detail = outcome.step_detail()

@@ -1,60 +1,369 @@
-"""The load balancer's rules, by the numbers in balancer/load_balancer_rules.md."""
+"""The load balancer's rules, each test named by the rule in balancer/load_balancer_rules.md it checks.
+
+Real Redis (the shared state), a fake clock (no sleeps: a wait advances the clock), a seeded
+random generator. LLM ids start with "t-" so that the cleanup touches nothing else.
+"""
+
+import random
+import subprocess
+import sys
 
 import pytest
+import redis
 
 from balancer.configuration import parse_configuration
-from balancer.load_balancer import NoCandidate, choose
+from balancer.load_balancer import Decision, LoadBalancer, NoCandidate, NoCapacity, Policy, Wait, candidates
+from llm_engines.base import ChatResult
+from llm_engines.errors import EngineBadRequest, EngineRateLimited, EngineUnavailable
+
+START = 1_800_000_000.0
 
 
-def config_with(llms, role_overrides=None, default_llms=()):
-    role = {"agent": "generic", "system_prompt": "be useful", **(role_overrides or {})}
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def client(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    for pattern in ("aiagent:lb:*:t-*", "aiagent:lb:spend:tp:*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)
+    return client
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def lb(client, clock):
+    return LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7))
+
+
+def config_with(llms, role=None, default_llms=(), daily_budget=None):
+    profile = {
+        "default_llms": list(default_llms),
+        "roles": {"r": {"agent": "generic", "system_prompt": "s", **(role or {})}},
+    }
+    if daily_budget is not None:
+        profile["daily_budget"] = daily_budget
     return parse_configuration(
         {
             "llms": [{"engine": "instant", "source": "local", "model": "m", **llm} for llm in llms],
-            "profiles": {"p": {"default_llms": list(default_llms), "roles": {"r": role}}},
+            "profiles": {"tp": profile},
         }
     )
 
 
-def decide(config):
-    return choose(config, config.role("p", "r"))
+def reply(latency=1.0, ttft=0.1, tokens=10, prompt=5):
+    return ChatResult(text="ok", model="m", prompt_tokens=prompt, completion_tokens=tokens, latency_s=latency,
+                      time_to_first_token_s=ttft)  # fmt: skip
 
 
-def test_rule_1_toggled_off_llms_are_never_candidates():
-    config = config_with([{"id": "off", "toggle": False}, {"id": "on"}])
-    decision = decide(config)
-    assert decision.llm.id == "on"
-    assert decision.excluded == {"off": "rule 1: toggled off"}
+def take(lb, config, **kwargs) -> Decision:
+    decision = lb.select(config, config.role("tp", "r"), **kwargs)
+    assert isinstance(decision, Decision), decision
+    return decision
 
 
-def test_rule_1_a_locked_llm_serves_only_the_roles_that_name_it():
-    llms = [{"id": "locked", "locked": True}, {"id": "open"}]
-    assert decide(config_with(llms)).llm.id == "open"
-    assert "locked" in decide(config_with(llms)).excluded["locked"]
-    assert decide(config_with(llms, {"preferred_llms": ["locked"]})).llm.id == "locked"
+def fail(lb, decision, error=None):
+    lb.record(decision, error=error or EngineUnavailable("down"))
 
 
-def test_rule_1_a_role_gets_only_llms_with_its_capabilities():
+# --- rule 1 -----------------------------------------------------------------------------------
+
+
+def test_rule_1_toggled_off_and_locked_llms_are_not_candidates(lb):
+    config = config_with([{"id": "t-off", "toggle": False}, {"id": "t-locked", "locked": True}, {"id": "t-on"}])
+    decision = take(lb, config)
+    assert decision.llm.id == "t-on"
+    assert decision.excluded["t-off"] == "rule 1: toggled off"
+    assert decision.excluded["t-locked"] == "rule 1: locked to the roles that name it"
+    named = config_with([{"id": "t-locked", "locked": True}], {"preferred_llms": ["t-locked"]})
+    assert take(lb, named).llm.id == "t-locked"
+
+
+def test_rule_1_capabilities_and_context_length(lb):
     config = config_with(
-        [{"id": "text", "capabilities": ["chat"]}, {"id": "eyes", "capabilities": ["chat", "vision"]}],
-        {"capabilities": ["vision"]},
+        [{"id": "t-text", "capabilities": ["chat"]}, {"id": "t-small", "capabilities": ["chat", "vision"]},
+         {"id": "t-big", "capabilities": ["chat", "vision"], "context_length": 8192}],
+        {"capabilities": ["vision"], "max_tokens": 256},
+    )  # fmt: skip
+    decision = take(lb, config, prompt_tokens=3000)
+    assert decision.llm.id == "t-big"
+    assert decision.excluded["t-text"] == "rule 1: lacks capabilities vision"
+    assert decision.excluded["t-small"] == "rule 1: context of 2048 tokens is too small for 3256"
+
+
+# --- rule 2 -----------------------------------------------------------------------------------
+
+
+def test_rule_2_role_preferences_then_profile_defaults_then_the_rest(lb):
+    llms = [{"id": "t-a"}, {"id": "t-b"}, {"id": "t-c"}]
+    config = config_with(llms, {"preferred_llms": ["t-b"]}, default_llms=["t-c"])
+    assert [llm.id for llm in candidates(config, config.role("tp", "r"))[0]] == ["t-b", "t-c", "t-a"]
+    assert take(lb, config).llm.id == "t-b"
+
+
+def test_rule_2_a_full_preferred_llm_spills_over_to_the_next_tier(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    assert take(lb, config).llm.id == "t-a"
+    second = take(lb, config)
+    assert second.llm.id == "t-b"
+    assert second.excluded["t-a"] == "rule 4: all 1 slots in use"
+
+
+# --- rule 3 -----------------------------------------------------------------------------------
+
+
+def test_rule_3_consecutive_failures_trip_the_breaker(lb, clock):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    for _ in range(3):
+        fail(lb, take(lb, config))
+    decision = take(lb, config)
+    assert decision.llm.id == "t-b"
+    assert decision.excluded["t-a"].startswith("rule 3: cooling down until")
+    assert lb.states(config)["t-a"]["breaker"] == "open"
+
+
+def test_rule_3_a_failure_share_trips_after_the_minimum_of_calls(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    outcomes = [True, False, True, False, True]
+    for ok in outcomes:
+        decision = take(lb, config)
+        lb.record(decision, result=reply()) if ok else fail(lb, decision)
+    assert take(lb, config).llm.id == "t-a"  # 2 of 5 failed: below the share
+    lb.record(lb.select(config, config.role("tp", "r")), error=EngineUnavailable("x"))  # the slot taken just above
+    assert take(lb, config).llm.id == "t-b"  # 3 of 6 failed: tripped
+
+
+def test_rule_3_a_bad_request_does_not_count(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    for _ in range(6):
+        fail(lb, take(lb, config), EngineBadRequest("your prompt is wrong"))
+    assert take(lb, config).llm.id == "t-a"
+
+
+def test_rule_3_retry_after_is_honoured(lb, clock):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    fail(lb, take(lb, config), EngineRateLimited("slow down", retry_after=42))
+    clock.now += 41
+    assert take(lb, config).llm.id == "t-b"
+    clock.now += 2
+    assert take(lb, config).llm.id == "t-a"
+
+
+def test_rule_3_half_open_lets_one_probe_through_and_a_repeated_trip_lasts_longer(lb, clock):
+    config = config_with([{"id": "t-a", "max_concurrency": 5}, {"id": "t-b", "max_concurrency": 5}],
+                         {"preferred_llms": ["t-a"]})  # fmt: skip
+    for _ in range(3):
+        fail(lb, take(lb, config))
+    clock.now += 10  # the first cooldown
+    probe = take(lb, config)
+    assert probe.llm.id == "t-a"
+    assert probe.probe
+    other = take(lb, config)
+    assert other.llm.id == "t-b"
+    assert other.excluded["t-a"] == "rule 3: a probe call is testing it"
+    fail(lb, probe)  # the probe fails: open again, for twice as long
+    clock.now += 19
+    assert take(lb, config).llm.id == "t-b"
+    clock.now += 2
+    probe = take(lb, config)
+    assert probe.probe
+    lb.record(probe, result=reply())  # the probe succeeds: closed
+    assert lb.states(config)["t-a"]["breaker"] == "closed"
+    assert not take(lb, config).probe
+
+
+def test_rule_3_the_only_candidate_is_never_cooled_down_the_call_waits(lb, clock):
+    config = config_with([{"id": "t-only"}])
+    role = config.role("tp", "r")
+    for _ in range(3):
+        fail(lb, take(lb, config))
+    waiting = lb.select(config, role)
+    assert isinstance(waiting, Wait)
+    assert waiting.until == pytest.approx(clock.now + 10)
+    _, decision = lb.run(config, role, lambda llm: reply(), deadline=clock.now + 60)
+    assert decision.llm.id == "t-only"
+    assert decision.waited_s == pytest.approx(10, abs=0.1)
+
+
+# --- rule 4 -----------------------------------------------------------------------------------
+
+
+def test_rule_4_slots_are_reserved_and_released_never_below_zero(lb, client):
+    config = config_with([{"id": "t-a", "max_concurrency": 2}])
+    first, second = take(lb, config), take(lb, config)
+    assert isinstance(lb.select(config, config.role("tp", "r")), Wait)
+    assert lb.states(config)["t-a"]["in_flight"] == 2
+    lb.record(first, result=reply())
+    lb.record(first, result=reply())  # a second release of the same slot frees nothing more
+    assert lb.states(config)["t-a"]["in_flight"] == 1
+    lb.record(second, error=EngineUnavailable("x"))
+    assert lb.states(config)["t-a"]["in_flight"] == 0
+
+
+def test_rule_4_a_cancelled_call_gives_its_slot_back(lb):
+    config = config_with([{"id": "t-a"}])
+
+    def interrupted(llm):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lb.run(config, config.role("tp", "r"), interrupted)
+    assert lb.states(config)["t-a"]["in_flight"] == 0
+
+
+def test_rule_4_when_every_candidate_is_full_the_call_waits_up_to_the_deadline(lb, clock):
+    config = config_with([{"id": "t-a"}])
+    take(lb, config)
+    with pytest.raises(NoCapacity, match="before the step's deadline"):
+        lb.run(config, config.role("tp", "r"), lambda llm: reply(), deadline=clock.now + 5)
+    assert clock.now >= START + 5 - 0.1
+
+
+def test_rule_4_counters_are_shared_by_processes_and_a_killed_holders_slot_returns(lb, clock, redis_url):
+    config = config_with([{"id": "t-shared"}])
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.balancer.slot_holder", redis_url, "t-shared", str(clock.now), "5"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lb.states(config)["t-shared"]["in_flight"] == 1
+        assert isinstance(lb.select(config, config.role("tp", "r")), Wait)
+    finally:
+        holder.kill()
+        holder.wait()
+    clock.now += 6  # past the dead holder's lease
+    assert take(lb, config).llm.id == "t-shared"
+
+
+# --- rule 5 -----------------------------------------------------------------------------------
+
+
+def test_rule_5_the_lowest_expected_completion_time_wins_and_averages_are_shared(lb, client, clock):
+    config = config_with([{"id": "t-slow"}, {"id": "t-fast"}])
+    for llm_id, latency in (("t-slow", 5.0), ("t-fast", 1.0)):
+        decision = take(lb, config, sticky=llm_id)
+        lb.record(decision, result=reply(latency=latency))
+    other_process = LoadBalancer(client, clock=clock, rng=random.Random(1))
+    for _ in range(20):
+        decision = take(other_process, config)
+        assert decision.llm.id == "t-fast"
+        other_process.record(decision, result=reply(latency=1.0))
+
+
+def test_rule_5_llms_without_recent_samples_are_explored(lb):
+    config = config_with([{"id": "t-known"}, {"id": "t-new"}])
+    lb.record(take(lb, config, sticky="t-known"), result=reply(latency=0.1))
+    chosen = []
+    for _ in range(200):
+        decision = take(lb, config)
+        chosen.append(decision.llm.id)
+        lb.redis.zrem(lb._key("slots", decision.llm.id), decision.slot)  # free it, keep no sample
+    assert 5 < chosen.count("t-new") < 60  # about the exploration share of 10 %
+
+
+def test_rule_5_ties_are_broken_at_random(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}])
+    chosen = set()
+    for _ in range(40):
+        decision = take(lb, config)
+        chosen.add(decision.llm.id)
+        lb.redis.zrem(lb._key("slots", decision.llm.id), decision.slot)
+    assert chosen == {"t-a", "t-b"}
+
+
+# --- rule 6 -----------------------------------------------------------------------------------
+
+
+def test_rule_6_a_transient_error_fails_over_to_the_next_candidate(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a", "t-b"]})
+    calls = []
+
+    def call(llm):
+        calls.append(llm.id)
+        if llm.id == "t-a":
+            raise EngineUnavailable("connection refused")
+        return reply()
+
+    _, decision = lb.run(config, config.role("tp", "r"), call)
+    assert calls == ["t-a", "t-b"]
+    assert decision.llm.id == "t-b"
+    assert decision.as_detail()["failed_over"] == [{"llm": "t-a", "error": "connection refused"}]
+    assert decision.excluded["t-a"] == "rule 6: failed in this step: connection refused"
+
+
+def test_rule_6_a_permanent_error_fails_the_step_and_attempts_are_bounded(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}, {"id": "t-c"}])
+    calls = []
+
+    def bad(llm):
+        calls.append(llm.id)
+        raise EngineBadRequest("the prompt is malformed")
+
+    with pytest.raises(EngineBadRequest, match="malformed"):
+        lb.run(config, config.role("tp", "r"), bad)
+    assert len(calls) == 1
+
+    bounded = LoadBalancer(lb.redis, clock=lb.clock, sleep=lb.sleep, policy=Policy(max_attempts=2))
+    calls.clear()
+
+    def down(llm):
+        calls.append(llm.id)
+        raise EngineUnavailable(f"{llm.id} down")
+
+    with pytest.raises(EngineUnavailable):
+        bounded.run(config, config.role("tp", "r"), down)
+    assert len(calls) == 2
+
+
+# --- rule 7 -----------------------------------------------------------------------------------
+
+
+def test_rule_7_past_the_daily_budget_only_local_llms_are_candidates(lb, clock):
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0}}, {"id": "t-local"}],
+        {"preferred_llms": ["t-api"]},
+        daily_budget=0.05,
     )
-    decision = decide(config)
-    assert decision.llm.id == "eyes"
-    assert decision.excluded["text"] == "rule 1: lacks capabilities vision"
+    role = config.role("tp", "r")
+    _, decision = lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=0.05)
+    assert decision.llm.id == "t-api"  # spent 0.03
+    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=0.05)  # spent 0.06
+    _, decision = lb.run(config, role, lambda llm: reply(), budget=0.05)
+    assert decision.llm.id == "t-local"
+    assert decision.excluded["t-api"] == "rule 7: the daily budget of 0.05 for tp is spent"
+    clock.now += 86400  # a new day
+    assert take(lb, config, budget=0.05).llm.id == "t-api"
 
 
-def test_rule_1_no_candidate_says_why_each_llm_was_excluded():
-    config = config_with([{"id": "off", "toggle": False}, {"id": "text"}], {"capabilities": ["vision"]})
-    with pytest.raises(NoCandidate) as error:
-        decide(config)
-    assert "off: rule 1: toggled off" in str(error.value)
-    assert "text: rule 1: lacks capabilities vision" in str(error.value)
+# --- rule 8 -----------------------------------------------------------------------------------
 
 
-def test_rule_2_role_preferences_then_profile_defaults_then_the_rest():
-    llms = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
-    assert decide(config_with(llms)).candidates == ("a", "b", "c")
-    assert decide(config_with(llms, default_llms=["c"])).candidates == ("c", "a", "b")
-    assert decide(config_with(llms, {"preferred_llms": ["b"]}, default_llms=["c"])).candidates == ("b", "c", "a")
-    assert decide(config_with(llms, {"preferred_llms": ["b"]})).llm.id == "b"
+def test_rule_8_a_sticky_llm_is_kept(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    assert take(lb, config, sticky="t-b").llm.id == "t-b"
+
+
+def test_decisions_record_the_choice_the_candidates_and_the_exclusions(lb):
+    config = config_with([{"id": "t-a"}, {"id": "t-off", "toggle": False}])
+    detail = take(lb, config).as_detail()
+    assert detail == {"chosen": "t-a", "candidates": ["t-a"], "excluded": {"t-off": "rule 1: toggled off"}}
+
+
+def test_no_candidate_says_why(lb):
+    config = config_with([{"id": "t-off", "toggle": False}], {"capabilities": ["vision"]})
+    with pytest.raises(NoCandidate, match="t-off: rule 1: toggled off"):
+        lb.select(config, config.role("tp", "r"))

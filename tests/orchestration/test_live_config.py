@@ -37,7 +37,7 @@ def test_an_openai_endpoint_added_and_toggled_in_the_admin(
     assert response.status_code == 302, response.content.decode()[:3000]
     writer = Role.objects.get(profile__name="productivity", name="writer")
     response = admin_client.post(
-        f"/admin/balancer/role/{writer.pk}/change/", role_form(writer, preferred_llms='["local-openai"]')
+        f"/admin/balancer/role/{writer.pk}/change/", role_form(writer, preferred_llms='["local-openai"]', max_tokens=64)
     )
     assert response.status_code == 302
 
@@ -61,7 +61,8 @@ def test_an_ollama_endpoint_added_in_configuration_json(api, celery_worker, olla
             {"id": "ollama-smol", "engine": "ollama", "source": "local", "model": "smollm2:135m",
              "base_url": ollama_server, "context_length": 512}
         )  # fmt: skip
-        raw["profiles"]["productivity"]["roles"]["writer"]["preferred_llms"] = ["ollama-smol"]
+        # The test servers open a 512-token context: the role's prompt and reply must fit it (rule 1).
+        raw["profiles"]["productivity"]["roles"]["writer"].update(preferred_llms=["ollama-smol"], max_tokens=64)
 
     edit_config(add_ollama)
     step = run_writer_task(api)
