@@ -16,6 +16,8 @@ records the outcome, and fails over on transient errors.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import random
 import threading
 import time
@@ -46,7 +48,7 @@ class Policy:
 
     window: int = 20  # rule 3: the recent calls a breaker looks at
     min_calls: int = 5  # rule 3: calls in the window before the failure share can trip it
-    failure_share: float = 0.5  # rule 3
+    failure_share: float = 0.75  # rule 3
     consecutive_failures: int = 3  # rule 3
     base_cooldown_s: float = 10.0  # rule 3: the first trip's cooldown; each repeated trip doubles it
     max_cooldown_s: float = 300.0  # rule 3
@@ -72,6 +74,21 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
 end
 return 0
 """
+# Everything a decision reads, in one round trip: for each LLM (KEYS in threes: breaker, stats,
+# slots) the fields of its breaker and stats that a decision uses and its live slots; then the
+# profile's spending (the last KEY). Missing fields come back as false.
+_SNAPSHOT = """
+local now = ARGV[1]
+local out = {}
+for i = 1, #KEYS - 1, 3 do
+  out[#out + 1] = {redis.call('HMGET', KEYS[i], 'state', 'open_until', 'probe_until'),
+                   redis.call('HMGET', KEYS[i + 1], 'ttft_ms', 'tpot_ms', 'samples', 'last_at', 'fail_rate'),
+                   redis.call('ZCOUNT', KEYS[i + 2], now, '+inf')}
+end
+return cjson.encode({out, redis.call('GET', KEYS[#KEYS])})
+"""
+_BREAKER_FIELDS = ("state", "open_until", "probe_until")
+_STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate")
 # Rule 4. Renew a slot that is still held: KEYS[1] the slots; ARGV token, new expiry.
 _RENEW_SLOT = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
@@ -95,11 +112,15 @@ if state == 'half_open' and now >= tonumber(redis.call('HGET', KEYS[1], 'probe_u
 end
 return 0
 """
-# Rule 3. KEYS[1] recent outcomes (list), KEYS[2] the breaker hash.
-# ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after.
+# Rules 3 and 5. KEYS[1] recent outcomes (list), KEYS[2] the breaker hash, KEYS[3] the stats hash.
+# ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after, alpha.
 _RECORD = """
 local ok = ARGV[1] == '1'
 local now = tonumber(ARGV[2])
+local alpha = tonumber(ARGV[11])
+local failed = ok and 0 or 1
+local rate = tonumber(redis.call('HGET', KEYS[3], 'fail_rate') or '0')
+redis.call('HSET', KEYS[3], 'fail_rate', alpha * failed + (1 - alpha) * rate)
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 local state = redis.call('HGET', KEYS[2], 'state') or 'closed'
@@ -268,6 +289,7 @@ class LoadBalancer:
         self.clock = clock
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self._read = client.register_script(_SNAPSHOT)
         self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
         self._renew_slot = client.register_script(_RENEW_SLOT)
         self._try_probe = client.register_script(_TRY_PROBE)
@@ -287,31 +309,28 @@ class LoadBalancer:
     # --- reading the shared state -----------------------------------------------------------
 
     def _snapshot(self, llms: list[LLMConfig], profile: str) -> tuple[dict[str, dict], dict[str, dict], int, float]:
-        now = self.clock()
-        pipe = self.redis.pipeline(transaction=False)
+        """The breakers, latency stats and slots in use of ``llms``, and the profile's spending today."""
+        keys = []
         for llm in llms:
-            pipe.hgetall(self._key("breaker", llm.id))
-            pipe.hgetall(self._key("stats", llm.id))
-            pipe.zcount(self._key("slots", llm.id), now, "+inf")
-        pipe.get(self._spend_key(profile))
-        results = pipe.execute()
+            keys += [self._key("breaker", llm.id), self._key("stats", llm.id), self._key("slots", llm.id)]
+        rows, spent = json.loads(self._read(keys=[*keys, self._spend_key(profile)], args=[self.clock()]))
         breakers, stats, in_flight = {}, {}, {}
-        for index, llm in enumerate(llms):
-            breakers[llm.id] = _decode(results[3 * index])
-            stats[llm.id] = _decode(results[3 * index + 1])
-            in_flight[llm.id] = int(results[3 * index + 2])
-        spent = float(results[-1] or 0)
-        return breakers, stats, in_flight, spent
+        for llm, (breaker, sample, used) in zip(llms, rows, strict=True):
+            breakers[llm.id] = {k: v for k, v in zip(_BREAKER_FIELDS, breaker, strict=True) if v is not False}
+            stats[llm.id] = {k: v for k, v in zip(_STATS_FIELDS, sample, strict=True) if v is not False}
+            in_flight[llm.id] = int(used)
+        return breakers, stats, in_flight, float(spent or 0)
 
-    def _expected_s(self, llm: LLMConfig, stats: dict, in_flight: int, role: RoleConfig, prior: float) -> float:
-        """Rule 5: the expected completion time of a call of this role on this LLM now: its average time
-        to first token and per token for the role's tokens, stretched by its share of slots in use,
-        divided by its weight. ``prior`` stands in for an LLM with no recent samples."""
+    def _expected_s(self, llm: LLMConfig, stats: dict, role: RoleConfig, prior: float) -> float:
+        """Rule 5: the expected completion time of a call of this role on this LLM: its average time
+        to first token and per token for the role's tokens, stretched by its recent failure rate (a
+        failed call costs about another call elsewhere), divided by its weight. ``prior`` stands in
+        for an LLM with no recent samples."""
         if _recent(stats, self.clock(), self.policy.stale_after_s):
             base = (float(stats["ttft_ms"]) + float(stats["tpot_ms"]) * role.max_tokens) / 1000
         else:
             base = prior
-        return base * (1 + in_flight / llm.max_concurrency) / max(llm.weight, 1e-6)
+        return base * (1 + float(stats.get("fail_rate", 0))) / max(llm.weight, 1e-6)
 
     # --- the decision -----------------------------------------------------------------------
 
@@ -324,10 +343,13 @@ class LoadBalancer:
         sticky: str | None = None,
         exclude: dict[str, str] | None = None,
         budget: float | None = None,
+        waiter: str | None = None,
     ) -> Decision | Wait:
         """Reserve a slot on the best LLM that can take the call now, or say when to look again.
 
-        ``exclude`` maps LLMs that already failed this step to the reason (rule 6).
+        ``exclude`` maps LLMs that already failed this step to the reason (rule 6). ``waiter``
+        names a call that will come back after a ``Wait``: waiting calls are counted in Redis, so
+        that each knows how many are ahead of it (rule 5).
         """
         now = self.clock()
         policy = self.policy
@@ -368,6 +390,9 @@ class LoadBalancer:
             available.append(llm)
         ordered = self._order(config, role, available, stats, in_flight, sticky)
         names = tuple(llm.id for llm in ordered)
+        waiting_key = f"{PREFIX}waiting:{role.queue}"
+        if ordered and ordered[0].id != sticky and self._worth_waiting(config, role, ordered, stats, in_flight, waiter):
+            return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded=excluded))
         lease = now + policy.slot_lease_s
         for llm in ordered:
             token = uuid.uuid4().hex
@@ -386,8 +411,52 @@ class LoadBalancer:
                     and in_flight.get(other.id, 0) >= other.max_concurrency
                 ):
                     others[other.id] = f"rule 4: all {other.max_concurrency} slots in use"
+            if waiter is not None:
+                self.redis.zrem(waiting_key, waiter)
             return Decision(llm=llm, candidates=names, excluded=others, slot=token, probe=llm.id in probes)
-        return Wait(until=wake, candidates=names, excluded=excluded)
+        return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded=excluded))
+
+    def _wait(self, key: str, waiter: str | None, wait: Wait) -> Wait:
+        if waiter is not None:
+            # Counted as waiting while it keeps coming back; forgotten soon after it stops.
+            self.redis.zadd(key, {waiter: self.clock() + max(10 * self.policy.poll_s, 2.0)})
+        return wait
+
+    def forget_waiter(self, role: RoleConfig, waiter: str) -> None:
+        self.redis.zrem(f"{PREFIX}waiting:{role.queue}", waiter)
+
+    def _worth_waiting(
+        self,
+        config: Configuration,
+        role: RoleConfig,
+        ordered: list[LLMConfig],
+        stats: dict[str, dict],
+        in_flight: dict[str, int],
+        waiter: str | None,
+    ) -> bool:
+        """Rule 5: whether the call would finish sooner by waiting for a slot on a faster LLM of the
+        best tier than by taking the best free one now. The wait is estimated from how fast the full
+        LLMs free their slots and how many calls already wait for them."""
+        now = self.clock()
+        best_tier = min(tier(config, role, llm.id) for llm in ordered)
+        known = [
+            llm
+            for llm in ordered
+            if tier(config, role, llm.id) == best_tier and _recent(stats[llm.id], now, self.policy.stale_after_s)
+        ]
+        if not known or not _recent(stats[ordered[0].id], now, self.policy.stale_after_s):
+            return False  # nothing measured to compare, or an unmeasured LLM is being explored
+        full = [llm for llm in known if in_flight.get(llm.id, 0) >= llm.max_concurrency]
+        free = [llm for llm in known if in_flight.get(llm.id, 0) < llm.max_concurrency]
+        if not full or not free:
+            return False
+        base = {llm.id: self._expected_s(llm, stats[llm.id], role, 1.0) for llm in known}
+        best_free = min(base[llm.id] for llm in free)
+        rate = sum(llm.max_concurrency / max(base[llm.id], 1e-6) for llm in full)
+        key = f"{PREFIX}waiting:{role.queue}"
+        ahead = self.redis.zcount(key, now, "+inf") - (1 if waiter and self.redis.zscore(key, waiter) else 0)
+        waited_finish = (max(ahead, 0) + 1) / rate + min(base[llm.id] for llm in full)
+        return waited_finish < best_free
 
     def _order(
         self,
@@ -399,8 +468,9 @@ class LoadBalancer:
         sticky: str | None,
     ) -> list[LLMConfig]:
         """Rules 2, 5 and 8: by tier, then within a tier by expected completion time, ties at random.
-        LLMs with no recent samples come after those with some, except that now and then (the
-        exploration share) one of them is tried first; when none has samples, all count alike."""
+        LLMs with no recent samples come after those with some in their tier, except that now and
+        then (the exploration share) one of them is tried first; when none has samples, all count
+        alike."""
         now = self.clock()
         recent = {llm.id: _recent(stats[llm.id], now, self.policy.stale_after_s) for llm in llms}
         unexplored = [llm for llm in llms if not recent[llm.id]]
@@ -412,16 +482,19 @@ class LoadBalancer:
         listed = [*role.preferred_llms, *config.profiles[role.profile].default_llms]
 
         def key(llm: LLMConfig) -> tuple:
-            # An unknown LLM's base time is 1 s, so that the in-flight load still orders them.
-            expected = self._expected_s(llm, stats[llm.id], in_flight.get(llm.id, 0), role, 1.0)
+            expected = self._expected_s(llm, stats[llm.id], role, 1.0)
             unknown = any_known and not recent[llm.id]
-            # Equal times: the order the role and the profile list them in, then chance.
+            # Times within 10 % of each other count as equal; then the least busy, the order the
+            # role and the profile list them in, and chance.
+            band = round(math.log(max(expected, 1e-6)) / math.log(1.1))
             listed_at = listed.index(llm.id) if llm.id in listed else len(listed)
+            busy = in_flight.get(llm.id, 0) / llm.max_concurrency
             return (
-                llm.id != first,
                 tier(config, role, llm.id, sticky),
+                llm.id != first,
                 unknown,
-                round(expected, 6),
+                band,
+                busy,
                 listed_at,
                 self.rng.random(),
             )
@@ -447,11 +520,11 @@ class LoadBalancer:
         ok = error is None
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
         state = self._record(
-            keys=[self._key("calls", llm.id), self._key("breaker", llm.id)],
+            keys=[self._key("calls", llm.id), self._key("breaker", llm.id), self._key("stats", llm.id)],
             args=[
                 "1" if ok else "0", now, policy.window, policy.min_calls, policy.failure_share,
                 policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
-                policy.trips_forgotten_after_s, retry_after,
+                policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha,
             ],
         )  # fmt: skip
         if result is not None:
@@ -538,17 +611,23 @@ class LoadBalancer:
             thread.join()
 
     def _wait_for(self, config, role, prompt_tokens, sticky, failed, budget, deadline) -> Decision:
-        while True:
-            outcome = self.select(
-                config, role, prompt_tokens=prompt_tokens, sticky=sticky, exclude=failed, budget=budget
-            )
-            if isinstance(outcome, Decision):
-                return outcome
-            now = self.clock()
-            if deadline is not None and outcome.until > deadline:
-                reasons = "; ".join(f"{k}: {v}" for k, v in outcome.excluded.items())
-                raise NoCapacity(f"no LLM could take the call before the step's deadline ({reasons or 'all busy'})")
-            self.sleep(max(min(outcome.until - now, 1.0), 0.001))
+        waiter = uuid.uuid4().hex
+        try:
+            while True:
+                outcome = self.select(
+                    config, role, prompt_tokens=prompt_tokens, sticky=sticky, exclude=failed, budget=budget,
+                    waiter=waiter,
+                )  # fmt: skip
+                if isinstance(outcome, Decision):
+                    return outcome
+                now = self.clock()
+                if deadline is not None and outcome.until > deadline:
+                    reasons = "; ".join(f"{k}: {v}" for k, v in outcome.excluded.items())
+                    raise NoCapacity(f"no LLM could take the call before the step's deadline ({reasons or 'all busy'})")
+                self.sleep(max(min(outcome.until - now, 1.0), 0.001))
+        except BaseException:
+            self.forget_waiter(role, waiter)
+            raise
 
     def spend(self, profile: str, llm: LLMConfig, result: ChatResult) -> float:
         """Rule 7: add the call's cost to the profile's spending today."""
@@ -582,18 +661,12 @@ class LoadBalancer:
                 "trips": int(breaker.get("trips", 0)),
                 "in_flight": in_flight[llm.id],
                 "max_concurrency": llm.max_concurrency,
-                "ttft_ms": round(float(sample["ttft_ms"]), 1) if sample else None,
-                "ms_per_token": round(float(sample["tpot_ms"]), 2) if sample else None,
-                "samples": int(sample.get("samples", 0)) if sample else 0,
+                "ttft_ms": round(float(sample["ttft_ms"]), 1) if sample.get("samples") else None,
+                "ms_per_token": round(float(sample["tpot_ms"]), 2) if sample.get("samples") else None,
+                "samples": int(sample.get("samples", 0)),
+                "failure_rate": round(float(sample.get("fail_rate", 0)), 3),
             }
         return states
-
-
-def _decode(mapping: dict) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in mapping.items()
-    }
 
 
 def _recent(stats: dict, now: float, stale_after_s: float) -> bool:

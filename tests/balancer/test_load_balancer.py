@@ -33,7 +33,7 @@ class FakeClock:
 @pytest.fixture
 def client(redis_url):
     client = redis.Redis.from_url(redis_url)
-    for pattern in ("aiagent:lb:*:t-*", "aiagent:lb:spend:tp:*"):
+    for pattern in ("aiagent:lb:*:t-*", "aiagent:lb:spend:tp:*", "aiagent:lb:waiting:tp.*"):
         for key in client.scan_iter(pattern):
             client.delete(key)
     return client
@@ -137,13 +137,12 @@ def test_rule_3_consecutive_failures_trip_the_breaker(lb, clock):
 
 def test_rule_3_a_failure_share_trips_after_the_minimum_of_calls(lb):
     config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
-    outcomes = [True, False, True, False, True]
-    for ok in outcomes:
+    for ok in (False, False, True, False):  # never three failures in a row
         decision = take(lb, config)
         lb.record(decision, result=reply()) if ok else fail(lb, decision)
-    assert take(lb, config).llm.id == "t-a"  # 2 of 5 failed: below the share
-    lb.record(lb.select(config, config.role("tp", "r")), error=EngineUnavailable("x"))  # the slot taken just above
-    assert take(lb, config).llm.id == "t-b"  # 3 of 6 failed: tripped
+    assert take(lb, config).llm.id == "t-a"  # 3 of 4: under the minimum of 5 calls
+    lb.record(lb.select(config, config.role("tp", "r")), error=EngineUnavailable("x"))  # frees the slot above
+    assert take(lb, config).llm.id == "t-b"  # 4 of 5 failed, over the share of 75 %: tripped
 
 
 def test_rule_3_a_bad_request_does_not_count(lb):
@@ -367,3 +366,18 @@ def test_no_candidate_says_why(lb):
     config = config_with([{"id": "t-off", "toggle": False}], {"capabilities": ["vision"]})
     with pytest.raises(NoCandidate, match="t-off: rule 1: toggled off"):
         lb.select(config, config.role("tp", "r"))
+
+
+def test_rule_5_a_full_faster_llm_is_worth_waiting_for_unless_many_wait(lb):
+    config = config_with([{"id": "t-fast"}, {"id": "t-slow", "max_concurrency": 5}])
+    role = config.role("tp", "r")
+    for llm_id, latency in (("t-fast", 1.0), ("t-slow", 10.0)):
+        lb.record(take(lb, config, sticky=llm_id), result=reply(latency=latency))
+    take(lb, config)  # the fast one is now full
+    assert isinstance(lb.select(config, role, waiter="w0"), Wait)  # one fast call's wait beats 10x the time
+    for index in range(1, 30):
+        outcome = lb.select(config, role, waiter=f"w{index}")
+        if isinstance(outcome, Decision):
+            break
+    assert outcome.llm.id == "t-slow"
+    assert 5 < index < 15  # once about ten calls wait for the fast one, the slow one is sooner
