@@ -37,6 +37,7 @@ def test_the_admin_shows_the_file_and_adds_an_llm_to_it(admin_client, config_fil
     listing = admin_client.get(LLM_LIST)
     assert listing.status_code == 200
     assert "smollm2-135m" in listing.content.decode()
+    assert "/1 in flight" in listing.content.decode()  # the balancer's state of each LLM
     response = admin_client.post(f"{LLM_LIST}add/", llm_form())
     assert response.status_code == 302, response.content.decode()[:2000]
     written = json.loads(config_file.read_text())
@@ -118,6 +119,8 @@ def test_config_and_llms_endpoints(api):
     assert [llm["id"] for llm in llms] == ["smollm2-135m"]
     assert llms[0]["health"]["ok"] is True
     assert "present" in llms[0]["health"]["detail"]
+    assert llms[0]["state"]["max_concurrency"] == 1
+    assert llms[0]["state"]["breaker"] in ("closed", "open", "half_open")
 
 
 def test_an_llm_whose_key_is_missing_is_reported_unhealthy(api, edit_config, monkeypatch):
