@@ -132,6 +132,8 @@ TASK_LEASE_SECONDS = env_int("TASK_LEASE_SECONDS", 15, minimum=2)
 # An LLM call's slot (the balancer's rule 4) is renewed every third of this while
 # the call runs; a killed worker's slot comes back after it.
 LLM_SLOT_LEASE_SECONDS = env_int("LLM_SLOT_LEASE_SECONDS", 30, minimum=2)
+# How often each worker checks every LLM's health (a failed check counts against its breaker).
+LLM_HEALTH_CHECK_SECONDS = env_int("LLM_HEALTH_CHECK_SECONDS", 30, minimum=1)
 # The largest request body the API accepts, in bytes (413 above it).
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES

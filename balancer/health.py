@@ -30,8 +30,11 @@ class HealthChecker:
         except EngineError as exc:  # the engine cannot even be built (a missing key, a missing model file)
             return Health(False, str(exc), time.perf_counter() - started)
 
-    def check(self, config: Configuration) -> dict[str, tuple[Health, float]]:
-        """{llm id: (health, when it was checked on this checker's clock)} for every LLM, enabled or not."""
+    def check(
+        self, config: Configuration, *, on_failure: Callable[[LLMConfig], None] | None = None
+    ) -> dict[str, tuple[Health, float]]:
+        """{llm id: (health, when it was checked)} for every LLM, enabled or not. ``on_failure`` is
+        called for each enabled LLM whose fresh check failed (the balancer counts it, rule 3)."""
         now = self.clock()
         due = []
         results: dict[str, tuple[Health, float]] = {}
@@ -49,6 +52,10 @@ class HealthChecker:
                 for (llm, fingerprint), health in zip(due, checked, strict=True):
                     self._results[llm.id] = (now, fingerprint, health, time.time())
                     results[llm.id] = (health, time.time())
+            if on_failure is not None:
+                for (llm, _), health in zip(due, checked, strict=True):
+                    if llm.toggle and not health.ok:
+                        on_failure(llm)
         return results
 
 

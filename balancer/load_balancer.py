@@ -506,6 +506,22 @@ class LoadBalancer:
     def _release(self, llm_id: str, token: str) -> None:
         self.redis.zrem(self._key("slots", llm_id), token)
 
+    def _outcome(self, llm_id: str, *, ok: bool, retry_after: float = 0) -> str:
+        policy = self.policy
+        state = self._record(
+            keys=[self._key("calls", llm_id), self._key("breaker", llm_id), self._key("stats", llm_id)],
+            args=[
+                "1" if ok else "0", self.clock(), policy.window, policy.min_calls, policy.failure_share,
+                policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
+                policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha,
+            ],
+        )  # fmt: skip
+        return state.decode() if isinstance(state, bytes) else str(state)
+
+    def health_failed(self, llm: LLMConfig) -> str:
+        """Rule 3: a failed health check counts as a failed call."""
+        return self._outcome(llm.id, ok=False)
+
     def record(self, decision: Decision, *, result: ChatResult | None = None, error: EngineError | None = None) -> str:
         """Free the slot and record the outcome (rules 3 and 5). Returns the breaker's state after it."""
         llm = decision.llm
@@ -517,16 +533,8 @@ class LoadBalancer:
             if decision.probe:
                 self.redis.hset(self._key("breaker", llm.id), "probe_until", now)
             return "closed"
-        ok = error is None
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
-        state = self._record(
-            keys=[self._key("calls", llm.id), self._key("breaker", llm.id), self._key("stats", llm.id)],
-            args=[
-                "1" if ok else "0", now, policy.window, policy.min_calls, policy.failure_share,
-                policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
-                policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha,
-            ],
-        )  # fmt: skip
+        state = self._outcome(llm.id, ok=error is None, retry_after=retry_after)
         if result is not None:
             ttft = result.time_to_first_token_s
             tokens = max(result.completion_tokens, 1)
@@ -536,7 +544,7 @@ class LoadBalancer:
             self._sample(
                 keys=[self._key("stats", llm.id)], args=[policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
             )
-        return state.decode() if isinstance(state, bytes) else str(state)
+        return state
 
     # --- the whole call ---------------------------------------------------------------------
 

@@ -88,8 +88,9 @@ def config_get() -> dict[str, Any]:
 def llm_list() -> list[dict[str, Any]]:
     """Every configured LLM with its health and its balancer state (breaker, in-flight, latency)."""
     config = configuration()
-    health = checker.check(config)
-    states = load_balancer().states(config)
+    balancer = load_balancer()
+    health = checker.check(config, on_failure=balancer.health_failed)
+    states = balancer.states(config)
     listed = []
     for llm in config.llms.values():
         state, checked_at = health[llm.id]

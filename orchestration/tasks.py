@@ -1,10 +1,35 @@
 """Celery jobs. A job carries a task id, loads the state and calls one engine function."""
 
+import logging
 import os
+import threading
+import time
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
+from django.conf import settings
 
 from orchestration import orchestration_engine
+
+logger = logging.getLogger(__name__)
+
+
+@worker_ready.connect
+def start_health_checks(**_kwargs) -> None:
+    """Each worker checks every LLM's health now and then; a failed check counts against the LLM's
+    breaker (balancer rule 3), so that an engine that went away cools down before calls find out."""
+    from balancer.health import checker
+    from orchestration.runtime import configuration, load_balancer
+
+    def loop() -> None:
+        while True:
+            try:
+                checker.check(configuration(), on_failure=load_balancer().health_failed)
+            except Exception:  # a check must never stop the loop; the next one may succeed
+                logger.exception("LLM health check failed")
+            time.sleep(settings.LLM_HEALTH_CHECK_SECONDS)
+
+    threading.Thread(target=loop, name="llm-health", daemon=True).start()
 
 
 class RunTask(Task):

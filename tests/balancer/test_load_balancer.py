@@ -145,6 +145,34 @@ def test_rule_3_a_failure_share_trips_after_the_minimum_of_calls(lb):
     assert take(lb, config).llm.id == "t-b"  # 4 of 5 failed, over the share of 75 %: tripped
 
 
+def test_rule_3_failed_health_checks_cool_an_llm_down(lb, clock):
+    from balancer.health import HealthChecker
+
+    config = parse_configuration(
+        {
+            "llms": [
+                {
+                    "id": "t-gone",
+                    "engine": "openai",
+                    "source": "local",
+                    "model": "m",
+                    "base_url": "http://127.0.0.1:9/v1",
+                },
+                {"id": "t-ok", "engine": "instant", "source": "local", "model": "m"},
+            ],
+            "profiles": {
+                "tp": {"roles": {"r": {"agent": "generic", "system_prompt": "s", "preferred_llms": ["t-gone"]}}}
+            },
+        }
+    )
+    checker = HealthChecker(ttl_s=0)
+    for _ in range(3):
+        checker.check(config, on_failure=lb.health_failed)
+    decision = take(lb, config)
+    assert decision.llm.id == "t-ok"
+    assert decision.excluded["t-gone"].startswith("rule 3: cooling down")
+
+
 def test_rule_3_a_bad_request_does_not_count(lb):
     config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
     for _ in range(6):
