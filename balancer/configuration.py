@@ -236,7 +236,9 @@ def _join(path: str, key: str) -> str:
 
 # LLM fields that are passed to the engine besides ``model``, ``context_length`` and ``options``.
 ENGINE_FIELDS = ("base_url", "api_key_env")
-ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+# An API key's variable: a name that says it holds a key or token, and none of the server's own.
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,120}_(API_KEY|KEY|TOKEN)$")
+SERVER_VARIABLES = frozenset({"SECRET_KEY", "DATABASE_URL", "REDIS_URL"})
 _LLM_FIELDS = {
     "id", "engine", "source", "model", "toggle", "locked", "capabilities", "context_length",
     "max_concurrency", "base_url", "api_key_env", "cost_per_1k_tokens", "weight", "options",
@@ -293,10 +295,13 @@ def _api_key_env(check: _Checker, data: dict[str, Any], path: str) -> str | None
     if "api_key_env" not in data:
         return None
     name = check.string(data["api_key_env"], f"{path}.api_key_env")
-    if name and not ENV_NAME_RE.match(name):
+    if name in SERVER_VARIABLES:
+        check.fail(f"{path}.api_key_env", f"{name} is the server's own setting, not an API key")
+    elif name and not ENV_NAME_RE.match(name):
         check.fail(
             f"{path}.api_key_env",
-            "must name an environment variable (like OPENAI_API_KEY) that holds the key, never the key itself",
+            "must name an environment variable ending in _API_KEY, _KEY or _TOKEN (like OPENAI_API_KEY) "
+            "that holds the key, never the key itself",
         )
     return name
 

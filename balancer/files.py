@@ -14,8 +14,13 @@ def atomic_write(path: Path, data: bytes) -> None:
     A temporary file in the same directory is written and fsynced, renamed over
     the target, and the directory is fsynced so that the rename itself survives.
     """
+    try:
+        mode = path.stat().st_mode & 0o777  # the new file keeps the old one's permissions
+    except FileNotFoundError:
+        mode = 0o644
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -113,7 +113,8 @@ end
 return 0
 """
 # Rules 3 and 5. KEYS[1] recent outcomes (list), KEYS[2] the breaker hash, KEYS[3] the stats hash.
-# ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after, alpha.
+# ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after, alpha,
+# whether the call was the half-open probe.
 _RECORD = """
 local ok = ARGV[1] == '1'
 local now = tonumber(ARGV[2])
@@ -126,11 +127,13 @@ redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 local state = redis.call('HGET', KEYS[2], 'state') or 'closed'
 if ok then
   redis.call('HSET', KEYS[2], 'consecutive', 0)
-  if state ~= 'closed' then
+  -- Only the probe closes an open breaker: a call that began before the trip proves nothing.
+  if state ~= 'closed' and ARGV[12] == '1' then
     redis.call('HSET', KEYS[2], 'state', 'closed')
     redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
+    return 'closed'
   end
-  return 'closed'
+  return state
 end
 local consecutive = redis.call('HINCRBY', KEYS[2], 'consecutive', 1)
 local outcomes = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -344,12 +347,15 @@ class LoadBalancer:
         exclude: dict[str, str] | None = None,
         budget: float | None = None,
         waiter: str | None = None,
+        waiting_since: float | None = None,
+        deadline: float | None = None,
     ) -> Decision | Wait:
         """Reserve a slot on the best LLM that can take the call now, or say when to look again.
 
         ``exclude`` maps LLMs that already failed this step to the reason (rule 6). ``waiter``
         names a call that will come back after a ``Wait``: waiting calls are counted in Redis, so
-        that each knows how many are ahead of it (rule 5).
+        that each knows how many are ahead of it (rule 5); ``waiting_since`` and ``deadline`` bound
+        how long it waits for a faster LLM rather than take a free slower one.
         """
         now = self.clock()
         policy = self.policy
@@ -391,7 +397,12 @@ class LoadBalancer:
         ordered = self._order(config, role, available, stats, in_flight, sticky)
         names = tuple(llm.id for llm in ordered)
         waiting_key = f"{PREFIX}waiting:{role.queue}"
-        if ordered and ordered[0].id != sticky and self._worth_waiting(config, role, ordered, stats, in_flight, waiter):
+        worth_waiting = (
+            ordered
+            and ordered[0].id != sticky
+            and self._worth_waiting(config, role, ordered, stats, in_flight, waiter, waiting_since, deadline)
+        )
+        if worth_waiting:
             return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded=excluded))
         lease = now + policy.slot_lease_s
         for llm in ordered:
@@ -414,7 +425,8 @@ class LoadBalancer:
             if waiter is not None:
                 self.redis.zrem(waiting_key, waiter)
             return Decision(llm=llm, candidates=names, excluded=others, slot=token, probe=llm.id in probes)
-        return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded=excluded))
+        full = {llm.id: f"rule 4: all {llm.max_concurrency} slots in use" for llm in ordered}
+        return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded={**excluded, **full}))
 
     def _wait(self, key: str, waiter: str | None, wait: Wait) -> Wait:
         if waiter is not None:
@@ -433,10 +445,14 @@ class LoadBalancer:
         stats: dict[str, dict],
         in_flight: dict[str, int],
         waiter: str | None,
+        waiting_since: float | None,
+        deadline: float | None,
     ) -> bool:
         """Rule 5: whether the call would finish sooner by waiting for a slot on a faster LLM of the
         best tier than by taking the best free one now. The wait is estimated from how fast the full
-        LLMs free their slots and how many calls already wait for them."""
+        LLMs free their slots and how many calls already wait for them. A call that has already
+        waited longer than a whole call on the faster LLM, or whose deadline leaves no more room,
+        takes the free one."""
         now = self.clock()
         best_tier = min(tier(config, role, llm.id) for llm in ordered)
         known = [
@@ -452,10 +468,15 @@ class LoadBalancer:
             return False
         base = {llm.id: self._expected_s(llm, stats[llm.id], role, 1.0) for llm in known}
         best_free = min(base[llm.id] for llm in free)
+        fastest_full = min(base[llm.id] for llm in full)
+        if waiting_since is not None and now - waiting_since > fastest_full:
+            return False  # the estimate was wrong: the full ones are slower to free than they looked
+        if deadline is not None and deadline - now < 2 * best_free:
+            return False
         rate = sum(llm.max_concurrency / max(base[llm.id], 1e-6) for llm in full)
         key = f"{PREFIX}waiting:{role.queue}"
         ahead = self.redis.zcount(key, now, "+inf") - (1 if waiter and self.redis.zscore(key, waiter) else 0)
-        waited_finish = (max(ahead, 0) + 1) / rate + min(base[llm.id] for llm in full)
+        waited_finish = (max(ahead, 0) + 1) / rate + fastest_full
         return waited_finish < best_free
 
     def _order(
@@ -506,20 +527,25 @@ class LoadBalancer:
     def _release(self, llm_id: str, token: str) -> None:
         self.redis.zrem(self._key("slots", llm_id), token)
 
-    def _outcome(self, llm_id: str, *, ok: bool, retry_after: float = 0) -> str:
+    def _outcome(self, llm_id: str, *, ok: bool, retry_after: float = 0, probe: bool = False) -> str:
         policy = self.policy
         state = self._record(
             keys=[self._key("calls", llm_id), self._key("breaker", llm_id), self._key("stats", llm_id)],
             args=[
                 "1" if ok else "0", self.clock(), policy.window, policy.min_calls, policy.failure_share,
                 policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
-                policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha,
+                policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha, "1" if probe else "0",
             ],
         )  # fmt: skip
         return state.decode() if isinstance(state, bytes) else str(state)
 
-    def health_failed(self, llm: LLMConfig) -> str:
-        """Rule 3: a failed health check counts as a failed call."""
+    def health_failed(self, llm: LLMConfig, *, interval_s: float = 30.0) -> str | None:
+        """Rule 3: a failed health check counts as a failed call, once per LLM per interval however
+        many processes check it. Returns the breaker's state, or None when this one was not counted."""
+        period = int(self.clock() // interval_s)
+        key = f"{PREFIX}health:{llm.id}:{period}"
+        if not self.redis.set(key, "1", nx=True, ex=max(int(interval_s * 2), 1)):
+            return None
         return self._outcome(llm.id, ok=False)
 
     def record(self, decision: Decision, *, result: ChatResult | None = None, error: EngineError | None = None) -> str:
@@ -534,7 +560,7 @@ class LoadBalancer:
                 self.redis.hset(self._key("breaker", llm.id), "probe_until", now)
             return "closed"
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
-        state = self._outcome(llm.id, ok=error is None, retry_after=retry_after)
+        state = self._outcome(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe)
         if result is not None:
             ttft = result.time_to_first_token_s
             tokens = max(result.completion_tokens, 1)
@@ -582,7 +608,9 @@ class LoadBalancer:
                     result = call(decision.llm)
             except EngineError as exc:
                 self.record(decision, error=exc)
-                if not exc.transient:
+                decision.attempts = [*attempts, {"llm": decision.llm.id, "error": str(exc)}]
+                exc.balancer = decision.as_detail()  # the step's history records what was tried
+                if not (exc.transient or exc.llm_at_fault):
                     raise
                 last_error = exc
                 failed[decision.llm.id] = f"rule 6: failed in this step: {exc}"
@@ -597,18 +625,22 @@ class LoadBalancer:
         assert last_error is not None
         raise last_error
 
+    def renew_slot(self, decision: Decision) -> bool:
+        """Extend a held slot's lease (rule 4); False when it was no longer held."""
+        key = self._key("slots", decision.llm.id)
+        return bool(self._renew_slot(keys=[key], args=[decision.slot, self.clock() + self.policy.slot_lease_s]))
+
     @contextlib.contextmanager
     def _holding(self, decision: Decision) -> Iterator[None]:
         """Renew the call's slot while it runs, so that only a dead holder's slot expires (rule 4)."""
         stop = threading.Event()
-        key = self._key("slots", decision.llm.id)
         every = self.policy.slot_lease_s / 3
 
         def renew() -> None:
             while not stop.wait(every):
                 # If Redis stays away the slot expires by itself.
                 with contextlib.suppress(redis.RedisError):
-                    self._renew_slot(keys=[key], args=[decision.slot, self.clock() + self.policy.slot_lease_s])
+                    self.renew_slot(decision)
 
         thread = threading.Thread(target=renew, name=f"slot-{decision.llm.id}", daemon=True)
         thread.start()
@@ -620,11 +652,12 @@ class LoadBalancer:
 
     def _wait_for(self, config, role, prompt_tokens, sticky, failed, budget, deadline) -> Decision:
         waiter = uuid.uuid4().hex
+        since = self.clock()
         try:
             while True:
                 outcome = self.select(
                     config, role, prompt_tokens=prompt_tokens, sticky=sticky, exclude=failed, budget=budget,
-                    waiter=waiter,
+                    waiter=waiter, waiting_since=since, deadline=deadline,
                 )  # fmt: skip
                 if isinstance(outcome, Decision):
                     return outcome

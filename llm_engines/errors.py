@@ -7,6 +7,9 @@ class EngineError(Exception):
     """An engine call failed. ``transient`` says whether another try (here or elsewhere) can help."""
 
     transient: bool = False
+    # The LLM itself is at fault (its credentials, its configuration, a model it does not serve):
+    # retrying it cannot help, but another LLM may serve the call.
+    llm_at_fault: bool = False
 
     def __init__(self, message: str, *, engine: str | None = None) -> None:
         super().__init__(message)
@@ -50,6 +53,10 @@ class ContextTooLong(EngineBadRequest):
 class EngineAuthError(EngineError):
     """The engine refused the credentials, or none were given."""
 
+    llm_at_fault = True
+
 
 class EngineConfigurationError(EngineError):
-    """The engine's settings are wrong (a missing model file, a bad option)."""
+    """The engine's settings are wrong (a missing model file, a model the server does not have)."""
+
+    llm_at_fault = True

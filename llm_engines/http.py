@@ -6,6 +6,7 @@ import email.utils
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -33,6 +34,12 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
 
 def base_url_problems(settings: Mapping[str, Any]) -> dict[str, str]:
     base_url = settings.get("base_url")
-    if base_url is not None and not str(base_url).startswith(("http://", "https://")):
-        return {"base_url": "must start with http:// or https://"}
+    if base_url is None:
+        return {}
+    parts = urlsplit(str(base_url))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return {"base_url": "must be an http:// or https:// URL with a host"}
+    if parts.username or parts.password or parts.query:
+        # Credentials belong in the environment (api_key_env), never in the configuration.
+        return {"base_url": "must not carry credentials or a query string: name the key in api_key_env"}
     return {}

@@ -21,8 +21,8 @@ from django.http import HttpRequest, HttpResponseRedirect
 
 from agents.registry import AGENTS
 from balancer import config_store
-from balancer.configuration import ConfigurationError
-from balancer.models import LLM, Profile, Role
+from balancer.configuration import ConfigurationError, file_stamp
+from balancer.models import LLM, ConfigurationFile, Profile, Role
 from orchestration.runtime import configuration, load_balancer
 
 
@@ -37,6 +37,13 @@ class ConfigurationForm(forms.ModelForm):
         cleaned = super().clean()
         if self.errors:
             return cleaned
+        synced = ConfigurationFile.objects.filter(path=str(_path())).values_list("stamp", flat=True).first()
+        if synced != file_stamp(_path()):
+            # Saving these rows would overwrite an edit made to the file since the page was loaded.
+            raise forms.ValidationError(
+                f"{_path()} has changed since this page was loaded; nothing was saved. "
+                "Open the page again to see the file as it is now."
+            )
         candidate = construct_instance(self, copy.copy(self.instance))
         try:
             config_store.check_rows(known_agents=AGENTS.names(), replace=candidate)

@@ -89,7 +89,7 @@ def _run(task_id: str, job_id: str, packet: dict[str, Any]) -> str:
     except (LookupError, PayloadError, EngineError) as exc:
         # LookupError: the role or its agent left the configuration, or no LLM
         # can serve the role any more (the balancer's NoCandidate).
-        return _fail(task_id, job_id, agent_name, str(exc))
+        return _fail(task_id, job_id, agent_name, str(exc), balancer=getattr(exc, "balancer", None))
     except Exception as exc:
         _fail(task_id, job_id, agent_name, f"internal error: {type(exc).__name__}: {exc}")
         raise
@@ -121,14 +121,18 @@ def _record(task_id: str, job_id: str, agent_name: str, outcome: AgentOutcome) -
     return packet["status"]
 
 
-def _fail(task_id: str, job_id: str, agent_name: str | None, reason: str) -> str:
-    """Fail the task if this job's run is still the one in force."""
+def _fail(task_id: str, job_id: str, agent_name: str | None, reason: str, *, balancer: dict | None = None) -> str:
+    """Fail the task if this job's run is still the one in force; ``balancer`` is the last LLM
+    decision (its failovers and exclusions), when the step got that far."""
 
     def fail(packet: dict[str, Any]) -> bool:
         if packet["status"] != RUNNING or _claimed_by(packet) != job_id:
             return False
         packet["status"] = FAILED
-        packet["history"].append(history_event("failed", status=FAILED, agent=agent_name, detail={"reason": reason}))
+        detail: dict[str, Any] = {"reason": reason}
+        if balancer:
+            detail["balancer"] = balancer
+        packet["history"].append(history_event("failed", status=FAILED, agent=agent_name, detail=detail))
         return True
 
     packet, failed = task_store().update(task_id, fail)

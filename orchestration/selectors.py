@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
+from django.conf import settings
 from django.db.models import QuerySet
 
 from balancer.configuration import RoleConfig, llm_as_dict
@@ -89,7 +91,9 @@ def llm_list() -> list[dict[str, Any]]:
     """Every configured LLM with its health and its balancer state (breaker, in-flight, latency)."""
     config = configuration()
     balancer = load_balancer()
-    health = checker.check(config, on_failure=balancer.health_failed)
+    health = checker.check(
+        config, on_failure=partial(balancer.health_failed, interval_s=settings.LLM_HEALTH_CHECK_SECONDS)
+    )
     states = balancer.states(config)
     listed = []
     for llm in config.llms.values():

@@ -4,6 +4,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 
 from celery import Task, shared_task
 from celery.signals import worker_ready
@@ -24,7 +25,10 @@ def start_health_checks(**_kwargs) -> None:
     def loop() -> None:
         while True:
             try:
-                checker.check(configuration(), on_failure=load_balancer().health_failed)
+                checker.check(
+                    configuration(),
+                    on_failure=partial(load_balancer().health_failed, interval_s=settings.LLM_HEALTH_CHECK_SECONDS),
+                )
             except Exception:  # a check must never stop the loop; the next one may succeed
                 logger.exception("LLM health check failed")
             time.sleep(settings.LLM_HEALTH_CHECK_SECONDS)

@@ -18,6 +18,7 @@ from llm_engines.errors import (
     ContextTooLong,
     EngineAuthError,
     EngineBadRequest,
+    EngineConfigurationError,
     EngineError,
     EngineRateLimited,
     EngineTimeout,
@@ -79,6 +80,10 @@ class OpenAIEngine(Engine):
             return EngineRateLimited(f"rate limited: {message}", engine=self.name, retry_after=retry_after)
         if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
             return EngineAuthError(f"refused the credentials: {message}", engine=self.name)
+        if isinstance(exc, openai.NotFoundError):
+            return EngineConfigurationError(
+                f"{self.base_url or 'the API'} does not serve {self.model}: {message}", engine=self.name
+            )
         if isinstance(exc, openai.APIStatusError):
             if exc.status_code >= 500:
                 return EngineUnavailable(f"server error {exc.status_code}: {message}", engine=self.name)
@@ -169,6 +174,9 @@ class OpenAIEngine(Engine):
         started = time.perf_counter()
         try:
             served = [item.id for item in self.client.models.list(timeout=5)]
+        except openai.NotFoundError:
+            # Some OpenAI-compatible servers do not list models: reachable is all we can tell.
+            return Health(True, "reachable (the server does not list its models)", time.perf_counter() - started)
         except openai.OpenAIError as exc:
             return Health(False, str(self._error(exc)), time.perf_counter() - started)
         elapsed = time.perf_counter() - started

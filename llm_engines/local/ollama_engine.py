@@ -18,6 +18,7 @@ from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health,
 from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
+    EngineConfigurationError,
     EngineError,
     EngineRateLimited,
     EngineTimeout,
@@ -26,6 +27,7 @@ from llm_engines.errors import (
 from llm_engines.http import base_url_problems, retry_after_seconds
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
+TIMEOUT_STEPS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 def to_ollama_message(message: Message) -> dict[str, Any]:
@@ -75,8 +77,10 @@ class OllamaEngine(Engine):
         return {**super().validate_settings(settings), **base_url_problems(settings)}
 
     def _client(self, timeout: float | None) -> ollama.Client:
-        """The client for a timeout: the ollama client sets its timeout once, at creation."""
-        key = float(timeout or self.request_timeout)
+        """The client for a timeout: the ollama client sets its timeout once, at creation, so
+        timeouts are rounded up to a few steps and one client serves each step."""
+        wanted = float(timeout or self.request_timeout)
+        key = next((step for step in TIMEOUT_STEPS if step >= wanted), wanted)
         with self._lock:
             if key not in self._clients:
                 self._clients[key] = ollama.Client(host=self.base_url, timeout=key)
@@ -97,6 +101,10 @@ class OllamaEngine(Engine):
                 )
             if status >= 500:
                 return EngineUnavailable(f"server error {status}: {message}", engine=self.name)
+            if status == 404:
+                return EngineConfigurationError(
+                    f"{self.base_url} does not have {self.model}: {message}", engine=self.name
+                )
             if "context" in message.lower():
                 return ContextTooLong(message, engine=self.name)
             return EngineBadRequest(f"{status}: {message}", engine=self.name)

@@ -136,13 +136,16 @@ def test_rule_3_consecutive_failures_trip_the_breaker(lb, clock):
 
 
 def test_rule_3_a_failure_share_trips_after_the_minimum_of_calls(lb):
-    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    config = config_with([{"id": "t-a", "max_concurrency": 5}, {"id": "t-b", "max_concurrency": 5}],
+                         {"preferred_llms": ["t-a"]})  # fmt: skip
     for ok in (False, False, True, False):  # never three failures in a row
         decision = take(lb, config)
+        assert decision.llm.id == "t-a"
         lb.record(decision, result=reply()) if ok else fail(lb, decision)
-    assert take(lb, config).llm.id == "t-a"  # 3 of 4: under the minimum of 5 calls
-    lb.record(lb.select(config, config.role("tp", "r")), error=EngineUnavailable("x"))  # frees the slot above
-    assert take(lb, config).llm.id == "t-b"  # 4 of 5 failed, over the share of 75 %: tripped
+    assert lb.states(config)["t-a"]["breaker"] == "closed"  # 3 of 4: under the minimum of 5 calls
+    fail(lb, take(lb, config))  # 4 of 5 failed, over the share of 75 %
+    assert lb.states(config)["t-a"]["breaker"] == "open"
+    assert take(lb, config).llm.id == "t-b"
 
 
 def test_rule_3_failed_health_checks_cool_an_llm_down(lb, clock):
@@ -166,8 +169,10 @@ def test_rule_3_failed_health_checks_cool_an_llm_down(lb, clock):
         }
     )
     checker = HealthChecker(ttl_s=0)
-    for _ in range(3):
+    for round_ in range(3):
+        clock.now += 30 if round_ else 0
         checker.check(config, on_failure=lb.health_failed)
+        checker.check(config, on_failure=lb.health_failed)  # another process, the same interval: not counted
     decision = take(lb, config)
     assert decision.llm.id == "t-ok"
     assert decision.excluded["t-gone"].startswith("rule 3: cooling down")
@@ -409,3 +414,14 @@ def test_rule_5_a_full_faster_llm_is_worth_waiting_for_unless_many_wait(lb):
             break
     assert outcome.llm.id == "t-slow"
     assert 5 < index < 15  # once about ten calls wait for the fast one, the slow one is sooner
+
+
+def test_rule_4_a_live_holder_renews_its_lease(lb, clock):
+    config = config_with([{"id": "t-a"}])
+    held = take(lb, config)
+    clock.now += lb.policy.slot_lease_s * 0.6
+    lb.renew_slot(held)  # what the holder's renewal thread does while the call runs
+    clock.now += lb.policy.slot_lease_s * 0.6  # past the first lease, inside the renewed one
+    assert isinstance(lb.select(config, config.role("tp", "r")), Wait)
+    clock.now += lb.policy.slot_lease_s  # the holder stopped renewing (it died)
+    assert take(lb, config).llm.id == "t-a"

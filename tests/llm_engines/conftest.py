@@ -25,8 +25,12 @@ class _FaultHandler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         if self.mode == "hang":
             time.sleep(3)
-        body = json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode()
-        self.send_response(429)
+        if self.mode == "notfound":
+            status, error = 404, {"message": "The model `m` does not exist", "type": "invalid_request_error"}
+        else:
+            status, error = 429, {"message": "slow down", "type": "rate_limit"}
+        body = json.dumps({"error": error}).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Retry-After", "7")
         self.send_header("Content-Length", str(len(body)))
@@ -44,7 +48,8 @@ class _QuietServer(ThreadingHTTPServer):
 
 @pytest.fixture
 def fault_server() -> Iterator[callable]:
-    """A real HTTP server on loopback that answers 429 with Retry-After: 7, or first hangs for 3 s."""
+    """A real HTTP server on loopback that answers 429 with Retry-After: 7 (or 404 for an unknown
+    model, in mode "notfound"), in mode "hang" after 3 s."""
     servers = []
 
     def start(mode: str) -> str:

@@ -8,7 +8,13 @@ real SmolLM2 model, in its own process.
 import pytest
 
 from llm_engines.base import ChatOptions
-from llm_engines.errors import EngineBadRequest, EngineRateLimited, EngineTimeout, EngineUnavailable
+from llm_engines.errors import (
+    EngineBadRequest,
+    EngineConfigurationError,
+    EngineRateLimited,
+    EngineTimeout,
+    EngineUnavailable,
+)
 from llm_engines.local.ollama_engine import OllamaEngine, to_ollama_message
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name one fruit."}]
@@ -56,9 +62,10 @@ def test_health_lists_the_models(engine, ollama_server):
     assert "not pulled" in missing.detail
 
 
-def test_an_unknown_model_is_a_bad_request(ollama_server):
-    with pytest.raises(EngineBadRequest, match="not found"):
+def test_an_unknown_model_is_a_configuration_error_that_another_llm_may_take_over(ollama_server):
+    with pytest.raises(EngineConfigurationError, match="not found") as error:
         OllamaEngine(model="nope", base_url=ollama_server).chat(HELLO)
+    assert error.value.llm_at_fault
 
 
 def test_a_stopped_server_is_unavailable(closed_url):

@@ -57,3 +57,12 @@ def test_the_key_comes_from_the_named_environment_variable(monkeypatch, openai_s
     engine = OpenAIEngine(model="smollm2", base_url=openai_server, api_key_env="AIAGENT_TEST_KEY")
     assert engine.client.api_key == "sk-test-secret-value"
     assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
+
+
+def test_a_model_the_server_does_not_serve_is_a_configuration_error(fault_server):
+    """llama-cpp-python's server answers any model name, so this one is the fault server's 404."""
+    from llm_engines.errors import EngineConfigurationError
+
+    with pytest.raises(EngineConfigurationError, match="does not exist") as error:
+        OpenAIEngine(model="m", base_url=f"{fault_server('notfound')}/v1").chat(HELLO, ChatOptions(max_tokens=4))
+    assert error.value.llm_at_fault
