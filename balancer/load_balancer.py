@@ -49,7 +49,7 @@ class Policy:
     window: int = 20  # rule 3: the recent calls a breaker looks at
     min_calls: int = 5  # rule 3: calls in the window before the failure share can trip it
     failure_share: float = 0.75  # rule 3
-    consecutive_failures: int = 3  # rule 3
+    consecutive_failures: int = 5  # rule 3
     base_cooldown_s: float = 10.0  # rule 3: the first trip's cooldown; each repeated trip doubles it
     max_cooldown_s: float = 300.0  # rule 3
     trips_forgotten_after_s: float = 600.0  # rule 3: a trip this long after the last one counts as a first
@@ -74,18 +74,21 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
 end
 return 0
 """
-# Everything a decision reads, in one round trip: for each LLM (KEYS in threes: breaker, stats,
-# slots) the fields of its breaker and stats that a decision uses and its live slots; then the
-# profile's spending (the last KEY). Missing fields come back as false.
+# Everything a decision reads, in one round trip: for each LLM id (ARGV[3:]) the fields of its
+# breaker and stats that a decision uses and its live slots; then the profile's spending (KEYS[1]).
+# Missing fields come back as false. The script names the per-LLM keys itself (ARGV[2] is the
+# prefix) to keep the request small; this needs a single Redis, not a cluster.
 _SNAPSHOT = """
-local now = ARGV[1]
+local now, prefix = ARGV[1], ARGV[2]
 local out = {}
-for i = 1, #KEYS - 1, 3 do
-  out[#out + 1] = {redis.call('HMGET', KEYS[i], 'state', 'open_until', 'probe_until'),
-                   redis.call('HMGET', KEYS[i + 1], 'ttft_ms', 'tpot_ms', 'samples', 'last_at', 'fail_rate'),
-                   redis.call('ZCOUNT', KEYS[i + 2], now, '+inf')}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local breaker = redis.call('HMGET', prefix .. 'breaker:' .. id, 'state', 'open_until', 'probe_until')
+  local stats = redis.call('HMGET', prefix .. 'stats:' .. id, 'ttft_ms', 'tpot_ms', 'samples', 'last_at',
+                           'fail_rate')
+  out[#out + 1] = {breaker, stats, redis.call('ZCOUNT', prefix .. 'slots:' .. id, now, '+inf')}
 end
-return cjson.encode({out, redis.call('GET', KEYS[#KEYS])})
+return cjson.encode({out, redis.call('GET', KEYS[1])})
 """
 _BREAKER_FIELDS = ("state", "open_until", "probe_until")
 _STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate")
@@ -313,10 +316,8 @@ class LoadBalancer:
 
     def _snapshot(self, llms: list[LLMConfig], profile: str) -> tuple[dict[str, dict], dict[str, dict], int, float]:
         """The breakers, latency stats and slots in use of ``llms``, and the profile's spending today."""
-        keys = []
-        for llm in llms:
-            keys += [self._key("breaker", llm.id), self._key("stats", llm.id), self._key("slots", llm.id)]
-        rows, spent = json.loads(self._read(keys=[*keys, self._spend_key(profile)], args=[self.clock()]))
+        args = [self.clock(), PREFIX, *(llm.id for llm in llms)]
+        rows, spent = json.loads(self._read(keys=[self._spend_key(profile)], args=args))
         breakers, stats, in_flight = {}, {}, {}
         for llm, (breaker, sample, used) in zip(llms, rows, strict=True):
             breakers[llm.id] = {k: v for k, v in zip(_BREAKER_FIELDS, breaker, strict=True) if v is not False}

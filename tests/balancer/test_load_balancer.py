@@ -127,7 +127,7 @@ def test_rule_2_a_full_preferred_llm_spills_over_to_the_next_tier(lb):
 
 def test_rule_3_consecutive_failures_trip_the_breaker(lb, clock):
     config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
-    for _ in range(3):
+    for _ in range(lb.policy.consecutive_failures):
         fail(lb, take(lb, config))
     decision = take(lb, config)
     assert decision.llm.id == "t-b"
@@ -169,7 +169,7 @@ def test_rule_3_failed_health_checks_cool_an_llm_down(lb, clock):
         }
     )
     checker = HealthChecker(ttl_s=0)
-    for round_ in range(3):
+    for round_ in range(lb.policy.consecutive_failures):
         clock.now += 30 if round_ else 0
         checker.check(config, on_failure=lb.health_failed)
         checker.check(config, on_failure=lb.health_failed)  # another process, the same interval: not counted
@@ -197,7 +197,7 @@ def test_rule_3_retry_after_is_honoured(lb, clock):
 def test_rule_3_half_open_lets_one_probe_through_and_a_repeated_trip_lasts_longer(lb, clock):
     config = config_with([{"id": "t-a", "max_concurrency": 5}, {"id": "t-b", "max_concurrency": 5}],
                          {"preferred_llms": ["t-a"]})  # fmt: skip
-    for _ in range(3):
+    for _ in range(lb.policy.consecutive_failures):
         fail(lb, take(lb, config))
     clock.now += 10  # the first cooldown
     probe = take(lb, config)
@@ -220,7 +220,7 @@ def test_rule_3_half_open_lets_one_probe_through_and_a_repeated_trip_lasts_longe
 def test_rule_3_the_only_candidate_is_never_cooled_down_the_call_waits(lb, clock):
     config = config_with([{"id": "t-only"}])
     role = config.role("tp", "r")
-    for _ in range(3):
+    for _ in range(lb.policy.consecutive_failures):
         fail(lb, take(lb, config))
     waiting = lb.select(config, role)
     assert isinstance(waiting, Wait)
