@@ -97,30 +97,41 @@ def save_rows_to_file(path: Path, *, known_agents: Collection[str]) -> None:
 
 
 def _import(config: Configuration) -> None:
-    Role.objects.all().delete()
-    Profile.objects.all().delete()
-    LLM.objects.all().delete()
+    """Make the rows match ``config``, updating rows in place by their names (so that an admin page
+    open on one stays valid), creating the new ones and deleting the ones that are gone."""
+    LLM.objects.exclude(llm_id__in=list(config.llms)).delete()
     for position, llm in enumerate(config.llms.values()):
-        LLM.objects.create(
-            llm_id=llm.id, position=position, engine=llm.engine, source=llm.source, model=llm.model,
-            base_url=llm.base_url or "", api_key_env=llm.api_key_env or "", toggle=llm.toggle, locked=llm.locked,
-            capabilities=sorted(llm.capabilities), context_length=llm.context_length,
-            max_concurrency=llm.max_concurrency, cost_per_1k_tokens=dict(llm.cost_per_1k_tokens),
-            weight=llm.weight, options=dict(llm.options),
+        LLM.objects.update_or_create(
+            llm_id=llm.id,
+            defaults={
+                "position": position, "engine": llm.engine, "source": llm.source, "model": llm.model,
+                "base_url": llm.base_url or "", "api_key_env": llm.api_key_env or "", "toggle": llm.toggle,
+                "locked": llm.locked, "capabilities": sorted(llm.capabilities), "context_length": llm.context_length,
+                "max_concurrency": llm.max_concurrency, "cost_per_1k_tokens": dict(llm.cost_per_1k_tokens),
+                "weight": llm.weight, "options": dict(llm.options),
+            },
         )  # fmt: skip
+    Profile.objects.exclude(name__in=list(config.profiles)).delete()
     for profile_position, profile in enumerate(config.profiles.values()):
-        row = Profile.objects.create(
+        row, _ = Profile.objects.update_or_create(
             name=profile.name,
-            position=profile_position,
-            default_llms=list(profile.default_llms),
-            daily_budget=profile.daily_budget,
+            defaults={
+                "position": profile_position,
+                "default_llms": list(profile.default_llms),
+                "daily_budget": profile.daily_budget,
+            },
         )
+        Role.objects.filter(profile=row).exclude(name__in=list(profile.roles)).delete()
         for position, role in enumerate(profile.roles.values()):
-            Role.objects.create(
-                profile=row, name=role.name, position=position, agent=role.agent, system_prompt=role.system_prompt,
-                capabilities=sorted(role.capabilities), preferred_llms=list(role.preferred_llms),
-                max_tokens=role.max_tokens, temperature=role.temperature, time_limit_s=role.time_limit_s,
-                max_iterations=role.max_iterations,
+            Role.objects.update_or_create(
+                profile=row,
+                name=role.name,
+                defaults={
+                    "position": position, "agent": role.agent, "system_prompt": role.system_prompt,
+                    "capabilities": sorted(role.capabilities), "preferred_llms": list(role.preferred_llms),
+                    "max_tokens": role.max_tokens, "temperature": role.temperature,
+                    "time_limit_s": role.time_limit_s, "max_iterations": role.max_iterations,
+                },
             )  # fmt: skip
 
 

@@ -95,10 +95,14 @@ def test_deleting_an_llm_that_roles_name_is_refused(admin_client, config_file, e
 
 def test_a_hand_edit_is_picked_up_and_a_broken_one_is_not(admin_client, api, config_file, edit_config):
     assert configuration().profiles["developer"].roles["planner"].max_tokens == 384
+    admin_client.get(LLM_LIST)
+    planner_pk = Role.objects.get(profile__name="developer", name="planner").pk
     edit_config(lambda raw: raw["profiles"]["developer"]["roles"]["planner"].update(max_tokens=99))
     assert configuration().profiles["developer"].roles["planner"].max_tokens == 99
     admin_client.get(LLM_LIST)
-    assert Role.objects.get(profile__name="developer", name="planner").max_tokens == 99
+    planner = Role.objects.get(profile__name="developer", name="planner")
+    assert planner.max_tokens == 99
+    assert planner.pk == planner_pk  # updated in place: a page open on it stays valid
 
     config_file.write_text('{"llms": [}')
     assert configuration().profiles["developer"].roles["planner"].max_tokens == 99  # the last good one
