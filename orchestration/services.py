@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -100,12 +99,6 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     """
     role_config = role_get(profile=profile, role=role)
     try:
-        json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApplicationError(
-            "payload: contains text that is not valid Unicode (an unpaired surrogate)", field="payload"
-        ) from None
-    try:
         payload = agent_class(role_config.agent).validate_payload(payload)
     except PayloadError as exc:
         raise ApplicationError(str(exc), field=exc.field) from None
@@ -124,6 +117,12 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
         stored = task_store().create(packet)
     except TaskExists as exists:
         return _resubmit(exists.packet, profile=profile, role=role, payload=payload, role_config=role_config), False
+    except UnicodeEncodeError:
+        # JSON admits unpaired surrogates; UTF-8 does not. The packet's encoding, before any file
+        # is written, is where that shows.
+        raise ApplicationError(
+            "payload: contains text that is not valid Unicode (an unpaired surrogate)", field="payload"
+        ) from None
     except OSError as exc:
         raise _storage_error(exc) from exc
     transaction.on_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))

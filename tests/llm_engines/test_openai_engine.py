@@ -20,8 +20,7 @@ def engine(openai_server):
     return OpenAIEngine(model="smollm2", base_url=openai_server, structured_output="json_object")
 
 
-def test_health(engine, openai_server):
-    assert engine.health().ok
+def test_health_says_when_the_model_is_not_served(openai_server):
     missing = OpenAIEngine(model="not-served", base_url=openai_server).health()
     assert not missing.ok
     assert "not served" in missing.detail
