@@ -11,15 +11,33 @@ export DEBUG ?= 1
 # The native build of llama.cpp crashes on CPUs that report AMX.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: run test install lint format clean
+.PHONY: run test install bubblewrap lint format clean
 
-run: $(STAMP)
+run: $(STAMP) bubblewrap
 	$(PY) -m aiagentserver.launcher run
 
-test: $(STAMP)
+test: $(STAMP) bubblewrap
 	$(PY) -m aiagentserver.launcher test -- $(PYTEST_ARGS)
 
-install: $(STAMP)
+install: $(STAMP) bubblewrap
+
+# bubblewrap runs generated code in a sandbox (agents/sandbox.py). Installed when we are root
+# with apt-get; otherwise a warning, and the rest goes on. Silent when it is there.
+BWRAP_MISSING := bubblewrap is not installed: QA test runs will fail unless SANDBOX_ALLOW_UNSANDBOXED=1; \
+	install it with: sudo apt-get install bubblewrap
+
+bubblewrap:
+	@if ! command -v "$${SANDBOX_BWRAP:-bwrap}" >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "==> Installing bubblewrap, the sandbox for generated code."; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+				|| { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+				|| echo "==> $(BWRAP_MISSING)"; \
+		else \
+			echo "==> $(BWRAP_MISSING)"; \
+		fi; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

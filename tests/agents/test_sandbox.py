@@ -1,0 +1,358 @@
+"""The sandbox for generated code: isolation, limits and output, with the real bubblewrap.
+
+These tests need bubblewrap (``make install`` installs it as root); without it they fail and
+say so rather than skip, since a QA run without it would fail the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from agents import sandbox
+from agents.sandbox import Limits, SandboxUnavailable
+
+# Small limits keep the file fast; each test that is about one limit sets it lower still.
+FAST = Limits(wall_s=5, cpu_s=2, memory_mb=256, processes=32, output_bytes=4096, file_size_mb=4)
+
+
+@pytest.fixture
+def bwrap() -> str:
+    path = shutil.which(settings.SANDBOX_BWRAP)
+    if path is None:
+        pytest.fail(
+            f"bubblewrap is not installed ({settings.SANDBOX_BWRAP} not found): run `make install` as root "
+            "or `sudo apt-get install bubblewrap`; the sandbox tests need it"
+        )
+    return path
+
+
+@pytest.fixture
+def no_bwrap(settings, tmp_path: Path) -> None:
+    settings.SANDBOX_BWRAP = str(tmp_path / "no-such-bwrap")
+
+
+def run_python(code: str, limits: Limits = FAST, **files: str) -> sandbox.SandboxResult:
+    return sandbox.run({"main.py": code, **files}, ["python", "main.py"], limits=limits)
+
+
+def processes_running(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_script_output_and_exit_code_come_back(bwrap):
+    result = run_python(
+        "import sys, helper\nprint(helper.greet('QA'))\nprint('to stderr', file=sys.stderr)\nsys.exit(3)\n",
+        **{"helper.py": "def greet(name):\n    return f'hello {name}, ünïcode'\n"},
+    )
+
+    assert result.stdout == "hello QA, ünïcode\n"
+    assert result.stderr == "to stderr\n"
+    assert result.exit_code == 3
+    assert result.sandboxed is True
+    assert (result.timed_out, result.truncated, result.limit) == (False, False, None)
+    assert json.loads(json.dumps(result.as_detail()))["exit_code"] == 3
+
+
+def test_files_in_subdirectories_and_other_commands_run_in_the_working_directory(bwrap):
+    result = sandbox.run(
+        {"pkg/__init__.py": "", "pkg/calc.py": "def add(a, b):\n    return a + b\n", "test_calc.py": UNITTEST},
+        ["python", "-m", "unittest", "-q", "test_calc"],
+        limits=FAST,
+    )
+    shell = sandbox.run({"data.txt": "x\n"}, ["sh", "-c", "pwd; cat data.txt"], limits=FAST)
+
+    assert result.exit_code == 0, result.stderr
+    assert "Ran 1 test" in result.stderr
+    assert shell.stdout == "/work\nx\n"
+
+
+UNITTEST = """\
+import unittest
+from pkg.calc import add
+
+class AddTest(unittest.TestCase):
+    def test_add(self):
+        self.assertEqual(add(2, 3), 5)
+"""
+
+
+def test_unknown_command_exits_127(bwrap):
+    result = sandbox.run({}, ["no-such-command"], limits=FAST)
+
+    assert result.exit_code == 127
+    assert "cannot run 'no-such-command'" in result.stderr
+
+
+def test_infinite_loop_is_killed_at_the_cpu_limit(bwrap):
+    result = run_python("while True:\n    pass\n", Limits(wall_s=10, cpu_s=1))
+
+    assert result.limit == "CPU time limit of 1s"
+    assert result.exit_code == 128 + 24  # SIGXCPU
+    assert result.duration_s < 5
+
+
+def test_sleeping_script_is_killed_at_the_wall_clock_timeout(bwrap):
+    result = run_python("import time\nprint('started', flush=True)\ntime.sleep(60)\n", Limits(wall_s=1))
+
+    assert result.timed_out is True
+    assert result.exit_code is None
+    assert result.limit == "wall-clock timeout of 1s"
+    assert result.stdout == "started\n"
+    assert result.duration_s < 4
+
+
+# Forks children that stay alive until the limit refuses one (or a bound is reached) and
+# prints how many it got. Bounded, so that it cannot hurt the machine if a limit failed.
+HOLDING_FORKS = """
+import os, time
+children = 0
+try:
+    for _ in range(300):
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        children += 1
+except OSError as exc:
+    print(children, type(exc).__name__)
+else:
+    print(children, "none")
+"""
+
+
+def test_process_limit_counts_only_the_sandboxs_own_processes(bwrap):
+    # Counted in the sandbox's own user namespace: the limit less the sandbox's init and this
+    # script, whatever else the uid runs on the host.
+    result = run_python(HOLDING_FORKS, Limits(wall_s=10, processes=20))
+
+    count, error = result.stdout.split()
+    assert error == "BlockingIOError"
+    assert 10 <= int(count) < 20
+    assert result.exit_code == 0  # the sleeping children went with the sandbox
+
+
+def test_fork_bomb_is_contained_and_ends_at_the_wall_clock_timeout(bwrap):
+    marker = f"bomb_{uuid.uuid4().hex}"
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    started = time.monotonic()
+
+    result = sandbox.run({f"{marker}.py": bomb}, ["python", f"{marker}.py"], limits=Limits(wall_s=2, processes=32))
+
+    assert result.timed_out is True
+    assert result.limit == "wall-clock timeout of 2s"
+    assert time.monotonic() - started < 6
+    assert processes_running(marker) == [], "bomb processes outlived the run"
+
+
+def test_fork_bomb_that_dies_on_refusal_reports_the_process_limit(bwrap):
+    result = run_python("import os\nwhile True:\n    os.fork()\n", Limits(wall_s=5, processes=16))
+
+    assert result.exit_code == 1
+    assert result.limit == "process limit of 16"
+
+
+def test_four_gigabyte_allocation_fails_with_memory_error(bwrap):
+    result = run_python("data = bytearray(4 * 2**30)\nprint('allocated')\n")
+
+    assert result.stdout == ""
+    assert result.stderr.rstrip().endswith("MemoryError")
+    assert result.limit == "memory limit of 256 MB"
+
+
+def test_network_is_unreachable(bwrap):
+    # A listener of this test process proves the host's loopback answers; the sandbox's does not.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    code = f"""
+import socket
+for address in [("127.0.0.1", {port}), ("127.0.0.1", 6379), ("1.1.1.1", 53)]:
+    try:
+        socket.create_connection(address, timeout=2).close()
+        print(address, "connected")
+    except OSError as exc:
+        print(address, "failed:", type(exc).__name__)
+try:
+    socket.getaddrinfo("example.com", 80)
+    print("resolved")
+except OSError as exc:
+    print("dns failed:", type(exc).__name__)
+"""
+    try:
+        result = run_python(code)
+    finally:
+        listener.close()
+
+    assert result.exit_code == 0, result.stderr
+    assert "connected" not in result.stdout
+    assert "resolved" not in result.stdout
+    assert result.stdout.count("failed:") == 4
+
+
+def test_nothing_outside_the_working_directory_is_writable_or_visible(bwrap, tmp_path):
+    host_tmp_file = Path(tempfile.mkstemp(prefix="sandbox-host-visible-")[1])
+    host_tmp_file.write_text("host")
+    hidden = [str(settings.BASE_DIR), str(settings.TASKS_STATE_DIR), str(host_tmp_file), str(tmp_path)]
+    marker = uuid.uuid4().hex
+    code = f"""
+import os
+for path in ["/etc/x", "/usr/x", "/x", "/dev/x", "/proc/x", "/bin/x"]:
+    try:
+        open(path, "w").write("x")
+        print("WROTE", path)
+    except OSError as exc:
+        print("refused", path, type(exc).__name__)
+for path in {hidden!r}:
+    print("VISIBLE" if os.path.exists(path) else "hidden", path)
+open("/tmp/scratch", "w").write("private /tmp")
+open("{marker}.txt", "w").write("kept")
+print(os.getcwd(), sorted(os.listdir(".")))
+"""
+    try:
+        result = run_python(code)
+    finally:
+        host_tmp_file.unlink()
+    left = list(Path(tempfile.gettempdir()).glob(f"aiagent-sandbox-*/work/{marker}.txt"))
+
+    assert result.exit_code == 0, result.stderr
+    assert "WROTE" not in result.stdout
+    assert "VISIBLE" not in result.stdout
+    assert result.stdout.count("refused") == 6
+    assert result.stdout.endswith(f"/work {sorted(['main.py', f'{marker}.txt'])}\n")
+    assert left == [], "the working directory was not removed"
+
+
+def test_output_is_truncated_at_the_limit_while_the_flood_is_drained(bwrap):
+    flood = "import sys\nsys.stderr.write('e' * 10000)\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
+    result = run_python(flood, Limits(wall_s=10, cpu_s=1, output_bytes=1000))
+
+    assert result.truncated is True
+    assert result.stdout == "x" * 1000
+    assert result.stderr == "e" * 1000
+    assert result.limit == "CPU time limit of 1s"
+
+
+def test_secrets_in_the_worker_environment_do_not_reach_the_code(bwrap, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-from-the-worker")
+    code = "import os\nprint(sorted(os.environ))\nprint(open('/proc/1/environ').read())\n"
+
+    result = run_python(code)
+
+    assert result.exit_code == 0, result.stderr
+    assert "OPENAI_API_KEY" not in result.stdout
+    assert "sk-secret-from-the-worker" not in result.stdout
+    assert "'PATH'" in result.stdout
+    assert "'HOME'" in result.stdout
+
+
+def test_bad_file_paths_are_refused_by_name():
+    for bad in ["../escape.py", "/etc/passwd", "a/../../b.py", "", "a//b.py", "./a.py", "dir/"]:
+        with pytest.raises(ValueError, match="file path"):
+            sandbox.run({bad: "x"}, ["python", "-c", "pass"], limits=FAST)
+    with pytest.raises(ValueError, match="at most"):
+        sandbox.run({f"f{i}.py": "" for i in range(sandbox.MAX_FILES + 1)}, ["true"], limits=FAST)
+
+
+def test_limits_default_to_the_settings(settings):
+    settings.SANDBOX_WALL_SECONDS = 3
+    settings.SANDBOX_PROCESSES = 7
+
+    assert Limits().wall_s == 3.0
+    assert Limits().processes == 7
+    with pytest.raises(ValueError, match="memory_mb"):
+        Limits(memory_mb=0)
+
+
+def test_status_says_runs_are_sandboxed(bwrap):
+    sandboxed, reason = sandbox.status()
+
+    assert sandboxed is True, reason
+    assert "bubblewrap" in reason
+
+
+def test_missing_bubblewrap_raises_with_how_to_install(no_bwrap):
+    with pytest.raises(SandboxUnavailable) as raised:
+        sandbox.run({"main.py": "print('never')"}, ["python", "main.py"], limits=FAST)
+
+    message = str(raised.value)
+    assert "bubblewrap is not installed" in message
+    assert "apt-get install bubblewrap" in message
+    assert "SANDBOX_ALLOW_UNSANDBOXED=1" in message
+    assert sandbox.status() == (False, message)
+
+
+def test_bubblewrap_without_the_options_needed_raises(settings):
+    settings.SANDBOX_BWRAP = shutil.which("false")
+
+    with pytest.raises(SandboxUnavailable, match="too old"):
+        sandbox.run({}, ["python", "-c", "pass"], limits=FAST)
+
+
+def test_bubblewrap_that_cannot_set_up_a_sandbox_raises_with_its_message(settings):
+    # What bubblewrap does where user namespaces are forbidden: it fails before the command starts.
+    # The fake lives where nobody (whom a root worker runs bubblewrap as) may execute it.
+    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
+    try:
+        directory.chmod(0o755)
+        fake = directory / "bwrap"
+        fake.write_text(
+            '#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\n'
+            'echo "bwrap: setting up uid map: Permission denied" >&2\nexit 1\n'
+        )
+        fake.chmod(0o755)
+        settings.SANDBOX_BWRAP = str(fake)
+
+        with pytest.raises(SandboxUnavailable, match=r"could not be set up.*uid map: Permission denied"):
+            sandbox.run({}, ["python", "-c", "pass"], limits=FAST)
+        assert sandbox.status()[0] is False
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_unsandboxed_runs_when_allowed_with_the_same_limits(no_bwrap, settings, monkeypatch):
+    settings.SANDBOX_ALLOW_UNSANDBOXED = True
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-from-the-worker")
+    code = "import os, sys\nprint(os.getcwd(), sorted(os.environ))\nprint(open('data.txt').read())\nsys.exit(2)\n"
+
+    result = run_python(code, **{"data.txt": "given"})
+    looping = run_python("while True:\n    pass\n", Limits(wall_s=10, cpu_s=1))
+    hungry = run_python("bytearray(4 * 2**30)\n")
+    sleeping = run_python("import time\ntime.sleep(60)\n", Limits(wall_s=1))
+
+    assert result.sandboxed is False
+    assert result.exit_code == 2
+    assert "aiagent-sandbox-" in result.stdout
+    assert "given" in result.stdout
+    assert "OPENAI_API_KEY" not in result.stdout
+    assert looping.limit == "CPU time limit of 1s"
+    assert hungry.limit == "memory limit of 256 MB"
+    assert (sleeping.timed_out, sleeping.limit) == (True, "wall-clock timeout of 1s")
+    sandboxed, reason = sandbox.status()
+    assert sandboxed is False
+    assert "unsandboxed" in reason
+
+
+def test_unsandboxed_runs_are_held_to_the_process_limit(no_bwrap, settings):
+    settings.SANDBOX_ALLOW_UNSANDBOXED = True
+
+    result = run_python(HOLDING_FORKS, Limits(wall_s=10, processes=20))
+
+    count, error = result.stdout.split()
+    assert error == "BlockingIOError"
+    assert int(count) < 20
