@@ -1,16 +1,33 @@
-"""The agent base class: payload validation, prompt, one engine call, result."""
+"""The agent base class: payload schema, prompt, structured reply, result.
+
+An agent declares the JSON schema of the payload it accepts (checked when the
+task is submitted, and again before the step runs), builds the prompt, and
+asks the engine for JSON that follows its output schema. A reply that does not
+parse or does not follow the schema is asked again once, with the error; a
+second bad reply fails the step with ``ReplyError``.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import json
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
 from balancer.load_balancer import LoadBalancer, estimate_tokens
 from llm_engines.base import ChatOptions, ChatResult, Message
 from llm_engines.registry import get_engine
+
+# The flows the orchestration engine runs after an agent's step (orchestration/orchestration_engine.py).
+SINGLE = "single"  # the step's result finishes the task
+PLAN = "plan"  # the plan may be executed by child tasks
+LOOP = "loop"  # the QA -> Debug -> Coder feedback loop
+CHECKS = "checks"  # QA's checks on code given in the payload
 
 
 class PayloadError(ValueError):
@@ -20,6 +37,18 @@ class PayloadError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class ReplyError(Exception):
+    """The model's reply did not follow the agent's output schema, even after a retry with the error."""
+
+    def __init__(self, message: str, *, balancer: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.balancer = balancer
+
+
+class ReplyProblem(ValueError):
+    """What is wrong with one reply; the model is told, once."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +64,12 @@ class AgentOutcome:
     latency_ms: float
     time_to_first_token_ms: float | None
     finish_reason: str | None
+    # 2 when the first reply was refused and asked again with its error.
+    calls: int = 1
+    reply_problem: str | None = None
 
     def step_detail(self) -> dict[str, Any]:
-        return {
+        detail = {
             "model": self.model,
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
             "latency_ms": round(self.latency_ms, 1),
@@ -47,23 +79,180 @@ class AgentOutcome:
             "finish_reason": self.finish_reason,
             "balancer": self.decision,
         }
+        if self.calls > 1:
+            detail["calls"] = self.calls
+            detail["first_reply_problem"] = self.reply_problem
+        return detail
 
 
-class Agent(ABC):
+# Schema builders. Every string and list an engine fills is bounded: a grammar-constrained small
+# model otherwise loops in a free-text field until max_tokens and the JSON never closes.
+
+
+def text(max_length: int, *, min_length: int = 1) -> dict[str, Any]:
+    return {"type": "string", "minLength": min_length, "maxLength": max_length}
+
+
+def array(items: dict[str, Any], *, max_items: int, min_items: int = 0) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": min_items, "maxItems": max_items}
+
+
+def obj(properties: dict[str, Any], *, required: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties if required is None else required),
+        "additionalProperties": False,
+    }
+
+
+# A payload's text fields: large enough for real work, bounded (the request body limit bounds them too).
+PAYLOAD_TEXT = text(100_000)
+FILE_PATH = {"type": "string", "pattern": r"^(?!/)(?!.*\.\.)[A-Za-z0-9_./-]{1,100}$"}
+FILES = array(obj({"path": FILE_PATH, "content": text(200_000, min_length=0)}), max_items=20)
+
+
+# Characters a reply token is counted as, low: a grammar-driven model that repeats itself fills a
+# field with short tokens. A role's max_tokens must hold its agent's longest reply at this rate
+# (tests/agents/test_agents.py checks every shipped role), or the reply is cut before the JSON closes.
+CHARS_PER_TOKEN = 2
+
+
+def long_text(role: RoleConfig, share: float) -> dict[str, Any]:
+    """The bound of a reply's main text field: ``share`` of what the role's max_tokens holds."""
+    return text(max(100, int(role.max_tokens * CHARS_PER_TOKEN * share)))
+
+
+def max_json_chars(schema: Mapping[str, Any]) -> float:
+    """The longest JSON text that follows ``schema`` (of the kinds the agents use), with one space
+    between tokens as llama.cpp's grammars allow; infinite when something is unbounded."""
+    if "const" in schema:
+        return len(json.dumps(schema["const"]))
+    if "enum" in schema:
+        return max(len(json.dumps(value)) for value in schema["enum"])
+    kind = schema.get("type")
+    if kind == "string":
+        return schema.get("maxLength", math.inf) + 2
+    if kind == "boolean":
+        return 5
+    if kind in ("integer", "number"):
+        return 20
+    if kind == "array":
+        if "prefixItems" in schema:
+            return 2 + sum(max_json_chars(item) + 2 for item in schema["prefixItems"])
+        count = schema.get("maxItems", math.inf)
+        return 2 if count == 0 else 2 + count * (max_json_chars(schema["items"]) + 2)
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return 2 + sum(len(name) + 6 + max_json_chars(value) for name, value in properties.items())
+    return math.inf
+
+
+def _unknown_fields_first(error: ValidationError) -> tuple:
+    """``best_match``'s ordering, except that an unknown field is named before a missing one: a
+    payload with a misspelt field is missing the right one too, and the misspelling is the news."""
+    return (error.validator == "additionalProperties", *relevance(error))
+
+
+def first_problem(schema: dict[str, Any], instance: Any) -> ValidationError | None:
+    return best_match(Draft202012Validator(schema).iter_errors(instance), key=_unknown_fields_first)
+
+
+def field_path(error: ValidationError, root: str = "payload") -> str:
+    """The JSON path of the field an error is about, such as ``payload.files[0].path``."""
+    path = root
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    if error.validator == "required":
+        missing = next((name for name in error.validator_value if name not in error.instance), None)
+        if missing:
+            path += f".{missing}"
+    elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        extra = sorted(key for key in error.instance if key not in allowed)
+        if extra:
+            path += f".{extra[0]}"
+    return path
+
+
+def schema_problem(error: ValidationError, root: str) -> tuple[str, str]:
+    """The field and a reason a person can act on."""
+    field = field_path(error, root)
+    if error.validator == "required":
+        return field, "is required"
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return field, f"unknown field (allowed: {allowed})"
+    if error.validator == "maxLength":
+        return field, f"is longer than {error.validator_value} characters"
+    if error.validator == "minLength" and error.validator_value == 1:
+        return field, "must not be empty"
+    return field, error.message
+
+
+class Agent:
+    """An agent: the payload it accepts, its prompt, and the JSON it answers with."""
+
     name: ClassVar[str]
+    # The payload's JSON schema; ``text_field`` is the field that ``{"input": "<text>"}`` fills (and a
+    # planner's step input), or None when the agent needs more than text (files, an image).
+    input_schema: ClassVar[dict[str, Any]]
+    text_field: ClassVar[str | None] = None
+    defaults: ClassVar[dict[str, Any]] = {}
+    flow: ClassVar[str] = SINGLE
+    # How the reply's JSON is described to the model, after the role's system prompt.
+    reply_format: ClassVar[str] = ""
 
     @classmethod
-    @abstractmethod
     def validate_payload(cls, payload: Any) -> dict[str, Any]:
-        """The payload, checked; ``PayloadError`` naming the field otherwise."""
+        """The payload, checked, with its defaults; ``PayloadError`` naming the field otherwise."""
+        if isinstance(payload, dict) and cls.text_field and cls.text_field != "input" and set(payload) == {"input"}:
+            text_value = payload["input"]
+            if not isinstance(text_value, str) or not text_value.strip():
+                raise PayloadError("payload.input", "must be a non-empty string")
+            payload = {cls.text_field: text_value}
+        if not isinstance(payload, dict):
+            raise PayloadError("payload", f"must be a JSON object with the fields of the {cls.name} agent")
+        error = first_problem(cls.input_schema, payload)
+        if error is not None:
+            raise PayloadError(*schema_problem(error, "payload"))
+        if cls.text_field and not payload[cls.text_field].strip():
+            raise PayloadError(f"payload.{cls.text_field}", "must not be blank")
+        payload = {**cls.defaults, **payload}
+        cls.check_payload(payload)
+        return payload
 
-    @abstractmethod
-    def build_messages(self, payload: Mapping[str, Any], role: RoleConfig) -> list[Message]:
-        """The chat messages for this payload."""
+    @classmethod
+    def check_payload(cls, payload: dict[str, Any]) -> None:
+        """Checks the schema cannot state; ``PayloadError`` naming the field."""
 
-    @abstractmethod
-    def parse_result(self, reply: ChatResult) -> dict[str, Any]:
-        """The task's result from the model's reply."""
+    @classmethod
+    def payload_from_text(cls, text_value: str) -> dict[str, Any]:
+        """The payload for a text request (a planner's step); ``PayloadError`` when the agent needs more."""
+        if not cls.text_field:
+            raise PayloadError("payload", f"the {cls.name} agent needs more than text")
+        return cls.validate_payload({cls.text_field: text_value})
+
+    def build_messages(
+        self, payload: Mapping[str, Any], role: RoleConfig, context: Mapping[str, Any] | None = None
+    ) -> list[Message]:
+        """The chat messages for this payload; ``context`` is what the orchestration adds (a loop's round)."""
+        raise NotImplementedError
+
+    def output_schema(self, role: RoleConfig, config: Configuration) -> dict[str, Any] | None:
+        """The reply's JSON schema; None for free text."""
+        return None
+
+    def parse_result(self, data: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's result from the reply's JSON (already checked against the schema);
+        ``ReplyProblem`` for what the schema cannot state."""
+        return data
+
+    def system_message(self, role: RoleConfig) -> Message:
+        content = role.system_prompt
+        if self.reply_format:
+            content += "\n\n" + self.reply_format
+        return {"role": "system", "content": content}
 
     def run(
         self,
@@ -74,17 +263,73 @@ class Agent(ABC):
         balancer: LoadBalancer,
         deadline: float | None = None,
         sticky: str | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> AgentOutcome:
         """One step: the prompt, an LLM from the balancer (which waits, fails over and records), the
         result. ``deadline`` is on the balancer's clock."""
-        messages = self.build_messages(payload, role)
+        messages = self.build_messages(payload, role, context)
+        schema = self.output_schema(role, config)
+        return self.ask(
+            messages,
+            schema,
+            parse=lambda data: self.parse_result(data, payload),
+            role=role,
+            config=config,
+            balancer=balancer,
+            deadline=deadline,
+            sticky=sticky,
+        )
 
+    def ask(
+        self,
+        messages: list[Message],
+        schema: dict[str, Any] | None,
+        *,
+        parse: Any,
+        role: RoleConfig,
+        config: Configuration,
+        balancer: LoadBalancer,
+        deadline: float | None,
+        sticky: str | None = None,
+    ) -> AgentOutcome:
+        """Ask for JSON that follows ``schema`` (free text when None), once more with the error if the
+        first reply does not, and turn it into a result with ``parse``."""
+        reply, decision = self._call(messages, schema, role, config, balancer, deadline, sticky)
+        if schema is None:
+            return self._outcome({"output": reply.text.strip()}, reply, decision)
+        try:
+            return self._outcome(self._parse(reply.text, schema, parse), reply, decision)
+        except ReplyProblem as problem:
+            first, first_problem = reply, str(problem)
+        retry = [
+            *messages,
+            {"role": "assistant", "content": first.text[:4000]},
+            {
+                "role": "user",
+                "content": f"That reply is not usable: {first_problem}. Answer again with only the JSON object "
+                "that the instructions describe.",
+            },
+        ]
+        reply, decision = self._call(retry, schema, role, config, balancer, deadline, decision.llm.id)
+        try:
+            result = self._parse(reply.text, schema, parse)
+        except ReplyProblem as problem:
+            raise ReplyError(
+                f"the model's reply did not follow the {self.name} agent's output format, even after a retry "
+                f"with the error: {problem}",
+                balancer=decision.as_detail(),
+            ) from None
+        return replace(self._outcome(result, reply, decision, first=first), reply_problem=first_problem)
+
+    def _call(self, messages, schema, role, config, balancer, deadline, sticky):
         def call(llm: LLMConfig) -> ChatResult:
             timeout = None if deadline is None else max(deadline - balancer.clock(), 1.0)
-            options = ChatOptions(max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout)
+            options = ChatOptions(
+                max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout, json_schema=schema
+            )
             return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(messages, options)
 
-        reply, decision = balancer.run(
+        return balancer.run(
             config,
             role,
             call,
@@ -93,14 +338,43 @@ class Agent(ABC):
             sticky=sticky,
             budget=config.profiles[role.profile].daily_budget,
         )
+
+    @staticmethod
+    def _parse(reply_text: str, schema: dict[str, Any], parse: Any) -> dict[str, Any]:
+        try:
+            # strict=False: grammar-driven engines put raw newlines and tabs inside strings.
+            data = json.loads(reply_text, strict=False)
+        except json.JSONDecodeError as exc:
+            cut = " (the reply was cut off: it reached max_tokens)" if exc.pos >= len(reply_text) - 1 else ""
+            raise ReplyProblem(f"it is not valid JSON: {exc.msg} at character {exc.pos}{cut}") from None
+        error = first_problem(schema, data)
+        if error is not None:
+            raise ReplyProblem(" ".join(schema_problem(error, "reply")))
+        return parse(data)
+
+    @staticmethod
+    def _outcome(
+        result: dict[str, Any], reply: ChatResult, decision: Any, *, first: ChatResult | None = None
+    ) -> AgentOutcome:
+        prompt, completion = reply.prompt_tokens, reply.completion_tokens
+        latency = reply.latency_s
+        if first is not None:
+            prompt, completion = prompt + first.prompt_tokens, completion + first.completion_tokens
+            latency += first.latency_s
         return AgentOutcome(
-            result=self.parse_result(reply),
+            result=result,
             llm=decision.llm.id,
             model=reply.model,
             decision=decision.as_detail(),
-            prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens,
-            latency_ms=reply.latency_s * 1000,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            latency_ms=latency * 1000,
             time_to_first_token_ms=None if reply.time_to_first_token_s is None else reply.time_to_first_token_s * 1000,
             finish_reason=reply.finish_reason,
+            calls=1 if first is None else 2,
         )
+
+
+def render_files(files: list[Mapping[str, str]]) -> str:
+    """Files as a prompt shows them."""
+    return "\n\n".join(f"--- {item['path']} ---\n{item['content']}" for item in files)

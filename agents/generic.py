@@ -1,39 +1,27 @@
-"""The generic agent: answers any role with the role's system prompt and the user's input."""
+"""The generic agent: answers any role with the role's system prompt and the user's input, as free text.
+
+It is for roles an operator adds without an agent of their own; the built-in
+roles have agents with structured output.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from agents.base import Agent, PayloadError
+from agents.base import PAYLOAD_TEXT, Agent, obj
 from balancer.configuration import RoleConfig
-from llm_engines.base import ChatResult, Message
+from llm_engines.base import Message
 
 
 class GenericAgent(Agent):
     """Payload ``{"input": "<text>"}``; result ``{"output": "<the model's answer>"}``."""
 
     name = "generic"
+    input_schema = obj({"input": PAYLOAD_TEXT})
+    text_field = "input"
 
-    @classmethod
-    def validate_payload(cls, payload: Any) -> dict[str, Any]:
-        if not isinstance(payload, dict):
-            raise PayloadError("payload", 'must be a JSON object such as {"input": "..."}')
-        if "input" not in payload:
-            raise PayloadError("payload.input", "is required")
-        text = payload["input"]
-        if not isinstance(text, str) or not text.strip():
-            raise PayloadError("payload.input", "must be a non-empty string")
-        extra = sorted(payload.keys() - {"input"})
-        if extra:
-            raise PayloadError(f"payload.{extra[0]}", "unknown field (the generic agent takes only 'input')")
-        return {"input": text}
-
-    def build_messages(self, payload: Mapping[str, Any], role: RoleConfig) -> list[Message]:
-        return [
-            {"role": "system", "content": role.system_prompt},
-            {"role": "user", "content": payload["input"]},
-        ]
-
-    def parse_result(self, reply: ChatResult) -> dict[str, Any]:
-        return {"output": reply.text.strip()}
+    def build_messages(
+        self, payload: Mapping[str, Any], role: RoleConfig, context: Mapping[str, Any] | None = None
+    ) -> list[Message]:
+        return [self.system_message(role), {"role": "user", "content": payload["input"]}]

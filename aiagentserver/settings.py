@@ -8,6 +8,7 @@ doc/operations.md for the full list.
 from __future__ import annotations
 
 import secrets
+import shutil
 from pathlib import Path
 
 import dj_database_url
@@ -134,6 +135,10 @@ TASK_LEASE_SECONDS = env_int("TASK_LEASE_SECONDS", 15, minimum=2)
 LLM_SLOT_LEASE_SECONDS = env_int("LLM_SLOT_LEASE_SECONDS", 30, minimum=2)
 # How often each worker checks every LLM's health (a failed check counts against its breaker).
 LLM_HEALTH_CHECK_SECONDS = env_int("LLM_HEALTH_CHECK_SECONDS", 30, minimum=1)
+# A step whose engines all failed transiently (after the balancer's failover) is run again this
+# many times, after STEP_RETRY_BACKOFF_SECONDS, then twice that, and so on.
+STEP_RETRIES = env_int("STEP_RETRIES", 2, minimum=0)
+STEP_RETRY_BACKOFF_SECONDS = env_int("STEP_RETRY_BACKOFF_SECONDS", 5, minimum=1)
 # The largest request body the API accepts, in bytes (413 above it).
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
@@ -187,3 +192,21 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# --- The sandbox for generated code (agents/sandbox.py) -----------------------
+
+# bubblewrap runs generated code without network, with a read-only system and
+# these limits. Without it a run fails, unless unsandboxed runs are allowed here
+# explicitly: then the code runs as a plain subprocess with the same limits but
+# with the network and the file system open to it.
+SANDBOX_BWRAP = env_str("SANDBOX_BWRAP", shutil.which("bwrap") or "/usr/bin/bwrap")
+SANDBOX_ALLOW_UNSANDBOXED = env_bool("SANDBOX_ALLOW_UNSANDBOXED", False)
+SANDBOX_WALL_SECONDS = env_int("SANDBOX_WALL_SECONDS", 10, minimum=1)
+SANDBOX_CPU_SECONDS = env_int("SANDBOX_CPU_SECONDS", 10, minimum=1)
+SANDBOX_MEMORY_MB = env_int("SANDBOX_MEMORY_MB", 512, minimum=64)
+# Processes and threads together, counted inside the sandbox's own user namespace.
+SANDBOX_PROCESSES = env_int("SANDBOX_PROCESSES", 64, minimum=4)
+# Kept of stdout and of stderr each; the rest is discarded and the result says so.
+SANDBOX_OUTPUT_BYTES = env_int("SANDBOX_OUTPUT_BYTES", 65536, minimum=1024)
+# The largest file the code may write, and the size of its /tmp and /dev/shm.
+SANDBOX_FILE_SIZE_MB = env_int("SANDBOX_FILE_SIZE_MB", 16, minimum=1)

@@ -49,6 +49,7 @@ ENGINES = Registry(
         "openai": "llm_engines.api.openai_engine.OpenAIEngine",
         # Answers at once without a model: for tests and benchmarks only, never a default.
         "instant": "llm_engines.testing.InstantEngine",
+        "scripted": "llm_engines.testing.ScriptedEngine",
     },
 )
 

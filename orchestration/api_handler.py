@@ -24,7 +24,7 @@ from rest_framework.views import APIView
 from orchestration.models import Task
 from orchestration.packets import SERVER_OWNED_INITIAL, parse_task_id
 from orchestration.selectors import config_get, llm_list, role_get, task_get, task_list
-from orchestration.services import task_cancel, task_submit
+from orchestration.services import task_cancel, task_feedback, task_submit
 
 
 def _located(request: Request, packet: dict[str, Any], status_code: int) -> Response:
@@ -97,6 +97,28 @@ class TaskCancelApi(APIView):
 
     def post(self, request: Request, task_id: str) -> Response:
         return _located(request, task_cancel(task_id=task_id), status.HTTP_200_OK)
+
+
+class TaskFeedbackApi(APIView):
+    """POST /api/v1/tasks/{task_id}/feedback: feedback on a coder task that awaits it or has finished."""
+
+    class InputSerializer(serializers.Serializer):
+        feedback = serializers.CharField(max_length=20_000, trim_whitespace=True)
+        route = serializers.ChoiceField(choices=["debug", "coder"], default="debug")
+        tests = serializers.CharField(required=False, max_length=200_000, trim_whitespace=False)
+
+        def to_internal_value(self, data: Any) -> dict[str, Any]:
+            if isinstance(data, dict):
+                unknown = sorted(data.keys() - set(self.fields))
+                if unknown:
+                    raise serializers.ValidationError({unknown[0]: ["unknown field"]})
+            return super().to_internal_value(data)
+
+    def post(self, request: Request, task_id: str) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        packet = task_feedback(task_id=task_id, **serializer.validated_data)
+        return _located(request, packet, status.HTTP_202_ACCEPTED)
 
 
 class TaskPagination(PageNumberPagination):

@@ -1,37 +1,83 @@
-"""The orchestration engine: claims a queued task, runs its step through the role's agent, records the outcome.
+"""The orchestration engine: runs a task's steps through their agents and decides what follows each one.
 
-This first version runs single-step tasks: the step's outcome finishes the task.
-Delegation to child tasks and the QA → Debug → Coder feedback loop come with
-issue 5; nothing here pretends to do them.
+After the first step (``task_step``, which claims the queued task) the flow
+depends on the role's agent (agents/base.py):
+
+- single: the step's result finishes the task;
+- plan: a planner whose payload asks for execution delegates a child task per
+  step; the ready ones run in parallel, a dependent one once its dependencies
+  succeeded, and the parent finishes with their results (``plan_advance``);
+- loop: the QA -> Debug -> Coder feedback loop (orchestration/loop.py): QA's
+  checks run as a Celery chord whose callback (``verdict_step``) routes to done,
+  Debug, an escalation to the stronger coder, or giving up;
+- checks: a QA task runs the same checks on the code in its payload.
+
+Every step is a history event whose ``detail.step`` names it, so a job that is
+delivered twice finds its step done and only makes sure that what follows it
+was scheduled (a ``scheduled`` event, written after the jobs are queued). A
+running step holds a Redis lease per step, so a live step never runs twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 
-from agents.base import AgentOutcome, PayloadError
+from agents.base import CHECKS, LOOP, PLAN, AgentOutcome, PayloadError, ReplyError
+from agents.developer import qa_agent
+from agents.developer.coder_agent import merge_files
 from agents.registry import agent_class
+from agents.sandbox import SandboxUnavailable
+from balancer.configuration import Configuration, RoleConfig
 from llm_engines.errors import EngineError
+from orchestration import loop
 from orchestration.leases import StepLease
-from orchestration.packets import FAILED, QUEUED, RUNNING, SUCCEEDED, history_event
+from orchestration.packets import (
+    AWAITING_FEEDBACK,
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    history_event,
+    new_packet,
+)
 from orchestration.runtime import configuration, load_balancer, task_store
+from orchestration.state_store import TaskExists
 
 logger = logging.getLogger(__name__)
 
+MAIN = "main"  # the first step of a task that is not a loop
+
 
 class StepBusy(Exception):
-    """A live worker still holds the task's lease; the job should come back after ``countdown`` seconds."""
+    """A live worker still holds the step's lease; the job should come back after ``countdown`` seconds."""
 
     def __init__(self, countdown: float) -> None:
-        super().__init__(f"the task's lease is held for {countdown:.1f}s more")
+        super().__init__(f"the step's lease is held for {countdown:.1f}s more")
         self.countdown = countdown
 
 
-def task_step(*, task_id: str, job_id: str, worker: str) -> str:
-    """Run the task's step if this job may; returns the task's status afterwards.
+class StepRetry(Exception):
+    """A transient engine failure: the job should run the step again after ``countdown`` seconds."""
+
+    def __init__(self, countdown: float, reason: str) -> None:
+        super().__init__(reason)
+        self.countdown = countdown
+
+
+# -- the first step -------------------------------------------------------------------------------
+
+
+def task_step(*, task_id: str, job_id: str, worker: str, retries: int = 0) -> str:
+    """Run the task's first step if this job may; returns the task's status afterwards.
 
     A job runs the step when it takes the task's lease and then claims the
     task under its file lock: a queued task, or a running one claimed by this
@@ -52,7 +98,8 @@ def task_step(*, task_id: str, job_id: str, worker: str) -> str:
         if packet["status"] == QUEUED:
             event = "claimed"
         elif packet["status"] == RUNNING and _claimed_by(packet) == job_id:
-            event = "reclaimed"  # the worker that ran it died: its lease expired
+            # The worker that ran it died (its lease expired), or the job retries a transient failure.
+            event = "retrying" if packet["history"][-1]["event"] == "step_retry" else "reclaimed"
         else:
             return False
         packet["status"] = RUNNING
@@ -63,41 +110,691 @@ def task_step(*, task_id: str, job_id: str, worker: str) -> str:
         packet, claimed = task_store().update(task_id, claim)
         if not claimed:
             logger.info("task %s: job %s not run, the task is %s", task_id, job_id, packet["status"])
+            if packet["status"] in FINISHED or _delegated(packet):
+                _after_step(packet, _last_step(packet), republish=True)
             return packet["status"]
-        return _run(task_id, job_id, packet)
+        return _supervised(packet, job_id, retries, lambda: _first_step(packet, job_id))
 
 
-def _run(task_id: str, job_id: str, packet: dict[str, Any]) -> str:
-    agent_name = None
-    time_limit = None
+def _first_step(packet: dict[str, Any], job_id: str) -> str:
+    task_id = packet["task_id"]
+    config = configuration()
+    role = config.role(packet["profile"], packet["role"])
+    agent = agent_class(role.agent)()
+    payload = agent.validate_payload(packet["payload"])
+    if agent.flow == CHECKS:
+        packet, _ = task_store().update(task_id, lambda current: _set_iteration(current, 1))
+        _schedule_checks(packet, 1)
+        return RUNNING
+    first = loop.step_key(1, "coder") if agent.flow == LOOP else MAIN
+    if _step_event(packet, first) is not None:
+        # Delivered again after the step was recorded: only what follows it may be missing.
+        if agent.flow == PLAN and not _delegated(packet):
+            _delegate(packet, packet["result"]["steps"], config)
+        else:
+            _after_step(packet, first, republish=True)
+        return task_store().read(task_id)["status"]
+    if agent.flow == LOOP:
+        return _coder_step(task_id, first, job_id=job_id)
+    outcome = _run_agent(agent, payload=payload, role=role, config=config)
+    delegate = agent.flow == PLAN and payload.get("execute")
+    status = RUNNING if delegate else SUCCEEDED
+    packet = _record(
+        task_id, MAIN, agent.name, outcome, job_id=job_id, status=status, result=outcome.result, finish=not delegate
+    )
+    if packet is not None and delegate:
+        _delegate(packet, outcome.result["steps"], config)
+    return task_store().read(task_id)["status"]
+
+
+# -- later steps ----------------------------------------------------------------------------------
+
+
+def later_step(*, task_id: str, step: str, job_id: str, retries: int = 0) -> Any:
+    """Run a scheduled step of a running task (a coder or debug round, a check, a verdict) once."""
+    lease = StepLease(f"{task_id}:{step}", job_id)
+    if not lease.acquire():
+        raise StepBusy(lease.remaining_s() + 0.5)
+    with lease:
+        packet = task_store().read(task_id)
+        done = _step_event(packet, step)
+        if done is not None:
+            _after_step(packet, step, republish=True)
+            return done["detail"]
+        if packet["status"] != RUNNING:
+            logger.info("task %s: step %s not run, the task is %s", task_id, step, packet["status"])
+            return {"skipped": packet["status"]}
+        _, kind = loop.parse_step(step)
+        if kind in qa_agent.CHECK_NAMES:
+            return _check_step(packet, step)
+        if kind == "verdict":
+            return _supervised(packet, job_id, retries, lambda: _verdict_step(packet, step), step=step)
+        if kind == "coder":
+            return _supervised(packet, job_id, retries, lambda: _coder_step(task_id, step), step=step)
+        if kind == "debug":
+            return _supervised(packet, job_id, retries, lambda: _debug_step(task_id, step), step=step)
+        raise ValueError(f"unknown step {step!r}")
+
+
+def _supervised(
+    packet: dict[str, Any], job_id: str, retries: int, run: Callable[[], Any], *, step: str | None = None
+) -> Any:
+    """Run a step; a transient engine failure is retried with backoff (``StepRetry``), any other
+    failure fails the task with a reason a person can act on."""
+    task_id = packet["task_id"]
+    guard = (lambda p: _claimed_by(p) == job_id) if step is None else (lambda p: True)
     try:
-        config = configuration()
-        role = config.role(packet["profile"], packet["role"])
-        agent_name, time_limit = role.agent, role.time_limit_s
-        agent = agent_class(role.agent)()
-        balancer = load_balancer()
-        outcome = agent.run(
-            payload=agent.validate_payload(packet["payload"]),
-            role=role,
-            config=config,
-            balancer=balancer,
-            deadline=balancer.clock() + role.time_limit_s,
-        )
-        return _record(task_id, job_id, agent_name, outcome)
+        return run()
     except SoftTimeLimitExceeded:
-        return _fail(task_id, job_id, agent_name, f"the step exceeded its time limit of {time_limit:g}s")
-    except (LookupError, PayloadError, EngineError) as exc:
-        # LookupError: the role or its agent left the configuration, or no LLM
-        # can serve the role any more (the balancer's NoCandidate).
-        return _fail(task_id, job_id, agent_name, str(exc), balancer=getattr(exc, "balancer", None))
+        limit = _role_or_none(packet)
+        seconds = f" of {limit.time_limit_s:g}s" if limit else ""
+        return _fail(task_id, guard, f"step {step or MAIN} exceeded its time limit{seconds}")
+    except EngineError as exc:
+        balancer = getattr(exc, "balancer", None)
+        if exc.transient and retries < settings.STEP_RETRIES:
+            countdown = settings.STEP_RETRY_BACKOFF_SECONDS * 2**retries
+            _note_retry(task_id, step or MAIN, job_id, str(exc), countdown, retries + 1)
+            raise StepRetry(countdown, str(exc)) from exc
+        tried = f" (after {retries} retries)" if retries else ""
+        return _fail(task_id, guard, f"step {step or MAIN}: {exc}{tried}", balancer=balancer)
+    except (LookupError, PayloadError, ReplyError, SandboxUnavailable) as exc:
+        # LookupError: the role or its agent left the configuration, or no LLM can serve the role
+        # any more (the balancer's NoCandidate).
+        return _fail(task_id, guard, f"step {step or MAIN}: {exc}", balancer=getattr(exc, "balancer", None))
     except Exception as exc:
-        _fail(task_id, job_id, agent_name, f"internal error: {type(exc).__name__}: {exc}")
+        _fail(task_id, guard, f"step {step or MAIN}: internal error: {type(exc).__name__}: {exc}")
         raise
 
 
-def _record(task_id: str, job_id: str, agent_name: str, outcome: AgentOutcome) -> str:
-    def finish(packet: dict[str, Any]) -> bool:
-        if packet["status"] != RUNNING or _claimed_by(packet) != job_id:
+def _note_retry(task_id: str, step: str, job_id: str, error: str, countdown: float, attempt: int) -> None:
+    def note(packet: dict[str, Any]) -> bool:
+        if packet["status"] != RUNNING:
+            return False
+        packet["history"].append(
+            history_event(
+                "step_retry",
+                status=RUNNING,
+                detail={"step": step, "job_id": job_id, "error": error, "retry": attempt, "in_s": countdown},
+            )
+        )
+        return True
+
+    task_store().update(task_id, note)
+
+
+# -- the feedback loop ----------------------------------------------------------------------------
+
+
+def _coder_step(task_id: str, step: str, *, job_id: str | None = None) -> str:
+    packet = task_store().read(task_id)
+    state = loop.loop_state(packet)
+    iteration, _ = loop.parse_step(step)
+    config = configuration()
+    role = config.role(packet["profile"], state.coder_role)
+    agent = agent_class(role.agent)()
+    payload = agent.validate_payload(packet["payload"])
+    context: dict[str, Any] = {}
+    if iteration > 1 or state.feedback:
+        context = {"previous_files": state.files, "failures": loop.failures_text(state.last_checks)}
+        if state.debug and state.debug_iteration == iteration:
+            context["debug"] = state.debug
+        if state.feedback and state.feedback_iteration == iteration:
+            context["feedback"] = state.feedback
+    # Rule 8 of the balancer: a loop keeps its coder LLM across rounds unless it escalated.
+    sticky = state.llm if iteration > 1 and not _escalated_at(packet, iteration) else None
+    outcome = _run_agent(agent, payload=payload, role=role, config=config, context=context, sticky=sticky)
+    files = merge_files(payload.get("files", []), outcome.result["files"])
+    packet = _record(
+        task_id,
+        step,
+        agent.name,
+        outcome,
+        job_id=job_id,
+        status=RUNNING,
+        extra={"role": role.name, "files": files, "result": outcome.result},
+        iteration=iteration,
+    )
+    if packet is not None:
+        _after_step(packet, step)
+    return RUNNING
+
+
+def _debug_step(task_id: str, step: str) -> str:
+    packet = task_store().read(task_id)
+    state = loop.loop_state(packet)
+    config = configuration()
+    role = config.role(packet["profile"], loop.DEBUG_ROLE)
+    agent = agent_class(role.agent)()
+    failure = loop.failures_text(state.last_checks)
+    if state.feedback and state.feedback_iteration == loop.parse_step(step)[0]:
+        failure = f"A reviewer says: {state.feedback}\n\n{failure}".strip()
+    payload = agent.validate_payload(
+        {
+            "failure": failure or "the checks failed without output",
+            "instruction": packet["payload"]["instruction"],
+            "code": "\n\n".join(f"--- {f['path']} ---\n{f['content']}" for f in state.files) or "(no code yet)",
+            **({"tests": state.tests} if state.tests else {}),
+        }
+    )
+    outcome = _run_agent(agent, payload=payload, role=role, config=config)
+    blame_given_tests = outcome.result["wrong"] == "test" and state.tests_source == "given"
+    status = AWAITING_FEEDBACK if blame_given_tests else RUNNING
+    packet = _record(
+        task_id, step, agent.name, outcome, status=status, extra={"result": outcome.result}, result=_loop_result(state)
+    )
+    if packet is not None and blame_given_tests:
+        _event(
+            task_id,
+            "awaiting_feedback",
+            status=AWAITING_FEEDBACK,
+            detail={
+                "reason": f"Debug says the given tests are wrong: {outcome.result['cause']}. Post feedback to "
+                "/api/v1/tasks/<task_id>/feedback (with corrected tests, or saying the code is wrong) to go on.",
+            },
+        )
+    elif packet is not None:
+        _after_step(packet, step)
+    return status
+
+
+def _check_step(packet: dict[str, Any], step: str) -> dict[str, Any]:
+    """One of QA's checks; it never raises, so that the chord's callback always runs and decides."""
+    task_id = packet["task_id"]
+    iteration, name = loop.parse_step(step)
+    try:
+        detail, llm = _run_check(packet, iteration, name)
+    except SoftTimeLimitExceeded:
+        detail, llm = qa_agent.check_result(name, False, "the check exceeded its time limit", error=True), None
+    except (EngineError, LookupError, ReplyError, PayloadError) as exc:
+        detail, llm = qa_agent.check_result(name, False, f"the check could not run: {exc}", error=True), None
+    except SandboxUnavailable as exc:
+        detail, llm = qa_agent.check_result(name, False, str(exc), error=True), None
+    except Exception as exc:
+        logger.exception("task %s: check %s failed", task_id, step)
+        detail, llm = (
+            qa_agent.check_result(name, False, f"internal error: {type(exc).__name__}: {exc}", error=True),
+            None,
+        )
+
+    def record(current: dict[str, Any]) -> bool:
+        if current["status"] != RUNNING or _step_event(current, step) is not None:
+            return False
+        current["history"].append(
+            history_event("check", status=RUNNING, agent="qa", llm=llm, detail={"step": step, **detail})
+        )
+        return True
+
+    task_store().update(task_id, record)
+    return detail
+
+
+def _run_check(packet: dict[str, Any], iteration: int, name: str) -> tuple[dict[str, Any], str | None]:
+    state = loop.loop_state(packet)
+    payload = packet["payload"]
+    instruction = payload.get("instruction", "")
+    if name == "static":
+        return qa_agent.static_check(state.files), None
+    config = configuration()
+    role = config.role(packet["profile"], packet["role"] if _flow(packet) == CHECKS else loop.QA_ROLE)
+    agent = qa_agent.QAAgent()
+    balancer = load_balancer()
+    call = {"role": role, "config": config, "balancer": balancer, "deadline": balancer.clock() + role.time_limit_s}
+    if name == "review":
+        outcome = agent.review(files=state.files, instruction=instruction, tests=state.tests, **call)
+        result = outcome.result
+        findings = "\n".join(f"- {item}" for item in result["findings"]) or "no findings"
+        return qa_agent.check_result("review", result["passed"], findings, **_call_detail(outcome)), outcome.llm
+    # The tests: the given ones, or QA's own, written now when there are none yet or when Debug
+    # said that QA's tests were wrong.
+    rewrite = (
+        state.tests_source == "written" and state.debug and state.debug_iteration == iteration
+        and state.debug["wrong"] == "test"
+    )  # fmt: skip
+    extra: dict[str, Any] = {"tests_source": state.tests_source}
+    tests, llm = state.tests, None
+    if tests is None or rewrite:
+        notes = f"{state.debug['cause']} {state.debug['fix']}" if rewrite else None
+        outcome = agent.write_tests(files=state.files, instruction=instruction, notes=notes, **call)
+        tests, llm = outcome.result["tests"], outcome.llm
+        extra = {"tests_source": "written", "test_code": tests, **_call_detail(outcome)}
+    detail = qa_agent.run_tests(state.files, tests)
+    return {**detail, **extra}, llm
+
+
+def _call_detail(outcome: AgentOutcome) -> dict[str, Any]:
+    return {"llm_call": outcome.step_detail()}
+
+
+def _verdict_step(packet: dict[str, Any], step: str) -> str:
+    """The chord's callback: every check of the round is recorded; decide the route."""
+    task_id = packet["task_id"]
+    iteration, _ = loop.parse_step(step)
+    checks = [
+        event["detail"]
+        for event in packet["history"]
+        if event["event"] == "check" and event["detail"]["step"].startswith(f"{iteration}.")
+    ]
+    config = configuration()
+    flow = _flow(packet)
+    state = loop.loop_state(packet)
+    broken = [check for check in checks if check.get("error")]
+    if broken:
+        reasons = "; ".join(f"{check['check']}: {check['output']}" for check in broken)
+        return _fail(task_id, lambda p: True, f"QA could not check round {iteration}: {reasons}")
+    if flow == CHECKS:
+        verdict = loop.Verdict(loop.DONE, "checked", loop.failure_signature(checks))
+        result = {"verdict": "fail" if verdict.signature else "pass", "checks": checks}
+        _verdict_record(task_id, step, verdict, checks, status=SUCCEEDED, result=result, finish=True)
+        return SUCCEEDED
+    role = config.role(packet["profile"], state.coder_role)
+    max_iterations = packet["payload"].get("max_iterations") or role.max_iterations
+    escalate_to = _escalation_role(config, packet["profile"], state.coder_role)
+    verdict = loop.decide(state, checks, max_iterations=max_iterations, escalate_to=escalate_to)
+    state.last_checks = checks
+    result = _loop_result(state)
+    if verdict.route == loop.DONE:
+        _verdict_record(task_id, step, verdict, checks, status=SUCCEEDED, result=result, finish=True)
+        return SUCCEEDED
+    if verdict.route == loop.GIVE_UP:
+        reason = f"the code did not pass QA: {verdict.reason}"
+        _verdict_record(task_id, step, verdict, checks, status=FAILED, result=result, finish=True, reason=reason)
+        return FAILED
+    written = _verdict_record(task_id, step, verdict, checks, status=RUNNING, result=result)
+    if written is not None and verdict.route == loop.ESCALATE:
+        _event(task_id, "escalated", status=RUNNING, detail={"step": step, "from": state.coder_role, "to": escalate_to})
+    if written is not None:
+        _after_step(task_store().read(task_id), step)
+    return RUNNING
+
+
+def _verdict_record(
+    task_id: str,
+    step: str,
+    verdict: loop.Verdict,
+    checks: list[dict[str, Any]],
+    *,
+    status: str,
+    result: dict[str, Any],
+    finish: bool = False,
+    reason: str | None = None,
+) -> dict[str, Any] | None:
+    summary = [{"check": c["check"], "passed": c["passed"]} for c in checks]
+
+    def record(packet: dict[str, Any]) -> bool:
+        if packet["status"] != RUNNING or _step_event(packet, step) is not None:
+            return False
+        state = loop.loop_state(packet)
+        packet["status"] = status
+        packet["result"] = result
+        packet["history"].append(
+            history_event(
+                "verdict",
+                status=status,
+                agent="qa",
+                llm=state.llm,
+                detail={
+                    "step": step,
+                    "iteration": loop.parse_step(step)[0],
+                    "coder_role": state.coder_role,
+                    "passed": verdict.route == loop.DONE and verdict.signature is None,
+                    "route": verdict.route,
+                    "reason": verdict.reason,
+                    "signature": verdict.signature,
+                    "checks": checks,
+                    "summary": summary,
+                },
+            )
+        )
+        if finish and status == FAILED:
+            packet["history"].append(history_event("failed", status=FAILED, detail={"reason": reason}))
+        elif finish:
+            packet["history"].append(history_event("finished", status=status))
+        return True
+
+    packet, written = task_store().update(task_id, record)
+    if written and finish:
+        _finished(packet)
+    return packet if written else None
+
+
+def _loop_result(state: loop.LoopState) -> dict[str, Any]:
+    """A loop task's result: the latest code, and how far it got."""
+    return {
+        "files": state.files,
+        "run": state.run,
+        "notes": state.notes,
+        "tests": state.tests,
+        "iterations": state.iteration,
+        "coder_role": state.coder_role,
+        "checks": [{"check": c["check"], "passed": c["passed"], "output": c["output"]} for c in state.last_checks],
+    }
+
+
+def _escalation_role(config: Configuration, profile: str, current: str) -> str | None:
+    roles = config.profiles[profile].roles
+    target = roles.get(loop.ESCALATION_ROLE)
+    if target is None or current == loop.ESCALATION_ROLE or target.agent != "coder":
+        return None
+    return target.name
+
+
+def _escalated_at(packet: dict[str, Any], iteration: int) -> bool:
+    """Whether the coder changed since the previous round (so its LLM is not kept)."""
+    return any(
+        event["event"] == "escalated" and loop.parse_step(event["detail"]["step"])[0] == iteration - 1
+        for event in packet["history"]
+    )
+
+
+def _set_iteration(packet: dict[str, Any], iteration: int) -> bool:
+    packet["iteration"] = iteration
+    return True
+
+
+# -- scheduling -----------------------------------------------------------------------------------
+
+
+def _after_step(packet: dict[str, Any], step: str | None, *, republish: bool = False) -> None:
+    """Queue what follows ``step`` unless it was queued already (a job delivered twice gets here again)."""
+    if step is None:
+        return
+    if packet["parent_id"] and packet["status"] in FINISHED:
+        plan_advance(parent_id=packet["parent_id"], republish=republish)
+    if packet["status"] != RUNNING:
+        return
+    if step == MAIN:
+        if _delegated(packet):
+            plan_advance(parent_id=packet["task_id"], republish=republish)
+        return
+    if _was_scheduled(packet, step):
+        return
+    iteration, kind = loop.parse_step(step)
+    if kind == "coder":
+        _schedule_checks(packet, iteration)
+    elif kind == "verdict":
+        _schedule(packet, step, [(loop.step_key(iteration + 1, "debug"), loop.DEBUG_ROLE)])
+    elif kind == "debug":
+        state = loop.loop_state(packet)
+        if state.debug and state.debug["wrong"] == "test" and state.tests_source == "written":
+            _schedule_checks(packet, iteration, after=step)  # the code stands; QA writes new tests
+        else:
+            _schedule(packet, step, [(loop.step_key(iteration, "coder"), state.coder_role)])
+    elif kind == "feedback":
+        route = _step_event(packet, step)["detail"]["route"]
+        state = loop.loop_state(packet)
+        target = loop.DEBUG_ROLE if route == "debug" else state.coder_role
+        _schedule(packet, step, [(loop.step_key(iteration, route), target)])
+
+
+def _schedule_checks(packet: dict[str, Any], iteration: int, *, after: str | None = None) -> None:
+    """QA's checks of the round as a chord; the verdict is its callback."""
+    from celery import chord
+
+    from orchestration.tasks import run_step, run_verdict
+
+    after = after or loop.step_key(iteration, "coder")
+    if _was_scheduled(packet, after):
+        return
+    config = configuration()
+    qa_role = config.role(packet["profile"], packet["role"] if _flow(packet) == CHECKS else loop.QA_ROLE)
+    header, job_ids = [], []
+    for name in qa_agent.CHECK_NAMES:
+        job_id = str(uuid.uuid4())
+        header.append(
+            run_step.signature(args=[packet["task_id"], loop.step_key(iteration, name)], **job_options(qa_role, job_id))
+        )
+        job_ids.append(job_id)
+    verdict_job = str(uuid.uuid4())
+    body = run_verdict.signature(
+        args=[packet["task_id"], loop.step_key(iteration, "verdict")], **job_options(qa_role, verdict_job)
+    )
+    chord(header)(body)
+    steps = [loop.step_key(iteration, name) for name in (*qa_agent.CHECK_NAMES, "verdict")]
+    _scheduled(packet["task_id"], after, steps, [*job_ids, verdict_job], iteration)
+
+
+def _schedule(packet: dict[str, Any], after: str, steps: list[tuple[str, str]]) -> None:
+    """Queue one job per (step, role), each on its role's queue."""
+    from orchestration.tasks import run_step
+
+    config = configuration()
+    job_ids = []
+    for step, role_name in steps:
+        job_id = str(uuid.uuid4())
+        role = config.role(packet["profile"], role_name)
+        run_step.apply_async(args=[packet["task_id"], step], **job_options(role, job_id))
+        job_ids.append(job_id)
+    _scheduled(packet["task_id"], after, [step for step, _ in steps], job_ids, loop.parse_step(steps[0][0])[0])
+
+
+def job_options(role: RoleConfig, job_id: str) -> dict[str, Any]:
+    """A job's Celery options: its id, its role's queue, and the role's time limit (the soft limit leaves
+    the engine's own timeout room to act first)."""
+    from orchestration.checks import HARD_LIMIT_MARGIN_S
+
+    return {
+        "task_id": job_id,
+        "queue": role.queue,
+        "soft_time_limit": role.time_limit_s + 5,
+        "time_limit": role.time_limit_s + HARD_LIMIT_MARGIN_S,
+    }
+
+
+def _scheduled(task_id: str, after: str, steps: list[str], job_ids: list[str], iteration: int) -> None:
+    def note(packet: dict[str, Any]) -> bool:
+        if packet["status"] != RUNNING:
+            return False
+        packet["iteration"] = max(packet["iteration"], iteration)
+        packet["history"].append(
+            history_event("scheduled", status=RUNNING, detail={"after": after, "steps": steps, "job_ids": job_ids})
+        )
+        return True
+
+    task_store().update(task_id, note)
+
+
+# -- delegation -----------------------------------------------------------------------------------
+
+
+def _delegate(packet: dict[str, Any], steps: list[dict[str, Any]], config: Configuration) -> None:
+    """Record the plan to execute, then start its ready steps."""
+    profile = config.profiles[packet["profile"]]
+    problems = [
+        f"step {step['id']}: no role {step['role']!r} in profile {profile.name}"
+        for step in steps
+        if step["role"] not in profile.roles
+    ]
+    if problems:
+        _fail(packet["task_id"], lambda p: True, "the plan cannot be executed: " + "; ".join(problems))
+        return
+
+    def delegated(current: dict[str, Any]) -> bool:
+        if current["status"] != RUNNING:
+            return False
+        current["history"].append(
+            history_event(
+                "delegated",
+                status=RUNNING,
+                agent="planner",
+                detail={"step": "delegated", "plan": steps, "children": _child_ids(current, steps)},
+            )
+        )
+        return True
+
+    task_store().update(packet["task_id"], delegated)
+    plan_advance(parent_id=packet["task_id"])
+
+
+def _child_ids(parent: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, str]:
+    """Each step's child task id: derived from the parent's (and how often it was retried), so that
+    creating a child twice is harmless."""
+    runs = sum(event["event"] == "retried" for event in parent["history"])
+    namespace = uuid.UUID(parent["task_id"])
+    return {step["id"]: str(uuid.uuid5(namespace, f"{runs}:{step['id']}")) for step in steps}
+
+
+def plan_advance(*, parent_id: str, republish: bool = False) -> None:
+    """Create and queue the plan's steps whose dependencies have succeeded; finish the parent when
+    every step has, or fail it when one failed or was cancelled. Safe to call any number of times."""
+    from celery import group
+
+    from orchestration.tasks import run_task
+
+    created: list[tuple[dict[str, Any], RoleConfig, str]] = []
+    to_cancel: list[str] = []
+
+    def advance(parent: dict[str, Any]) -> bool:
+        created.clear()
+        if parent["status"] != RUNNING:
+            return False
+        delegated = next((e for e in reversed(loop.current_run(parent["history"])) if e["event"] == "delegated"), None)
+        if delegated is None:
+            return False
+        plan, ids = delegated["detail"]["plan"], delegated["detail"]["children"]
+        statuses = {step_id: _status_of(task_id) for step_id, task_id in ids.items()}
+        results: dict[str, Any] = {}
+        for step in plan:
+            status = statuses[step["id"]]
+            if status in (FAILED, CANCELLED):
+                child = task_store().read(ids[step["id"]])
+                reason = next(
+                    (e["detail"].get("reason") for e in reversed(child["history"]) if e["event"] == status), ""
+                )
+                to_cancel.extend(ids[s] for s, st in statuses.items() if st in (QUEUED, RUNNING, AWAITING_FEEDBACK))
+                parent["status"] = FAILED
+                parent["history"].append(
+                    history_event(
+                        "failed",
+                        status=FAILED,
+                        detail={
+                            "reason": f"step {step['id']} ({step['role']}, task {ids[step['id']]}) {status}"
+                            + (f": {reason}" if reason else ""),
+                        },
+                    )
+                )
+                return True
+            if status == SUCCEEDED:
+                results[step["id"]] = task_store().read(ids[step["id"]])["result"]
+        if len(results) == len(plan):
+            parent["status"] = SUCCEEDED
+            parent["result"] = {
+                "steps": plan,
+                "results": {s["id"]: {"task_id": ids[s["id"]], "result": results[s["id"]]} for s in plan},
+            }
+            parent["history"].append(history_event("finished", status=SUCCEEDED))
+            return True
+        config = configuration()
+        for step in plan:
+            child_id = ids[step["id"]]
+            if statuses[step["id"]] is not None:
+                if republish and statuses[step["id"]] == QUEUED:
+                    child = task_store().read(child_id)
+                    created.append((child, config.role(parent["profile"], step["role"]), _job_of(child)))
+                continue
+            if not all(statuses[d] == SUCCEEDED for d in step["depends_on"]):
+                continue
+            child, role = _create_child(parent, step, child_id, {d: results[d] for d in step["depends_on"]}, config)
+            created.append((child, role, _job_of(child)))
+            if child_id not in parent["children"]:
+                parent["children"].append(child_id)
+        return bool(created)
+
+    parent, written = task_store().update(parent_id, advance)
+    if written and parent["status"] in FINISHED:
+        for child_id in to_cancel:
+            _cancel_child(child_id)
+        _finished(parent)
+    if created:
+        group(
+            run_task.signature(args=[c["task_id"]], **job_options(role, job)) for c, role, job in created
+        ).apply_async()
+
+
+def _create_child(
+    parent: dict[str, Any], step: dict[str, Any], child_id: str, inputs: dict[str, Any], config: Configuration
+) -> tuple[dict[str, Any], RoleConfig]:
+    role = config.role(parent["profile"], step["role"])
+    text = step["input"]
+    if inputs:
+        text += "\n\nResults of the steps this one depends on:\n" + "\n".join(
+            f"{step_id}: {_short(result)}" for step_id, result in inputs.items()
+        )
+    payload = agent_class(role.agent).payload_from_text(text)
+    job_id = str(uuid.uuid4())
+    child = new_packet(task_id=child_id, profile=parent["profile"], role=step["role"], payload=payload)
+    child["parent_id"] = parent["task_id"]
+    child["history"].append(
+        history_event(
+            "submitted", status=QUEUED, detail={"queue": role.queue, "job_id": job_id, "plan_step": step["id"]}
+        )
+    )
+    try:
+        return task_store().create(child), role
+    except TaskExists as exists:
+        return exists.packet, role
+
+
+def _short(result: Any, limit: int = 1500) -> str:
+    text = json.dumps(result, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def _status_of(task_id: str) -> str | None:
+    return task_store().read(task_id)["status"] if task_store().exists(task_id) else None
+
+
+def _job_of(packet: dict[str, Any]) -> str:
+    from orchestration.selectors import task_job_id
+
+    return task_job_id(packet)
+
+
+def _cancel_child(task_id: str) -> None:
+    from orchestration.services import task_cancel
+
+    try:
+        task_cancel(task_id=task_id, reason="the parent task failed")
+    except Exception as exc:  # a child that finished meanwhile cannot be cancelled; nothing to do
+        logger.info("child %s not cancelled: %s", task_id, exc)
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+
+def _run_agent(
+    agent: Any, *, payload: dict[str, Any], role: RoleConfig, config: Configuration, **kwargs: Any
+) -> AgentOutcome:
+    balancer = load_balancer()
+    return agent.run(
+        payload=payload,
+        role=role,
+        config=config,
+        balancer=balancer,
+        deadline=balancer.clock() + role.time_limit_s,
+        **kwargs,
+    )
+
+
+def _record(
+    task_id: str,
+    step: str,
+    agent_name: str,
+    outcome: AgentOutcome,
+    *,
+    status: str,
+    job_id: str | None = None,
+    result: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    finish: bool = False,
+    iteration: int | None = None,
+) -> dict[str, Any] | None:
+    """Record a step's outcome if the task is still running and the step is not recorded yet (and,
+    for the first step, still claimed by this job); returns the packet, or None when the outcome
+    was not used."""
+
+    def record(packet: dict[str, Any]) -> bool:
+        claimed = job_id is None or _claimed_by(packet) == job_id
+        if packet["status"] != RUNNING or not claimed or _step_event(packet, step):
             # Cancelled (or taken over) while the model was answering: the answer is not used.
             packet["history"].append(
                 history_event(
@@ -105,50 +802,127 @@ def _record(task_id: str, job_id: str, agent_name: str, outcome: AgentOutcome) -
                     status=packet["status"],
                     agent=agent_name,
                     llm=outcome.llm,
-                    detail={"reason": f"the task was {packet['status']} during the step", **outcome.step_detail()},
+                    detail={"step": None, "discarded_step": step, "reason": f"the task was {packet['status']} "
+                            "during the step", **outcome.step_detail()},
                 )
-            )
+            )  # fmt: skip
             return True
-        packet["status"] = SUCCEEDED
-        packet["result"] = outcome.result
+        packet["status"] = status
+        if result is not None:
+            packet["result"] = result
+        if iteration is not None:
+            packet["iteration"] = iteration
         packet["history"].append(
-            history_event("step", status=SUCCEEDED, agent=agent_name, llm=outcome.llm, detail=outcome.step_detail())
+            history_event(
+                "step",
+                status=status,
+                agent=agent_name,
+                llm=outcome.llm,
+                detail={"step": step, **outcome.step_detail(), **(extra or {})},
+            )
         )
-        packet["history"].append(history_event("finished", status=SUCCEEDED))
+        if finish:
+            packet["history"].append(history_event("finished", status=status))
         return True
 
-    packet, _ = task_store().update(task_id, finish)
-    return packet["status"]
+    packet, _ = task_store().update(task_id, record)
+    if _step_event(packet, step) is None or packet["status"] not in (status, RUNNING):
+        return None
+    if finish:
+        _finished(packet)
+    return packet
 
 
-def _fail(task_id: str, job_id: str, agent_name: str | None, reason: str, *, balancer: dict | None = None) -> str:
-    """Fail the task if this job's run is still the one in force; ``balancer`` is the last LLM
-    decision (its failovers and exclusions), when the step got that far."""
+def _event(task_id: str, event: str, *, status: str, detail: dict[str, Any]) -> None:
+    def note(packet: dict[str, Any]) -> bool:
+        packet["history"].append(history_event(event, status=packet["status"], detail=detail))
+        return True
+
+    task_store().update(task_id, note)
+
+
+def _fail(task_id: str, guard: Callable[[dict[str, Any]], bool], reason: str, *, balancer: dict | None = None) -> str:
+    """Fail the task if it is running and ``guard`` says this job's run is still the one in force;
+    ``balancer`` is the last LLM decision (its failovers and exclusions), when the step got that far."""
 
     def fail(packet: dict[str, Any]) -> bool:
-        if packet["status"] != RUNNING or _claimed_by(packet) != job_id:
+        if packet["status"] != RUNNING or not guard(packet):
             return False
         packet["status"] = FAILED
         detail: dict[str, Any] = {"reason": reason}
         if balancer:
             detail["balancer"] = balancer
-        packet["history"].append(history_event("failed", status=FAILED, agent=agent_name, detail=detail))
+        packet["history"].append(history_event("failed", status=FAILED, detail=detail))
         return True
 
     packet, failed = task_store().update(task_id, fail)
     if failed:
         logger.warning("task %s failed: %s", task_id, reason)
+        _finished(packet)
     return packet["status"]
 
 
+def _finished(packet: dict[str, Any]) -> None:
+    """A task finished: its parent's plan may go on."""
+    if packet["parent_id"]:
+        plan_advance(parent_id=packet["parent_id"])
+
+
+def loop_continue(*, packet: dict[str, Any], step: str) -> None:
+    """Queue what follows a step recorded outside a job (a person's feedback)."""
+    _after_step(packet, step)
+
+
 def task_abandoned(*, task_id: str, job_id: str, reason: str) -> str:
-    """The job ended without recording its step (Celery's hard time limit killed it): fail the task."""
-    return _fail(task_id, job_id, None, reason)
+    """The job ended without recording its step (Celery's hard time limit killed it): fail the task,
+    if the job is the task's current one (its claim, or a job scheduled after its latest step)."""
+
+    def current(packet: dict[str, Any]) -> bool:
+        if _claimed_by(packet) == job_id:
+            return True
+        scheduled = next((e for e in reversed(packet["history"]) if e["event"] == "scheduled"), None)
+        return scheduled is not None and job_id in scheduled["detail"]["job_ids"]
+
+    return _fail(task_id, current, reason)
 
 
 def _claimed_by(packet: dict[str, Any]) -> str | None:
     """The job id of the task's latest claim."""
     for event in reversed(packet["history"]):
-        if event["event"] in ("claimed", "reclaimed"):
+        if event["event"] in ("claimed", "reclaimed", "retrying"):
             return event["detail"].get("job_id")
     return None
+
+
+def _step_event(packet: dict[str, Any], step: str) -> dict[str, Any] | None:
+    """The event that recorded ``step``, if any."""
+    for event in reversed(loop.current_run(packet["history"])):
+        if event["detail"].get("step") == step and event["event"] in ("step", "check", "verdict", "feedback"):
+            return event
+    return None
+
+
+def _last_step(packet: dict[str, Any]) -> str | None:
+    for event in reversed(packet["history"]):
+        if event["event"] in ("step", "verdict", "delegated", "feedback") and event["detail"].get("step"):
+            return MAIN if event["event"] == "delegated" else event["detail"]["step"]
+    return None
+
+
+def _delegated(packet: dict[str, Any]) -> bool:
+    return any(event["event"] == "delegated" for event in loop.current_run(packet["history"]))
+
+
+def _was_scheduled(packet: dict[str, Any], after: str) -> bool:
+    return any(e["event"] == "scheduled" and e["detail"]["after"] == after for e in loop.current_run(packet["history"]))
+
+
+def _flow(packet: dict[str, Any]) -> str:
+    return agent_class(configuration().role(packet["profile"], packet["role"]).agent).flow
+
+
+def _role_or_none(packet: dict[str, Any]) -> RoleConfig | None:
+    try:
+        return configuration().role(packet["profile"], packet["role"])
+    except LookupError:
+        return None

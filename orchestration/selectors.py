@@ -68,6 +68,22 @@ def task_job_id(packet: dict[str, Any]) -> str | None:
     return None
 
 
+def task_pending_jobs(packet: dict[str, Any]) -> list[str]:
+    """The jobs that may still wait on a queue for the task: its first job while it is queued, and the
+    jobs scheduled after its latest step."""
+    jobs = []
+    if packet["history"] and packet["history"][-1]["event"] == "cancelled":
+        was = packet["history"][-1]["detail"].get("was")
+    else:
+        was = packet["status"]
+    if was == "queued" and (job := task_job_id(packet)):
+        jobs.append(job)
+    scheduled = next((e for e in reversed(packet["history"]) if e["event"] == "scheduled"), None)
+    if scheduled is not None:
+        jobs.extend(scheduled["detail"]["job_ids"])
+    return jobs
+
+
 def task_list(*, status: str | None = None, profile: str | None = None, role: str | None = None) -> QuerySet[Task]:
     if status is not None and status not in STATUSES:
         raise ApplicationError(f"unknown status {status!r}; valid statuses: {', '.join(STATUSES)}", field="status")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import uuid
@@ -11,23 +12,32 @@ from typing import Any
 from django.db import transaction
 from kombu.exceptions import OperationalError as BrokerError
 
-from agents.base import PayloadError
+from agents.base import LOOP, PayloadError
 from agents.registry import agent_class
 from balancer import load_balancer
 from balancer.configuration import RoleConfig
-from orchestration.checks import HARD_LIMIT_MARGIN_S
+from orchestration import orchestration_engine
 from orchestration.exceptions import ApplicationError
 from orchestration.packets import (
+    AWAITING_FEEDBACK,
     CANCELLED,
     FAILED,
     FINISHED,
     QUEUED,
+    RUNNING,
+    SUCCEEDED,
     history_event,
     new_packet,
     parse_task_id,
 )
 from orchestration.runtime import configuration, task_store
-from orchestration.selectors import canonical_task_id, corrupt_state_error, role_get, task_get, task_job_id
+from orchestration.selectors import (
+    canonical_task_id,
+    corrupt_state_error,
+    role_get,
+    task_get,
+    task_pending_jobs,
+)
 from orchestration.state_store import CorruptState, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -55,16 +65,10 @@ def _update(task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dic
 
 
 def _publish(*, task_id: str, job_id: str, role: RoleConfig) -> None:
-    """Put the job on the role's queue; the soft limit leaves the engine's own timeout room to act first."""
+    """Put the task's first job on the role's queue."""
     from orchestration.tasks import run_task
 
-    run_task.apply_async(
-        args=[task_id],
-        task_id=job_id,
-        queue=role.queue,
-        soft_time_limit=role.time_limit_s + 5,
-        time_limit=role.time_limit_s + HARD_LIMIT_MARGIN_S,
-    )
+    run_task.apply_async(args=[task_id], **orchestration_engine.job_options(role, job_id))
 
 
 def _enqueue(*, packet: dict[str, Any], job_id: str, role: RoleConfig) -> None:
@@ -155,8 +159,9 @@ def _resubmit(
     return existing
 
 
-def task_cancel(*, task_id: str) -> dict[str, Any]:
-    """Cancel a task that has not finished: a queued job is revoked, a running one stops at its next step."""
+def task_cancel(*, task_id: str, reason: str | None = None) -> dict[str, Any]:
+    """Cancel a task that has not finished, and its unfinished children. Its queued jobs are revoked;
+    a running step finishes, and its outcome is discarded."""
     previous: list[str] = []
 
     def cancel(packet: dict[str, Any]) -> bool:
@@ -168,20 +173,72 @@ def task_cancel(*, task_id: str) -> dict[str, Any]:
             )
         previous.append(packet["status"])
         packet["status"] = CANCELLED
-        packet["history"].append(history_event("cancelled", status=CANCELLED, detail={"was": previous[0]}))
+        detail = {"was": previous[0], **({"reason": reason} if reason else {})}
+        packet["history"].append(history_event("cancelled", status=CANCELLED, detail=detail))
         return True
 
     packet, _ = _update(task_id, cancel)
-    job_id = task_job_id(packet)
-    if previous[0] == QUEUED and job_id:
+    jobs = task_pending_jobs(packet)
+    if jobs:
         from aiagentserver.celery import app
 
         try:
-            app.control.revoke(job_id)
+            app.control.revoke(jobs)
         except (BrokerError, OSError) as exc:
-            # The claim guard still keeps the job from running: it finds the task cancelled.
-            logger.warning("task %s: could not revoke job %s: %s", task_id, job_id, exc)
+            # The guards still keep the jobs from running: they find the task cancelled.
+            logger.warning("task %s: could not revoke jobs %s: %s", task_id, jobs, exc)
+    for child_id in packet["children"]:
+        with contextlib.suppress(ApplicationError):  # it finished already
+            task_cancel(task_id=child_id, reason="the parent task was cancelled")
+    if packet["parent_id"]:
+        orchestration_engine.plan_advance(parent_id=packet["parent_id"])
     return packet
+
+
+def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: str | None = None) -> dict[str, Any]:
+    """Feedback from a person or an outside agent on a coder task that awaits it or has finished: the
+    loop goes on from it, through Debug (``route="debug"``) or straight to the coder, with fresh rounds."""
+    stored = task_get(task_id=task_id)
+    role_config = role_get(profile=stored["profile"], role=stored["role"])
+    if agent_class(role_config.agent).flow != LOOP:
+        raise ApplicationError(
+            f"task {stored['task_id']} is a {stored['profile']}/{stored['role']} task; feedback goes to tasks of "
+            "coder roles, which run the feedback loop",
+            status_code=409,
+            code="no_feedback_loop",
+        )
+    step: list[str] = []
+
+    def add(packet: dict[str, Any]) -> bool:
+        if packet["status"] not in (AWAITING_FEEDBACK, SUCCEEDED, FAILED):
+            raise ApplicationError(
+                f"task {packet['task_id']} is {packet['status']}; feedback is taken when a task awaits it or has "
+                "succeeded or failed",
+                status_code=409,
+                code="not_awaiting_feedback",
+            )
+        iteration = packet["iteration"] + 1
+        step.append(f"{iteration}.feedback")
+        packet["status"] = RUNNING
+        packet["iteration"] = iteration
+        detail = {"step": step[0], "iteration": iteration, "route": route, "feedback": feedback}
+        if tests is not None:
+            detail["tests"] = tests
+        packet["history"].append(history_event("feedback", status=RUNNING, detail=detail))
+        return True
+
+    packet, _ = _update(task_id, add)
+    try:
+        orchestration_engine.loop_continue(packet=packet, step=step[0])
+    except (BrokerError, OSError) as exc:
+        raise ApplicationError(
+            "the feedback is stored but the queue (Redis) is unavailable; the task goes on once the recovery "
+            "sweeper finds it",
+            status_code=503,
+            code="queue_unavailable",
+            task_id=packet["task_id"],
+        ) from exc
+    return task_get(task_id=task_id)
 
 
 def task_retry(*, task_id: str) -> dict[str, Any]:

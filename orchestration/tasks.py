@@ -1,4 +1,4 @@
-"""Celery jobs. A job carries a task id, loads the state and calls one engine function."""
+"""Celery jobs. A job carries a task id (and a step), loads the state and calls one engine function."""
 
 import logging
 import os
@@ -36,23 +36,56 @@ def start_health_checks(**_kwargs) -> None:
     threading.Thread(target=loop, name="llm-health", daemon=True).start()
 
 
-class RunTask(Task):
+class StepJob(Task):
+    """Celery's hard time limit kills a step without letting it record anything; this hook, called in
+    the worker's main process, fails the task so that it does not stay "running" for ever."""
+
     def on_failure(self, exc, task_id, args, kwargs, einfo):
-        # Called in the worker's main process when the hard time limit kills
-        # the step, so that the task does not stay "running" for ever.
+        if isinstance(exc, orchestration_engine.StepRetry):
+            return
+        task = args[1] if self.name == "orchestration.run_verdict" else args[0]
         orchestration_engine.task_abandoned(
-            task_id=args[0], job_id=task_id, reason=f"the step was stopped: {type(exc).__name__}: {exc}"
+            task_id=task, job_id=task_id, reason=f"the step was stopped: {type(exc).__name__}: {exc}"
         )
 
 
-@shared_task(
-    name="orchestration.run_task", bind=True, base=RunTask, acks_late=True, reject_on_worker_lost=True, max_retries=None
-)
+_JOB = {"bind": True, "base": StepJob, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+
+
+@shared_task(name="orchestration.run_task", **_JOB)
 def run_task(self, task_id: str) -> str:
-    """Run the task's step; safe to deliver twice (the lease and the claim are guarded)."""
+    """Claim the task and run its first step; safe to deliver twice (the lease and the claim are guarded)."""
     try:
         return orchestration_engine.task_step(
-            task_id=task_id, job_id=self.request.id, worker=f"{self.request.hostname}:{os.getpid()}"
+            task_id=task_id,
+            job_id=self.request.id,
+            worker=f"{self.request.hostname}:{os.getpid()}",
+            retries=self.request.retries,
         )
     except orchestration_engine.StepBusy as busy:
         raise self.retry(countdown=busy.countdown) from None
+    except orchestration_engine.StepRetry as retry:
+        raise self.retry(countdown=retry.countdown) from None
+
+
+@shared_task(name="orchestration.run_step", **_JOB)
+def run_step(self, task_id: str, step: str):
+    """One later step of a running task: a coder or debug round, or one of QA's checks (a chord's header)."""
+    return _later(self, task_id, step)
+
+
+@shared_task(name="orchestration.run_verdict", **_JOB)
+def run_verdict(self, _results: list, task_id: str, step: str):
+    """The callback of a round's checks: the loop's decision. It reads the checks from the task's history."""
+    return _later(self, task_id, step)
+
+
+def _later(job: Task, task_id: str, step: str):
+    try:
+        return orchestration_engine.later_step(
+            task_id=task_id, step=step, job_id=job.request.id, retries=job.request.retries
+        )
+    except orchestration_engine.StepBusy as busy:
+        raise job.retry(countdown=busy.countdown) from None
+    except orchestration_engine.StepRetry as retry:
+        raise job.retry(countdown=retry.countdown) from None

@@ -10,5 +10,6 @@ urlpatterns = [
     path("tasks/", api_handler.TaskListApi.as_view(), name="task-list"),
     path("tasks/<str:task_id>", api_handler.TaskDetailApi.as_view(), name="task-detail"),
     path("tasks/<str:task_id>/cancel", api_handler.TaskCancelApi.as_view(), name="task-cancel"),
+    path("tasks/<str:task_id>/feedback", api_handler.TaskFeedbackApi.as_view(), name="task-feedback"),
     path("<str:profile>/<str:role>", api_handler.TaskSubmitApi.as_view(), name="task-submit"),
 ]

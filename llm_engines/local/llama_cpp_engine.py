@@ -187,7 +187,7 @@ class LlamaCppEngine(Engine):
             "stop": list(options.stop) or None,
         }
         if options.json_schema is not None:
-            request["response_format"] = {"type": "json_object", "schema": dict(options.json_schema)}
+            request["response_format"] = {"type": "json_object", "schema": grammar_safe(options.json_schema)}
         return request
 
     def _error(self, exc: Exception) -> EngineError:
@@ -269,6 +269,25 @@ class LlamaCppEngine(Engine):
             if not _is_gguf(path):
                 return Health(False, f"{path} is missing or not a GGUF file", time.perf_counter() - started)
         return Health(True, f"model file {self.path.name} present", time.perf_counter() - started)
+
+
+# llama.cpp spells a string's maxLength out as nested optional characters, and its grammar parser
+# refuses a repetition of more than 2000 rules; past about 1,000 characters the grammar does not
+# load, and llama-cpp-python then crashes the process. Longer bounds are dropped: max_tokens bounds
+# the field instead.
+GRAMMAR_MAX_LENGTH = 1000
+
+
+def grammar_safe(schema: Any) -> Any:
+    """The schema with every string bound that llama.cpp's grammar cannot hold removed."""
+    if isinstance(schema, Mapping):
+        safe = {key: grammar_safe(value) for key, value in schema.items()}
+        if isinstance(safe.get("maxLength"), int) and safe["maxLength"] > GRAMMAR_MAX_LENGTH:
+            del safe["maxLength"]
+        return safe
+    if isinstance(schema, list):
+        return [grammar_safe(item) for item in schema]
+    return schema
 
 
 def _has_images(messages: Sequence[Message]) -> bool:

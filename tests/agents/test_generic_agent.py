@@ -1,5 +1,7 @@
 """The generic agent: its payload rules, and one real step with SmolLM2 through the balancer."""
 
+import dataclasses
+
 import pytest
 
 from agents.base import PayloadError
@@ -27,7 +29,8 @@ def test_payload_rejections_name_the_field(payload, field):
 
 def test_a_real_step_with_the_default_model():
     config = configuration()
-    role = config.role("productivity", "writer")
+    # A role an operator added with the generic agent.
+    role = dataclasses.replace(config.role("productivity", "writer"), agent="generic")
     agent = agent_class(role.agent)()
     outcome = agent.run(
         payload={"input": "Write one short sentence about the sea."}, role=role, config=config, balancer=load_balancer()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
+from agents.registry import AGENTS
 from balancer.configuration import ConfigurationError, ConfigurationSource, load_configuration, parse_configuration
 
 SHIPPED = Path(__file__).resolve().parents[2] / "balancer" / "configuration.json"
@@ -19,12 +20,12 @@ def raw():
 
 def problems(raw, **kwargs):
     with pytest.raises(ConfigurationError) as error:
-        parse_configuration(raw, known_agents={"generic"}, **kwargs)
+        parse_configuration(raw, known_agents=AGENTS.names(), **kwargs)
     return dict(error.value.problems)
 
 
 def test_the_shipped_configuration_is_valid():
-    config = load_configuration(SHIPPED, known_agents={"generic"})
+    config = load_configuration(SHIPPED, known_agents=AGENTS.names())
     assert set(config.profiles) == {"developer", "productivity"}
     assert set(config.profiles["developer"].roles) == {
         "diagnosis", "architect", "planner", "fast_coder", "deep_coder", "qa", "debug",
@@ -88,7 +89,7 @@ def test_invalid_json_names_line_and_column(tmp_path):
 def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path, raw):
     path = tmp_path / "configuration.json"
     path.write_text(json.dumps(raw))
-    source = ConfigurationSource(path, known_agents={"generic"})
+    source = ConfigurationSource(path, known_agents=AGENTS.names())
     good = source.current()
     raw["llms"][0]["engine"] = "nope"
     path.write_text(json.dumps(raw) + " ")

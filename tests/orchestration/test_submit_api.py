@@ -69,7 +69,7 @@ def test_unknown_profile_or_role_is_404_listing_the_valid_ones(api, state_dir, u
     [
         ({}, "payload"),
         ({"payload": None}, "payload"),
-        ({"payload": {}}, "payload.input"),
+        ({"payload": {}}, "payload.goal"),
         ({"payload": {"input": ""}}, "payload.input"),
         ({"payload": {"input": 42}}, "payload.input"),
         ({"payload": {"input": "x", "extra": 1}}, "payload.extra"),
@@ -182,7 +182,9 @@ def test_same_task_id_on_another_role_is_409(api):
 
 def test_a_role_no_llm_can_serve_is_422_with_the_reason(api, state_dir):
     before = _files(state_dir)
-    response = post(api, {"payload": {"input": "what is in this picture?"}}, url="/api/v1/productivity/vision")
+    image = "data:image/png;base64,iVBORw0KGgo="
+    payload = {"image": image, "question": "what is in this picture?"}
+    response = post(api, {"payload": payload}, url="/api/v1/productivity/vision")
     assert response.status_code == 422
     assert "lacks capabilities vision" in response.json()["detail"]
     assert _files(state_dir) == before

@@ -1,0 +1,216 @@
+"""QA: checks code against tests (given in the payload, or written by the QA agent when none are given).
+
+Three checks, which the orchestration runs in parallel (a Celery chord):
+``tests`` runs the tests in the sandbox (agents/sandbox.py), never in the
+worker; ``static`` compiles the code and lints it for errors that are bugs
+(syntax, undefined names), without running it; ``review`` asks the QA role's
+LLM whether the code does what the instruction asks. Each reports pass or
+fail with its output.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agents import sandbox
+from agents.base import CHECKS, FILES, PAYLOAD_TEXT, Agent, AgentOutcome, array, long_text, obj, render_files, text
+from agents.developer.coder_agent import LANGUAGES
+from balancer.configuration import Configuration, RoleConfig
+from llm_engines.base import Message
+
+CHECK_NAMES = ("tests", "static", "review")
+TEST_MODULE = "test_qa.py"
+RUNNER = "_qa_runner.py"
+REPORT_MARKER = "QA-REPORT"
+OUTPUT_CHARS = 4000
+# Lint only for what is a bug (the flake8 projects' own CI selection): syntax errors, undefined names,
+# invalid comparisons. Style is not a reason to send code back.
+LINT_RULES = "E9,F63,F7,F82"
+
+# Runs inside the sandbox: imports the tests (module-level asserts run then) and calls every test_*
+# function, with each one's output captured, then prints one report line tagged with the run's nonce.
+RUNNER_SOURCE = r"""
+import contextlib, importlib, io, json, os, sys, traceback
+
+nonce = sys.argv[1]
+sys.path.insert(0, os.getcwd())
+results = []
+captured = io.StringIO()
+try:
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        module = importlib.import_module("test_qa")
+except BaseException:
+    results.append({"name": "import test_qa", "passed": False,
+                    "output": (captured.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
+else:
+    tests = [(name, value) for name, value in vars(module).items()
+             if name.startswith("test") and callable(value) and getattr(value, "__module__", "") == "test_qa"]
+    if not tests:
+        results.append({"name": "module-level asserts", "passed": True, "output": captured.getvalue()[-1000:]})
+    for name, function in tests:
+        output = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                function()
+        except BaseException:
+            results.append({"name": name, "passed": False,
+                            "output": (output.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
+        else:
+            results.append({"name": name, "passed": True, "output": output.getvalue()[-500:]})
+print(nonce + json.dumps(results), flush=True)
+"""
+
+
+def check_result(name: str, passed: bool, output: str, **detail: Any) -> dict[str, Any]:
+    """One check's outcome, as the history and the loop's decision read it."""
+    if len(output) > OUTPUT_CHARS:
+        output = output[: OUTPUT_CHARS // 2] + "\n[... cut ...]\n" + output[-OUTPUT_CHARS // 2 :]
+    return {"check": name, "passed": passed, "output": output, **detail}
+
+
+def run_tests(files: list[Mapping[str, str]], tests: str, *, limits: sandbox.Limits | None = None) -> dict[str, Any]:
+    """Run ``tests`` against ``files`` in the sandbox; ``sandbox.SandboxUnavailable`` when it cannot run."""
+    nonce = f"{REPORT_MARKER}-{secrets.token_hex(8)}:"
+    workdir = {item["path"]: item["content"] for item in files}
+    workdir[TEST_MODULE] = tests
+    workdir[RUNNER] = RUNNER_SOURCE
+    run = sandbox.run(workdir, ["python", RUNNER, nonce], limits=limits)
+    report = None
+    for line in reversed(run.stdout.splitlines()):
+        if line.startswith(nonce):
+            try:
+                report = json.loads(line[len(nonce) :])
+            except json.JSONDecodeError:
+                report = None
+            break
+    if report is None:
+        why = run.limit or f"exit code {run.exit_code}"
+        output = f"the test run ended without a report ({why})\n{run.stderr[-2000:]}{run.stdout[-1000:]}"
+        return check_result("tests", False, output, sandbox=run.as_detail(), tests=[])
+    failed = [item for item in report if not item["passed"]]
+    lines = [f"{len(report) - len(failed)} of {len(report)} tests passed"]
+    lines += [f"FAILED {item['name']}:\n{item['output']}" for item in failed]
+    if run.limit:
+        lines.append(f"the run was stopped: {run.limit}")
+    passed = bool(report) and not failed and run.exit_code == 0
+    return check_result("tests", passed, "\n".join(lines), sandbox=run.as_detail(), tests=report)
+
+
+def _ruff() -> str | None:
+    beside = Path(sys.executable).with_name("ruff")
+    return str(beside) if beside.exists() else shutil.which("ruff")
+
+
+def static_check(files: list[Mapping[str, str]]) -> dict[str, Any]:
+    """Compile each Python file and lint it for bugs. Nothing is executed, so it runs in the worker."""
+    python = [item for item in files if item["path"].endswith(".py")]
+    if not python:
+        return check_result("static", False, "no Python file to check")
+    problems = []
+    for item in python:
+        try:
+            compile(item["content"], item["path"], "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            line = getattr(exc, "lineno", None)
+            problems.append(f"{item['path']}:{line}: {getattr(exc, 'msg', str(exc))}")
+    if problems:
+        return check_result("static", False, "syntax errors:\n" + "\n".join(problems))
+    ruff = _ruff()
+    if ruff is None:
+        return check_result("static", True, "compiled; ruff is not installed, so nothing was linted")
+    with tempfile.TemporaryDirectory(prefix="aiagent-lint-") as directory:
+        for item in python:
+            target = Path(directory, item["path"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(item["content"], encoding="utf-8")
+        command = [ruff, "check", "--isolated", "--no-cache", "--select", LINT_RULES, "--output-format", "concise"]
+        completed = subprocess.run(
+            [*command, "."], cwd=directory, capture_output=True, text=True, timeout=60, check=False
+        )
+    if completed.returncode == 0:
+        return check_result("static", True, f"compiled; ruff found no error ({LINT_RULES})")
+    if completed.returncode == 1:
+        return check_result("static", False, completed.stdout.strip())
+    return check_result("static", False, f"ruff could not run: {completed.stderr.strip()[:500]}", error=True)
+
+
+class QAAgent(Agent):
+    name = "qa"
+    input_schema = obj(
+        {
+            "files": {**FILES, "minItems": 1},
+            "language": {"enum": list(LANGUAGES)},
+            "tests": PAYLOAD_TEXT,
+            "instruction": PAYLOAD_TEXT,
+        },
+        required=("files",),
+    )
+    defaults = {"language": "python"}
+    flow = CHECKS
+
+    def write_tests(
+        self, *, files: list[Mapping[str, str]], instruction: str, notes: str | None, **call: Any
+    ) -> AgentOutcome:
+        """Tests for the code, from the instruction (and, on a later round, Debug's notes on the old tests)."""
+        role: RoleConfig = call["role"]
+        system = {
+            "role": "system",
+            "content": role.system_prompt
+            + '\n\nReply with JSON: {"tests": "<Python test code>"}. Write test functions named test_... that '
+            "use plain assert statements; import the code under test with `from solution import ...`. Test what "
+            "the instruction asks, including its examples.",
+        }
+        parts = [f"Instruction:\n{instruction}", f"The code:\n{render_files(files)}"]
+        if notes:
+            parts.append(f"The previous tests were wrong: {notes}")
+        return self.ask(
+            [system, {"role": "user", "content": "\n\n".join(parts)}],
+            self.tests_schema(role),
+            parse=lambda data: data,
+            **call,
+        )
+
+    @staticmethod
+    def tests_schema(role: RoleConfig) -> dict[str, Any]:
+        return obj({"tests": long_text(role, 0.85)})
+
+    @staticmethod
+    def review_schema() -> dict[str, Any]:
+        return obj({"passed": {"type": "boolean"}, "findings": array(text(120), max_items=3)})
+
+    def review(
+        self, *, files: list[Mapping[str, str]], instruction: str, tests: str | None, **call: Any
+    ) -> AgentOutcome:
+        """The LLM's review: does the code do what the instruction asks?"""
+        role: RoleConfig = call["role"]
+        system = {
+            "role": "system",
+            "content": role.system_prompt
+            + '\n\nReply with JSON: {"passed": true or false, "findings": ["..."]}: passed is false only for a '
+            "real defect (wrong result, crash, missing feature); list each defect in findings.",
+        }
+        parts = [f"Instruction:\n{instruction or '(none given)'}", f"The code:\n{render_files(files)}"]
+        if tests:
+            parts.append(f"Its tests:\n{tests}")
+        return self.ask(
+            [system, {"role": "user", "content": "\n\n".join(parts)}],
+            self.review_schema(),
+            parse=lambda data: data,
+            **call,
+        )
+
+    def build_messages(
+        self, payload: Mapping[str, Any], role: RoleConfig, context: Mapping[str, Any] | None = None
+    ) -> list[Message]:
+        raise TypeError("QA runs as checks (write_tests, run_tests, static_check, review), not as one prompt")
+
+    def output_schema(self, role: RoleConfig, config: Configuration) -> dict[str, Any] | None:
+        return None

@@ -1,0 +1,1 @@
+"""The productivity profile's agents: vision, summarizer, writer, translator."""

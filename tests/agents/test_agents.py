@@ -1,0 +1,144 @@
+"""Every agent: its payload schema's rejections (each naming the field), and one real step with SmolLM2.
+
+The real steps check the structure of what comes back, not its wisdom: a
+135M-parameter model answers, through llama.cpp's grammar for the agent's
+output schema.
+"""
+
+import base64
+
+import pytest
+
+from agents.base import CHARS_PER_TOKEN, PayloadError, max_json_chars
+from agents.developer import qa_agent
+from agents.registry import AGENTS, agent_class
+from orchestration.runtime import configuration, load_balancer
+
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+FILES = [{"path": "solution.py", "content": "def add(a, b):\n    return a + b\n"}]
+
+
+@pytest.mark.parametrize(
+    ("agent", "payload", "field"),
+    [
+        ("diagnosis", {}, "payload.problem"),
+        ("diagnosis", {"problem": "x", "logs": 3}, "payload.logs"),
+        ("diagnosis", {"problem": "x", "stack": "y"}, "payload.stack"),
+        ("architect", {"requirements": "x", "constraints": "one"}, "payload.constraints"),
+        ("architect", {"requirements": "x", "constraints": ["a", 1]}, "payload.constraints[1]"),
+        ("planner", {"goal": "   "}, "payload.goal"),
+        ("planner", {"goal": "x", "execute": "yes"}, "payload.execute"),
+        ("coder", {"instruction": "x", "language": "cobol"}, "payload.language"),
+        ("coder", {"instruction": "x", "files": [{"path": "/etc/passwd", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "../up.py", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "a.py"}]}, "payload.files[0].content"),
+        ("coder", {"instruction": "x", "max_iterations": 0}, "payload.max_iterations"),
+        ("coder", {"instruction": "x", "max_iterations": 11}, "payload.max_iterations"),
+        ("qa", {"input": "check my code"}, "payload.input"),
+        ("qa", {"tests": "assert True"}, "payload.files"),
+        ("qa", {"files": []}, "payload.files"),
+        ("qa", {"files": FILES, "tests": 5}, "payload.tests"),
+        ("debug", {"code": "x"}, "payload.failure"),
+        ("vision", {"question": "what?"}, "payload.image"),
+        ("vision", {"image": "http://example.com/a.png", "question": "what?"}, "payload.image"),
+        ("vision", {"image": PNG}, "payload.question"),
+        ("summarizer", {"text": "x", "max_words": 5}, "payload.max_words"),
+        ("writer", {"brief": "x", "tone": ""}, "payload.tone"),
+        ("translator", {"text": "x", "target_language": 7}, "payload.target_language"),
+        ("translator", {"input": ""}, "payload.input"),
+        ("generic", {"input": "x", "mode": "y"}, "payload.mode"),
+        ("writer", "just text", "payload"),
+    ],
+)
+def test_payload_rejections_name_the_field(agent, payload, field):
+    with pytest.raises(PayloadError) as error:
+        agent_class(agent).validate_payload(payload)
+    assert error.value.field == field
+
+
+def test_every_text_agent_takes_the_input_shorthand():
+    for name in AGENTS.names():
+        cls = agent_class(name)
+        if cls.text_field:
+            assert cls.validate_payload({"input": "hello"})[cls.text_field] == "hello"
+
+
+def test_defaults_are_applied():
+    assert agent_class("planner").validate_payload({"goal": "x"}) == {"goal": "x", "execute": False}
+    assert agent_class("coder").validate_payload({"instruction": "x"})["language"] == "python"
+
+
+def test_every_shipped_role_has_room_for_its_longest_reply():
+    """A grammar-driven model may fill every field to its bound; max_tokens must hold that, or the reply
+    is cut before its JSON closes."""
+    config = configuration()
+    schemas = []
+    for profile in config.profiles.values():
+        for role in profile.roles.values():
+            schema = agent_class(role.agent)().output_schema(role, config)
+            if schema is not None:
+                schemas.append((role, schema))
+    qa = config.role("developer", "qa")
+    schemas += [(qa, qa_agent.QAAgent.tests_schema(qa)), (qa, qa_agent.QAAgent.review_schema())]
+    for role, schema in schemas:
+        assert max_json_chars(schema) <= role.max_tokens * CHARS_PER_TOKEN, role.queue
+
+
+def _run(profile, role_name, payload):
+    config = configuration()
+    role = config.role(profile, role_name)
+    agent = agent_class(role.agent)()
+    outcome = agent.run(payload=agent.validate_payload(payload), role=role, config=config, balancer=load_balancer())
+    assert outcome.llm == "smollm2-135m"
+    assert outcome.step_detail()["tokens"]["completion"] > 0
+    return outcome.result
+
+
+@pytest.mark.parametrize(
+    ("profile", "role", "payload", "keys"),
+    [
+        (
+            "developer",
+            "diagnosis",
+            {"problem": "The web server returns 502 after a deploy."},
+            {"causes", "next_checks"},
+        ),
+        ("developer", "architect", {"requirements": "A URL shortener with an API."}, {"components", "interfaces"}),
+        ("developer", "planner", {"goal": "Add a login page to a web app."}, {"steps"}),
+        ("developer", "fast_coder", {"instruction": "A Python function add(a, b) returning a + b."}, {"files", "run"}),
+        ("developer", "debug", {"failure": "AssertionError: add(2, 3) == 6", "code": FILES[0]["content"]}, {"cause"}),
+        ("productivity", "summarizer", {"text": "The sea is wide. Ships cross it. Storms are rare."}, {"summary"}),
+        ("productivity", "writer", {"brief": "One sentence about the sea."}, {"title", "text"}),
+        ("productivity", "translator", {"text": "Bonjour le monde", "target_language": "English"}, {"translation"}),
+    ],
+)
+def test_a_real_step_with_the_default_model(profile, role, payload, keys):
+    result = _run(profile, role, payload)
+    assert keys <= result.keys()
+    if role == "planner":
+        roles = configuration().profiles["developer"].roles
+        assert all(step["role"] in roles and step["role"] != "planner" for step in result["steps"])
+    if role == "debug":
+        assert result["wrong"] in ("code", "test")
+    if role == "fast_coder":
+        assert all(file["path"] and ".." not in file["path"] for file in result["files"])
+
+
+def test_qa_writes_tests_and_reviews_with_the_default_model():
+    config = configuration()
+    role = config.role("developer", "qa")
+    agent = qa_agent.QAAgent()
+    call = {"role": role, "config": config, "balancer": load_balancer(), "deadline": None}
+    written = agent.write_tests(files=FILES, instruction="add(a, b) returns a + b", notes=None, **call)
+    assert isinstance(written.result["tests"], str) and written.result["tests"]
+    review = agent.review(files=FILES, instruction="add(a, b) returns a + b", tests=None, **call)
+    assert isinstance(review.result["passed"], bool)
+    assert isinstance(review.result["findings"], list)
+
+
+def test_vision_without_a_vision_llm_is_refused_before_any_call():
+    from balancer.load_balancer import NoCandidate, check_servable
+
+    config = configuration()
+    with pytest.raises(NoCandidate, match="vision"):
+        check_servable(config, config.role("productivity", "vision"))

@@ -1,0 +1,207 @@
+"""The QA -> Debug -> Coder feedback loop end to end: real Celery workers and chords, real Redis, the
+real sandbox for the tests, and the scripted engine in place of the model (tests/orchestration/scripted.py)."""
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.orchestration.scripted import CODER, DEBUG, QA_REVIEW, QA_TESTS, code_reply, use_script
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+TESTS = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5, add(2, 3)\n"
+RIGHT = "def add(a, b):\n    return a + b\n"
+REVIEW_OK = {"match": QA_REVIEW, "reply": {"passed": True, "findings": []}}
+DEBUG_CODE = {"match": DEBUG, "reply": {"cause": "it subtracts", "wrong": "code", "fix": "FIX-MARKER: add them"}}
+
+
+def wrong(offset: int) -> str:
+    return f"def add(a, b):\n    return a - b - {offset}\n"
+
+
+def submit(api, role, payload):
+    response = api.post(
+        f"/api/v1/developer/{role}", data=json.dumps({"payload": payload}), content_type="application/json"
+    )
+    assert response.status_code == 202, response.content
+    return response.json()
+
+
+def rounds(packet):
+    """Each verdict as (iteration, coder role, route)."""
+    return [
+        (e["detail"]["iteration"], e["detail"]["coder_role"], e["detail"]["route"])
+        for e in packet["history"]
+        if e["event"] == "verdict"
+    ]
+
+
+def steps(packet):
+    return [e["detail"]["step"] for e in packet["history"] if e["event"] in ("step", "check", "verdict")]
+
+
+@pytest.fixture
+def script(edit_config, tmp_path):
+    return lambda rules: use_script(edit_config, tmp_path / "script.json", rules)
+
+
+def test_wrong_code_then_right_code_succeeds_at_iteration_2_with_the_route_in_the_history(api, celery_worker, script):
+    script(
+        [
+            REVIEW_OK,
+            DEBUG_CODE,
+            {"match": f"{CODER}.*FIX-MARKER", "reply": code_reply(RIGHT)},
+            {"match": CODER, "reply": code_reply(wrong(0))},
+        ]
+    )
+    packet = submit(api, "fast_coder", {"instruction": "add(a, b) returns a + b", "tests": TESTS})
+    done = wait_for(packet["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    assert done["iteration"] == 2
+    assert rounds(done) == [(1, "fast_coder", "debug"), (2, "fast_coder", "done")]
+    assert steps(done)[:1] + steps(done)[4:6] == ["1.coder", "1.verdict", "2.debug"]
+    assert sorted(steps(done)[1:4]) == ["1.review", "1.static", "1.tests"]
+    assert done["result"]["files"] == [{"path": "solution.py", "content": RIGHT}]
+    assert all(check["passed"] for check in done["result"]["checks"])
+    first = next(e for e in done["history"] if e["event"] == "verdict")
+    tests_check = next(c for c in first["detail"]["checks"] if c["check"] == "tests")
+    assert not tests_check["passed"] and "-1" in tests_check["output"]  # add(2, 3) was -1
+    assert tests_check["sandbox"]["sandboxed"] is True
+    assert all(e["llm"] == "scripted" for e in done["history"] if e["event"] == "step")
+    # The debug notes reached the coder of round 2.
+    debug = next(e for e in done["history"] if e["detail"].get("step") == "2.debug")
+    assert debug["detail"]["result"]["wrong"] == "code"
+
+
+def test_always_wrong_code_fails_at_max_iterations_after_escalating_once(api, celery_worker, script):
+    chain = [{"match": f"{CODER}.*a - b - {n}\\n", "reply": code_reply(wrong(n + 1))} for n in range(5, 0, -1)]
+    script([REVIEW_OK, DEBUG_CODE, *chain, {"match": CODER, "reply": code_reply(wrong(1))}])
+    payload = {"instruction": "add(a, b) returns a + b", "tests": TESTS, "max_iterations": 2}
+    done = wait_for(submit(api, "fast_coder", payload)["task_id"], timeout=90)
+    assert done["status"] == "failed"
+    assert rounds(done) == [
+        (1, "fast_coder", "debug"),
+        (2, "fast_coder", "escalate"),
+        (3, "deep_coder", "debug"),
+        (4, "deep_coder", "give_up"),
+    ]
+    escalated = [e for e in done["history"] if e["event"] == "escalated"]
+    assert [(e["detail"]["from"], e["detail"]["to"]) for e in escalated] == [("fast_coder", "deep_coder")]
+    coders = [e for e in done["history"] if e["event"] == "step" and e["detail"]["step"].endswith(".coder")]
+    assert [e["detail"]["role"] for e in coders] == ["fast_coder", "fast_coder", "deep_coder", "deep_coder"]
+    assert "still failing after 2 rounds of deep_coder" in done["history"][-1]["detail"]["reason"]
+    assert done["result"]["files"][0]["content"] == wrong(4)
+
+
+def test_the_same_failure_twice_stops_the_loop_early(api, celery_worker, script):
+    script([REVIEW_OK, DEBUG_CODE, {"match": CODER, "reply": code_reply(wrong(1))}])
+    done = wait_for(submit(api, "deep_coder", {"instruction": "add", "tests": TESTS})["task_id"], timeout=60)
+    assert done["status"] == "failed"
+    assert rounds(done) == [(1, "deep_coder", "debug"), (2, "deep_coder", "give_up")]
+    assert "the same failure (tests) repeated" in done["history"][-1]["detail"]["reason"]
+
+
+def test_qa_writes_the_tests_when_none_are_given(api, celery_worker, script):
+    written = "from solution import add\n\ndef test_small():\n    assert add(1, 1) == 2\n"
+    script([REVIEW_OK, {"match": QA_TESTS, "reply": {"tests": written}}, {"match": CODER, "reply": code_reply(RIGHT)}])
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add(a, b) returns a + b"})["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    check = next(e for e in done["history"] if e["event"] == "check" and e["detail"]["check"] == "tests")
+    assert check["detail"]["tests_source"] == "written"
+    assert check["detail"]["test_code"] == written
+    assert done["result"]["tests"] == written
+
+
+def test_a_failing_lint_or_review_sends_the_code_back(api, celery_worker, script):
+    bad = "def add(a, b):\n    return a + b + undefined_name * 0\n"
+    script(
+        [
+            {
+                "match": f"{QA_REVIEW}.*undefined_name",
+                "reply": {"passed": False, "findings": ["uses an undefined name"]},
+            },
+            REVIEW_OK,
+            DEBUG_CODE,
+            {"match": f"{CODER}.*FIX-MARKER", "reply": code_reply(RIGHT)},
+            {"match": CODER, "reply": code_reply(bad)},
+        ]
+    )
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add", "tests": TESTS})["task_id"], timeout=60)
+    assert done["status"] == "succeeded"
+    first = next(e for e in done["history"] if e["event"] == "verdict")
+    failed = {c["check"] for c in first["detail"]["checks"] if not c["passed"]}
+    assert failed == {"static", "review", "tests"}
+    static = next(c for c in first["detail"]["checks"] if c["check"] == "static")
+    assert "F821" in static["output"]
+
+
+def test_cancelling_in_the_middle_of_a_loop_stops_it(api, celery_worker, script):
+    slow_debug = {**DEBUG_CODE, "delay_s": 3}
+    script([REVIEW_OK, slow_debug, {"match": CODER, "reply": code_reply(wrong(1))}])
+    task_id = submit(api, "fast_coder", {"instruction": "add", "tests": TESTS})["task_id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        packet = api.get(f"/api/v1/tasks/{task_id}").json()
+        if any(e["event"] == "scheduled" and "2.debug" in e["detail"]["steps"] for e in packet["history"]):
+            break
+        time.sleep(0.1)
+    cancelled = api.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    time.sleep(5)  # the slow debug step ends meanwhile; its answer must not be used
+    after = api.get(f"/api/v1/tasks/{task_id}").json()
+    assert after["status"] == "cancelled"
+    assert "2.coder" not in steps(after)
+    assert "2.debug" not in steps(after)
+
+
+def test_feedback_on_a_finished_task_routes_back_into_the_loop(api, celery_worker, script):
+    script(
+        [
+            REVIEW_OK,
+            {"match": f"{CODER}.*ALSO-NEGATIVE", "reply": code_reply(RIGHT + "\n# handles negatives\n")},
+            {"match": CODER, "reply": code_reply(RIGHT)},
+        ]
+    )
+    task_id = submit(api, "fast_coder", {"instruction": "add", "tests": TESTS})["task_id"]
+    assert wait_for(task_id, timeout=60)["status"] == "succeeded"
+    url = f"/api/v1/tasks/{task_id}/feedback"
+    bad = api.post(url, data=json.dumps({"feedback": "x", "route": "qa"}), content_type="application/json")
+    assert bad.status_code == 400 and bad.json()["field"] == "route"
+    response = api.post(
+        url, data=json.dumps({"feedback": "ALSO-NEGATIVE numbers", "route": "coder"}), content_type="application/json"
+    )
+    assert response.status_code == 202, response.content
+    assert response.json()["status"] == "running"
+    done = wait_for(task_id, timeout=60)
+    assert done["status"] == "succeeded"
+    assert done["iteration"] == 2
+    assert "# handles negatives" in done["result"]["files"][0]["content"]
+    feedback = next(e for e in done["history"] if e["event"] == "feedback")
+    assert feedback["detail"]["route"] == "coder"
+    assert rounds(done)[-1] == (2, "fast_coder", "done")
+
+
+def test_feedback_is_refused_where_there_is_no_loop_or_the_task_runs(api, celery_worker, script):
+    script([{"match": r'\{"components"', "reply": {"components": [{"name": "a", "responsibility": "b"}],
+            "interfaces": [], "data_flow": [], "risks": []}}])  # fmt: skip
+    architect = api.post(
+        "/api/v1/developer/architect", data=json.dumps({"payload": {"input": "x"}}), content_type="application/json"
+    ).json()
+    wait_for(architect["task_id"], timeout=30)
+    body = json.dumps({"feedback": "more detail"})
+    refused = api.post(f"/api/v1/tasks/{architect['task_id']}/feedback", data=body, content_type="application/json")
+    assert refused.status_code == 409 and refused.json()["code"] == "no_feedback_loop"
+
+
+def test_qa_on_given_code_reports_each_check(api, celery_worker, script):
+    script([REVIEW_OK])
+    payload = {"files": [{"path": "solution.py", "content": wrong(0)}], "tests": TESTS}
+    done = wait_for(submit(api, "qa", payload)["task_id"], timeout=60)
+    assert done["status"] == "succeeded"
+    assert done["result"]["verdict"] == "fail"
+    by_name = {c["check"]: c for c in done["result"]["checks"]}
+    assert set(by_name) == {"tests", "static", "review"}
+    assert not by_name["tests"]["passed"] and by_name["static"]["passed"] and by_name["review"]["passed"]
+    assert by_name["tests"]["tests"][0]["name"] == "test_add"
