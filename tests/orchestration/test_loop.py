@@ -1,0 +1,76 @@
+"""The feedback loop's decision and its state read from a history, without a worker."""
+
+from orchestration import loop
+
+
+def check(name, passed, output=""):
+    return {"check": name, "passed": passed, "output": output}
+
+
+FAIL_A = [check("tests", False, "AssertionError: -1"), check("static", True), check("review", True)]
+FAIL_B = [check("tests", False, "AssertionError: -2"), check("static", True), check("review", True)]
+PASS = [check("tests", True), check("static", True), check("review", True)]
+
+
+def decide(state, checks, max_iterations=3, escalate_to="deep_coder"):
+    return loop.decide(state, checks, max_iterations=max_iterations, escalate_to=escalate_to)
+
+
+def test_everything_passing_is_done():
+    assert decide(loop.LoopState(coder_role="fast_coder"), PASS).route == loop.DONE
+
+
+def test_a_new_failure_with_rounds_left_goes_to_debug():
+    verdict = decide(loop.LoopState(coder_role="fast_coder"), FAIL_A)
+    assert verdict.route == loop.DEBUG
+    assert verdict.reason == "tests failed"
+
+
+def test_a_repeated_failure_escalates_once_then_gives_up():
+    state = loop.LoopState(coder_role="fast_coder", rounds_in_role=1, signatures=[loop.failure_signature(FAIL_A)])
+    assert decide(state, FAIL_A).route == loop.ESCALATE
+    state.escalated, state.coder_role = True, "deep_coder"
+    verdict = decide(state, FAIL_A)
+    assert verdict.route == loop.GIVE_UP
+    assert verdict.reason == "the same failure (tests) repeated"
+
+
+def test_the_last_round_escalates_or_gives_up():
+    state = loop.LoopState(coder_role="fast_coder", rounds_in_role=2, signatures=["x", "y"])
+    assert decide(state, FAIL_B).route == loop.ESCALATE
+    assert decide(state, FAIL_B, escalate_to=None).route == loop.GIVE_UP
+    assert "still failing after 3 rounds of fast_coder" in decide(state, FAIL_B, escalate_to=None).reason
+
+
+def test_the_review_wording_alone_does_not_make_a_failure_new():
+    with_review = [*FAIL_A[:2], check("review", False, "some words")]
+    other_words = [*FAIL_A[:2], check("review", False, "other words")]
+    assert loop.failure_signature(with_review) == loop.failure_signature(other_words)
+    only_review = [check("tests", True), check("static", True), check("review", False, "a")]
+    assert loop.failure_signature(only_review) != loop.failure_signature(
+        [*only_review[:2], check("review", False, "b")]
+    )
+
+
+def test_memory_addresses_do_not_make_a_failure_new():
+    first = [check("tests", False, "<object at 0x7f12aa>")]
+    assert loop.failure_signature(first) == loop.failure_signature([check("tests", False, "<object at 0x7f99bb>")])
+
+
+def test_the_state_comes_from_the_history_since_the_last_retry():
+    def event(kind, **detail):
+        return {"event": kind, "llm": "m", "detail": detail}
+
+    files = [{"path": "solution.py", "content": "x"}]
+    packet = {
+        "role": "fast_coder",
+        "payload": {"instruction": "i", "tests": "t"},
+        "history": [
+            event("step", step="1.coder", files=files, result={"run": "r", "notes": "n"}),
+            event("verdict", step="1.verdict", signature="s1", checks=FAIL_A),
+            event("retried"),
+            event("step", step="1.coder", files=files, result={"run": "r2", "notes": "n2"}),
+        ],
+    }
+    state = loop.loop_state(packet)
+    assert (state.iteration, state.run, state.rounds_in_role, state.tests_source) == (1, "r2", 0, "given")
