@@ -279,20 +279,24 @@ def _debug_step(task_id: str, step: str) -> str:
     outcome = _run_agent(agent, payload=payload, role=role, config=config)
     blame_given_tests = outcome.result["wrong"] == "test" and state.tests_source == "given"
     status = AWAITING_FEEDBACK if blame_given_tests else RUNNING
-    packet = _record(
-        task_id, step, agent.name, outcome, status=status, extra={"result": outcome.result}, result=_loop_result(state)
-    )
-    if packet is not None and blame_given_tests:
-        _event(
-            task_id,
-            "awaiting_feedback",
-            status=AWAITING_FEEDBACK,
-            detail={
-                "reason": f"Debug says the given tests are wrong: {outcome.result['cause']}. Post feedback to "
-                "/api/v1/tasks/<task_id>/feedback (with corrected tests, or saying the code is wrong) to go on.",
-            },
+    waiting = None
+    if blame_given_tests:
+        reason = (
+            f"Debug says the given tests are wrong: {outcome.result['cause']}. Post feedback to "
+            "/api/v1/tasks/<task_id>/feedback (with corrected tests, or saying the code is wrong) to go on."
         )
-    elif packet is not None:
+        waiting = history_event("awaiting_feedback", status=AWAITING_FEEDBACK, detail={"reason": reason})
+    packet = _record(
+        task_id,
+        step,
+        agent.name,
+        outcome,
+        status=status,
+        extra={"result": outcome.result},
+        result=_loop_result(state),
+        then=waiting,
+    )
+    if packet is not None and not blame_given_tests:
         _after_step(packet, step)
     return status
 
@@ -390,7 +394,7 @@ def _verdict_step(packet: dict[str, Any], step: str) -> str:
     max_iterations = packet["payload"].get("max_iterations") or role.max_iterations
     escalate_to = _escalation_role(config, packet["profile"], state.coder_role)
     verdict = loop.decide(state, checks, max_iterations=max_iterations, escalate_to=escalate_to)
-    state.last_checks = checks
+    state.last_checks, state.iteration = checks, iteration
     result = _loop_result(state)
     if verdict.route == loop.DONE:
         _verdict_record(task_id, step, verdict, checks, status=SUCCEEDED, result=result, finish=True)
@@ -399,9 +403,11 @@ def _verdict_step(packet: dict[str, Any], step: str) -> str:
         reason = f"the code did not pass QA: {verdict.reason}"
         _verdict_record(task_id, step, verdict, checks, status=FAILED, result=result, finish=True, reason=reason)
         return FAILED
-    written = _verdict_record(task_id, step, verdict, checks, status=RUNNING, result=result)
-    if written is not None and verdict.route == loop.ESCALATE:
-        _event(task_id, "escalated", status=RUNNING, detail={"step": step, "from": state.coder_role, "to": escalate_to})
+    escalated = None
+    if verdict.route == loop.ESCALATE:
+        detail = {"step": step, "from": state.coder_role, "to": escalate_to}
+        escalated = history_event("escalated", status=RUNNING, detail=detail)
+    written = _verdict_record(task_id, step, verdict, checks, status=RUNNING, result=result, then=escalated)
     if written is not None:
         _after_step(task_store().read(task_id), step)
     return RUNNING
@@ -417,6 +423,7 @@ def _verdict_record(
     result: dict[str, Any],
     finish: bool = False,
     reason: str | None = None,
+    then: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     summary = [{"check": c["check"], "passed": c["passed"]} for c in checks]
 
@@ -449,6 +456,8 @@ def _verdict_record(
             packet["history"].append(history_event("failed", status=FAILED, detail={"reason": reason}))
         elif finish:
             packet["history"].append(history_event("finished", status=status))
+        if then is not None:
+            packet["history"].append(then)
         return True
 
     packet, written = task_store().update(task_id, record)
@@ -787,6 +796,7 @@ def _record(
     extra: dict[str, Any] | None = None,
     finish: bool = False,
     iteration: int | None = None,
+    then: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Record a step's outcome if the task is still running and the step is not recorded yet (and,
     for the first step, still claimed by this job); returns the packet, or None when the outcome
@@ -823,6 +833,8 @@ def _record(
         )
         if finish:
             packet["history"].append(history_event("finished", status=status))
+        if then is not None:
+            packet["history"].append(then)
         return True
 
     packet, _ = task_store().update(task_id, record)
@@ -831,14 +843,6 @@ def _record(
     if finish:
         _finished(packet)
     return packet
-
-
-def _event(task_id: str, event: str, *, status: str, detail: dict[str, Any]) -> None:
-    def note(packet: dict[str, Any]) -> bool:
-        packet["history"].append(history_event(event, status=packet["status"], detail=detail))
-        return True
-
-    task_store().update(task_id, note)
 
 
 def _fail(task_id: str, guard: Callable[[dict[str, Any]], bool], reason: str, *, balancer: dict | None = None) -> str:

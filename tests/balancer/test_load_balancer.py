@@ -425,3 +425,137 @@ def test_rule_4_a_live_holder_renews_its_lease(lb, clock):
     assert isinstance(lb.select(config, config.role("tp", "r")), Wait)
     clock.now += lb.policy.slot_lease_s  # the holder stopped renewing (it died)
     assert take(lb, config).llm.id == "t-a"
+
+
+# --- rule 3 and rule 5: an LLM that fails some of its calls --------------------------------------
+
+
+def answer_then_trip(lb, config, clock, llm_id):
+    """``llm_id`` answers one call, then fails (each time after 0.05 s) until its breaker trips.
+    Returns how many calls failed in a row."""
+    lb.record(take(lb, config, sticky=llm_id), result=reply(latency=1.0))
+    failures = 0
+    while lb.states(config)[llm_id]["breaker"] == "closed":
+        decision = take(lb, config, sticky=llm_id)
+        assert decision.llm.id == llm_id
+        clock.now += 0.05
+        fail(lb, decision)
+        failures += 1
+    return failures
+
+
+def test_rule_3_a_tripped_llm_that_still_answers_is_a_last_resort_when_the_others_are_full(lb, clock):
+    config = config_with([{"id": "t-flaky"}, {"id": "t-ok"}], {"max_tokens": 10})
+    lb.record(take(lb, config, sticky="t-ok"), result=reply(latency=1.0))
+    answer_then_trip(lb, config, clock, "t-flaky")  # 4 of 5 calls failed
+    healthy = take(lb, config)
+    assert healthy.llm.id == "t-ok"  # a healthy LLM with a free slot comes first
+    assert healthy.excluded["t-flaky"].startswith("rule 3: cooling down until")
+    resort = take(lb, config, waiter="w0")  # t-ok is full: rather than wait, try t-flaky
+    assert resort.llm.id == "t-flaky"
+    assert resort.candidates == ("t-ok", "t-flaky")
+    assert resort.excluded["t-ok"] == "rule 4: all 1 slots in use"
+    assert resort.as_detail()["last_resort"].startswith("rule 3: cooling down")
+    assert not resort.probe
+    lb.record(resort, result=reply(latency=1.0))
+    assert lb.states(config)["t-flaky"]["breaker"] == "open"  # only the probe closes it
+
+
+def test_rule_3_a_dead_llm_is_no_last_resort(lb, clock):
+    config = config_with([{"id": "t-dying"}, {"id": "t-ok"}], {"max_tokens": 10})
+    role = config.role("tp", "r")
+    lb.record(take(lb, config, sticky="t-ok"), result=reply(latency=1.0))
+    in_a_row = answer_then_trip(lb, config, clock, "t-dying")
+    cooling_until = lb.states(config)["t-dying"]["cooling_until"]
+    take(lb, config)  # t-ok is now full
+    while in_a_row < lb.policy.dead_after:
+        resort = take(lb, config, waiter="w0")
+        assert resort.llm.id == "t-dying"
+        fail(lb, resort)
+        in_a_row += 1
+    # Failed calls of last resort do not lengthen the cooldown, but ten failures in a row mean dead.
+    assert lb.states(config)["t-dying"]["cooling_until"] == cooling_until
+    waiting = lb.select(config, role, waiter="w0")
+    assert isinstance(waiting, Wait)
+    assert waiting.excluded["t-dying"].startswith("rule 3: cooling down until")
+
+
+def test_rule_3_an_llm_that_never_answered_is_no_last_resort(lb, clock):
+    config = config_with([{"id": "t-never"}, {"id": "t-ok"}], {"max_tokens": 10})
+    lb.record(take(lb, config, sticky="t-ok"), result=reply(latency=1.0))
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config, sticky="t-never"))
+    take(lb, config)
+    assert isinstance(lb.select(config, config.role("tp", "r"), waiter="w0"), Wait)
+
+
+def test_rule_3_retry_after_holds_even_a_last_resort(lb, clock):
+    config = config_with([{"id": "t-limited"}, {"id": "t-ok"}], {"max_tokens": 10})
+    role = config.role("tp", "r")
+    for llm_id in ("t-ok", "t-limited"):
+        lb.record(take(lb, config, sticky=llm_id), result=reply(latency=1.0))
+    fail(lb, take(lb, config, sticky="t-limited"), EngineRateLimited("slow down", retry_after=30))
+    take(lb, config)  # t-ok is now full
+    clock.now += 29
+    assert isinstance(lb.select(config, role, waiter="w0"), Wait)
+    clock.now += 2
+    assert take(lb, config, waiter="w0").llm.id == "t-limited"
+
+
+def test_rule_3_only_the_probe_reopens_a_tripped_breaker(lb, clock):
+    config = config_with([{"id": "t-a", "max_concurrency": 10}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+    in_flight = [take(lb, config) for _ in range(3)]  # calls that began before the trip
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    cooling_until = lb.states(config)["t-a"]["cooling_until"]
+    for decision in in_flight:
+        fail(lb, decision)  # they end after it: the cooldown is not lengthened
+    assert lb.states(config)["t-a"]["cooling_until"] == cooling_until
+    assert lb.states(config)["t-a"]["trips"] == 1
+    clock.now += lb.policy.base_cooldown_s
+    probe = take(lb, config)
+    assert probe.probe
+    fail(lb, probe)  # the probe's failure does: twice as long
+    assert lb.states(config)["t-a"]["trips"] == 2
+
+
+def test_rule_5_failures_cost_the_time_they_take(lb, clock):
+    llms = [{"id": "t-fails-slowly"}, {"id": "t-fails-fast"}, {"id": "t-steady"}]
+    config = config_with([{**llm, "max_concurrency": 5} for llm in llms], {"max_tokens": 10})
+    lb.record(take(lb, config, sticky="t-steady"), result=reply(latency=1.0))
+    for llm_id, failed_after in (("t-fails-fast", 0.05), ("t-fails-slowly", 3.0)):
+        for _ in range(4):  # every other call fails: under the breaker's share, never five in a row
+            lb.record(take(lb, config, sticky=llm_id), result=reply(latency=1.0))
+            decision = take(lb, config, sticky=llm_id)
+            clock.now += failed_after
+            fail(lb, decision)
+    assert lb.states(config)["t-fails-slowly"]["breaker"] == "closed"
+    # The same time when they answer, the same failure rate: the failures that take longer cost more
+    # (a failure after 0.05 s adds about 5 %, within rule 5's 10 % of the steady one).
+    for _ in range(20):
+        decision = take(lb, config)
+        assert decision.candidates[-1] == "t-fails-slowly"
+        lb.redis.zrem(lb._key("slots", decision.llm.id), decision.slot)
+
+
+def test_rule_5_a_free_llm_that_fails_quickly_is_tried_rather_than_wait(lb, client, clock):
+    def pool(failed_after):
+        """t-fast answers in 1 s; t-flaky too, but fails every other call after ``failed_after`` s."""
+        for key in client.scan_iter("aiagent:lb:*:t-*"):
+            client.delete(key)
+        config = config_with([{"id": "t-fast"}, {"id": "t-flaky"}], {"max_tokens": 10})
+        lb.record(take(lb, config, sticky="t-fast"), result=reply(latency=1.0))
+        for _ in range(4):
+            lb.record(take(lb, config, sticky="t-flaky"), result=reply(latency=1.0))
+            decision = take(lb, config, sticky="t-flaky")
+            clock.now += failed_after
+            fail(lb, decision)
+        take(lb, config, sticky="t-fast")  # t-fast is now full
+        return config
+
+    # A failure after 0.05 s ends well before a slot on t-fast would come (in about 1 s): trying
+    # t-flaky costs next to nothing and wins about half of the time.
+    assert take(lb, pool(failed_after=0.05), waiter="w0").llm.id == "t-flaky"
+    # A failure after 3 s costs more than the wait that trying could save.
+    config = pool(failed_after=3.0)
+    assert isinstance(lb.select(config, config.role("tp", "r"), waiter="w0"), Wait)

@@ -94,7 +94,7 @@ def test_deleting_an_llm_that_roles_name_is_refused(admin_client, config_file, e
 
 
 def test_a_hand_edit_is_picked_up_and_a_broken_one_is_not(admin_client, api, config_file, edit_config):
-    assert configuration().profiles["developer"].roles["planner"].max_tokens == 384
+    assert configuration().profiles["developer"].roles["planner"].max_tokens == 832
     admin_client.get(LLM_LIST)
     planner_pk = Role.objects.get(profile__name="developer", name="planner").pk
     edit_config(lambda raw: raw["profiles"]["developer"]["roles"]["planner"].update(max_tokens=99))

@@ -137,6 +137,48 @@ def test_a_failing_lint_or_review_sends_the_code_back(api, celery_worker, script
     assert "F821" in static["output"]
 
 
+def test_debug_blaming_the_given_tests_waits_for_a_person_whose_feedback_carries_on(api, celery_worker, script):
+    script(
+        [
+            REVIEW_OK,
+            {"match": DEBUG, "reply": {"cause": "add(2, 3) is 5, not 6", "wrong": "test", "fix": "expect 5"}},
+            {"match": CODER, "reply": code_reply(RIGHT)},
+        ]
+    )
+    wrong_tests = TESTS.replace("== 5", "== 6")
+    task_id = submit(api, "fast_coder", {"instruction": "add", "tests": wrong_tests})["task_id"]
+    waiting = wait_for(task_id, statuses={"awaiting_feedback"}, timeout=60)
+    assert "Debug says the given tests are wrong: add(2, 3) is 5, not 6" in waiting["history"][-1]["detail"]["reason"]
+    assert waiting["result"]["files"][0]["content"] == RIGHT
+    body = {"feedback": "You are right, the test was wrong.", "route": "coder", "tests": TESTS}
+    response = api.post(f"/api/v1/tasks/{task_id}/feedback", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 202, response.content
+    done = wait_for(task_id, timeout=60)
+    assert done["status"] == "succeeded"
+    assert done["result"]["tests"] == TESTS
+    # Round 2 was Debug's diagnosis, which stopped for a person; the feedback started round 3.
+    assert rounds(done) == [(1, "fast_coder", "debug"), (3, "fast_coder", "done")]
+
+
+def test_debug_blaming_qas_own_tests_has_them_written_again_and_keeps_the_code(api, celery_worker, script):
+    good = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    bad = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 6\n"
+    script(
+        [
+            REVIEW_OK,
+            {"match": f"{QA_TESTS}.*previous tests were wrong", "reply": {"tests": good}},
+            {"match": QA_TESTS, "reply": {"tests": bad}},
+            {"match": DEBUG, "reply": {"cause": "the test expects 6", "wrong": "test", "fix": "expect 5"}},
+            {"match": CODER, "reply": code_reply(RIGHT)},
+        ]
+    )
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add"})["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    assert rounds(done) == [(1, "fast_coder", "debug"), (2, "fast_coder", "done")]
+    assert "2.coder" not in steps(done)  # the code stood; only the tests changed
+    assert done["result"]["tests"] == good
+
+
 def test_cancelling_in_the_middle_of_a_loop_stops_it(api, celery_worker, script):
     slow_debug = {**DEBUG_CODE, "delay_s": 3}
     script([REVIEW_OK, slow_debug, {"match": CODER, "reply": code_reply(wrong(1))}])
