@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
-from llm_engines.errors import EngineBadRequest
+from llm_engines.errors import EngineBadRequest, EngineTimeout, EngineUnavailable
 
 
 def smallest_instance(schema: Mapping[str, Any]) -> Any:
@@ -76,9 +76,10 @@ class ScriptedEngine(Engine):
     ``script`` names a JSON file ``{"rules": [{"match": "<regex>", "reply": <text or JSON value>}]}``.
     The first rule whose regex matches the conversation (every message's text, joined) gives the
     reply; a JSON value is sent as JSON text, and a text reply may use the match's groups as
-    ``\\1``; ``"delay_s"`` makes the reply wait (a slow model). The file is read on every call, so a
-    test can change the script between tasks. No rule matching is a bad request: the step fails and
-    says so.
+    ``\\1``; ``"delay_s"`` makes the reply wait (a slow model; past the call's timeout it is an
+    engine timeout), and ``"error": "unavailable"`` makes the call fail as an engine that is down.
+    The file is read on every call, so a test can change the script between tasks. No rule
+    matching is a bad request: the step fails and says so.
     """
 
     name = "scripted"
@@ -88,7 +89,7 @@ class ScriptedEngine(Engine):
         self.model = model
         self.context_length = context_length
 
-    def _reply(self, messages: Sequence[Message]) -> tuple[str, float]:
+    def _reply(self, messages: Sequence[Message]) -> tuple[str, float, str | None]:
         conversation = "\n".join(
             part if isinstance(part, str) else json.dumps(part) for part in (m.get("content", "") for m in messages)
         )
@@ -99,14 +100,19 @@ class ScriptedEngine(Engine):
             if found:
                 reply = rule["reply"]
                 text = found.expand(reply) if isinstance(reply, str) else json.dumps(reply)
-                return text, float(rule.get("delay_s", 0))
+                return text, float(rule.get("delay_s", 0)), rule.get("error")
         raise EngineBadRequest(f"no rule of the script {self.script} matches the conversation")
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         started = time.perf_counter()
-        text, delay = self._reply(messages)
+        text, delay, error = self._reply(messages)
+        timeout = None if options is None else options.timeout
         if delay:
-            time.sleep(delay if options is None or options.timeout is None else min(delay, options.timeout))
+            time.sleep(delay if timeout is None else min(delay, timeout))
+            if timeout is not None and delay > timeout:
+                raise EngineTimeout(f"no reply within {timeout:g}s", engine=self.name)
+        if error == "unavailable":
+            raise EngineUnavailable("the scripted engine is down", engine=self.name)
         yield ChatChunk(text=text)
         yield ChatChunk(
             text="",

@@ -113,7 +113,7 @@ def task_step(*, task_id: str, job_id: str, worker: str, retries: int = 0) -> st
             if packet["status"] in FINISHED or _delegated(packet):
                 _after_step(packet, _last_step(packet), republish=True)
             return packet["status"]
-        return _supervised(packet, job_id, retries, lambda: _first_step(packet, job_id))
+        return _supervised(packet, job_id, retries, lambda: _first_step(packet, job_id), label=_first_key(packet))
 
 
 def _first_step(packet: dict[str, Any], job_id: str) -> str:
@@ -126,7 +126,7 @@ def _first_step(packet: dict[str, Any], job_id: str) -> str:
         packet, _ = task_store().update(task_id, lambda current: _set_iteration(current, 1))
         _schedule_checks(packet, 1)
         return RUNNING
-    first = loop.step_key(1, "coder") if agent.flow == LOOP else MAIN
+    first = _first_key(packet)
     if _step_event(packet, first) is not None:
         # Delivered again after the step was recorded: only what follows it may be missing.
         if agent.flow == PLAN and not _delegated(packet):
@@ -177,32 +177,40 @@ def later_step(*, task_id: str, step: str, job_id: str, retries: int = 0) -> Any
 
 
 def _supervised(
-    packet: dict[str, Any], job_id: str, retries: int, run: Callable[[], Any], *, step: str | None = None
+    packet: dict[str, Any],
+    job_id: str,
+    retries: int,
+    run: Callable[[], Any],
+    *,
+    step: str | None = None,
+    label: str = MAIN,
 ) -> Any:
     """Run a step; a transient engine failure is retried with backoff (``StepRetry``), any other
-    failure fails the task with a reason a person can act on."""
+    failure fails the task with a reason a person can act on. ``step`` is None for the first step,
+    which the job holds by its claim; ``label`` names it then."""
     task_id = packet["task_id"]
+    name = step or label
     guard = (lambda p: _claimed_by(p) == job_id) if step is None else (lambda p: True)
     try:
         return run()
     except SoftTimeLimitExceeded:
         limit = _role_or_none(packet)
         seconds = f" of {limit.time_limit_s:g}s" if limit else ""
-        return _fail(task_id, guard, f"step {step or MAIN} exceeded its time limit{seconds}")
+        return _fail(task_id, guard, f"step {name} exceeded its time limit{seconds}")
     except EngineError as exc:
         balancer = getattr(exc, "balancer", None)
         if exc.transient and retries < settings.STEP_RETRIES:
             countdown = settings.STEP_RETRY_BACKOFF_SECONDS * 2**retries
-            _note_retry(task_id, step or MAIN, job_id, str(exc), countdown, retries + 1)
+            _note_retry(task_id, name, job_id, str(exc), countdown, retries + 1)
             raise StepRetry(countdown, str(exc)) from exc
         tried = f" (after {retries} retries)" if retries else ""
-        return _fail(task_id, guard, f"step {step or MAIN}: {exc}{tried}", balancer=balancer)
+        return _fail(task_id, guard, f"step {name}: {exc}{tried}", balancer=balancer)
     except (LookupError, PayloadError, ReplyError, SandboxUnavailable) as exc:
         # LookupError: the role or its agent left the configuration, or no LLM can serve the role
         # any more (the balancer's NoCandidate).
-        return _fail(task_id, guard, f"step {step or MAIN}: {exc}", balancer=getattr(exc, "balancer", None))
+        return _fail(task_id, guard, f"step {name}: {exc}", balancer=getattr(exc, "balancer", None))
     except Exception as exc:
-        _fail(task_id, guard, f"step {step or MAIN}: internal error: {type(exc).__name__}: {exc}")
+        _fail(task_id, guard, f"step {name}: internal error: {type(exc).__name__}: {exc}")
         raise
 
 
@@ -911,6 +919,14 @@ def _last_step(packet: dict[str, Any]) -> str | None:
         if event["event"] in ("step", "verdict", "delegated", "feedback") and event["detail"].get("step"):
             return MAIN if event["event"] == "delegated" else event["detail"]["step"]
     return None
+
+
+def _first_key(packet: dict[str, Any]) -> str:
+    """The name of a task's first step: a coder's first round, or the one step of other roles."""
+    try:
+        return loop.step_key(1, "coder") if _flow(packet) == LOOP else MAIN
+    except LookupError:
+        return MAIN
 
 
 def _delegated(packet: dict[str, Any]) -> bool:

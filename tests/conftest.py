@@ -194,8 +194,8 @@ def celery_worker(django_db_setup, redis_url, state_dir, tmp_path_factory) -> It
 
     name = f"test-{uuid.uuid4().hex[:8]}@localhost"
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    # Short leases, so that the tests that kill a worker wait seconds, not the default 15 and 30 s.
-    env = server_env(TASK_LEASE_SECONDS="4", LLM_SLOT_LEASE_SECONDS="4")
+    # Short leases and backoff, so that the tests that kill a worker or retry a step wait seconds.
+    env = server_env(TASK_LEASE_SECONDS="4", LLM_SLOT_LEASE_SECONDS="4", STEP_RETRY_BACKOFF_SECONDS="1")
     command = [
         sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q",
         ",".join(configuration().queues()), "--concurrency", "2", "--loglevel", "INFO",

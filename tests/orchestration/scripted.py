@@ -25,8 +25,9 @@ def code_reply(body: str) -> dict:
     return {"files": [{"path": "solution.py", "content": body}], "run": "python solution.py", "notes": "scripted"}
 
 
-def use_script(edit_config, path: Path, rules: list[dict]) -> None:
-    """Write the rules and make the scripted engine the only enabled LLM."""
+def use_script(edit_config, path: Path, rules: list[dict], *, llm_id: str = "scripted") -> None:
+    """Write the rules and make the scripted engine the only enabled LLM. A test whose engine fails
+    uses an ``llm_id`` of its own, so that the breaker it trips (in Redis) does not slow the others."""
     path.write_text(json.dumps({"rules": rules}))
 
     def change(raw: dict) -> None:
@@ -34,7 +35,7 @@ def use_script(edit_config, path: Path, rules: list[dict]) -> None:
             llm["toggle"] = False
         raw["llms"].append(
             {
-                "id": "scripted",
+                "id": llm_id,
                 "engine": "scripted",
                 "source": "local",
                 "model": "scripted",

@@ -247,3 +247,18 @@ def test_qa_on_given_code_reports_each_check(api, celery_worker, script):
     assert set(by_name) == {"tests", "static", "review"}
     assert not by_name["tests"]["passed"] and by_name["static"]["passed"] and by_name["review"]["passed"]
     assert by_name["tests"]["tests"][0]["name"] == "test_add"
+
+
+def test_a_step_whose_engine_is_down_is_retried_with_backoff_then_fails_naming_it(
+    api, celery_worker, edit_config, tmp_path
+):
+    use_script(
+        edit_config, tmp_path / "down.json", [{"match": CODER, "reply": "", "error": "unavailable"}], llm_id="down"
+    )
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add"})["task_id"], timeout=60)
+    assert done["status"] == "failed"
+    retries = [e for e in done["history"] if e["event"] == "step_retry"]
+    assert [(e["detail"]["retry"], e["detail"]["in_s"]) for e in retries] == [(1, 1), (2, 2)]
+    assert [e["event"] for e in done["history"]].count("retrying") == 2
+    reason = done["history"][-1]["detail"]["reason"]
+    assert reason.startswith("step 1.coder: ") and "down" in reason and reason.endswith("(after 2 retries)")
