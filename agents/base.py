@@ -200,6 +200,8 @@ class Agent:
     text_field: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     flow: ClassVar[str] = SINGLE
+    # Whether a planner's step may name a role of this agent.
+    plannable: ClassVar[bool] = True
     # How the reply's JSON is described to the model, after the role's system prompt.
     reply_format: ClassVar[str] = ""
 

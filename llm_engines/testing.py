@@ -37,6 +37,23 @@ def smallest_instance(schema: Mapping[str, Any]) -> Any:
     return None
 
 
+def _reply_chunks(text: str, messages: Sequence[Message], model: str, started: float) -> Iterator[ChatChunk]:
+    """The reply as one chunk, then its result (tokens counted as words)."""
+    yield ChatChunk(text=text)
+    yield ChatChunk(
+        text="",
+        result=ChatResult(
+            text=text,
+            model=model,
+            prompt_tokens=sum(len(str(m.get("content", "")).split()) for m in messages),
+            completion_tokens=len(text.split()),
+            latency_s=time.perf_counter() - started,
+            time_to_first_token_s=0.0,
+            finish_reason="stop",
+        ),
+    )
+
+
 class InstantEngine(Engine):
     name = "instant"
 
@@ -52,19 +69,7 @@ class InstantEngine(Engine):
         else:
             last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
             text = f"echo: {last if isinstance(last, str) else json.dumps(last)}"
-        yield ChatChunk(text=text)
-        yield ChatChunk(
-            text="",
-            result=ChatResult(
-                text=text,
-                model=self.model,
-                prompt_tokens=sum(len(str(m.get("content", "")).split()) for m in messages),
-                completion_tokens=len(text.split()),
-                latency_s=time.perf_counter() - started,
-                time_to_first_token_s=0.0,
-                finish_reason="stop",
-            ),
-        )
+        yield from _reply_chunks(text, messages, self.model, started)
 
     def health(self) -> Health:
         return Health(True, "always ready", 0.0)
@@ -113,19 +118,7 @@ class ScriptedEngine(Engine):
                 raise EngineTimeout(f"no reply within {timeout:g}s", engine=self.name)
         if error == "unavailable":
             raise EngineUnavailable("the scripted engine is down", engine=self.name)
-        yield ChatChunk(text=text)
-        yield ChatChunk(
-            text="",
-            result=ChatResult(
-                text=text,
-                model=self.model,
-                prompt_tokens=sum(len(str(m.get("content", "")).split()) for m in messages),
-                completion_tokens=len(text.split()),
-                latency_s=time.perf_counter() - started,
-                time_to_first_token_s=0.0,
-                finish_reason="stop",
-            ),
-        )
+        yield from _reply_chunks(text, messages, self.model, started)
 
     def health(self) -> Health:
         return Health(True, "scripted", 0.0)

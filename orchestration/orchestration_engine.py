@@ -24,6 +24,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -123,8 +124,9 @@ def _first_step(packet: dict[str, Any], job_id: str) -> str:
     agent = agent_class(role.agent)()
     payload = agent.validate_payload(packet["payload"])
     if agent.flow == CHECKS:
-        packet, _ = task_store().update(task_id, lambda current: _set_iteration(current, 1))
-        _schedule_checks(packet, 1)
+        _schedule(packet, "1.checks", _checks(1), chord=True)
+        if packet["history"][-1]["event"] == "reclaimed":  # its worker died, maybe before it queued them
+            _schedule(task_store().read(task_id), "1.checks", [], republish=True)
         return RUNNING
     first = _first_key(packet)
     if _step_event(packet, first) is not None:
@@ -157,22 +159,28 @@ def later_step(*, task_id: str, step: str, job_id: str, retries: int = 0) -> Any
         raise StepBusy(lease.remaining_s() + 0.5)
     with lease:
         packet = task_store().read(task_id)
+        if not _expects(packet, job_id):
+            # A job of a run before the task was retried, or of one cancelled before its jobs were noted.
+            logger.info("task %s: job %s for step %s is not one of its current run", task_id, job_id, step)
+            _after_step(packet, None)
+            return {"skipped": "not a job of the task's current run"}
         done = _step_event(packet, step)
         if done is not None:
             _after_step(packet, step, republish=True)
             return done["detail"]
         if packet["status"] != RUNNING:
             logger.info("task %s: step %s not run, the task is %s", task_id, step, packet["status"])
+            _after_step(packet, None)
             return {"skipped": packet["status"]}
         _, kind = loop.parse_step(step)
         if kind in qa_agent.CHECK_NAMES:
-            return _check_step(packet, step)
+            return _check_step(packet, step, job_id)
         if kind == "verdict":
-            return _supervised(packet, job_id, retries, lambda: _verdict_step(packet, step), step=step)
+            return _supervised(packet, job_id, retries, lambda: _verdict_step(packet, step, job_id), step=step)
         if kind == "coder":
-            return _supervised(packet, job_id, retries, lambda: _coder_step(task_id, step), step=step)
+            return _supervised(packet, job_id, retries, lambda: _coder_step(task_id, step, job_id=job_id), step=step)
         if kind == "debug":
-            return _supervised(packet, job_id, retries, lambda: _debug_step(task_id, step), step=step)
+            return _supervised(packet, job_id, retries, lambda: _debug_step(task_id, step, job_id), step=step)
         raise ValueError(f"unknown step {step!r}")
 
 
@@ -190,7 +198,13 @@ def _supervised(
     which the job holds by its claim; ``label`` names it then."""
     task_id = packet["task_id"]
     name = step or label
-    guard = (lambda p: _claimed_by(p) == job_id) if step is None else (lambda p: True)
+    guard = (lambda p: _claimed_by(p) == job_id) if step is None else (lambda p: _expects(p, job_id))
+    # Engine retries of this step so far (the job's own retry count also counts its waits for a lease).
+    retries = sum(
+        1
+        for event in loop.current_run(packet["history"])
+        if event["event"] == "step_retry" and event["detail"]["step"] == (step or label)
+    )
     try:
         return run()
     except SoftTimeLimitExceeded:
@@ -233,7 +247,7 @@ def _note_retry(task_id: str, step: str, job_id: str, error: str, countdown: flo
 # -- the feedback loop ----------------------------------------------------------------------------
 
 
-def _coder_step(task_id: str, step: str, *, job_id: str | None = None) -> str:
+def _coder_step(task_id: str, step: str, *, job_id: str) -> str:
     packet = task_store().read(task_id)
     state = loop.loop_state(packet)
     iteration, _ = loop.parse_step(step)
@@ -267,7 +281,7 @@ def _coder_step(task_id: str, step: str, *, job_id: str | None = None) -> str:
     return RUNNING
 
 
-def _debug_step(task_id: str, step: str) -> str:
+def _debug_step(task_id: str, step: str, job_id: str) -> str:
     packet = task_store().read(task_id)
     state = loop.loop_state(packet)
     config = configuration()
@@ -299,6 +313,7 @@ def _debug_step(task_id: str, step: str) -> str:
         step,
         agent.name,
         outcome,
+        job_id=job_id,
         status=status,
         extra={"result": outcome.result},
         result=_loop_result(state),
@@ -309,7 +324,7 @@ def _debug_step(task_id: str, step: str) -> str:
     return status
 
 
-def _check_step(packet: dict[str, Any], step: str) -> dict[str, Any]:
+def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any]:
     """One of QA's checks; it never raises, so that the chord's callback always runs and decides."""
     task_id = packet["task_id"]
     iteration, name = loop.parse_step(step)
@@ -329,7 +344,7 @@ def _check_step(packet: dict[str, Any], step: str) -> dict[str, Any]:
         )
 
     def record(current: dict[str, Any]) -> bool:
-        if current["status"] != RUNNING or _step_event(current, step) is not None:
+        if current["status"] != RUNNING or _step_event(current, step) is not None or not _expects(current, job_id):
             return False
         current["history"].append(
             history_event("check", status=RUNNING, agent="qa", llm=llm, detail={"step": step, **detail})
@@ -377,26 +392,27 @@ def _call_detail(outcome: AgentOutcome) -> dict[str, Any]:
     return {"llm_call": outcome.step_detail()}
 
 
-def _verdict_step(packet: dict[str, Any], step: str) -> str:
+def _verdict_step(packet: dict[str, Any], step: str, job_id: str) -> str:
     """The chord's callback: every check of the round is recorded; decide the route."""
     task_id = packet["task_id"]
     iteration, _ = loop.parse_step(step)
     checks = [
         event["detail"]
-        for event in packet["history"]
+        for event in loop.current_run(packet["history"])
         if event["event"] == "check" and event["detail"]["step"].startswith(f"{iteration}.")
     ]
+    record = partial(_verdict_record, task_id, step, job_id=job_id)
     config = configuration()
     flow = _flow(packet)
     state = loop.loop_state(packet)
     broken = [check for check in checks if check.get("error")]
     if broken:
         reasons = "; ".join(f"{check['check']}: {check['output']}" for check in broken)
-        return _fail(task_id, lambda p: True, f"QA could not check round {iteration}: {reasons}")
+        return _fail(task_id, lambda p: _expects(p, job_id), f"QA could not check round {iteration}: {reasons}")
     if flow == CHECKS:
         verdict = loop.Verdict(loop.DONE, "checked", loop.failure_signature(checks))
         result = {"verdict": "fail" if verdict.signature else "pass", "checks": checks}
-        _verdict_record(task_id, step, verdict, checks, status=SUCCEEDED, result=result, finish=True)
+        record(verdict, checks, status=SUCCEEDED, result=result, finish=True)
         return SUCCEEDED
     role = config.role(packet["profile"], state.coder_role)
     max_iterations = packet["payload"].get("max_iterations") or role.max_iterations
@@ -405,17 +421,17 @@ def _verdict_step(packet: dict[str, Any], step: str) -> str:
     state.last_checks, state.iteration = checks, iteration
     result = _loop_result(state)
     if verdict.route == loop.DONE:
-        _verdict_record(task_id, step, verdict, checks, status=SUCCEEDED, result=result, finish=True)
+        record(verdict, checks, status=SUCCEEDED, result=result, finish=True)
         return SUCCEEDED
     if verdict.route == loop.GIVE_UP:
         reason = f"the code did not pass QA: {verdict.reason}"
-        _verdict_record(task_id, step, verdict, checks, status=FAILED, result=result, finish=True, reason=reason)
+        record(verdict, checks, status=FAILED, result=result, finish=True, reason=reason)
         return FAILED
     escalated = None
     if verdict.route == loop.ESCALATE:
         detail = {"step": step, "from": state.coder_role, "to": escalate_to}
         escalated = history_event("escalated", status=RUNNING, detail=detail)
-    written = _verdict_record(task_id, step, verdict, checks, status=RUNNING, result=result, then=escalated)
+    written = record(verdict, checks, status=RUNNING, result=result, then=escalated)
     if written is not None:
         _after_step(task_store().read(task_id), step)
     return RUNNING
@@ -432,11 +448,12 @@ def _verdict_record(
     finish: bool = False,
     reason: str | None = None,
     then: dict[str, Any] | None = None,
+    job_id: str,
 ) -> dict[str, Any] | None:
     summary = [{"check": c["check"], "passed": c["passed"]} for c in checks]
 
     def record(packet: dict[str, Any]) -> bool:
-        if packet["status"] != RUNNING or _step_event(packet, step) is not None:
+        if packet["status"] != RUNNING or _step_event(packet, step) is not None or not _expects(packet, job_id):
             return False
         state = loop.loop_state(packet)
         packet["status"] = status
@@ -499,41 +516,35 @@ def _escalated_at(packet: dict[str, Any], iteration: int) -> bool:
     """Whether the coder changed since the previous round (so its LLM is not kept)."""
     return any(
         event["event"] == "escalated" and loop.parse_step(event["detail"]["step"])[0] == iteration - 1
-        for event in packet["history"]
+        for event in loop.current_run(packet["history"])
     )
-
-
-def _set_iteration(packet: dict[str, Any], iteration: int) -> bool:
-    packet["iteration"] = iteration
-    return True
 
 
 # -- scheduling -----------------------------------------------------------------------------------
 
 
 def _after_step(packet: dict[str, Any], step: str | None, *, republish: bool = False) -> None:
-    """Queue what follows ``step`` unless it was queued already (a job delivered twice gets here again)."""
-    if step is None:
-        return
+    """Queue what follows ``step``. A job delivered again (``republish``) queues again the jobs that
+    were noted for it, under the same ids: if they ran, they find their steps done."""
     if packet["parent_id"] and packet["status"] in FINISHED:
         plan_advance(parent_id=packet["parent_id"], republish=republish)
-    if packet["status"] != RUNNING:
+    if step is None or packet["status"] != RUNNING:
         return
     if step == MAIN:
         if _delegated(packet):
             plan_advance(parent_id=packet["task_id"], republish=republish)
         return
-    if _was_scheduled(packet, step):
-        return
+    if step != _last_step(packet):
+        return  # a later step was recorded since: what follows this one is history
     iteration, kind = loop.parse_step(step)
     if kind == "coder":
-        _schedule_checks(packet, iteration)
+        _schedule(packet, step, _checks(iteration), chord=True)
     elif kind == "verdict":
         _schedule(packet, step, [(loop.step_key(iteration + 1, "debug"), loop.DEBUG_ROLE)])
     elif kind == "debug":
         state = loop.loop_state(packet)
         if state.debug and state.debug["wrong"] == "test" and state.tests_source == "written":
-            _schedule_checks(packet, iteration, after=step)  # the code stands; QA writes new tests
+            _schedule(packet, step, _checks(iteration), chord=True)  # the code stands; QA writes new tests
         else:
             _schedule(packet, step, [(loop.step_key(iteration, "coder"), state.coder_role)])
     elif kind == "feedback":
@@ -541,47 +552,96 @@ def _after_step(packet: dict[str, Any], step: str | None, *, republish: bool = F
         state = loop.loop_state(packet)
         target = loop.DEBUG_ROLE if route == "debug" else state.coder_role
         _schedule(packet, step, [(loop.step_key(iteration, route), target)])
+    elif kind == "checks":
+        _schedule(packet, step, _checks(iteration), chord=True)
+    if republish:
+        _schedule(packet, step, [], republish=True)
 
 
-def _schedule_checks(packet: dict[str, Any], iteration: int, *, after: str | None = None) -> None:
-    """QA's checks of the round as a chord; the verdict is its callback."""
-    from celery import chord
+def _checks(iteration: int) -> list[tuple[str, str]]:
+    """QA's checks of a round and their verdict (the chord's callback), on the QA role's queue."""
+    return [(loop.step_key(iteration, name), loop.QA_ROLE) for name in (*qa_agent.CHECK_NAMES, "verdict")]
+
+
+def _schedule(
+    packet: dict[str, Any],
+    after: str,
+    steps: list[tuple[str, str]],
+    *,
+    chord: bool = False,
+    republish: bool = False,
+) -> None:
+    """Note the jobs of ``steps`` (step, role) in the history, then queue them, each on its role's
+    queue; with ``chord`` the last one is the callback of the others. The note comes first, so that
+    a job runs only if its task still expects it (``_expects``). Nothing is queued twice unless
+    ``republish`` asks to queue the noted jobs again."""
+    from celery import chord as celery_chord
 
     from orchestration.tasks import run_step, run_verdict
 
-    after = after or loop.step_key(iteration, "coder")
-    if _was_scheduled(packet, after):
-        return
-    config = configuration()
-    qa_role = config.role(packet["profile"], packet["role"] if _flow(packet) == CHECKS else loop.QA_ROLE)
-    header, job_ids = [], []
-    for name in qa_agent.CHECK_NAMES:
-        job_id = str(uuid.uuid4())
-        header.append(
-            run_step.signature(args=[packet["task_id"], loop.step_key(iteration, name)], **job_options(qa_role, job_id))
+    noted = next((e for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"
+                  and e["detail"]["after"] == after), None)  # fmt: skip
+    if noted is not None:
+        if not republish:
+            return
+        detail = noted["detail"]
+        steps, job_ids, chord = (
+            list(zip(detail["steps"], detail["roles"], strict=True)),
+            detail["job_ids"],
+            detail["chord"],
         )
-        job_ids.append(job_id)
-    verdict_job = str(uuid.uuid4())
-    body = run_verdict.signature(
-        args=[packet["task_id"], loop.step_key(iteration, "verdict")], **job_options(qa_role, verdict_job)
-    )
-    chord(header)(body)
-    steps = [loop.step_key(iteration, name) for name in (*qa_agent.CHECK_NAMES, "verdict")]
-    _scheduled(packet["task_id"], after, steps, [*job_ids, verdict_job], iteration)
-
-
-def _schedule(packet: dict[str, Any], after: str, steps: list[tuple[str, str]]) -> None:
-    """Queue one job per (step, role), each on its role's queue."""
-    from orchestration.tasks import run_step
-
+    elif republish:
+        return
+    else:
+        job_ids = [str(uuid.uuid4()) for _ in steps]
+        if not _note_scheduled(packet, after, steps, job_ids, chord=chord):
+            return
     config = configuration()
-    job_ids = []
-    for step, role_name in steps:
-        job_id = str(uuid.uuid4())
-        role = config.role(packet["profile"], role_name)
-        run_step.apply_async(args=[packet["task_id"], step], **job_options(role, job_id))
-        job_ids.append(job_id)
-    _scheduled(packet["task_id"], after, [step for step, _ in steps], job_ids, loop.parse_step(steps[0][0])[0])
+    task_id = packet["task_id"]
+    signatures = []
+    for (step, role_name), job_id in zip(steps, job_ids, strict=True):
+        if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
+            role_name = packet["role"]  # a QA task's own role runs its checks
+        job = run_verdict if chord and step.endswith(".verdict") else run_step
+        signatures.append(
+            job.signature(args=[task_id, step], **job_options(config.role(packet["profile"], role_name), job_id))
+        )
+    if chord:
+        celery_chord(signatures[:-1])(signatures[-1])
+    else:
+        for signature in signatures:
+            signature.apply_async()
+
+
+def _note_scheduled(
+    packet: dict[str, Any], after: str, steps: list[tuple[str, str]], job_ids: list[str], *, chord: bool
+) -> bool:
+    iteration = loop.parse_step(steps[0][0])[0]
+    detail = {
+        "after": after,
+        "steps": [step for step, _ in steps],
+        "roles": [role for _, role in steps],
+        "job_ids": job_ids,
+        "chord": chord,
+    }
+
+    def note(current: dict[str, Any]) -> bool:
+        if current["status"] != RUNNING:
+            return False
+        current["iteration"] = max(current["iteration"], iteration)
+        current["history"].append(history_event("scheduled", status=RUNNING, detail=detail))
+        return True
+
+    _, written = task_store().update(packet["task_id"], note)
+    return written
+
+
+def _expects(packet: dict[str, Any], job_id: str) -> bool:
+    """Whether the job was noted for the task's current run (a job of a run before a retry is not)."""
+    return any(
+        event["event"] == "scheduled" and job_id in event["detail"]["job_ids"]
+        for event in loop.current_run(packet["history"])
+    )
 
 
 def job_options(role: RoleConfig, job_id: str) -> dict[str, Any]:
@@ -595,19 +655,6 @@ def job_options(role: RoleConfig, job_id: str) -> dict[str, Any]:
         "soft_time_limit": role.time_limit_s + 5,
         "time_limit": role.time_limit_s + HARD_LIMIT_MARGIN_S,
     }
-
-
-def _scheduled(task_id: str, after: str, steps: list[str], job_ids: list[str], iteration: int) -> None:
-    def note(packet: dict[str, Any]) -> bool:
-        if packet["status"] != RUNNING:
-            return False
-        packet["iteration"] = max(packet["iteration"], iteration)
-        packet["history"].append(
-            history_event("scheduled", status=RUNNING, detail={"after": after, "steps": steps, "job_ids": job_ids})
-        )
-        return True
-
-    task_store().update(task_id, note)
 
 
 # -- delegation -----------------------------------------------------------------------------------
@@ -710,7 +757,17 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
                 continue
             if not all(statuses[d] == SUCCEEDED for d in step["depends_on"]):
                 continue
-            child, role = _create_child(parent, step, child_id, {d: results[d] for d in step["depends_on"]}, config)
+            try:
+                child, role = _create_child(parent, step, child_id, {d: results[d] for d in step["depends_on"]}, config)
+            except (LookupError, PayloadError) as exc:
+                # The role left the configuration, or its agent cannot take the step's input.
+                to_cancel.extend(ids[s] for s, st in statuses.items() if st in (QUEUED, RUNNING, AWAITING_FEEDBACK))
+                created.clear()
+                parent["status"] = FAILED
+                parent["history"].append(
+                    history_event("failed", status=FAILED, detail={"reason": f"step {step['id']} cannot start: {exc}"})
+                )
+                return True
             created.append((child, role, _job_of(child)))
             if child_id not in parent["children"]:
                 parent["children"].append(child_id)
@@ -799,7 +856,7 @@ def _record(
     outcome: AgentOutcome,
     *,
     status: str,
-    job_id: str | None = None,
+    job_id: str,
     result: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     finish: bool = False,
@@ -811,8 +868,8 @@ def _record(
     was not used."""
 
     def record(packet: dict[str, Any]) -> bool:
-        claimed = job_id is None or _claimed_by(packet) == job_id
-        if packet["status"] != RUNNING or not claimed or _step_event(packet, step):
+        holds = _claimed_by(packet) == job_id or _expects(packet, job_id)
+        if packet["status"] != RUNNING or not holds or _step_event(packet, step):
             # Cancelled (or taken over) while the model was answering: the answer is not used.
             packet["history"].append(
                 history_event(
@@ -820,8 +877,8 @@ def _record(
                     status=packet["status"],
                     agent=agent_name,
                     llm=outcome.llm,
-                    detail={"step": None, "discarded_step": step, "reason": f"the task was {packet['status']} "
-                            "during the step", **outcome.step_detail()},
+                    detail={"step": None, "discarded_step": step, "reason": _discard_reason(packet, step, holds),
+                            **outcome.step_detail()},
                 )
             )  # fmt: skip
             return True
@@ -851,6 +908,14 @@ def _record(
     if finish:
         _finished(packet)
     return packet
+
+
+def _discard_reason(packet: dict[str, Any], step: str, holds: bool) -> str:
+    if packet["status"] != RUNNING:
+        return f"the task was {packet['status']} during the step"
+    if not holds:
+        return "the step was taken over by another job (its worker was thought dead) or belongs to an earlier run"
+    return "the step had been recorded already by another delivery of its job"
 
 
 def _fail(task_id: str, guard: Callable[[dict[str, Any]], bool], reason: str, *, balancer: dict | None = None) -> str:
@@ -889,13 +954,7 @@ def task_abandoned(*, task_id: str, job_id: str, reason: str) -> str:
     """The job ended without recording its step (Celery's hard time limit killed it): fail the task,
     if the job is the task's current one (its claim, or a job scheduled after its latest step)."""
 
-    def current(packet: dict[str, Any]) -> bool:
-        if _claimed_by(packet) == job_id:
-            return True
-        scheduled = next((e for e in reversed(packet["history"]) if e["event"] == "scheduled"), None)
-        return scheduled is not None and job_id in scheduled["detail"]["job_ids"]
-
-    return _fail(task_id, current, reason)
+    return _fail(task_id, lambda packet: _claimed_by(packet) == job_id or _expects(packet, job_id), reason)
 
 
 def _claimed_by(packet: dict[str, Any]) -> str | None:
@@ -931,10 +990,6 @@ def _first_key(packet: dict[str, Any]) -> str:
 
 def _delegated(packet: dict[str, Any]) -> bool:
     return any(event["event"] == "delegated" for event in loop.current_run(packet["history"]))
-
-
-def _was_scheduled(packet: dict[str, Any], after: str) -> bool:
-    return any(e["event"] == "scheduled" and e["detail"]["after"] == after for e in loop.current_run(packet["history"]))
 
 
 def _flow(packet: dict[str, Any]) -> str:

@@ -208,6 +208,7 @@ def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: s
             code="no_feedback_loop",
         )
     step: list[str] = []
+    previous: list[str] = []
 
     def add(packet: dict[str, Any]) -> bool:
         if packet["status"] not in (AWAITING_FEEDBACK, SUCCEEDED, FAILED):
@@ -219,6 +220,7 @@ def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: s
             )
         iteration = packet["iteration"] + 1
         step.append(f"{iteration}.feedback")
+        previous.append(packet["status"])
         packet["status"] = RUNNING
         packet["iteration"] = iteration
         detail = {"step": step[0], "iteration": iteration, "route": route, "feedback": feedback}
@@ -231,9 +233,19 @@ def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: s
     try:
         orchestration_engine.loop_continue(packet=packet, step=step[0])
     except (BrokerError, OSError) as exc:
+        error = str(exc)
+
+        def undo(current: dict[str, Any]) -> bool:
+            # The round was not queued: the task goes back to where it was, so that the same
+            # feedback can be posted again once Redis is back.
+            current["status"] = previous[0]
+            current["history"].append(history_event("enqueue_failed", status=previous[0], detail={"error": error}))
+            return True
+
+        _update(task_id, undo)
         raise ApplicationError(
-            "the feedback is stored but the queue (Redis) is unavailable; the task goes on once the recovery "
-            "sweeper finds it",
+            "the queue (Redis) is unavailable, so the feedback's round could not be queued; the task is as it "
+            "was: post the feedback again once Redis is back",
             status_code=503,
             code="queue_unavailable",
             task_id=packet["task_id"],

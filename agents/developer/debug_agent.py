@@ -17,6 +17,7 @@ class DebugAgent(Agent):
         required=("failure",),
     )
     text_field = "failure"
+    plannable = False  # it diagnoses a QA failure inside the loop, not a step of a plan
     reply_format = (
         'Reply with JSON: {"cause": "...", "wrong": "code" or "test", "fix": "..."}: the cause of the failure, '
         "whether the code or the test is wrong, and a precise instruction for the fix."

@@ -18,13 +18,13 @@ MAX_STEPS = 5
 
 def step_roles(role: RoleConfig, config: Configuration) -> list[str]:
     """The roles of the planner's profile that a step can name: those that take a text request, except
-    planners (a plan does not plan again)."""
+    planners (a plan does not plan again) and Debug (it diagnoses QA's failures inside the loop)."""
     from agents.registry import agent_class
 
     names = []
     for name, candidate in config.profiles[role.profile].roles.items():
         cls = agent_class(candidate.agent)
-        if cls.text_field and cls.flow != PLAN:
+        if cls.text_field and cls.plannable and cls.flow != PLAN:
             names.append(name)
     return names
 

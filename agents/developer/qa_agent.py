@@ -160,23 +160,33 @@ class QAAgent(Agent):
         self, *, files: list[Mapping[str, str]], instruction: str, notes: str | None, **call: Any
     ) -> AgentOutcome:
         """Tests for the code, from the instruction (and, on a later round, Debug's notes on the old tests)."""
-        role: RoleConfig = call["role"]
-        system = {
-            "role": "system",
-            "content": role.system_prompt
-            + '\n\nReply with JSON: {"tests": "<Python test code>"}. Write test functions named test_... that '
-            "use plain assert statements; import the code under test with `from solution import ...`. Test what "
-            "the instruction asks, including its examples.",
-        }
         parts = [f"Instruction:\n{instruction}", f"The code:\n{render_files(files)}"]
         if notes:
             parts.append(f"The previous tests were wrong: {notes}")
-        return self.ask(
-            [system, {"role": "user", "content": "\n\n".join(parts)}],
-            self.tests_schema(role),
-            parse=lambda data: data,
-            **call,
+        asks = (
+            'Reply with JSON: {"tests": "<Python test code>"}. Write test functions named test_... that use plain '
+            "assert statements; import the code under test with `from solution import ...`. Test what the "
+            "instruction asks, including its examples."
         )
+        return self._ask_qa(asks, parts, self.tests_schema(call["role"]), call)
+
+    def review(
+        self, *, files: list[Mapping[str, str]], instruction: str, tests: str | None, **call: Any
+    ) -> AgentOutcome:
+        """The LLM's review: does the code do what the instruction asks?"""
+        parts = [f"Instruction:\n{instruction or '(none given)'}", f"The code:\n{render_files(files)}"]
+        if tests:
+            parts.append(f"Its tests:\n{tests}")
+        asks = (
+            'Reply with JSON: {"passed": true or false, "findings": ["..."]}: passed is false only for a real '
+            "defect (wrong result, crash, missing feature); list each defect in findings."
+        )
+        return self._ask_qa(asks, parts, self.review_schema(), call)
+
+    def _ask_qa(self, asks: str, parts: list[str], schema: dict[str, Any], call: dict[str, Any]) -> AgentOutcome:
+        system = {"role": "system", "content": f"{call['role'].system_prompt}\n\n{asks}"}
+        messages = [system, {"role": "user", "content": "\n\n".join(parts)}]
+        return self.ask(messages, schema, parse=lambda data: data, **call)
 
     @staticmethod
     def tests_schema(role: RoleConfig) -> dict[str, Any]:
@@ -185,27 +195,6 @@ class QAAgent(Agent):
     @staticmethod
     def review_schema() -> dict[str, Any]:
         return obj({"passed": {"type": "boolean"}, "findings": array(text(120), max_items=3)})
-
-    def review(
-        self, *, files: list[Mapping[str, str]], instruction: str, tests: str | None, **call: Any
-    ) -> AgentOutcome:
-        """The LLM's review: does the code do what the instruction asks?"""
-        role: RoleConfig = call["role"]
-        system = {
-            "role": "system",
-            "content": role.system_prompt
-            + '\n\nReply with JSON: {"passed": true or false, "findings": ["..."]}: passed is false only for a '
-            "real defect (wrong result, crash, missing feature); list each defect in findings.",
-        }
-        parts = [f"Instruction:\n{instruction or '(none given)'}", f"The code:\n{render_files(files)}"]
-        if tests:
-            parts.append(f"Its tests:\n{tests}")
-        return self.ask(
-            [system, {"role": "user", "content": "\n\n".join(parts)}],
-            self.review_schema(),
-            parse=lambda data: data,
-            **call,
-        )
 
     def build_messages(
         self, payload: Mapping[str, Any], role: RoleConfig, context: Mapping[str, Any] | None = None

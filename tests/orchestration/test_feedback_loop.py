@@ -3,6 +3,7 @@ real sandbox for the tests, and the scripted engine in place of the model (tests
 
 import json
 import time
+import uuid
 
 import pytest
 
@@ -249,11 +250,15 @@ def test_qa_on_given_code_reports_each_check(api, celery_worker, script):
     assert by_name["tests"]["tests"][0]["name"] == "test_add"
 
 
+# Its own id each session: the breaker it trips lives in Redis, which a run outside `make test` keeps.
+DOWN = f"down-{uuid.uuid4().hex[:8]}"
+
+
 def test_a_step_whose_engine_is_down_is_retried_with_backoff_then_fails_naming_it(
     api, celery_worker, edit_config, tmp_path
 ):
     use_script(
-        edit_config, tmp_path / "down.json", [{"match": CODER, "reply": "", "error": "unavailable"}], llm_id="down"
+        edit_config, tmp_path / "down.json", [{"match": CODER, "reply": "", "error": "unavailable"}], llm_id=DOWN
     )
     done = wait_for(submit(api, "fast_coder", {"instruction": "add"})["task_id"], timeout=60)
     assert done["status"] == "failed"
@@ -262,3 +267,17 @@ def test_a_step_whose_engine_is_down_is_retried_with_backoff_then_fails_naming_i
     assert [e["event"] for e in done["history"]].count("retrying") == 2
     reason = done["history"][-1]["detail"]["reason"]
     assert reason.startswith("step 1.coder: ") and "down" in reason and reason.endswith("(after 2 retries)")
+
+
+def test_a_job_the_current_run_did_not_note_does_nothing(state_dir):
+    """A job left from before a retry (or delivered after its task moved on) is not run."""
+    from orchestration.orchestration_engine import later_step
+    from orchestration.packets import new_packet
+    from orchestration.runtime import task_store
+
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="developer", role="fast_coder", payload={"instruction": "x"})
+    packet["status"] = "running"
+    task_store().create(packet)
+    outcome = later_step(task_id=packet["task_id"], step="2.coder", job_id="job-of-an-earlier-run")
+    assert outcome == {"skipped": "not a job of the task's current run"}
+    assert task_store().read(packet["task_id"])["history"] == []
