@@ -54,6 +54,7 @@ class Policy:
     max_cooldown_s: float = 300.0  # rule 3
     trips_forgotten_after_s: float = 600.0  # rule 3: a trip this long after the last one counts as a first
     probe_lease_s: float = 60.0  # rule 3: how long a half-open probe may take before another is let through
+    dead_after: int = 10  # rule 3: failures in a row after which a tripped LLM is no longer a last resort
     slot_lease_s: float = 30.0  # rule 4: a slot's lease, renewed while the call runs
     poll_s: float = 0.05  # rule 4: how often a waiting call looks for a free slot
     ewma_alpha: float = 0.2  # rule 5
@@ -75,7 +76,8 @@ end
 return 0
 """
 # Everything a decision reads, in one round trip: for each LLM id (ARGV[3:]) the fields of its
-# breaker and stats that a decision uses and its live slots; then the profile's spending (KEYS[1]).
+# breaker and stats that a decision (or ``states``) uses and its live slots; then the profile's
+# spending (KEYS[1]).
 # Missing fields come back as false. The script names the per-LLM keys itself (ARGV[2] is the
 # prefix) to keep the request small; this needs a single Redis, not a cluster.
 _SNAPSHOT = """
@@ -83,15 +85,16 @@ local now, prefix = ARGV[1], ARGV[2]
 local out = {}
 for i = 3, #ARGV do
   local id = ARGV[i]
-  local breaker = redis.call('HMGET', prefix .. 'breaker:' .. id, 'state', 'open_until', 'probe_until')
+  local breaker = redis.call('HMGET', prefix .. 'breaker:' .. id, 'state', 'open_until', 'probe_until',
+                             'hold_until', 'consecutive', 'trips')
   local stats = redis.call('HMGET', prefix .. 'stats:' .. id, 'ttft_ms', 'tpot_ms', 'samples', 'last_at',
-                           'fail_rate')
+                           'fail_rate', 'fail_ms')
   out[#out + 1] = {breaker, stats, redis.call('ZCOUNT', prefix .. 'slots:' .. id, now, '+inf')}
 end
 return cjson.encode({out, redis.call('GET', KEYS[1])})
 """
-_BREAKER_FIELDS = ("state", "open_until", "probe_until")
-_STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate")
+_BREAKER_FIELDS = ("state", "open_until", "probe_until", "hold_until", "consecutive", "trips")
+_STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate", "fail_ms")
 # Rule 4. Renew a slot that is still held: KEYS[1] the slots; ARGV token, new expiry.
 _RENEW_SLOT = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
@@ -117,21 +120,29 @@ return 0
 """
 # Rules 3 and 5. KEYS[1] recent outcomes (list), KEYS[2] the breaker hash, KEYS[3] the stats hash.
 # ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after, alpha,
-# whether the call was the half-open probe.
+# whether the call was the half-open probe, how long a failed call took in ms ('' when not timed).
 _RECORD = """
 local ok = ARGV[1] == '1'
 local now = tonumber(ARGV[2])
 local alpha = tonumber(ARGV[11])
+local probe = ARGV[12] == '1'
 local failed = ok and 0 or 1
 local rate = tonumber(redis.call('HGET', KEYS[3], 'fail_rate') or '0')
 redis.call('HSET', KEYS[3], 'fail_rate', alpha * failed + (1 - alpha) * rate)
+if not ok and ARGV[13] ~= '' then
+  local took = tonumber(ARGV[13])
+  local old = redis.call('HGET', KEYS[3], 'fail_ms')
+  if old then took = alpha * took + (1 - alpha) * tonumber(old) end
+  redis.call('HSET', KEYS[3], 'fail_ms', took)
+end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 local state = redis.call('HGET', KEYS[2], 'state') or 'closed'
 if ok then
   redis.call('HSET', KEYS[2], 'consecutive', 0)
-  -- Only the probe closes an open breaker: a call that began before the trip proves nothing.
-  if state ~= 'closed' and ARGV[12] == '1' then
+  -- Only the probe closes an open breaker: a call that began before the trip, or a call of last
+  -- resort, proves nothing.
+  if state ~= 'closed' and probe then
     redis.call('HSET', KEYS[2], 'state', 'closed')
     redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
     return 'closed'
@@ -139,14 +150,20 @@ if ok then
   return state
 end
 local consecutive = redis.call('HINCRBY', KEYS[2], 'consecutive', 1)
-local outcomes = redis.call('LRANGE', KEYS[1], 0, -1)
-local failures = 0
-for _, outcome in ipairs(outcomes) do
-  if outcome == '0' then failures = failures + 1 end
-end
 local retry_after = tonumber(ARGV[10])
-local trip = state == 'half_open' or retry_after > 0 or consecutive >= tonumber(ARGV[6])
-  or (#outcomes >= tonumber(ARGV[4]) and failures / #outcomes >= tonumber(ARGV[5]))
+local trip
+if state == 'closed' then
+  local outcomes = redis.call('LRANGE', KEYS[1], 0, -1)
+  local failures = 0
+  for _, outcome in ipairs(outcomes) do
+    if outcome == '0' then failures = failures + 1 end
+  end
+  trip = retry_after > 0 or consecutive >= tonumber(ARGV[6])
+    or (#outcomes >= tonumber(ARGV[4]) and failures / #outcomes >= tonumber(ARGV[5]))
+else
+  -- Only the probe reopens a tripped breaker (with the longer cooldown), or a new Retry-After.
+  trip = probe or retry_after > 0
+end
 if not trip then return state end
 local last_trip = tonumber(redis.call('HGET', KEYS[2], 'last_trip') or '-1e18')
 local trips = tonumber(redis.call('HGET', KEYS[2], 'trips') or '0')
@@ -155,7 +172,7 @@ trips = trips + 1
 local cooldown = math.min(tonumber(ARGV[7]) * 2 ^ (trips - 1), tonumber(ARGV[8]))
 if retry_after > cooldown then cooldown = retry_after end
 redis.call('HSET', KEYS[2], 'state', 'open', 'open_until', now + cooldown, 'trips', trips,
-  'last_trip', now, 'consecutive', 0)
+  'last_trip', now, 'hold_until', now + retry_after)
 redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
 redis.call('DEL', KEYS[1])
 return 'open'
@@ -187,6 +204,8 @@ class Decision:
     waited_s: float = 0.0
     slot: str = ""
     probe: bool = False
+    last_resort: bool = False
+    started: float = 0.0
 
     def as_detail(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -194,6 +213,8 @@ class Decision:
             "candidates": list(self.candidates),
             "excluded": dict(self.excluded),
         }
+        if self.last_resort:
+            detail["last_resort"] = "rule 3: cooling down, taken because every other candidate is full"
         if self.attempts:
             detail["failed_over"] = list(self.attempts)
         if self.waited_s:
@@ -325,16 +346,24 @@ class LoadBalancer:
             in_flight[llm.id] = int(used)
         return breakers, stats, in_flight, float(spent or 0)
 
-    def _expected_s(self, llm: LLMConfig, stats: dict, role: RoleConfig, prior: float) -> float:
-        """Rule 5: the expected completion time of a call of this role on this LLM: its average time
-        to first token and per token for the role's tokens, stretched by its recent failure rate (a
-        failed call costs about another call elsewhere), divided by its weight. ``prior`` stands in
+    def _times(self, stats: dict, role: RoleConfig, prior: float) -> tuple[float, float, float]:
+        """Rule 5: an LLM's expected time for a call of this role if it succeeds, its failure rate, and
+        the time a failed call takes (a whole call until a failure has been timed). ``prior`` stands in
         for an LLM with no recent samples."""
         if _recent(stats, self.clock(), self.policy.stale_after_s):
-            base = (float(stats["ttft_ms"]) + float(stats["tpot_ms"]) * role.max_tokens) / 1000
+            succeeded = (float(stats["ttft_ms"]) + float(stats["tpot_ms"]) * role.max_tokens) / 1000
         else:
-            base = prior
-        return base * (1 + float(stats.get("fail_rate", 0))) / max(llm.weight, 1e-6)
+            succeeded = prior
+        failure = min(float(stats.get("fail_rate", 0)), 0.999)
+        failed = float(stats["fail_ms"]) / 1000 if "fail_ms" in stats else succeeded
+        return succeeded, failure, failed
+
+    def _expected_s(self, llm: LLMConfig, stats: dict, role: RoleConfig, prior: float) -> float:
+        """Rule 5: the expected completion time of a call of this role on this LLM, with its retries:
+        its time if it succeeds, plus the failed tries that its failure rate predicts (``f / (1 - f)``
+        of them), each costing what its failed calls take; divided by its weight."""
+        succeeded, failure, failed = self._times(stats, role, prior)
+        return (succeeded + failure / (1 - failure) * failed) / max(llm.weight, 1e-6)
 
     # --- the decision -----------------------------------------------------------------------
 
@@ -375,6 +404,7 @@ class LoadBalancer:
             raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()))
 
         available: list[LLMConfig] = []
+        last_resort: list[LLMConfig] = []
         probes: set[str] = set()
         wake = now + policy.poll_s
         for llm in live:
@@ -384,6 +414,8 @@ class LoadBalancer:
             if state == "open" and now < open_until:
                 if len(live) > 1:
                     excluded[llm.id] = f"rule 3: cooling down until {_iso(open_until)}"
+                    if self._failing_not_dead(breaker, stats[llm.id], now):
+                        last_resort.append(llm)
                     continue
                 # The only candidate is never cooled down: the call waits for it.
                 return Wait(until=open_until, candidates=(llm.id,), excluded=excluded)
@@ -392,11 +424,12 @@ class LoadBalancer:
             elif state == "half_open":
                 if len(live) > 1:
                     excluded[llm.id] = "rule 3: a probe call is testing it"
+                    if self._failing_not_dead(breaker, stats[llm.id], now):
+                        last_resort.append(llm)
                     continue
                 return Wait(until=float(breaker["probe_until"]), candidates=(llm.id,), excluded=excluded)
             available.append(llm)
         ordered = self._order(config, role, available, stats, in_flight, sticky)
-        names = tuple(llm.id for llm in ordered)
         waiting_key = f"{PREFIX}waiting:{role.queue}"
         worth_waiting = (
             ordered
@@ -404,9 +437,20 @@ class LoadBalancer:
             and self._worth_waiting(config, role, ordered, stats, in_flight, waiter, waiting_since, deadline)
         )
         if worth_waiting:
+            names = tuple(llm.id for llm in ordered)
             return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded=excluded))
+        tries = list(ordered)
+        resorted: set[str] = set()
+        if last_resort and all(in_flight.get(llm.id, 0) >= llm.max_concurrency for llm in ordered):
+            # Rule 3: every healthy candidate is full; a tripped LLM that still answers some of its calls
+            # is tried rather than wait, when rule 5 expects it to be sooner.
+            for llm in sorted(last_resort, key=lambda llm: self._expected_s(llm, stats[llm.id], role, 1.0)):
+                if not self._sooner_to_wait(role, ordered, llm, stats, waiter, waiting_since, deadline):
+                    tries.append(llm)
+                    resorted.add(llm.id)
+        names = tuple(llm.id for llm in tries)
         lease = now + policy.slot_lease_s
-        for llm in ordered:
+        for llm in tries:
             token = uuid.uuid4().hex
             if not self._acquire_slot(keys=[self._key("slots", llm.id)], args=[now, lease, token, llm.max_concurrency]):
                 continue
@@ -415,7 +459,7 @@ class LoadBalancer:
                 if not self._try_probe(keys=[self._key("breaker", llm.id)], args=[now, token, probe_until]):
                     self._release(llm.id, token)  # another caller won the probe
                     continue
-            others = {k: v for k, v in excluded.items()}
+            others = {k: v for k, v in excluded.items() if k != llm.id}
             for other in ordered:
                 if (
                     other.id != llm.id
@@ -425,9 +469,26 @@ class LoadBalancer:
                     others[other.id] = f"rule 4: all {other.max_concurrency} slots in use"
             if waiter is not None:
                 self.redis.zrem(waiting_key, waiter)
-            return Decision(llm=llm, candidates=names, excluded=others, slot=token, probe=llm.id in probes)
+            return Decision(
+                llm=llm,
+                candidates=names,
+                excluded=others,
+                slot=token,
+                probe=llm.id in probes,
+                last_resort=llm.id in resorted,
+                started=now,
+            )
         full = {llm.id: f"rule 4: all {llm.max_concurrency} slots in use" for llm in ordered}
         return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded={**excluded, **full}))
+
+    def _failing_not_dead(self, breaker: dict, stats: dict, now: float) -> bool:
+        """Rule 3: whether a tripped LLM is a candidate of last resort: it answered a call recently, it
+        has not failed its last ``dead_after`` calls in a row, and no Retry-After holds it."""
+        return (
+            _recent(stats, now, self.policy.stale_after_s)
+            and int(breaker.get("consecutive", 0)) < self.policy.dead_after
+            and now >= float(breaker.get("hold_until", 0))
+        )
 
     def _wait(self, key: str, waiter: str | None, wait: Wait) -> Wait:
         if waiter is not None:
@@ -449,11 +510,8 @@ class LoadBalancer:
         waiting_since: float | None,
         deadline: float | None,
     ) -> bool:
-        """Rule 5: whether the call would finish sooner by waiting for a slot on a faster LLM of the
-        best tier than by taking the best free one now. The wait is estimated from how fast the full
-        LLMs free their slots and how many calls already wait for them. A call that has already
-        waited longer than a whole call on the faster LLM, or whose deadline leaves no more room,
-        takes the free one."""
+        """Rule 5: whether the call would finish sooner by waiting for a slot on a full LLM of the best
+        tier than by taking the best free one of that tier now."""
         now = self.clock()
         best_tier = min(tier(config, role, llm.id) for llm in ordered)
         known = [
@@ -467,18 +525,43 @@ class LoadBalancer:
         free = [llm for llm in known if in_flight.get(llm.id, 0) < llm.max_concurrency]
         if not full or not free:
             return False
-        base = {llm.id: self._expected_s(llm, stats[llm.id], role, 1.0) for llm in known}
-        best_free = min(base[llm.id] for llm in free)
-        fastest_full = min(base[llm.id] for llm in full)
+        best_free = min(free, key=lambda llm: self._expected_s(llm, stats[llm.id], role, 1.0))
+        return self._sooner_to_wait(role, full, best_free, stats, waiter, waiting_since, deadline)
+
+    def _sooner_to_wait(
+        self,
+        role: RoleConfig,
+        full: list[LLMConfig],
+        option: LLMConfig,
+        stats: dict[str, dict],
+        waiter: str | None,
+        waiting_since: float | None,
+        deadline: float | None,
+    ) -> bool:
+        """Rule 5: whether waiting for a slot on one of the ``full`` LLMs is expected to finish sooner
+        than trying ``option`` now. The wait is estimated from how fast the full LLMs free their slots
+        and how many calls already wait for them. A try on ``option`` succeeds with its success rate;
+        when it fails, the call goes back to waiting, and loses only the part of the failed try that
+        outlasts the wait it would have had anyway. A call that has already waited longer than a whole
+        call on the fastest full LLM, or whose deadline leaves no more room, takes ``option``."""
+        now = self.clock()
+        measured = [llm for llm in full if _recent(stats[llm.id], now, self.policy.stale_after_s)]
+        if not measured or not _recent(stats[option.id], now, self.policy.stale_after_s):
+            return False
+        expected = {llm.id: self._expected_s(llm, stats[llm.id], role, 1.0) for llm in measured}
+        fastest_full = min(expected.values())
         if waiting_since is not None and now - waiting_since > fastest_full:
             return False  # the estimate was wrong: the full ones are slower to free than they looked
-        if deadline is not None and deadline - now < 2 * best_free:
+        if deadline is not None and deadline - now < 2 * self._expected_s(option, stats[option.id], role, 1.0):
             return False
-        rate = sum(llm.max_concurrency / max(base[llm.id], 1e-6) for llm in full)
+        rate = sum(llm.max_concurrency / max(expected[llm.id], 1e-6) for llm in measured)
         key = f"{PREFIX}waiting:{role.queue}"
         ahead = self.redis.zcount(key, now, "+inf") - (1 if waiter and self.redis.zscore(key, waiter) else 0)
-        waited_finish = (max(ahead, 0) + 1) / rate + fastest_full
-        return waited_finish < best_free
+        wait = (max(ahead, 0) + 1) / rate
+        succeeded, failure, failed = self._times(stats[option.id], role, 1.0)
+        weight = max(option.weight, 1e-6)
+        trying = (1 - failure) * succeeded / weight + failure * (max(failed / weight, wait) + fastest_full)
+        return wait + fastest_full < trying
 
     def _order(
         self,
@@ -528,7 +611,9 @@ class LoadBalancer:
     def _release(self, llm_id: str, token: str) -> None:
         self.redis.zrem(self._key("slots", llm_id), token)
 
-    def _outcome(self, llm_id: str, *, ok: bool, retry_after: float = 0, probe: bool = False) -> str:
+    def _outcome(
+        self, llm_id: str, *, ok: bool, retry_after: float = 0, probe: bool = False, took_s: float | None = None
+    ) -> str:
         policy = self.policy
         state = self._record(
             keys=[self._key("calls", llm_id), self._key("breaker", llm_id), self._key("stats", llm_id)],
@@ -536,6 +621,7 @@ class LoadBalancer:
                 "1" if ok else "0", self.clock(), policy.window, policy.min_calls, policy.failure_share,
                 policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
                 policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha, "1" if probe else "0",
+                "" if took_s is None else took_s * 1000,
             ],
         )  # fmt: skip
         return state.decode() if isinstance(state, bytes) else str(state)
@@ -561,7 +647,8 @@ class LoadBalancer:
                 self.redis.hset(self._key("breaker", llm.id), "probe_until", now)
             return "closed"
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
-        state = self._outcome(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe)
+        took = now - decision.started if decision.started else None
+        state = self._outcome(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took)
         if result is not None:
             ttft = result.time_to_first_token_s
             tokens = max(result.completion_tokens, 1)
