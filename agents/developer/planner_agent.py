@@ -44,7 +44,8 @@ class PlannerAgent(Agent):
         positions = []
         for index in range(MAX_STEPS):
             earlier = [f"s{number}" for number in range(1, index + 1)]
-            depends_on = array({"enum": earlier}, max_items=index) if earlier else {"type": "array", "maxItems": 0}
+            # The first step depends on nothing: a constant, which every engine's grammar can express.
+            depends_on = array({"enum": earlier}, max_items=index) if earlier else {"const": []}
             positions.append(
                 obj(
                     {
