@@ -229,19 +229,20 @@ def _supervised(
 
 
 def _note_retry(task_id: str, step: str, job_id: str, error: str, countdown: float, attempt: int) -> None:
-    def note(packet: dict[str, Any]) -> bool:
+    detail = {"step": step, "job_id": job_id, "error": error, "retry": attempt, "in_s": countdown}
+    _append_if_running(task_id, history_event("step_retry", status=RUNNING, detail=detail))
+
+
+def _append_if_running(task_id: str, event: dict[str, Any]) -> bool:
+    """Add ``event`` to the task's history if the task is still running; whether it was added."""
+
+    def append(packet: dict[str, Any]) -> bool:
         if packet["status"] != RUNNING:
             return False
-        packet["history"].append(
-            history_event(
-                "step_retry",
-                status=RUNNING,
-                detail={"step": step, "job_id": job_id, "error": error, "retry": attempt, "in_s": countdown},
-            )
-        )
+        packet["history"].append(event)
         return True
 
-    task_store().update(task_id, note)
+    return task_store().update(task_id, append)[1]
 
 
 # -- the feedback loop ----------------------------------------------------------------------------
@@ -672,20 +673,8 @@ def _delegate(packet: dict[str, Any], steps: list[dict[str, Any]], config: Confi
         _fail(packet["task_id"], lambda p: True, "the plan cannot be executed: " + "; ".join(problems))
         return
 
-    def delegated(current: dict[str, Any]) -> bool:
-        if current["status"] != RUNNING:
-            return False
-        current["history"].append(
-            history_event(
-                "delegated",
-                status=RUNNING,
-                agent="planner",
-                detail={"step": "delegated", "plan": steps, "children": _child_ids(current, steps)},
-            )
-        )
-        return True
-
-    task_store().update(packet["task_id"], delegated)
+    detail = {"step": "delegated", "plan": steps, "children": _child_ids(packet, steps)}
+    _append_if_running(packet["task_id"], history_event("delegated", status=RUNNING, agent="planner", detail=detail))
     plan_advance(parent_id=packet["task_id"])
 
 
@@ -707,6 +696,13 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
     created: list[tuple[dict[str, Any], RoleConfig, str]] = []
     to_cancel: list[str] = []
 
+    def fail_plan(parent: dict[str, Any], statuses: dict, ids: dict[str, str], reason: str) -> bool:
+        """Fail the parent; its unfinished children are cancelled once its lock is released."""
+        to_cancel.extend(ids[s] for s, status in statuses.items() if status in (QUEUED, RUNNING, AWAITING_FEEDBACK))
+        parent["status"] = FAILED
+        parent["history"].append(history_event("failed", status=FAILED, detail={"reason": reason}))
+        return True
+
     def advance(parent: dict[str, Any]) -> bool:
         created.clear()
         if parent["status"] != RUNNING:
@@ -724,19 +720,8 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
                 reason = next(
                     (e["detail"].get("reason") for e in reversed(child["history"]) if e["event"] == status), ""
                 )
-                to_cancel.extend(ids[s] for s, st in statuses.items() if st in (QUEUED, RUNNING, AWAITING_FEEDBACK))
-                parent["status"] = FAILED
-                parent["history"].append(
-                    history_event(
-                        "failed",
-                        status=FAILED,
-                        detail={
-                            "reason": f"step {step['id']} ({step['role']}, task {ids[step['id']]}) {status}"
-                            + (f": {reason}" if reason else ""),
-                        },
-                    )
-                )
-                return True
+                why = f"step {step['id']} ({step['role']}, task {ids[step['id']]}) {status}"
+                return fail_plan(parent, statuses, ids, why + (f": {reason}" if reason else ""))
             if status == SUCCEEDED:
                 results[step["id"]] = task_store().read(ids[step["id"]])["result"]
         if len(results) == len(plan):
@@ -761,13 +746,8 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
                 child, role = _create_child(parent, step, child_id, {d: results[d] for d in step["depends_on"]}, config)
             except (LookupError, PayloadError) as exc:
                 # The role left the configuration, or its agent cannot take the step's input.
-                to_cancel.extend(ids[s] for s, st in statuses.items() if st in (QUEUED, RUNNING, AWAITING_FEEDBACK))
                 created.clear()
-                parent["status"] = FAILED
-                parent["history"].append(
-                    history_event("failed", status=FAILED, detail={"reason": f"step {step['id']} cannot start: {exc}"})
-                )
-                return True
+                return fail_plan(parent, statuses, ids, f"step {step['id']} cannot start: {exc}")
             created.append((child, role, _job_of(child)))
             if child_id not in parent["children"]:
                 parent["children"].append(child_id)
