@@ -402,10 +402,10 @@ def _verdict_step(packet: dict[str, Any], step: str, job_id: str) -> str:
         for event in loop.current_run(packet["history"])
         if event["event"] == "check" and event["detail"]["step"].startswith(f"{iteration}.")
     ]
-    record = partial(_verdict_record, task_id, step, job_id=job_id)
     config = configuration()
     flow = _flow(packet)
     state = loop.loop_state(packet)
+    record = partial(_verdict_record, task_id, step, state=state, job_id=job_id)
     broken = [check for check in checks if check.get("error")]
     if broken:
         reasons = "; ".join(f"{check['check']}: {check['output']}" for check in broken)
@@ -444,52 +444,27 @@ def _verdict_record(
     verdict: loop.Verdict,
     checks: list[dict[str, Any]],
     *,
+    state: loop.LoopState,
+    job_id: str,
     status: str,
     result: dict[str, Any],
     finish: bool = False,
     reason: str | None = None,
     then: dict[str, Any] | None = None,
-    job_id: str,
 ) -> dict[str, Any] | None:
-    summary = [{"check": c["check"], "passed": c["passed"]} for c in checks]
-
-    def record(packet: dict[str, Any]) -> bool:
-        if packet["status"] != RUNNING or _step_event(packet, step) is not None or not _expects(packet, job_id):
-            return False
-        state = loop.loop_state(packet)
-        packet["status"] = status
-        packet["result"] = result
-        packet["history"].append(
-            history_event(
-                "verdict",
-                status=status,
-                agent="qa",
-                llm=state.llm,
-                detail={
-                    "step": step,
-                    "iteration": loop.parse_step(step)[0],
-                    "coder_role": state.coder_role,
-                    "passed": verdict.route == loop.DONE and verdict.signature is None,
-                    "route": verdict.route,
-                    "reason": verdict.reason,
-                    "signature": verdict.signature,
-                    "checks": checks,
-                    "summary": summary,
-                },
-            )
-        )
-        if finish and status == FAILED:
-            packet["history"].append(history_event("failed", status=FAILED, detail={"reason": reason}))
-        elif finish:
-            packet["history"].append(history_event("finished", status=status))
-        if then is not None:
-            packet["history"].append(then)
-        return True
-
-    packet, written = task_store().update(task_id, record)
-    if written and finish:
-        _finished(packet)
-    return packet if written else None
+    detail = {
+        "step": step,
+        "iteration": loop.parse_step(step)[0],
+        "coder_role": state.coder_role,
+        "passed": verdict.route == loop.DONE and verdict.signature is None,
+        "route": verdict.route,
+        "reason": verdict.reason,
+        "signature": verdict.signature,
+        "checks": checks,
+        "summary": [{"check": c["check"], "passed": c["passed"]} for c in checks],
+    }
+    event = history_event("verdict", status=status, agent="qa", llm=state.llm, detail=detail)
+    return _commit(task_id, step, job_id, event, status=status, result=result, finish=finish, reason=reason, then=then)
 
 
 def _loop_result(state: loop.LoopState) -> dict[str, Any]:
@@ -843,47 +818,66 @@ def _record(
     iteration: int | None = None,
     then: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Record a step's outcome if the task is still running and the step is not recorded yet (and,
-    for the first step, still claimed by this job); returns the packet, or None when the outcome
-    was not used."""
+    """Record an agent's step; an answer the task can no longer use is recorded as discarded."""
+    detail = {"step": step, **outcome.step_detail(), **(extra or {})}
+    event = history_event("step", status=status, agent=agent_name, llm=outcome.llm, detail=detail)
+
+    def discarded(packet: dict[str, Any], holds: bool) -> dict[str, Any]:
+        reason = _discard_reason(packet, step, holds)
+        detail = {"step": None, "discarded_step": step, "reason": reason, **outcome.step_detail()}
+        return history_event(
+            "step_discarded", status=packet["status"], agent=agent_name, llm=outcome.llm, detail=detail
+        )
+
+    return _commit(
+        task_id, step, job_id, event, status=status, result=result, finish=finish, iteration=iteration, then=then,
+        discarded=discarded,
+    )  # fmt: skip
+
+
+def _commit(
+    task_id: str,
+    step: str,
+    job_id: str,
+    event: dict[str, Any],
+    *,
+    status: str,
+    result: dict[str, Any] | None = None,
+    finish: bool = False,
+    reason: str | None = None,
+    iteration: int | None = None,
+    then: dict[str, Any] | None = None,
+    discarded: Callable[[dict[str, Any], bool], dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
+    """Record ``step`` with ``event`` if the task is still running, the job still holds the step (its
+    claim, or a note of the current run) and no other delivery recorded it first; then finish or fail
+    the task when ``finish``. Returns the packet, or None when the step was not recorded."""
+    recorded: list[bool] = []
 
     def record(packet: dict[str, Any]) -> bool:
         holds = _claimed_by(packet) == job_id or _expects(packet, job_id)
-        if packet["status"] != RUNNING or not holds or _step_event(packet, step):
-            # Cancelled (or taken over) while the model was answering: the answer is not used.
-            packet["history"].append(
-                history_event(
-                    "step_discarded",
-                    status=packet["status"],
-                    agent=agent_name,
-                    llm=outcome.llm,
-                    detail={"step": None, "discarded_step": step, "reason": _discard_reason(packet, step, holds),
-                            **outcome.step_detail()},
-                )
-            )  # fmt: skip
+        if packet["status"] != RUNNING or not holds or _step_event(packet, step) is not None:
+            if discarded is None:
+                return False
+            packet["history"].append(discarded(packet, holds))
             return True
+        recorded.append(True)
         packet["status"] = status
         if result is not None:
             packet["result"] = result
         if iteration is not None:
             packet["iteration"] = iteration
-        packet["history"].append(
-            history_event(
-                "step",
-                status=status,
-                agent=agent_name,
-                llm=outcome.llm,
-                detail={"step": step, **outcome.step_detail(), **(extra or {})},
-            )
-        )
-        if finish:
+        packet["history"].append(event)
+        if finish and status == FAILED:
+            packet["history"].append(history_event("failed", status=FAILED, detail={"reason": reason}))
+        elif finish:
             packet["history"].append(history_event("finished", status=status))
         if then is not None:
             packet["history"].append(then)
         return True
 
     packet, _ = task_store().update(task_id, record)
-    if _step_event(packet, step) is None or packet["status"] not in (status, RUNNING):
+    if not recorded:
         return None
     if finish:
         _finished(packet)
