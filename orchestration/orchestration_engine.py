@@ -98,7 +98,11 @@ def task_step(*, task_id: str, job_id: str, worker: str, retries: int = 0) -> st
     def claim(packet: dict[str, Any]) -> bool:
         if packet["status"] == QUEUED:
             event = "claimed"
-        elif packet["status"] == RUNNING and _claimed_by(packet) == job_id:
+        elif (
+            packet["status"] == RUNNING
+            and _claimed_by(packet) == job_id
+            and _step_event(packet, _first_key(packet)) is None
+        ):
             # The worker that ran it died (its lease expired), or the job retries a transient failure.
             event = "retrying" if packet["history"][-1]["event"] == "step_retry" else "reclaimed"
         else:
@@ -111,8 +115,7 @@ def task_step(*, task_id: str, job_id: str, worker: str, retries: int = 0) -> st
         packet, claimed = task_store().update(task_id, claim)
         if not claimed:
             logger.info("task %s: job %s not run, the task is %s", task_id, job_id, packet["status"])
-            if packet["status"] in FINISHED or _delegated(packet):
-                _after_step(packet, _last_step(packet), republish=True)
+            _resume(packet)
             return packet["status"]
         return _supervised(packet, job_id, retries, lambda: _first_step(packet, job_id), label=_first_key(packet))
 
@@ -129,13 +132,6 @@ def _first_step(packet: dict[str, Any], job_id: str) -> str:
             _schedule(task_store().read(task_id), "1.checks", [], republish=True)
         return RUNNING
     first = _first_key(packet)
-    if _step_event(packet, first) is not None:
-        # Delivered again after the step was recorded: only what follows it may be missing.
-        if agent.flow == PLAN and not _delegated(packet):
-            _delegate(packet, packet["result"]["steps"], config)
-        else:
-            _after_step(packet, first, republish=True)
-        return task_store().read(task_id)["status"]
     if agent.flow == LOOP:
         return _coder_step(task_id, first, job_id=job_id)
     outcome = _run_agent(agent, payload=payload, role=role, config=config)
@@ -147,6 +143,17 @@ def _first_step(packet: dict[str, Any], job_id: str) -> str:
     if packet is not None and delegate:
         _delegate(packet, outcome.result["steps"], config)
     return task_store().read(task_id)["status"]
+
+
+def _resume(packet: dict[str, Any]) -> None:
+    """A first job delivered again after its step was recorded (or after the task moved on): queue
+    what follows the step if that may be missing, the plan's delegation included."""
+    first = _first_key(packet)
+    recorded = _step_event(packet, first) is not None
+    if packet["status"] == RUNNING and recorded and first == MAIN and not _delegated(packet):
+        _delegate(packet, packet["result"]["steps"], configuration())
+    else:
+        _after_step(packet, first, republish=True)
 
 
 # -- later steps ----------------------------------------------------------------------------------

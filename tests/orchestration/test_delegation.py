@@ -3,6 +3,7 @@ real Celery worker, with the scripted engine in place of the model (tests/orches
 
 import json
 import time
+import uuid
 from datetime import datetime
 
 import pytest
@@ -111,3 +112,27 @@ def test_cancelling_the_parent_cancels_its_children(api, celery_worker, script):
         child = api.get(f"/api/v1/tasks/{child_id}").json()
         assert child["status"] == "cancelled"
         assert child["history"][-1]["detail"]["reason"] == "the parent task was cancelled"
+
+
+def test_a_planner_job_delivered_again_before_it_delegated_delegates(state_dir):
+    """The worker recorded the plan and died before delegating it; the job comes back (acks_late)."""
+    from orchestration.orchestration_engine import task_step
+    from orchestration.packets import history_event, new_packet
+    from orchestration.runtime import task_store
+    from orchestration.services import task_cancel
+
+    packet = new_packet(
+        task_id=str(uuid.uuid4()), profile="developer", role="planner", payload={"goal": "x", "execute": True}
+    )
+    packet["status"], packet["result"] = "running", PLAN
+    packet["history"] = [
+        history_event("claimed", status="running", detail={"worker": "w", "job_id": "job-1"}),
+        history_event("step", status="running", agent="planner", detail={"step": "main"}),
+    ]
+    task_store().create(packet)
+    assert task_step(task_id=packet["task_id"], job_id="job-1", worker="w2") == "running"
+    resumed = task_store().read(packet["task_id"])
+    assert [e["event"] for e in resumed["history"]][-1] == "delegated"  # no spurious "reclaimed"
+    assert len(resumed["children"]) == 2  # s1 and s2 are ready; s3 waits for them
+    task_cancel(task_id=packet["task_id"])
+    assert all(task_store().read(child)["status"] == "cancelled" for child in resumed["children"])
