@@ -94,7 +94,8 @@ def loop_state(packet: Mapping[str, Any]) -> LoopState:
             state.llm = event["llm"]
         elif kind == "step" and step.endswith(".debug"):
             state.debug, state.debug_iteration = detail["result"], parse_step(step)[0]
-        elif kind == "check" and detail["check"] == "tests" and detail.get("tests_source") == "written":
+        elif kind == "check" and detail["check"] == "tests" and detail.get("test_code") is not None:
+            # QA wrote these tests in this round (a round that reuses them records no code).
             state.tests, state.tests_source = detail["test_code"], "written"
         elif kind == "verdict":
             state.iteration = parse_step(step)[0]

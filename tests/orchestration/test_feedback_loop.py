@@ -115,6 +115,25 @@ def test_qa_writes_the_tests_when_none_are_given(api, celery_worker, script):
     assert done["result"]["tests"] == written
 
 
+def test_qas_own_tests_are_kept_for_the_next_round(api, celery_worker, script):
+    written = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5, add(2, 3)\n"
+    script(
+        [
+            REVIEW_OK,
+            {"match": QA_TESTS, "reply": {"tests": written}},
+            DEBUG_CODE,
+            {"match": f"{CODER}.*FIX-MARKER", "reply": code_reply(RIGHT)},
+            {"match": CODER, "reply": code_reply(wrong(0))},
+        ]
+    )
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add(a, b) returns a + b"})["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    assert rounds(done) == [(1, "fast_coder", "debug"), (2, "fast_coder", "done")]
+    tests_checks = [e["detail"] for e in done["history"] if e["event"] == "check" and e["detail"]["check"] == "tests"]
+    assert [c.get("test_code") for c in tests_checks] == [written, None]  # written once, then reused
+    assert done["result"]["tests"] == written
+
+
 def test_a_failing_lint_or_review_sends_the_code_back(api, celery_worker, script):
     bad = "def add(a, b):\n    return a + b + undefined_name * 0\n"
     script(
