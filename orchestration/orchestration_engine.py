@@ -30,7 +30,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from agents.base import CHECKS, LOOP, PLAN, AgentOutcome, PayloadError, ReplyError
+from agents.base import CHECKS, LOOP, PLAN, AgentOutcome, PayloadError, ReplyError, render_files
 from agents.developer import qa_agent
 from agents.developer.coder_agent import merge_files
 from agents.registry import agent_class
@@ -77,7 +77,7 @@ class StepRetry(Exception):
 # -- the first step -------------------------------------------------------------------------------
 
 
-def task_step(*, task_id: str, job_id: str, worker: str, retries: int = 0) -> str:
+def task_step(*, task_id: str, job_id: str, worker: str) -> str:
     """Run the task's first step if this job may; returns the task's status afterwards.
 
     A job runs the step when it takes the task's lease and then claims the
@@ -117,7 +117,7 @@ def task_step(*, task_id: str, job_id: str, worker: str, retries: int = 0) -> st
             logger.info("task %s: job %s not run, the task is %s", task_id, job_id, packet["status"])
             _resume(packet)
             return packet["status"]
-        return _supervised(packet, job_id, retries, lambda: _first_step(packet, job_id), label=_first_key(packet))
+        return _supervised(packet, job_id, lambda: _first_step(packet, job_id), label=_first_key(packet))
 
 
 def _first_step(packet: dict[str, Any], job_id: str) -> str:
@@ -159,7 +159,7 @@ def _resume(packet: dict[str, Any]) -> None:
 # -- later steps ----------------------------------------------------------------------------------
 
 
-def later_step(*, task_id: str, step: str, job_id: str, retries: int = 0) -> Any:
+def later_step(*, task_id: str, step: str, job_id: str) -> Any:
     """Run a scheduled step of a running task (a coder or debug round, a check, a verdict) once."""
     lease = StepLease(f"{task_id}:{step}", job_id)
     if not lease.acquire():
@@ -183,18 +183,17 @@ def later_step(*, task_id: str, step: str, job_id: str, retries: int = 0) -> Any
         if kind in qa_agent.CHECK_NAMES:
             return _check_step(packet, step, job_id)
         if kind == "verdict":
-            return _supervised(packet, job_id, retries, lambda: _verdict_step(packet, step, job_id), step=step)
+            return _supervised(packet, job_id, lambda: _verdict_step(packet, step, job_id), step=step)
         if kind == "coder":
-            return _supervised(packet, job_id, retries, lambda: _coder_step(task_id, step, job_id=job_id), step=step)
+            return _supervised(packet, job_id, lambda: _coder_step(task_id, step, job_id=job_id), step=step)
         if kind == "debug":
-            return _supervised(packet, job_id, retries, lambda: _debug_step(task_id, step, job_id), step=step)
+            return _supervised(packet, job_id, lambda: _debug_step(task_id, step, job_id), step=step)
         raise ValueError(f"unknown step {step!r}")
 
 
 def _supervised(
     packet: dict[str, Any],
     job_id: str,
-    retries: int,
     run: Callable[[], Any],
     *,
     step: str | None = None,
@@ -302,7 +301,7 @@ def _debug_step(task_id: str, step: str, job_id: str) -> str:
         {
             "failure": failure or "the checks failed without output",
             "instruction": packet["payload"]["instruction"],
-            "code": "\n\n".join(f"--- {f['path']} ---\n{f['content']}" for f in state.files) or "(no code yet)",
+            "code": render_files(state.files) or "(no code yet)",
             **({"tests": state.tests} if state.tests else {}),
         }
     )
@@ -313,7 +312,7 @@ def _debug_step(task_id: str, step: str, job_id: str) -> str:
     if blame_given_tests:
         reason = (
             f"Debug says the given tests are wrong: {outcome.result['cause']}. Post feedback to "
-            "/api/v1/tasks/<task_id>/feedback (with corrected tests, or saying the code is wrong) to go on."
+            f"/api/v1/tasks/{task_id}/feedback (with corrected tests, or saying the code is wrong) to go on."
         )
         waiting = history_event("awaiting_feedback", status=AWAITING_FEEDBACK, detail={"reason": reason})
     packet = _record(

@@ -60,7 +60,6 @@ def run_task(self, task_id: str) -> str:
             task_id=task_id,
             job_id=self.request.id,
             worker=f"{self.request.hostname}:{os.getpid()}",
-            retries=self.request.retries,
         )
     except orchestration_engine.StepBusy as busy:
         raise self.retry(countdown=busy.countdown) from None
@@ -82,9 +81,7 @@ def run_verdict(self, _results: list, task_id: str, step: str):
 
 def _later(job: Task, task_id: str, step: str):
     try:
-        return orchestration_engine.later_step(
-            task_id=task_id, step=step, job_id=job.request.id, retries=job.request.retries
-        )
+        return orchestration_engine.later_step(task_id=task_id, step=step, job_id=job.request.id)
     except orchestration_engine.StepBusy as busy:
         raise job.retry(countdown=busy.countdown) from None
     except orchestration_engine.StepRetry as retry:
