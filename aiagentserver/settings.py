@@ -51,6 +51,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_results",
     "balancer",
     "orchestration",
@@ -152,6 +154,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "PAGE_SIZE": env_int("API_PAGE_SIZE", 50, minimum=1),
     "EXCEPTION_HANDLER": "orchestration.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
@@ -210,3 +213,43 @@ SANDBOX_PROCESSES = env_int("SANDBOX_PROCESSES", 64, minimum=4)
 SANDBOX_OUTPUT_BYTES = env_int("SANDBOX_OUTPUT_BYTES", 65536, minimum=1024)
 # The largest file the code may write, and the size of its /tmp and /dev/shm.
 SANDBOX_FILE_SIZE_MB = env_int("SANDBOX_FILE_SIZE_MB", 16, minimum=1)
+
+# --- The OpenAPI schema (/api/schema/) and Swagger UI (/api/docs/) --------------
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "AI-Agent-Server API",
+    "DESCRIPTION": (
+        "Runs LLM agents as a service: submit a task packet to a profile's role, follow it, cancel it, "
+        "give feedback to the feedback loop; read the configuration and the LLMs' health. "
+        "Every endpoint but /healthz needs `Authorization: Token <key>` (or an admin session). "
+        "Every error has the body of the `Error` component. Any request whose body is over "
+        "API_MAX_BODY_BYTES is refused with 413 before it reaches its endpoint. See doc/api_endpoints.md."
+    ),
+    "VERSION": "1.0.0",
+    # The schema and the docs page are for clients of the API: the same authentication as the API.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI's files come from drf-spectacular-sidecar, as static files: no CDN, no internet needed.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # Two fields named "status" with different choices: each enum gets a name of its own.
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStatusEnum": "orchestration.packets.STATUSES",
+        "HealthStatusEnum": ["ok", "unavailable"],
+    },
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {
+            # The scheme drf-spectacular derives from TokenAuthentication, with the header spelt out.
+            "tokenAuth": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": (
+                    "`Authorization: Token <key>`; in Swagger UI's Authorize dialog, type `Token <key>`. "
+                    "Create a key with `python manage.py create_token NAME`."
+                ),
+            }
+        }
+    },
+}

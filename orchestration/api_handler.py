@@ -1,6 +1,9 @@
 """The REST API: thin views, each validating its input and calling one service or selector.
 
-The endpoints are documented in doc/api_endpoints.md.
+The endpoints are documented in doc/api_endpoints.md, and in the OpenAPI schema at /api/schema/: each
+view's ``extend_schema`` gives its parameters, its request and every response it can give, its errors
+through ``errors()`` and ``error()``. The serializers of the first section describe answers that the
+selectors build as dicts: they document, nothing serializes with them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,16 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
 from django.views.defaults import page_not_found
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_serializer,
+    inline_serializer,
+)
 from rest_framework import serializers, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import AllowAny
@@ -22,9 +35,191 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from orchestration.models import Task
-from orchestration.packets import SERVER_OWNED_INITIAL, parse_task_id
+from orchestration.packets import SERVER_OWNED_INITIAL, STATUSES, parse_task_id
 from orchestration.selectors import config_get, llm_list, role_get, task_get, task_list
 from orchestration.services import task_cancel, task_feedback, task_submit
+
+# --- The schema's shared parts ------------------------------------------------------------------
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The body of every error answer (orchestration/exceptions.py): `code` and `detail`, `field` when one
+    field is at fault, and some errors add facts that help."""
+
+    code = serializers.CharField(help_text="A short machine-readable word: `invalid`, `not_found`, `conflict`…")
+    detail = serializers.CharField(help_text="What is wrong, in words.")
+    field = serializers.CharField(required=False, help_text="The path of the field at fault (`payload.input`).")
+    valid_profiles = serializers.ListField(
+        child=serializers.CharField(), required=False, help_text="With an unknown profile or role."
+    )
+    valid_roles = serializers.ListField(
+        child=serializers.CharField(), required=False, help_text="With an unknown role of a known profile."
+    )
+    task_id = serializers.UUIDField(required=False, help_text="The task concerned (`conflict`, `queue_unavailable`).")
+
+
+def error(description: str) -> OpenApiResponse:
+    """An error response of an operation: the ``Error`` body, with what the status means there."""
+    return OpenApiResponse(ErrorSerializer, description=description)
+
+
+# What each error status means wherever it can happen; an operation where it means more says so with error().
+_ERRORS = {
+    400: "`invalid`: the body, one of its fields or the task_id in the path is wrong; `field` names it.",
+    401: "`not_authenticated` or `authentication_failed`: no token, or an unknown one.",
+    403: "`permission_denied`: a request with an admin session but without its CSRF token.",
+    404: "`not_found`: there is no such task.",
+    413: "`too_large`: the body is over `API_MAX_BODY_BYTES` (1 MiB by default).",
+    500: "`corrupt_state`: the task's state file is not a task packet; the detail says how to recover.",
+    507: "`insufficient_storage`: the task state directory is full; nothing is stored.",
+}
+
+
+def errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    """The error responses an operation can give, with their usual meaning: ``**errors(401, 404)``."""
+    return {code: error(_ERRORS[code]) for code in statuses}
+
+
+TASK_ID = OpenApiParameter(
+    "task_id",
+    OpenApiTypes.UUID,
+    OpenApiParameter.PATH,
+    description="The task's id: a UUID in its canonical 8-4-4-4-12 form (anything else is a 400).",
+)
+
+
+def _located_header(*statuses: int) -> OpenApiParameter:
+    return OpenApiParameter(
+        "Location",
+        OpenApiTypes.URI,
+        OpenApiParameter.HEADER,
+        description="The task's URL: GET /api/v1/tasks/{task_id}.",
+        response=list(statuses),
+    )
+
+
+@extend_schema_field({"type": "object", "additionalProperties": {}})
+class PayloadField(serializers.JSONField):
+    """Any JSON on input (the role's agent validates it, with its own messages), documented as an object."""
+
+
+@extend_schema_field(OpenApiTypes.UUID)
+class TaskIdField(serializers.CharField):
+    """Text on input (the view checks the UUID form, with its own message), documented as a UUID."""
+
+
+_PAYLOAD_HELP = (
+    "The role's input, a JSON object whose schema depends on the role's agent: GET /api/v1/config names "
+    "each role's `agent`, and doc/agents.md gives each agent's payload. Every role whose work can start "
+    'from text takes `{"input": "<text>"}`.'
+)
+
+
+class HistoryEventSerializer(serializers.Serializer):
+    """One event of a task's history, which is append-only."""
+
+    at = serializers.DateTimeField(help_text="When, in ISO 8601 UTC.")
+    event = serializers.CharField(
+        help_text="`submitted`, `claimed`, `step`, `check`, `verdict`, `feedback`, `delegated`, `finished`, "
+        "`failed`, `cancelled`…: doc/api_endpoints.md lists every event with its detail."
+    )
+    agent = serializers.CharField(allow_null=True, help_text="The agent that did the step, if one did.")
+    status = serializers.ChoiceField(choices=STATUSES, help_text="The task's status after the event.")
+    llm = serializers.CharField(allow_null=True, help_text="The LLM that answered, for a step that asked one.")
+    detail = serializers.DictField(help_text="The event's facts; which ones depends on the event.")
+
+
+class TaskPacketSerializer(serializers.Serializer):
+    """A task: one JSON document, the same in every answer and in its state file."""
+
+    task_id = serializers.UUIDField()
+    profile = serializers.CharField()
+    role = serializers.CharField()
+    status = serializers.ChoiceField(choices=STATUSES)
+    payload = serializers.DictField(help_text=_PAYLOAD_HELP)
+    result = serializers.DictField(allow_null=True, help_text="The role's output once there is one (doc/agents.md).")
+    history = HistoryEventSerializer(many=True)
+    iteration = serializers.IntegerField(min_value=0, help_text="The feedback loop's round; 0 outside the loop.")
+    parent_id = serializers.UUIDField(allow_null=True, help_text="The planner task that delegated this one.")
+    children = serializers.ListField(child=serializers.UUIDField(), help_text="The tasks this one delegated to.")
+    version = serializers.IntegerField(min_value=1, help_text="1 on creation, +1 on every write.")
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class LLMSerializer(serializers.Serializer):
+    """A configured LLM, as in configuration.json. No secret: `api_key_env` only names a variable."""
+
+    id = serializers.CharField()
+    engine = serializers.CharField(help_text="`llama_cpp`, `ollama` or `openai`.")
+    source = serializers.ChoiceField(choices=["local", "api"])
+    model = serializers.CharField()
+    toggle = serializers.BooleanField(help_text="Whether the LLM is enabled.")
+    locked = serializers.BooleanField(help_text="Whether only the roles that prefer it may use it.")
+    capabilities = serializers.ListField(child=serializers.CharField())
+    context_length = serializers.IntegerField()
+    max_concurrency = serializers.IntegerField()
+    base_url = serializers.CharField(allow_null=True)
+    api_key_env = serializers.CharField(allow_null=True, help_text="The environment variable holding the key.")
+    cost_per_1k_tokens = serializers.DictField(child=serializers.FloatField())
+    weight = serializers.FloatField()
+    options = serializers.DictField(help_text="The engine's own options.")
+
+
+class RoleSerializer(serializers.Serializer):
+    """A role of a profile, as in configuration.json, with the Celery queue its tasks go to."""
+
+    agent = serializers.CharField(help_text="The agent that does the role's work; it decides the payload's schema.")
+    system_prompt = serializers.CharField()
+    capabilities = serializers.ListField(child=serializers.CharField(), help_text="What the role needs of an LLM.")
+    preferred_llms = serializers.ListField(child=serializers.CharField())
+    max_tokens = serializers.IntegerField()
+    temperature = serializers.FloatField()
+    time_limit_s = serializers.FloatField()
+    max_iterations = serializers.IntegerField(help_text="The feedback loop's bound.")
+    queue = serializers.CharField(help_text="`<profile>.<role>`.")
+
+
+class ProfileSerializer(serializers.Serializer):
+    """A profile: its roles, keyed by name."""
+
+    default_llms = serializers.ListField(child=serializers.CharField())
+    daily_budget = serializers.FloatField(
+        allow_null=True, help_text="What api LLMs may spend per UTC day; null: no limit."
+    )
+    roles = serializers.DictField(child=RoleSerializer())
+
+
+class LLMHealthSerializer(serializers.Serializer):
+    """The engine's cheap check, reused for 10 seconds."""
+
+    ok = serializers.BooleanField()
+    detail = serializers.CharField()
+    latency_ms = serializers.FloatField()
+    checked_at = serializers.DateTimeField()
+
+
+class LLMStateSerializer(serializers.Serializer):
+    """The load balancer's state of an LLM, shared by every process (balancer/load_balancer_rules.md)."""
+
+    breaker = serializers.ChoiceField(
+        choices=["closed", "open", "half_open"], help_text="`half_open`: the next call is a probe."
+    )
+    cooling_until = serializers.DateTimeField(allow_null=True, help_text="Until when an open breaker cools down.")
+    trips = serializers.IntegerField()
+    in_flight = serializers.IntegerField(help_text="Slots in use.")
+    max_concurrency = serializers.IntegerField()
+    ttft_ms = serializers.FloatField(allow_null=True, help_text="Rolling average time to first token.")
+    ms_per_token = serializers.FloatField(allow_null=True, help_text="Rolling average per output token.")
+    samples = serializers.IntegerField(help_text="The calls the averages are over.")
+    failure_rate = serializers.FloatField()
+
+
+class LLMStatusSerializer(LLMSerializer):
+    """A configured LLM with its health and its load balancer state."""
+
+    health = LLMHealthSerializer()
+    state = LLMStateSerializer()
 
 
 def _located(request: Request, packet: dict[str, Any], status_code: int) -> Response:
@@ -35,11 +230,22 @@ def _located(request: Request, packet: dict[str, Any], status_code: int) -> Resp
 class TaskSubmitApi(APIView):
     """POST /api/v1/{profile}/{role}: submit a task packet."""
 
+    # created_at and updated_at are declared only to be refused: the schema leaves them out.
+    @extend_schema_serializer(component_name="TaskSubmit", exclude_fields=["created_at", "updated_at"])
     class InputSerializer(serializers.Serializer):
-        task_id = serializers.CharField(required=False, max_length=64)
-        profile = serializers.CharField(required=False)
-        role = serializers.CharField(required=False)
-        payload = serializers.JSONField()
+        """A new task. The fields the server owns (`status`, `result`, `history`, `version`, `iteration`,
+        `parent_id`, `children`) may be sent only with their initial values: `"queued"`, `null`, `[]`,
+        `0`, `0`, `null`, `[]`."""
+
+        task_id = TaskIdField(
+            required=False,
+            max_length=64,
+            help_text="Optional: the client's own id, for idempotent retries (the same payload gives the "
+            "stored task back, another payload a 409).",
+        )
+        profile = serializers.CharField(required=False, help_text="Optional; must be the URL's.")
+        role = serializers.CharField(required=False, help_text="Optional; must be the URL's.")
+        payload = PayloadField(help_text=_PAYLOAD_HELP)
         created_at = serializers.JSONField(required=False)
         updated_at = serializers.JSONField(required=False)
 
@@ -72,6 +278,53 @@ class TaskSubmitApi(APIView):
                     raise serializers.ValidationError({field: ["is set by the server"]})
             return attrs
 
+    @extend_schema(
+        operation_id="task_submit",
+        summary="Submit a task to a role",
+        description="Validates the packet, stores it as `queued` and queues it on the role's queue. The "
+        "payload's schema depends on the role: see GET /api/v1/config for each role's agent.",
+        tags=["tasks"],
+        parameters=[
+            OpenApiParameter(
+                "profile",
+                str,
+                OpenApiParameter.PATH,
+                description="A profile of the configuration (GET /api/v1/config), e.g. `developer`.",
+            ),
+            OpenApiParameter(
+                "role", str, OpenApiParameter.PATH, description="One of the profile's roles, e.g. `planner`."
+            ),
+            _located_header(200, 202),
+        ],
+        request=InputSerializer,
+        responses={
+            202: OpenApiResponse(TaskPacketSerializer, description="Stored as `queued`, and put on the role's queue."),
+            200: OpenApiResponse(
+                TaskPacketSerializer,
+                description="The same `task_id` was submitted before with the same profile, role and payload: "
+                "the stored task as it is now (an idempotent retry).",
+            ),
+            **errors(400, 401, 403),
+            404: error("`not_found`: an unknown profile or role, whatever the body; the body lists the valid ones."),
+            409: error("`conflict`: the `task_id` is taken by a task with another profile, role or payload."),
+            **errors(413),
+            422: error("`no_llm`: no enabled LLM can serve the role; the detail gives each LLM's reason."),
+            **errors(500),
+            503: error(
+                "`queue_unavailable`: the task is stored as queued but Redis did not take the job; submit it again "
+                "with the same `task_id`. Or `storage_unavailable`: the task state directory cannot be "
+                "written; nothing is stored."
+            ),
+            **errors(507),
+        },
+        examples=[
+            OpenApiExample(
+                "A planner task",
+                value={"payload": {"input": "Plan a release of version 2.0"}},
+                request_only=True,
+            )
+        ],
+    )
     def post(self, request: Request, profile: str, role: str) -> Response:
         role_get(profile=profile, role=role)  # an unknown profile or role is a 404 whatever the body
         serializer = self.InputSerializer(data=request.data, context={"profile": profile, "role": role})
@@ -88,6 +341,17 @@ class TaskSubmitApi(APIView):
 class TaskDetailApi(APIView):
     """GET /api/v1/tasks/{task_id}: the whole packet, from its state file."""
 
+    @extend_schema(
+        operation_id="task_get",
+        summary="Get a task",
+        description="The whole task packet, read from its state file (always current).",
+        tags=["tasks"],
+        parameters=[TASK_ID],
+        responses={
+            200: OpenApiResponse(TaskPacketSerializer, description="The task."),
+            **errors(400, 401, 404, 500),
+        },
+    )
     def get(self, request: Request, task_id: str) -> Response:
         return Response(task_get(task_id=task_id))
 
@@ -95,6 +359,23 @@ class TaskDetailApi(APIView):
 class TaskCancelApi(APIView):
     """POST /api/v1/tasks/{task_id}/cancel."""
 
+    @extend_schema(
+        operation_id="task_cancel",
+        summary="Cancel a task",
+        description="Cancels a task that has not finished, and its unfinished children. Its queued jobs are "
+        "revoked; a running step's answer is discarded. No body.",
+        tags=["tasks"],
+        parameters=[TASK_ID, _located_header(200)],
+        request=None,
+        responses={
+            200: OpenApiResponse(TaskPacketSerializer, description="The task, now cancelled."),
+            **errors(400, 401, 403, 404),
+            409: error("`finished`: the task has already finished."),
+            **errors(413, 500),
+            503: error("`storage_unavailable`: the task state directory cannot be written; nothing changed."),
+            **errors(507),
+        },
+    )
     def post(self, request: Request, task_id: str) -> Response:
         return _located(request, task_cancel(task_id=task_id), status.HTTP_200_OK)
 
@@ -102,10 +383,20 @@ class TaskCancelApi(APIView):
 class TaskFeedbackApi(APIView):
     """POST /api/v1/tasks/{task_id}/feedback: feedback on a coder task that awaits it or has finished."""
 
+    @extend_schema_serializer(component_name="TaskFeedback")
     class InputSerializer(serializers.Serializer):
+        """Feedback from a person or an outside agent on a task of a coder role."""
+
         feedback = serializers.CharField(max_length=20_000, trim_whitespace=True)
-        route = serializers.ChoiceField(choices=["debug", "coder"], default="debug")
-        tests = serializers.CharField(required=False, max_length=200_000, trim_whitespace=False)
+        route = serializers.ChoiceField(
+            choices=["debug", "coder"],
+            default="debug",
+            help_text="`debug`: Debug diagnoses with the feedback, then the coder fixes; `coder`: the coder gets "
+            "the feedback directly.",
+        )
+        tests = serializers.CharField(
+            required=False, max_length=200_000, trim_whitespace=False, help_text="Test code that replaces the tests."
+        )
 
         def to_internal_value(self, data: Any) -> dict[str, Any]:
             if isinstance(data, dict):
@@ -114,6 +405,30 @@ class TaskFeedbackApi(APIView):
                     raise serializers.ValidationError({unknown[0]: ["unknown field"]})
             return super().to_internal_value(data)
 
+    @extend_schema(
+        operation_id="task_feedback",
+        summary="Give feedback to a coder task",
+        description="For a task of a coder role (the feedback loop) that is `awaiting_feedback`, `succeeded` or "
+        "`failed`: the task goes back to `running` at the next iteration and the loop carries on.",
+        tags=["tasks"],
+        parameters=[TASK_ID, _located_header(202)],
+        request=InputSerializer,
+        responses={
+            202: OpenApiResponse(TaskPacketSerializer, description="The task, running the next iteration."),
+            **errors(400, 401, 403),
+            404: error("`not_found`: there is no such task, or its profile or role is no longer configured."),
+            409: error(
+                "`no_feedback_loop`: the task's role is not a coder role; `not_awaiting_feedback`: the task is "
+                "queued, running or cancelled."
+            ),
+            **errors(413, 500),
+            503: error(
+                "`queue_unavailable`: Redis did not take the round; the task is as it was, post the feedback "
+                "again. Or `storage_unavailable`: the task state directory cannot be written."
+            ),
+            **errors(507),
+        },
+    )
     def post(self, request: Request, task_id: str) -> Response:
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -131,10 +446,13 @@ class TaskListApi(APIView):
 
     class FilterSerializer(serializers.Serializer):
         status = serializers.CharField(required=False)
-        profile = serializers.CharField(required=False, max_length=64)
-        role = serializers.CharField(required=False, max_length=64)
+        profile = serializers.CharField(required=False, max_length=64, help_text="Only the tasks of this profile.")
+        role = serializers.CharField(required=False, max_length=64, help_text="Only the tasks of this role.")
 
+    @extend_schema_serializer(component_name="TaskSummary")
     class OutputSerializer(serializers.ModelSerializer):
+        """A task's summary, from the database mirror; GET /api/v1/tasks/{task_id} has the whole packet."""
+
         class Meta:
             model = Task
             fields = [
@@ -149,6 +467,40 @@ class TaskListApi(APIView):
                 "updated_at",
             ]
 
+    @extend_schema(
+        operation_id="task_list",
+        summary="List tasks",
+        description="Task summaries from the database mirror, newest first, filtered by exact matches and paginated.",
+        tags=["tasks"],
+        parameters=[
+            FilterSerializer,
+            # The filter takes any text (an unknown status is a 400 from the selector); the schema lists the valid ones.
+            OpenApiParameter("status", str, enum=STATUSES, description="Only the tasks with this status."),
+            OpenApiParameter("page", int, description="The page, from 1; a page after the last is a 404."),
+            OpenApiParameter(
+                "page_size",
+                int,
+                description=f"Tasks per page: `API_PAGE_SIZE` (50) by default, at most {TaskPagination.max_page_size}.",
+            ),
+        ],
+        responses={
+            200: OpenApiResponse(
+                inline_serializer(
+                    "TaskPage",
+                    {
+                        "count": serializers.IntegerField(help_text="How many tasks match, over all the pages."),
+                        "next": serializers.URLField(allow_null=True),
+                        "previous": serializers.URLField(allow_null=True),
+                        "results": OutputSerializer(many=True),
+                    },
+                ),
+                description="One page of task summaries.",
+            ),
+            400: error("`invalid`: an unknown status; `field` names the filter."),
+            **errors(401),
+            404: error("`not_found`: the page is after the last one."),
+        },
+    )
     def get(self, request: Request) -> Response:
         filters = self.FilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
@@ -160,6 +512,25 @@ class TaskListApi(APIView):
 class ConfigApi(APIView):
     """GET /api/v1/config: the configuration in force (it holds no secrets)."""
 
+    @extend_schema_serializer(component_name="Configuration")
+    class OutputSerializer(serializers.Serializer):
+        """The configuration in force in the answering process, in the shape of configuration.json."""
+
+        llms = LLMSerializer(many=True)
+        profiles = serializers.DictField(child=ProfileSerializer(), help_text="The profiles, keyed by name.")
+        error = serializers.CharField(
+            allow_null=True,
+            help_text="Why the file on disk is not the configuration in force (a broken edit), or null.",
+        )
+
+    @extend_schema(
+        operation_id="config_get",
+        summary="The configuration in force",
+        description="The LLMs, profiles and roles in force, each role with its agent (which decides the "
+        "payload's schema) and its queue. It holds no secret.",
+        tags=["configuration"],
+        responses={200: OpenApiResponse(OutputSerializer, description="The configuration."), **errors(401)},
+    )
     def get(self, request: Request) -> Response:
         return Response(config_get())
 
@@ -167,6 +538,17 @@ class ConfigApi(APIView):
 class LLMListApi(APIView):
     """GET /api/v1/llms: every configured LLM with its health."""
 
+    @extend_schema_serializer(component_name="LLMList")
+    class OutputSerializer(serializers.Serializer):
+        results = LLMStatusSerializer(many=True)
+
+    @extend_schema(
+        operation_id="llm_list",
+        summary="The LLMs with their health",
+        description="Every configured LLM, enabled or not, with its health and its load balancer state.",
+        tags=["configuration"],
+        responses={200: OpenApiResponse(OutputSerializer, description="Every LLM."), **errors(401)},
+    )
     def get(self, request: Request) -> Response:
         return Response({"results": llm_list()})
 
@@ -177,6 +559,24 @@ class HealthzApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
 
+    @extend_schema_serializer(component_name="Health")
+    class OutputSerializer(serializers.Serializer):
+        status = serializers.ChoiceField(choices=["ok", "unavailable"])
+        database = serializers.CharField(help_text="`ok`, or `error: <kind>`.")
+        redis = serializers.CharField(help_text="`ok`, or `error: <kind>`.")
+
+    @extend_schema(
+        operation_id="healthz",
+        summary="Health check",
+        description="Whether this process reaches its database and Redis. No token needed.",
+        tags=["health"],
+        responses={
+            200: OpenApiResponse(OutputSerializer, description="Both reached."),
+            503: OpenApiResponse(
+                OutputSerializer, description="`status` is `unavailable`; the failing check says why."
+            ),
+        },
+    )
     def get(self, request: Request) -> Response:
         checks = {"database": _check_database(), "redis": _check_redis()}
         healthy = all(value == "ok" for value in checks.values())
