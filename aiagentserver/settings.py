@@ -214,6 +214,15 @@ SANDBOX_OUTPUT_BYTES = env_int("SANDBOX_OUTPUT_BYTES", 65536, minimum=1024)
 # The largest file the code may write, and the size of its /tmp and /dev/shm.
 SANDBOX_FILE_SIZE_MB = env_int("SANDBOX_FILE_SIZE_MB", 16, minimum=1)
 
+# --- The MCP channels (orchestration/mcp_handler.py) --------------------------
+
+# Each Redis Stream keeps about this many entries; older ones are trimmed as new ones come.
+MCP_STREAM_MAXLEN = env_int("MCP_STREAM_MAXLEN", 100_000, minimum=1000)
+# A message that a consumer read and did not acknowledge for this long (it died) is taken over by another.
+MCP_CLAIM_IDLE_SECONDS = env_int("MCP_CLAIM_IDLE_SECONDS", 60, minimum=1)
+# A message delivered this many times without being handled is answered as rejected and dropped.
+MCP_MAX_DELIVERIES = env_int("MCP_MAX_DELIVERIES", 5, minimum=1)
+
 # --- The OpenAPI schema (/api/schema/) and Swagger UI (/api/docs/) --------------
 
 SPECTACULAR_SETTINGS = {

@@ -1,18 +1,22 @@
-"""Top-level URLs: the admin, the REST API under /api/v1/, its OpenAPI schema and Swagger UI, and /healthz."""
+"""Top-level URLs: the admin, the REST API under /api/v1/, its OpenAPI schema and Swagger UI, /healthz and
+the Prometheus metrics at /metrics."""
 
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from orchestration.api_handler import HealthzApi
+from orchestration.admin import metrics_page
+from orchestration.api_handler import HealthzApi, PrometheusMetricsApi
 
 urlpatterns = [
+    path("admin/metrics/", admin.site.admin_view(metrics_page), name="admin-metrics"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("orchestration.urls")),
     # Authenticated like the API (SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]): a token or an admin session.
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("healthz", HealthzApi.as_view(), name="healthz"),
+    path("metrics", PrometheusMetricsApi.as_view(), name="prometheus-metrics"),
 ]
 
 handler404 = "orchestration.api_handler.not_found"

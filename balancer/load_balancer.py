@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import threading
@@ -31,7 +32,17 @@ import redis
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
 from llm_engines.base import ChatResult
-from llm_engines.errors import EngineBadRequest, EngineError, EngineRateLimited, EngineUnavailable
+from llm_engines.errors import (
+    EngineAuthError,
+    EngineBadRequest,
+    EngineConfigurationError,
+    EngineError,
+    EngineRateLimited,
+    EngineTimeout,
+    EngineUnavailable,
+)
+
+logger = logging.getLogger(__name__)
 
 
 class NoCandidate(LookupError):
@@ -222,6 +233,43 @@ class Decision:
         return detail
 
 
+# What a call's outcome is called in the metrics: a fixed set, so that metric labels stay bounded.
+OUTCOMES = ("ok", "unavailable", "timeout", "rate_limited", "bad_request", "auth", "configuration", "error")
+
+
+def outcome_of(error: EngineError | None) -> str:
+    """The outcome label of a call that raised ``error`` (None: it succeeded)."""
+    if error is None:
+        return "ok"
+    for kind, name in (
+        (EngineRateLimited, "rate_limited"),
+        (EngineTimeout, "timeout"),
+        (EngineUnavailable, "unavailable"),
+        (EngineBadRequest, "bad_request"),
+        (EngineAuthError, "auth"),
+        (EngineConfigurationError, "configuration"),
+    ):
+        if isinstance(error, kind):
+            return name
+    return "error"
+
+
+@dataclass(frozen=True)
+class CallSample:
+    """One engine call as the metrics count it: handed to the balancer's ``on_call`` observer."""
+
+    llm: str
+    profile: str
+    role: str
+    outcome: str
+    latency_s: float
+    time_to_first_token_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    at: float
+
+
 @dataclass(frozen=True)
 class Wait:
     """Nothing can take the call now; look again at ``until`` (on the balancer's clock)."""
@@ -310,8 +358,11 @@ class LoadBalancer:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        on_call: Callable[[CallSample], None] | None = None,
     ) -> None:
         self.redis = client
+        # Told of every engine call that ``run`` made, whatever its outcome (the metrics channel).
+        self.on_call = on_call
         self.policy = policy
         self.clock = clock
         self.sleep = sleep
@@ -696,6 +747,7 @@ class LoadBalancer:
                     result = call(decision.llm)
             except EngineError as exc:
                 self.record(decision, error=exc)
+                self._observe(role, decision, error=exc)
                 decision.attempts = [*attempts, {"llm": decision.llm.id, "error": str(exc)}]
                 exc.balancer = decision.as_detail()  # the step's history records what was tried
                 if not (exc.transient or exc.llm_at_fault):
@@ -708,10 +760,41 @@ class LoadBalancer:
                 self._release(decision.llm.id, decision.slot)  # cancelled or interrupted: the slot comes back
                 raise
             self.record(decision, result=result)
-            self.spend(role.profile, decision.llm, result)
+            cost = self.spend(role.profile, decision.llm, result)
+            self._observe(role, decision, result=result, cost=cost)
             return result, decision
         assert last_error is not None
         raise last_error
+
+    def _observe(
+        self,
+        role: RoleConfig,
+        decision: Decision,
+        *,
+        result: ChatResult | None = None,
+        error: EngineError | None = None,
+        cost: float = 0.0,
+    ) -> None:
+        """Hand the call's sample to ``on_call``; an observer's failure never fails the call."""
+        if self.on_call is None:
+            return
+        now = self.clock()
+        sample = CallSample(
+            llm=decision.llm.id,
+            profile=role.profile,
+            role=role.name,
+            outcome=outcome_of(error),
+            latency_s=result.latency_s if result is not None else max(now - (decision.started or now), 0.0),
+            time_to_first_token_s=result.time_to_first_token_s if result is not None else None,
+            prompt_tokens=result.prompt_tokens if result is not None else 0,
+            completion_tokens=result.completion_tokens if result is not None else 0,
+            cost=cost,
+            at=now,
+        )
+        try:
+            self.on_call(sample)
+        except Exception:
+            logger.warning("the call observer failed on a sample of %s", decision.llm.id, exc_info=True)
 
     def renew_slot(self, decision: Decision) -> bool:
         """Extend a held slot's lease (rule 4); False when it was no longer held."""

@@ -39,6 +39,7 @@ def smallest_instance(schema: Mapping[str, Any]) -> Any:
 
 def _reply_chunks(text: str, messages: Sequence[Message], model: str, started: float) -> Iterator[ChatChunk]:
     """The reply as one chunk, then its result (tokens counted as words)."""
+    first_token_s = time.perf_counter() - started
     yield ChatChunk(text=text)
     yield ChatChunk(
         text="",
@@ -48,7 +49,7 @@ def _reply_chunks(text: str, messages: Sequence[Message], model: str, started: f
             prompt_tokens=sum(len(str(m.get("content", "")).split()) for m in messages),
             completion_tokens=len(text.split()),
             latency_s=time.perf_counter() - started,
-            time_to_first_token_s=0.0,
+            time_to_first_token_s=first_token_s,
             finish_reason="stop",
         ),
     )

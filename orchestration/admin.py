@@ -8,10 +8,12 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.utils.html import format_html, format_html_join
 
 from orchestration.exceptions import ApplicationError
+from orchestration.metrics import metrics_get
 from orchestration.models import Task
 from orchestration.services import task_cancel, task_retry
 
@@ -103,6 +105,34 @@ class TaskAdmin(admin.ModelAdmin):
     @admin.action(description="Retry the selected tasks", permissions=["operate"])
     def retry_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
         self._apply(request, queryset, task_retry, "Retried")
+
+
+admin.site.index_template = "admin/orchestration/index.html"  # adds the link to the metrics page
+
+
+def metrics_page(request: HttpRequest) -> HttpResponse:
+    """The metrics at a glance (the same as GET /api/v1/metrics): LLM states, queues, recent throughput."""
+    metrics = metrics_get()
+    performance = metrics["performance"]["llms"]
+    llm_rows = [
+        {
+            "id": llm_id,
+            "status": state,
+            "recent": performance.get(llm_id, {}).get("last_5_minutes", {}),
+            "total": performance.get(llm_id, {}).get("since_start", {}),
+        }
+        for llm_id, state in metrics["status"]["llms"].items()
+    ]
+    context = {
+        **admin.site.each_context(request),
+        "title": "Metrics",
+        "metrics": metrics,
+        "status": metrics["status"],
+        "usage": metrics["usage"],
+        "llm_rows": llm_rows,
+        "recent_calls": sum(row["recent"].get("requests", 0) for row in llm_rows),
+    }
+    return TemplateResponse(request, "admin/orchestration/metrics.html", context)
 
 
 # The configuration's pages live beside the tasks' (they need the agent names, which the

@@ -9,12 +9,13 @@ selectors build as dicts: they document, nothing serializes with them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import redis
 from django.conf import settings
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import reverse
 from django.views.defaults import page_not_found
 from drf_spectacular.types import OpenApiTypes
@@ -27,6 +28,7 @@ from drf_spectacular.utils import (
     extend_schema_serializer,
     inline_serializer,
 )
+from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework import serializers, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import AllowAny
@@ -34,9 +36,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from orchestration.exceptions import ApplicationError
+from orchestration.metrics import metrics_get, prometheus_text
 from orchestration.models import Task
 from orchestration.packets import SERVER_OWNED_INITIAL, STATUSES, parse_task_id
-from orchestration.selectors import config_get, llm_list, role_get, task_get, task_list
+from orchestration.selectors import config_get, llm_list, role_get, task_events, task_get, task_list
 from orchestration.services import task_cancel, task_feedback, task_submit
 
 # --- The schema's shared parts ------------------------------------------------------------------
@@ -326,16 +330,21 @@ class TaskSubmitApi(APIView):
         ],
     )
     def post(self, request: Request, profile: str, role: str) -> Response:
+        packet, created = self.accept(request.data, profile=profile, role=role)
+        return _located(request, packet, status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK)
+
+    @classmethod
+    def accept(cls, data: Any, *, profile: str, role: str) -> tuple[dict[str, Any], bool]:
+        """Validate a packet and submit it; the inbound MCP channel comes through here too."""
         role_get(profile=profile, role=role)  # an unknown profile or role is a 404 whatever the body
-        serializer = self.InputSerializer(data=request.data, context={"profile": profile, "role": role})
+        serializer = cls.InputSerializer(data=data, context={"profile": profile, "role": role})
         serializer.is_valid(raise_exception=True)
-        packet, created = task_submit(
+        return task_submit(
             profile=profile,
             role=role,
             payload=serializer.validated_data["payload"],
             task_id=serializer.validated_data.get("task_id"),
         )
-        return _located(request, packet, status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK)
 
 
 class TaskDetailApi(APIView):
@@ -430,10 +439,14 @@ class TaskFeedbackApi(APIView):
         },
     )
     def post(self, request: Request, task_id: str) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        return _located(request, self.accept(request.data, task_id=task_id), status.HTTP_202_ACCEPTED)
+
+    @classmethod
+    def accept(cls, data: Any, *, task_id: str, message_id: str | None = None) -> dict[str, Any]:
+        """Validate feedback and give it to the task; the MCP feedback channel comes through here too."""
+        serializer = cls.InputSerializer(data=data)
         serializer.is_valid(raise_exception=True)
-        packet = task_feedback(task_id=task_id, **serializer.validated_data)
-        return _located(request, packet, status.HTTP_202_ACCEPTED)
+        return task_feedback(task_id=task_id, message_id=message_id, **serializer.validated_data)
 
 
 class TaskPagination(PageNumberPagination):
@@ -584,6 +597,275 @@ class HealthzApi(APIView):
             {"status": "ok" if healthy else "unavailable", **checks},
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
+
+
+class TaskEventsApi(APIView):
+    """GET /api/v1/tasks/{task_id}/events: the task's history as Server-Sent Events, live."""
+
+    # Streamed as text/event-stream whatever the Accept header; errors (before the stream) are JSON.
+    def perform_content_negotiation(self, request: Request, force: bool = False):
+        return super().perform_content_negotiation(request, force=True)
+
+    @extend_schema(
+        operation_id="task_events",
+        summary="Follow a task's events (Server-Sent Events)",
+        description="Streams the task's history events, then each new one as it is recorded. Each event's `id` "
+        "is its position in the history (from 1) and its `data` the history event (JSON). The stream ends with "
+        "an `end` event (`data`: the task's id and final status) once the task has finished. A reconnecting "
+        "client sends `Last-Event-ID` (EventSource does) and gets only the later events. A comment is sent "
+        "every 15 s while nothing happens; a connection is closed after 5 minutes without an `end`, and the "
+        "client resumes with `Last-Event-ID`.",
+        tags=["tasks"],
+        parameters=[
+            TASK_ID,
+            OpenApiParameter(
+                "Last-Event-ID",
+                int,
+                OpenApiParameter.HEADER,
+                description="Replay from after this event (its `id`); 0 or absent: from the first.",
+            ),
+            OpenApiParameter(
+                "last_event_id", int, description="The same as the header, for clients that cannot set headers."
+            ),
+        ],
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description='`id: 3`, `data: {"at": ..., "event": "step", ...}`; at the end '
+                '`event: end`, `data: {"task_id": ..., "status": "succeeded"}`.',
+            ),
+            400: error("`invalid`: the task_id is not a UUID, or `Last-Event-ID` is not an event of the task."),
+            **errors(401, 404, 500),
+        },
+    )
+    def get(self, request: Request, task_id: str) -> StreamingHttpResponse:
+        events = task_events(task_id=task_id, after=_last_event_id(request))
+        response = StreamingHttpResponse(_server_sent(events), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return response
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("Last-Event-ID", request.query_params.get("last_event_id", "0")).strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise ApplicationError(
+            f"Last-Event-ID: must be an event's id (a whole number), not {raw[:40]!r}", field="Last-Event-ID"
+        )
+    return int(raw)
+
+
+def _server_sent(events) -> Iterator[str]:
+    yield "retry: 3000\n\n"
+    for kind, number, data in events:
+        if kind == "event":
+            yield f"id: {number}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        elif kind == "keepalive":
+            yield ": keepalive\n\n"
+        else:
+            yield f"event: end\ndata: {json.dumps({'task_id': data['task_id'], 'status': data['status']})}\n\n"
+
+
+class PercentilesSerializer(serializers.Serializer):
+    p50 = serializers.FloatField(allow_null=True)
+    p95 = serializers.FloatField(allow_null=True)
+    mean = serializers.FloatField(allow_null=True)
+
+
+class CallFiguresSerializer(serializers.Serializer):
+    """Engine calls counted over a period. Percentiles are estimated from histogram buckets (each √2 wide)."""
+
+    requests = serializers.IntegerField()
+    errors = serializers.IntegerField()
+    error_rate = serializers.FloatField(allow_null=True, help_text="errors / requests; null without requests.")
+    outcomes = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Calls by outcome: `ok`, `unavailable`, `timeout`, `rate_limited`, `bad_request`, `auth`, "
+        "`configuration`, `error`.",
+    )
+    latency_ms = PercentilesSerializer(help_text="Of the successful calls, from request to last token.")
+    time_to_first_token_ms = PercentilesSerializer()
+    tokens_per_second = serializers.FloatField(
+        allow_null=True, help_text="Completion tokens per second of successful call time."
+    )
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    estimated_cost = serializers.FloatField(help_text="From the LLM's `cost_per_1k_tokens`; 0 for local LLMs.")
+
+
+class CallWindowsSerializer(serializers.Serializer):
+    last_5_minutes = CallFiguresSerializer()
+    since_start = CallFiguresSerializer(help_text="Since the first call counted (`performance.since`).")
+
+
+class ReachSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "unavailable"])
+    latency_ms = serializers.FloatField(required=False)
+    error = serializers.CharField(required=False)
+
+
+class MetricsStatusSerializer(serializers.Serializer):
+    web = inline_serializer(
+        "WebStatus",
+        {"status": serializers.CharField(), "host": serializers.CharField(), "pid": serializers.IntegerField()},
+    )
+    redis = ReachSerializer()
+    database = inline_serializer(
+        "DatabaseStatus",
+        {
+            "status": serializers.ChoiceField(choices=["ok", "unavailable"]),
+            "latency_ms": serializers.FloatField(required=False),
+            "error": serializers.CharField(required=False),
+            "vendor": serializers.CharField(help_text="`sqlite`, `postgresql`…"),
+        },
+    )
+    workers = inline_serializer(
+        "WorkerStatus",
+        {
+            "name": serializers.CharField(),
+            "queues": serializers.ListField(child=serializers.CharField()),
+            "concurrency": serializers.IntegerField(allow_null=True),
+            "pid": serializers.IntegerField(),
+            "seen_at": serializers.DateTimeField(help_text="Its last heartbeat (every 10 s)."),
+        },
+        many=True,
+    )
+    queues = serializers.DictField(
+        child=inline_serializer(
+            "QueueStatus",
+            {
+                "depth": serializers.IntegerField(help_text="Jobs waiting."),
+                "workers": serializers.ListField(child=serializers.CharField(), help_text="Workers consuming it."),
+            },
+        ),
+        help_text="Each role's queue, `<profile>.<role>`.",
+    )
+    llms = serializers.DictField(
+        child=inline_serializer(
+            "LLMStatusBrief",
+            {
+                "toggle": serializers.BooleanField(),
+                "healthy": serializers.BooleanField(),
+                "health_detail": serializers.CharField(),
+                "breaker": serializers.ChoiceField(choices=["closed", "open", "half_open"]),
+                "cooling_until": serializers.DateTimeField(allow_null=True),
+                "in_flight": serializers.IntegerField(),
+                "max_concurrency": serializers.IntegerField(),
+            },
+        ),
+    )
+    channels = serializers.DictField(
+        child=inline_serializer(
+            "ChannelStatus",
+            {
+                "length": serializers.IntegerField(),
+                "consumers": serializers.IntegerField(help_text="Of the server's consumer group."),
+                "pending": serializers.IntegerField(help_text="Read and not yet acknowledged."),
+                "lag": serializers.IntegerField(allow_null=True, help_text="Not yet read by the group."),
+            },
+        ),
+        help_text="The MCP channels (Redis Streams).",
+    )
+
+
+class MetricsUsageSerializer(serializers.Serializer):
+    tasks = inline_serializer(
+        "TaskCounts",
+        {
+            "total": serializers.IntegerField(),
+            "by_status": serializers.DictField(child=serializers.IntegerField()),
+            "by_profile": serializers.DictField(child=serializers.IntegerField()),
+            "by_role": serializers.DictField(
+                child=serializers.DictField(child=serializers.IntegerField()),
+                help_text="`<profile>/<role>`: tasks by status.",
+            ),
+            "finished_last_5_minutes": serializers.DictField(
+                child=serializers.IntegerField(), help_text="Tasks that finished in the last 5 minutes, by status."
+            ),
+        },
+    )
+    llms = serializers.DictField(
+        child=inline_serializer(
+            "LLMUsage",
+            {
+                "requests": serializers.IntegerField(),
+                "prompt_tokens": serializers.IntegerField(),
+                "completion_tokens": serializers.IntegerField(),
+            },
+        ),
+        help_text="Since the first call counted.",
+    )
+    loop_iterations = inline_serializer(
+        "LoopIterations",
+        {
+            "total": serializers.IntegerField(help_text="Rounds over the stored tasks."),
+            "tasks": serializers.IntegerField(help_text="Tasks that ran a round."),
+            "mean_per_task": serializers.FloatField(allow_null=True),
+            "by_role": serializers.DictField(
+                child=inline_serializer(
+                    "RoleIterations", {"tasks": serializers.IntegerField(), "iterations": serializers.IntegerField()}
+                )
+            ),
+        },
+    )
+    estimated_cost = inline_serializer(
+        "EstimatedCost",
+        {"total": serializers.FloatField(), "by_llm": serializers.DictField(child=serializers.FloatField())},
+        help_text="Of the `api` LLMs, since the first call counted.",
+    )
+
+
+class MetricsApi(APIView):
+    """GET /api/v1/metrics: status, performance and usage at once."""
+
+    @extend_schema_serializer(component_name="Metrics")
+    class OutputSerializer(serializers.Serializer):
+        generated_at = serializers.DateTimeField()
+        status = MetricsStatusSerializer()
+        performance = inline_serializer(
+            "Performance",
+            {
+                "window_seconds": serializers.IntegerField(),
+                "since": serializers.DateTimeField(allow_null=True, help_text="When counting started."),
+                "llms": serializers.DictField(child=CallWindowsSerializer()),
+                "roles": serializers.DictField(child=CallWindowsSerializer(), help_text="`<profile>/<role>`."),
+            },
+        )
+        usage = MetricsUsageSerializer()
+
+    @extend_schema(
+        operation_id="metrics_get",
+        summary="Metrics: status, performance, usage",
+        description="The server at a glance: whether its parts answer, its workers and queues, each LLM's "
+        "health; latency, time to first token, speed and errors per LLM and per role (last 5 minutes and since "
+        "the start); tasks, tokens, loop rounds and estimated cost. Engine calls are counted by "
+        "`manage.py mcp_consume` from the metrics channel. doc/api_endpoints.md explains each figure.",
+        tags=["metrics"],
+        responses={200: OpenApiResponse(OutputSerializer, description="The metrics."), **errors(401)},
+    )
+    def get(self, request: Request) -> Response:
+        return Response(metrics_get())
+
+
+class PrometheusMetricsApi(APIView):
+    """GET /metrics: the same counters in Prometheus' text format."""
+
+    def perform_content_negotiation(self, request: Request, force: bool = False):
+        return super().perform_content_negotiation(request, force=True)
+
+    @extend_schema(
+        operation_id="metrics_prometheus",
+        summary="Metrics in Prometheus' format",
+        description="The counters of GET /api/v1/metrics as Prometheus text (names start with `aiagent_`), the "
+        "same from every process. Scrape it with `authorization: {type: Token, credentials: <key>}`.",
+        tags=["metrics"],
+        responses={
+            (200, "text/plain; version=0.0.4"): OpenApiResponse(OpenApiTypes.STR, description="The metrics."),
+            **errors(401),
+        },
+    )
+    def get(self, request: Request) -> HttpResponse:
+        return HttpResponse(prometheus_text(), content_type=CONTENT_TYPE_LATEST)
 
 
 def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:

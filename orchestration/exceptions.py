@@ -36,15 +36,25 @@ def _first_error(errors: Any, path: str = "") -> tuple[str, str]:
     return path, str(errors)
 
 
-def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+def error_response(exc: Exception) -> tuple[int, dict[str, Any]] | None:
+    """The status and body the API answers ``exc`` with, when it is one of the application's own
+    errors (an ``ApplicationError`` or a validation error); None for anything else. The MCP channels
+    answer their rejected messages with the same bodies."""
     if isinstance(exc, ApplicationError):
-        return Response({"code": exc.code, "detail": exc.detail, **exc.extra}, status=exc.status_code)
+        return exc.status_code, {"code": exc.code, "detail": exc.detail, **exc.extra}
     if isinstance(exc, exceptions.ValidationError):
         field, message = _first_error(exc.detail)
         body = {"code": "invalid", "detail": f"{field}: {message}" if field else message}
         if field:
             body["field"] = field
-        return Response(body, status=status.HTTP_400_BAD_REQUEST)
+        return status.HTTP_400_BAD_REQUEST, body
+    return None
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    answer = error_response(exc)
+    if answer is not None:
+        return Response(answer[1], status=answer[0])
     response = exception_handler(exc, context)
     if response is not None and isinstance(exc, exceptions.APIException):
         codes = exc.get_codes()

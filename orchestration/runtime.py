@@ -11,6 +11,7 @@ from django.conf import settings
 from agents.registry import AGENTS
 from balancer.configuration import Configuration, ConfigurationError, ConfigurationSource
 from balancer.load_balancer import LoadBalancer, Policy
+from orchestration import mcp_handler
 from orchestration.state_store import TaskStore
 
 
@@ -33,7 +34,7 @@ def configuration_error() -> ConfigurationError | None:
 
 @cache
 def _store(path: Path) -> TaskStore:
-    return TaskStore(path)
+    return TaskStore(path, on_write=mcp_handler.publish_task_change)
 
 
 def task_store() -> TaskStore:
@@ -43,7 +44,7 @@ def task_store() -> TaskStore:
 @cache
 def _balancer(url: str, slot_lease_s: float) -> LoadBalancer:
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    return LoadBalancer(client, policy=Policy(slot_lease_s=slot_lease_s))
+    return LoadBalancer(client, policy=Policy(slot_lease_s=slot_lease_s), on_call=mcp_handler.publish_llm_call)
 
 
 def load_balancer() -> LoadBalancer:

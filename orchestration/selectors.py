@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -11,9 +13,10 @@ from django.db.models import QuerySet
 
 from balancer.configuration import RoleConfig, llm_as_dict
 from balancer.health import checker
+from orchestration import mcp_handler
 from orchestration.exceptions import ApplicationError
 from orchestration.models import Task
-from orchestration.packets import STATUSES, parse_task_id
+from orchestration.packets import FINISHED, STATUSES, parse_task_id
 from orchestration.runtime import configuration, configuration_error, load_balancer, task_store
 from orchestration.state_store import CorruptState, TaskNotFound
 
@@ -82,6 +85,50 @@ def task_pending_jobs(packet: dict[str, Any]) -> list[str]:
     if scheduled is not None:
         jobs.extend(scheduled["detail"]["job_ids"])
     return jobs
+
+
+def task_events(
+    *, task_id: str, after: int = 0, max_seconds: float = 300.0, keepalive_s: float = 15.0
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """A task's history events after the ``after``-th, then each new one as it is recorded, as
+    ``("event", n, event)`` (n counts from 1); ``("keepalive", 0, {})`` when nothing came for
+    ``keepalive_s``; and ``("end", 0, packet)`` once the task has finished. It stops without an end
+    after ``max_seconds``, so that no connection is held for ever: the client resumes from the last n.
+    The first read raises the 400/404 application errors of ``task_get``."""
+    try:
+        # Taken before the read: a change written after the read is published after it.
+        cursor = mcp_handler.feedback_cursor()
+    except Exception:  # Redis away: wait_for_task falls back to reading the file every second
+        cursor = "$"
+    packet = task_get(task_id=task_id)
+    if after > len(packet["history"]):
+        raise ApplicationError(
+            f"Last-Event-ID: task {packet['task_id']} has {len(packet['history'])} events, not {after}",
+            field="Last-Event-ID",
+        )
+    return _task_events(packet, cursor, after, max_seconds, keepalive_s)
+
+
+def _task_events(
+    packet: dict[str, Any], cursor: str, after: int, max_seconds: float, keepalive_s: float
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    task_id = packet["task_id"]
+    deadline = time.monotonic() + max_seconds
+    while True:
+        history = packet["history"]
+        for index in range(after, len(history)):
+            yield "event", index + 1, history[index]
+        after = len(history)
+        if packet["status"] in FINISHED:
+            yield "end", 0, packet
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        cursor, changed = mcp_handler.wait_for_task(task_id, cursor, min(keepalive_s, remaining))
+        if not changed:
+            yield "keepalive", 0, {}
+        packet = task_get(task_id=task_id)
 
 
 def task_list(*, status: str | None = None, profile: str | None = None, role: str | None = None) -> QuerySet[Task]:

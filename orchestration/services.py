@@ -195,9 +195,14 @@ def task_cancel(*, task_id: str, reason: str | None = None) -> dict[str, Any]:
     return packet
 
 
-def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: str | None = None) -> dict[str, Any]:
+def task_feedback(
+    *, task_id: str, feedback: str, route: str = "debug", tests: str | None = None, message_id: str | None = None
+) -> dict[str, Any]:
     """Feedback from a person or an outside agent on a coder task that awaits it or has finished: the
-    loop goes on from it, through Debug (``route="debug"``) or straight to the coder, with fresh rounds."""
+    loop goes on from it, through Debug (``route="debug"``) or straight to the coder, with fresh rounds.
+
+    ``message_id`` names the feedback channel's message it came in: a message handled twice (its
+    consumer died before acknowledging it) is taken once, and the second time gives the task back."""
     stored = task_get(task_id=task_id)
     role_config = role_get(profile=stored["profile"], role=stored["role"])
     if agent_class(role_config.agent).flow != LOOP:
@@ -211,6 +216,11 @@ def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: s
     previous: list[str] = []
 
     def add(packet: dict[str, Any]) -> bool:
+        if message_id and any(
+            event["event"] == "feedback" and (event.get("detail") or {}).get("message_id") == message_id
+            for event in packet["history"]
+        ):
+            return False
         if packet["status"] not in (AWAITING_FEEDBACK, SUCCEEDED, FAILED):
             raise ApplicationError(
                 f"task {packet['task_id']} is {packet['status']}; feedback is taken when a task awaits it or has "
@@ -226,10 +236,14 @@ def task_feedback(*, task_id: str, feedback: str, route: str = "debug", tests: s
         detail = {"step": step[0], "iteration": iteration, "route": route, "feedback": feedback}
         if tests is not None:
             detail["tests"] = tests
+        if message_id:
+            detail["message_id"] = message_id
         packet["history"].append(history_event("feedback", status=RUNNING, detail=detail))
         return True
 
-    packet, _ = _update(task_id, add)
+    packet, written = _update(task_id, add)
+    if not written:
+        return packet
     try:
         orchestration_engine.loop_continue(packet=packet, step=step[0])
     except (BrokerError, OSError) as exc:

@@ -4,7 +4,9 @@ Every write happens under the task's file lock (so that concurrent workers
 never lose a history event), goes to a temporary file in the same directory
 that is fsynced and then renamed over the old one (so that a crash never leaves
 half a file), and raises ``version`` by one. The mirror row is written in the
-same call, after the file.
+same call, after the file. An observer, when given, is told of every write (the server publishes
+each new history event on the MCP feedback channel); it runs under the lock, so that the changes
+of one task reach it in order, and its failure never fails the write.
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ class TaskExists(Exception):
         self.packet = packet
 
 
+Observer = Callable[[dict[str, Any] | None, dict[str, Any]], None]
+
+
 class TaskStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, on_write: Observer | None = None) -> None:
         self.root = Path(root)
         self._locks = self.root / ".locks"
+        self.on_write = on_write
 
     def _ensure_dirs(self) -> None:
         self._locks.mkdir(parents=True, exist_ok=True)
@@ -102,6 +108,7 @@ class TaskStore:
                 raise TaskExists(self.read(task_id))
             stored = {**packet, "version": 1}
             self._write(stored)
+            self._observe(None, stored)
         return stored
 
     def update(self, task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
@@ -122,11 +129,20 @@ class TaskStore:
             updated["version"] = current["version"] + 1
             updated["updated_at"] = now_iso()
             self._write(updated)
+            self._observe(current, updated)
         return updated, True
 
     def _write(self, packet: dict[str, Any]) -> None:
         atomic_write(self.path(packet["task_id"]), json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8"))
         mirror_packet(packet)
+
+    def _observe(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
+        if self.on_write is None:
+            return
+        try:
+            self.on_write(before, after)
+        except Exception:
+            logger.exception("task %s: the store's observer failed", after["task_id"])
 
     def iter_packets(self) -> Iterator[dict[str, Any]]:
         """Every stored packet; a file that does not parse is logged and skipped."""

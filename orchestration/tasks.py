@@ -7,7 +7,7 @@ import time
 from functools import partial
 
 from celery import Task, shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 
 from orchestration import orchestration_engine
@@ -34,6 +34,44 @@ def start_health_checks(**_kwargs) -> None:
             time.sleep(settings.LLM_HEALTH_CHECK_SECONDS)
 
     threading.Thread(target=loop, name="llm-health", daemon=True).start()
+
+
+HEARTBEAT_SECONDS = 10
+
+
+@worker_ready.connect
+def start_heartbeat(sender, **_kwargs) -> None:
+    """Each worker says every few seconds in Redis that it is alive and which queues it consumes
+    (GET /api/v1/metrics lists them); the entry expires when the heartbeats stop."""
+    from orchestration import mcp_handler, metrics
+
+    name = sender.hostname
+    queues = [queue.name for queue in sender.task_consumer.queues]
+    concurrency = getattr(sender.pool, "num_processes", None) if sender.pool else None
+
+    def loop() -> None:
+        while True:
+            try:
+                metrics.worker_seen(
+                    mcp_handler.client(), name=name, queues=queues, concurrency=concurrency,
+                    ttl_s=3 * HEARTBEAT_SECONDS,
+                )  # fmt: skip
+            except Exception:  # Redis away: the next beat tries again
+                logger.warning("worker heartbeat not written", exc_info=True)
+            time.sleep(HEARTBEAT_SECONDS)
+
+    threading.Thread(target=loop, name="heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def stop_heartbeat(sender=None, **_kwargs) -> None:
+    from orchestration import mcp_handler, metrics
+
+    if sender is not None:
+        try:
+            metrics.worker_gone(mcp_handler.client(), name=sender.hostname)
+        except Exception:
+            logger.warning("worker entry not removed; it expires by itself", exc_info=True)
 
 
 class StepJob(Task):

@@ -214,3 +214,25 @@ def celery_worker(django_db_setup, redis_url, state_dir, tmp_path_factory) -> It
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def start_mcp_consume(log: Path, *args: str) -> subprocess.Popen:
+    """``manage.py mcp_consume`` against the test database and Redis, once it consumes."""
+    command = [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume", *args]
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=BASE_DIR, env=server_env(), stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"consuming" not in log.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"mcp_consume did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return process
+
+
+@pytest.fixture
+def mcp_consumer(django_db_setup, redis_url, state_dir, tmp_path) -> Iterator[subprocess.Popen]:
+    """A real ``manage.py mcp_consume`` process for one test."""
+    process = start_mcp_consume(tmp_path / "mcp_consume.log")
+    yield process
+    _stop(process)

@@ -559,3 +559,31 @@ def test_rule_5_a_free_llm_that_fails_quickly_is_tried_rather_than_wait(lb, clie
     # A failure after 3 s costs more than the wait that trying could save.
     config = pool(failed_after=3.0)
     assert isinstance(lb.select(config, config.role("tp", "r"), waiter="w0"), Wait)
+
+
+def test_every_call_run_makes_is_told_to_the_observer_and_an_observer_failure_fails_no_call(client, clock):
+    samples = []
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), on_call=samples.append)
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a", "t-b"]})
+
+    def call(llm):
+        if llm.id == "t-a":
+            clock.now += 0.5
+            raise EngineUnavailable("connection refused")
+        return reply(latency=2.0, ttft=0.25, tokens=12, prompt=7)
+
+    lb.run(config, config.role("tp", "r"), call)
+    assert [(s.llm, s.profile, s.role, s.outcome) for s in samples] == [
+        ("t-a", "tp", "r", "unavailable"),
+        ("t-b", "tp", "r", "ok"),
+    ]
+    assert (samples[0].latency_s, samples[0].completion_tokens, samples[0].time_to_first_token_s) == (0.5, 0, None)
+    assert (samples[1].latency_s, samples[1].time_to_first_token_s) == (2.0, 0.25)
+    assert (samples[1].prompt_tokens, samples[1].completion_tokens, samples[1].at) == (7, 12, clock.now)
+
+    def broken(sample):
+        raise RuntimeError("the channel is down")
+
+    lb.on_call = broken
+    result, _ = lb.run(config, config.role("tp", "r"), lambda llm: reply())
+    assert result.text == "ok"

@@ -88,3 +88,21 @@ def test_an_action_that_does_not_apply_says_why(admin_client, task):
         "/admin/orchestration/task/", {"action": "retry_tasks", "_selected_action": [task["task_id"]]}, follow=True
     )
     assert "only failed or cancelled tasks can be retried" in response.content.decode()
+
+
+def test_the_metrics_page_shows_llms_queues_and_throughput_to_staff_only(staff_client, client, task):
+    index = staff_client.get("/admin/")
+    assert "/admin/metrics/" in index.content.decode()
+    page = staff_client.get("/admin/metrics/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    for expected in (
+        "smollm2-135m",
+        "developer.planner",
+        "Recent throughput",
+        "ai-agent-server.metrics",
+        "tasks stored",
+    ):
+        assert expected in html, expected
+    client.logout()
+    assert client.get("/admin/metrics/").status_code == 302  # to the login page

@@ -1,0 +1,367 @@
+"""The MCP channels: three Redis Streams that carry tasks in, every task's changes out, and the
+samples of every engine call.
+
+- ``ai-agent-server.tasks.inbound``: producers that are not HTTP clients add task packets here;
+  ``manage.py mcp_consume`` submits them through the REST API's validation and service.
+- ``ai-agent-server.tasks.feedback``: the server publishes every state change of every task here
+  (one message per history event), and answers each inbound or feedback message (accepted or
+  rejected); outside agents may publish feedback for a task here too.
+- ``ai-agent-server.metrics``: one sample per engine call; the metrics aggregator consumes them.
+
+Every entry has two fields: ``type`` and ``data`` (a JSON object); doc/api_endpoints.md describes
+each type. Streams are trimmed to about ``MCP_STREAM_MAXLEN`` entries. The server reads them in
+the consumer group ``ai-agent-server``: a message is acknowledged only once it is handled (its
+answer or its aggregation is written in the same Redis transaction as the acknowledgement), a
+message whose consumer died is claimed by another after ``MCP_CLAIM_IDLE_SECONDS``, and one that
+cannot be handled after ``MCP_MAX_DELIVERIES`` deliveries is answered as rejected and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from functools import cache
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from balancer.load_balancer import CallSample
+
+logger = logging.getLogger(__name__)
+
+INBOUND = "ai-agent-server.tasks.inbound"
+FEEDBACK = "ai-agent-server.tasks.feedback"
+METRICS = "ai-agent-server.metrics"
+CHANNELS = (INBOUND, FEEDBACK, METRICS)
+GROUP = "ai-agent-server"
+
+# Message types, by channel.
+TASK = "task"  # inbound: a task packet to submit
+STATE = "state"  # feedback: a task's state changed (one history event)
+FEEDBACK_MESSAGE = "feedback"  # feedback: an outside agent's feedback on a task
+ACCEPTED = "accepted"  # feedback: the answer to a handled inbound or feedback message
+REJECTED = "rejected"  # feedback: the answer to a message that was refused, with the reason
+LLM_CALL = "llm_call"  # metrics: one engine call
+
+# Task ids of inbound packets that bring none are derived from the message id, so that a message
+# handled twice (its consumer died before acknowledging it) submits the same task twice, which
+# the service answers with the existing task.
+INBOUND_TASK_NAMESPACE = uuid.UUID("6f1d3b52-8f7e-4c59-9a57-0c7d1f0e3a21")
+
+
+@cache
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def client() -> redis.Redis:
+    """This process's connection to the channels' Redis."""
+    return _client(settings.REDIS_URL)
+
+
+def encode(message_type: str, data: Mapping[str, Any]) -> dict[str, str]:
+    return {"type": message_type, "data": json.dumps(data, ensure_ascii=False, separators=(",", ":"))}
+
+
+def publish(channel: str, message_type: str, data: Mapping[str, Any], *, pipe: Any = None) -> Any:
+    """Add a message to ``channel``; returns its id (or the pipeline's pending result)."""
+    return (pipe or client()).xadd(
+        channel, encode(message_type, data), maxlen=settings.MCP_STREAM_MAXLEN, approximate=True
+    )
+
+
+# --- what the server publishes ------------------------------------------------------------------
+
+
+def state_messages(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``state`` messages of one store write: one per history event it added."""
+    known = len(before["history"]) if before else 0
+    base = {
+        "task_id": after["task_id"],
+        "profile": after["profile"],
+        "role": after["role"],
+        "status": after["status"],
+        "version": after["version"],
+        "iteration": after.get("iteration", 0),
+        "parent_id": after.get("parent_id"),
+    }
+    return [
+        {**base, "event_id": known + offset + 1, "event": event}
+        for offset, event in enumerate(after["history"][known:])
+    ]
+
+
+def publish_task_change(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> None:
+    """The state store's observer: publish a write's new history events on the feedback channel.
+
+    The state file is the truth and is already written: when Redis is away this logs and returns,
+    and the events can still be read from the task (GET /api/v1/tasks/{task_id}/events replays them).
+    """
+    messages = state_messages(before, after)
+    if not messages:
+        return
+    try:
+        pipe = client().pipeline(transaction=False)
+        for message in messages:
+            publish(FEEDBACK, STATE, message, pipe=pipe)
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("task %s: state change not published on %s: %s", after["task_id"], FEEDBACK, exc)
+
+
+def publish_llm_call(sample: CallSample) -> None:
+    """The load balancer's observer: publish an engine call's sample on the metrics channel."""
+    try:
+        publish(METRICS, LLM_CALL, asdict(sample))
+    except redis.RedisError as exc:
+        logger.warning("engine call sample of %s not published on %s: %s", sample.llm, METRICS, exc)
+
+
+def feedback_cursor() -> str:
+    """The id of the feedback channel's latest message: waiting from it sees only what comes after."""
+    latest = client().xrevrange(FEEDBACK, count=1)
+    return _text(latest[0][0]) if latest else "0-0"
+
+
+def wait_for_task(task_id: str, cursor: str, timeout_s: float) -> tuple[str, bool]:
+    """Wait until a state change of ``task_id`` is published after ``cursor``, for ``timeout_s`` at
+    most. Returns the cursor to wait from next and whether a change came. When Redis is away it
+    says a change may have come after a second, so that the caller reads the task itself."""
+    deadline = time.monotonic() + timeout_s
+    marker = task_id.encode()
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            # Short blocks: the connection's socket timeout is 2 s.
+            replies = client().xread({FEEDBACK: cursor}, count=500, block=max(int(min(remaining, 1.0) * 1000), 1))
+            changed = False
+            for _, entries in replies or []:
+                for entry_id, fields in entries:
+                    cursor = _text(entry_id)
+                    changed |= fields.get(b"type") == STATE.encode() and marker in fields.get(b"data", b"")
+            if changed:
+                return cursor, True
+    except redis.RedisError:
+        time.sleep(1)
+        return cursor, True
+    return cursor, False
+
+
+# --- reading the channels -----------------------------------------------------------------------
+
+
+class Reject(Exception):
+    """The message is refused for good: it is answered with ``body`` and acknowledged."""
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        super().__init__(body.get("detail", "rejected"))
+        self.body = dict(body)
+
+
+@dataclass
+class Entry:
+    channel: str
+    id: str
+    type: str | None
+    data: dict[str, Any] | None
+    deliveries: int = 1
+
+
+# A handler does the message's work and adds its Redis writes (an answer, an aggregation) to the
+# transaction that acknowledges the message; it raises Reject to refuse it, anything else to have
+# it delivered again later.
+Handler = Callable[[Entry, Any], None]
+
+
+def decode(channel: str, entry_id: bytes | str, fields: Mapping[bytes, bytes] | None) -> Entry:
+    """An entry as read; ``data`` is None (and the handler rejects it) when it is not a JSON object."""
+    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (fields or {}).items()}
+    data = None
+    try:
+        parsed = json.loads(fields.get("data", ""))
+        data = parsed if isinstance(parsed, dict) else None
+    except ValueError:
+        pass
+    return Entry(channel=channel, id=entry_id, type=fields.get("type"), data=data)
+
+
+class Consumer:
+    """One member of the server's consumer group on some channels."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        connection: redis.Redis | None = None,
+        name: str | None = None,
+        claim_idle_s: float | None = None,
+        max_deliveries: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.redis = connection or client()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_idle_ms = int((claim_idle_s or settings.MCP_CLAIM_IDLE_SECONDS) * 1000)
+        self.max_deliveries = max_deliveries or settings.MCP_MAX_DELIVERIES
+        self.clock = clock
+        self._next_claim = 0.0
+
+    def ensure_groups(self) -> None:
+        """Create the group on every channel (from its first entry, so that nothing sent before the
+        first consumer started is missed)."""
+        for channel in self.handlers:
+            try:
+                self.redis.xgroup_create(channel, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def poll(self, *, block_ms: int = 1000, count: int = 50) -> int:
+        """Take over the messages of dead consumers when due, then read and handle new ones.
+        Returns how many messages were handled (acknowledged)."""
+        handled = 0
+        if self.clock() >= self._next_claim:
+            handled += self.reclaim()
+            self._next_claim = self.clock() + max(self.claim_idle_ms / 2000, 0.5)
+        streams = dict.fromkeys(self.handlers, ">")
+        replies = self.redis.xreadgroup(GROUP, self.name, streams, count=count, block=block_ms) or []
+        for channel, entries in replies:
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            for entry_id, fields in entries:
+                handled += self.handle(decode(channel, entry_id, fields))
+        return handled
+
+    def reclaim(self) -> int:
+        """Claim the messages that other consumers read and left unacknowledged for too long."""
+        handled = 0
+        for channel in self.handlers:
+            pending = self.redis.xpending_range(channel, GROUP, min="-", max="+", count=100, idle=self.claim_idle_ms)
+            if not pending:
+                continue
+            deliveries = {_text(p["message_id"]): p["times_delivered"] + 1 for p in pending}
+            claimed = self.redis.xclaim(channel, GROUP, self.name, self.claim_idle_ms, list(deliveries))
+            found = set()
+            for entry_id, fields in claimed:
+                entry = decode(channel, entry_id, fields)
+                found.add(entry.id)
+                entry.deliveries = deliveries.get(entry.id, 1)
+                logger.info("%s: took over message %s (delivery %d)", channel, entry.id, entry.deliveries)
+                handled += self.handle(entry)
+            gone = [entry_id for entry_id in deliveries if entry_id not in found]
+            if gone:  # trimmed away while pending: nothing left to handle
+                self.redis.xack(channel, GROUP, *gone)
+        return handled
+
+    def handle(self, entry: Entry) -> int:
+        """Handle one entry and acknowledge it; 0 when it is left for a later delivery."""
+        pipe = self.redis.pipeline(transaction=True)
+        try:
+            if entry.deliveries > self.max_deliveries:
+                raise Reject(
+                    {
+                        "code": "undeliverable",
+                        "detail": f"the message could not be handled in {self.max_deliveries} deliveries",
+                    }
+                )
+            self.handlers[entry.channel](entry, pipe)
+        except Reject as rejected:
+            pipe = self.redis.pipeline(transaction=True)
+            logger.info("%s: message %s rejected: %s", entry.channel, entry.id, rejected.body.get("detail"))
+            if entry.channel != METRICS:
+                reply = {"channel": entry.channel, "message_id": entry.id, **rejected.body}
+                if entry.data and "task_id" in entry.data and "task_id" not in reply:
+                    reply["task_id"] = entry.data["task_id"]
+                publish(FEEDBACK, REJECTED, reply, pipe=pipe)
+        except Exception:
+            logger.exception("%s: message %s not handled; it will be delivered again", entry.channel, entry.id)
+            return 0
+        pipe.xack(entry.channel, GROUP, entry.id)
+        pipe.execute()
+        return 1
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- the server's handlers ----------------------------------------------------------------------
+
+
+def _expect(entry: Entry, message_type: str) -> dict[str, Any]:
+    if entry.data is None:
+        raise Reject({"code": "invalid", "detail": "data: must be a JSON object"})
+    if entry.type != message_type:
+        raise Reject({"code": "invalid", "detail": f"type: must be {message_type!r} on {entry.channel}"})
+    return entry.data
+
+
+def _refused(exc: Exception) -> Reject:
+    """A Reject for an error the REST API would answer with a 4xx; any other error is raised again
+    (a 5xx means Redis, the disk or the database is away: the message is delivered again later)."""
+    from orchestration.exceptions import error_response
+
+    answer = error_response(exc)
+    if answer is None or answer[0] >= 500:
+        raise exc
+    return Reject(answer[1])
+
+
+def handle_inbound(entry: Entry, pipe: Any) -> None:
+    """A task packet: submitted like POST /api/v1/{profile}/{role}, then answered ``accepted``."""
+    # Imported here: the API imports the store, whose observer is in this module.
+    from orchestration.api_handler import TaskSubmitApi
+
+    data = dict(_expect(entry, TASK))
+    profile, role = data.pop("profile", None), data.pop("role", None)
+    for field, value in (("profile", profile), ("role", role)):
+        if not isinstance(value, str) or not value:
+            raise Reject({"code": "invalid", "detail": f"{field}: is required on {INBOUND}", "field": field})
+    data.setdefault("task_id", str(uuid.uuid5(INBOUND_TASK_NAMESPACE, f"{entry.channel}:{entry.id}")))
+    try:
+        packet, created = TaskSubmitApi.accept(data, profile=profile, role=role)
+    except Exception as exc:
+        raise _refused(exc) from None
+    answer = {"channel": entry.channel, "message_id": entry.id, "task_id": packet["task_id"]}
+    publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"], "created": created}, pipe=pipe)
+
+
+def handle_feedback(entry: Entry, pipe: Any) -> None:
+    """An outside agent's feedback (type ``feedback``), handled like POST /api/v1/tasks/{id}/feedback;
+    the server's own messages on this channel are acknowledged and left alone."""
+    from orchestration.api_handler import TaskFeedbackApi
+
+    if entry.type in (STATE, ACCEPTED, REJECTED):
+        return
+    data = dict(_expect(entry, FEEDBACK_MESSAGE))
+    task_id = data.pop("task_id", None)
+    if not isinstance(task_id, str):
+        raise Reject({"code": "invalid", "detail": "task_id: is required", "field": "task_id"})
+    try:
+        packet = TaskFeedbackApi.accept(data, task_id=task_id, message_id=entry.id)
+    except Exception as exc:
+        raise _refused(exc) from None
+    answer = {"channel": entry.channel, "message_id": entry.id, "task_id": packet["task_id"]}
+    publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"]}, pipe=pipe)
+
+
+def handle_metrics(entry: Entry, pipe: Any) -> None:
+    """An engine call's sample, added to the aggregates in the acknowledging transaction."""
+    from orchestration import metrics
+
+    data = _expect(entry, LLM_CALL)
+    try:
+        metrics.aggregate(pipe, data)
+    except ValueError as exc:
+        raise Reject({"code": "invalid", "detail": str(exc)}) from None
+
+
+def server_consumer(**options: Any) -> Consumer:
+    """The consumer ``manage.py mcp_consume`` runs: all three channels."""
+    return Consumer({INBOUND: handle_inbound, FEEDBACK: handle_feedback, METRICS: handle_metrics}, **options)

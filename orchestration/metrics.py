@@ -1,0 +1,568 @@
+"""The metrics: the aggregator of engine-call samples, and what GET /api/v1/metrics, GET /metrics
+and the admin's metrics page show.
+
+The aggregator (``aggregate``) runs in ``manage.py mcp_consume``: it adds each sample read from
+the ``ai-agent-server.metrics`` channel to hashes in Redis, in the transaction that acknowledges
+the message, so that every call is counted exactly once whichever process made it. Per LLM and per
+role there is one hash since the first sample (``since``) and one per 10-second bucket, kept for
+the last 5 minutes. Latencies and times to first token are counted in histogram buckets (each
+bound √2 times the one before, from 1 ms); percentiles are interpolated within a bucket, as
+Prometheus' ``histogram_quantile`` does, so they are estimates within that bucket's width.
+
+Task counts and loop iterations come from the database mirror; queue depths, workers and the
+channels' lag from Redis; each LLM's health and breaker from the balancer. Every label is a
+configured LLM, profile, role or queue, or one of a fixed set of values, so the label set stays
+bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from django.db import connection
+from django.db.models import Count, Sum
+from django.utils import timezone
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+
+from balancer.load_balancer import OUTCOMES
+from orchestration import mcp_handler
+from orchestration.models import Task
+from orchestration.packets import FINISHED, STATUSES
+from orchestration.runtime import configuration
+from orchestration.selectors import llm_list
+
+PREFIX = "aiagent:metrics:"
+WORKERS = "aiagent:workers:"
+WINDOW_S = 300
+BUCKET_S = 10
+# The histogram's upper bounds in seconds: 1 ms, then √2 times the one before, to about 50 minutes;
+# a last bucket takes what is above.
+BOUNDS = tuple(0.001 * math.sqrt(2) ** i for i in range(44))
+_MAX_TOKENS = 10**9
+
+
+# --- the aggregator -----------------------------------------------------------------------------
+
+
+def _bucket(value: float) -> int:
+    for index, bound in enumerate(BOUNDS):
+        if value <= bound:
+            return index
+    return len(BOUNDS)
+
+
+def _number(data: Mapping[str, Any], field: str, *, optional: bool = False, integer: bool = False) -> float | None:
+    value = data.get(field)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{field}: must be a number of at least 0")
+    if integer and (value != int(value) or value > _MAX_TOKENS):
+        raise ValueError(f"{field}: must be a whole number up to {_MAX_TOKENS}")
+    return value
+
+
+def check_sample(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample with its fields checked, or ``ValueError`` naming the first bad one. The LLM and
+    the role must be configured ones: they become metric labels, which must stay bounded."""
+    config = configuration()
+    for field in ("llm", "profile", "role", "outcome"):
+        if not isinstance(data.get(field), str):
+            raise ValueError(f"{field}: must be a string")
+    if data["llm"] not in config.llms:
+        raise ValueError(f"llm: {data['llm']!r} is not a configured LLM")
+    if data["profile"] not in config.profiles or data["role"] not in config.profiles[data["profile"]].roles:
+        raise ValueError(f"role: {data['profile']}/{data['role']} is not a configured role")
+    if data["outcome"] not in OUTCOMES:
+        raise ValueError(f"outcome: must be one of {', '.join(OUTCOMES)}")
+    return {
+        "llm": data["llm"],
+        "profile": data["profile"],
+        "role": data["role"],
+        "outcome": data["outcome"],
+        "latency_s": _number(data, "latency_s"),
+        "time_to_first_token_s": _number(data, "time_to_first_token_s", optional=True),
+        "prompt_tokens": int(_number(data, "prompt_tokens", integer=True)),
+        "completion_tokens": int(_number(data, "completion_tokens", integer=True)),
+        "cost": _number(data, "cost"),
+        "at": _number(data, "at"),
+    }
+
+
+def _scopes(sample: Mapping[str, Any]) -> tuple[str, str]:
+    return f"llm:{sample['llm']}", f"role:{sample['profile']}/{sample['role']}"
+
+
+def aggregate(pipe: Any, data: Mapping[str, Any], *, now: float | None = None) -> None:
+    """Add one engine call's sample to the aggregates, as commands on ``pipe`` (a transaction)."""
+    sample = check_sample(data)
+    now = time.time() if now is None else now
+    ok = sample["outcome"] == "ok"
+    keys = [f"{PREFIX}total:{scope}" for scope in _scopes(sample)]
+    # A sample older than the window (the aggregator was behind) counts only since the start.
+    if sample["at"] > now - WINDOW_S - BUCKET_S:
+        bucket = int(sample["at"] // BUCKET_S)
+        keys += [f"{PREFIX}w:{bucket}:{scope}" for scope in _scopes(sample)]
+    pipe.setnx(f"{PREFIX}since", now)
+    pipe.sadd(f"{PREFIX}scopes", *_scopes(sample))
+    for key in keys:
+        pipe.hincrby(key, "n", 1)
+        pipe.hincrby(key, f"o:{sample['outcome']}", 1)
+        pipe.hincrby(key, "pt", sample["prompt_tokens"])
+        pipe.hincrby(key, "ct", sample["completion_tokens"])
+        if sample["cost"]:
+            pipe.hincrbyfloat(key, "cost", sample["cost"])
+        if ok:
+            pipe.hincrby(key, "okn", 1)
+            pipe.hincrbyfloat(key, "oklat", sample["latency_s"])
+            _observe(pipe, key, "L", sample["latency_s"])
+            if sample["time_to_first_token_s"] is not None:
+                pipe.hincrby(key, "ttftn", 1)
+                pipe.hincrbyfloat(key, "ttft", sample["time_to_first_token_s"])
+                _observe(pipe, key, "T", sample["time_to_first_token_s"])
+        if key.startswith(f"{PREFIX}w:"):
+            pipe.expire(key, WINDOW_S + 6 * BUCKET_S)
+
+
+def _observe(pipe: Any, key: str, prefix: str, value: float) -> None:
+    """Count ``value`` in its histogram bucket, and add it to the bucket's sum (so that a bucket
+    holding one value gives it exactly)."""
+    bucket = _bucket(value)
+    pipe.hincrby(key, f"{prefix}{bucket}", 1)
+    pipe.hincrbyfloat(key, f"{prefix}s{bucket}", value)
+
+
+def reset(client: redis.Redis) -> None:
+    """Forget every aggregate (the tests' and an operator's fresh start)."""
+    keys = list(client.scan_iter(f"{PREFIX}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+# --- reading the aggregates ---------------------------------------------------------------------
+
+
+def _decode(raw: Mapping[bytes, bytes]) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def _add(into: dict[str, float], more: Mapping[str, float]) -> None:
+    for field, value in more.items():
+        into[field] = into.get(field, 0.0) + value
+
+
+def quantile(counts: Mapping[str, float], prefix: str, q: float) -> float | None:
+    """The q-quantile of a histogram's buckets, interpolated within its bucket (exact when the
+    bucket holds one value); None when empty."""
+    per_bucket = [counts.get(f"{prefix}{i}", 0.0) for i in range(len(BOUNDS) + 1)]
+    total = sum(per_bucket)
+    if not total:
+        return None
+    target = q * total
+    seen = 0.0
+    for index, count in enumerate(per_bucket):
+        if count and seen + count >= target:
+            if count == 1 and f"{prefix}s{index}" in counts:
+                return counts[f"{prefix}s{index}"]
+            if index == len(BOUNDS):
+                return BOUNDS[-1]
+            lower = BOUNDS[index - 1] if index else 0.0
+            return lower + (BOUNDS[index] - lower) * (target - seen) / count
+        seen += count
+    return BOUNDS[-1]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def summary(counts: Mapping[str, float]) -> dict[str, Any]:
+    """What a set of counted calls shows: requests, errors, latency, time to first token, speed."""
+    requests = int(counts.get("n", 0))
+    succeeded = int(counts.get("okn", 0))
+    ttft_count = counts.get("ttftn", 0)
+    return {
+        "requests": requests,
+        "errors": requests - succeeded,
+        "error_rate": round((requests - succeeded) / requests, 4) if requests else None,
+        "outcomes": {o: int(counts[f"o:{o}"]) for o in OUTCOMES if counts.get(f"o:{o}")},
+        "latency_ms": {
+            "p50": _ms(quantile(counts, "L", 0.50)),
+            "p95": _ms(quantile(counts, "L", 0.95)),
+            "mean": _ms(counts["oklat"] / succeeded) if succeeded else None,
+        },
+        "time_to_first_token_ms": {
+            "p50": _ms(quantile(counts, "T", 0.50)),
+            "p95": _ms(quantile(counts, "T", 0.95)),
+            "mean": _ms(counts["ttft"] / ttft_count) if ttft_count else None,
+        },
+        "tokens_per_second": round(counts["ct"] / counts["oklat"], 2) if counts.get("oklat") else None,
+        "prompt_tokens": int(counts.get("pt", 0)),
+        "completion_tokens": int(counts.get("ct", 0)),
+        "estimated_cost": round(counts.get("cost", 0.0), 6),
+    }
+
+
+def aggregates(
+    client: redis.Redis, *, now: float | None = None
+) -> tuple[float | None, dict[str, dict], dict[str, dict]]:
+    """When counting started, and per scope the counts since then and over the last 5 minutes."""
+    now = time.time() if now is None else now
+    scopes = sorted(s.decode() for s in client.smembers(f"{PREFIX}scopes"))
+    buckets = range(int((now - WINDOW_S) // BUCKET_S) + 1, int(now // BUCKET_S) + 1)
+    pipe = client.pipeline(transaction=False)
+    pipe.get(f"{PREFIX}since")
+    for scope in scopes:
+        pipe.hgetall(f"{PREFIX}total:{scope}")
+        for bucket in buckets:
+            pipe.hgetall(f"{PREFIX}w:{bucket}:{scope}")
+    replies = iter(pipe.execute())
+    since = next(replies)
+    total: dict[str, dict] = {}
+    window: dict[str, dict] = {}
+    for scope in scopes:
+        total[scope] = _decode(next(replies))
+        window[scope] = {}
+        for _ in buckets:
+            _add(window[scope], _decode(next(replies)))
+    return (float(since) if since else None), total, window
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- workers, queues, channels ------------------------------------------------------------------
+
+
+def worker_seen(client: redis.Redis, *, name: str, queues: Iterable[str], concurrency: int | None, ttl_s: int) -> None:
+    """A worker's heartbeat: it is alive and consumes ``queues``, for ``ttl_s`` seconds."""
+    info = {"name": name, "queues": sorted(queues), "concurrency": concurrency, "pid": os.getpid()}
+    client.set(f"{WORKERS}{name}", json.dumps({**info, "seen_at": _iso(time.time())}), ex=ttl_s)
+
+
+def worker_gone(client: redis.Redis, *, name: str) -> None:
+    client.delete(f"{WORKERS}{name}")
+
+
+def workers(client: redis.Redis) -> list[dict[str, Any]]:
+    keys = sorted(client.scan_iter(f"{WORKERS}*", count=1000))
+    values = client.mget(keys) if keys else []
+    return [json.loads(value) for value in values if value]
+
+
+# Kombu's Redis transport keeps a queue's jobs of priority 0 in a list named after it, and those of
+# its other priority steps in lists with these suffixes.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(queue + suffix)
+    lengths = iter(pipe.execute())
+    return {queue: sum(next(lengths) for _ in _PRIORITY_SUFFIXES) for queue in queues}
+
+
+def channels(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Each channel's length, and how far behind the server's consumer group is."""
+    states = {}
+    for channel in mcp_handler.CHANNELS:
+        state: dict[str, Any] = {"length": client.xlen(channel), "consumers": 0, "pending": 0, "lag": None}
+        with contextlib.suppress(redis.ResponseError):  # no group yet: nothing consumes it
+            for group in client.xinfo_groups(channel):
+                if _text(group["name"]) == mcp_handler.GROUP:
+                    state.update(consumers=group["consumers"], pending=group["pending"], lag=group.get("lag"))
+        states[channel] = state
+    return states
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- the three parts ----------------------------------------------------------------------------
+
+
+def _timed(check) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        check()
+    except Exception as exc:  # any driver error means "not reachable" here
+        return {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _database_check() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def status_part(client: redis.Redis, llms: list[dict[str, Any]]) -> dict[str, Any]:
+    config = configuration()
+    redis_state = _timed(client.ping)
+    database = {**_timed(_database_check), "vendor": connection.vendor}
+    part: dict[str, Any] = {
+        "web": {"status": "ok", "host": socket.gethostname(), "pid": os.getpid()},
+        "redis": redis_state,
+        "database": database,
+        "workers": [],
+        "queues": {},
+        "llms": {
+            llm["id"]: {
+                "toggle": llm["toggle"],
+                "healthy": llm["health"]["ok"],
+                "health_detail": llm["health"]["detail"],
+                "breaker": llm["state"]["breaker"],
+                "cooling_until": llm["state"]["cooling_until"],
+                "in_flight": llm["state"]["in_flight"],
+                "max_concurrency": llm["state"]["max_concurrency"],
+            }
+            for llm in llms
+        },
+        "channels": {},
+    }
+    if redis_state["status"] != "ok":
+        return part
+    part["workers"] = workers(client)
+    consumers: dict[str, list[str]] = {}
+    for worker in part["workers"]:
+        for queue in worker["queues"]:
+            consumers.setdefault(queue, []).append(worker["name"])
+    depths = queue_depths(client, config.queues())
+    part["queues"] = {queue: {"depth": depth, "workers": consumers.get(queue, [])} for queue, depth in depths.items()}
+    part["channels"] = channels(client)
+    return part
+
+
+def performance_part(since: float | None, total: dict[str, dict], window: dict[str, dict]) -> dict[str, Any]:
+    part: dict[str, Any] = {"window_seconds": WINDOW_S, "since": _iso(since), "llms": {}, "roles": {}}
+    for scope in sorted(total):
+        kind, name = scope.split(":", 1)
+        part["llms" if kind == "llm" else "roles"][name] = {
+            "last_5_minutes": summary(window.get(scope, {})),
+            "since_start": summary(total[scope]),
+        }
+    return part
+
+
+def task_counts() -> dict[str, Any]:
+    rows = Task.objects.values("profile", "role", "status").annotate(count=Count("task_id"))
+    by_status = dict.fromkeys(STATUSES, 0)
+    by_profile: dict[str, int] = {}
+    by_role: dict[str, dict[str, int]] = {}
+    for row in rows:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + row["count"]
+        by_profile[row["profile"]] = by_profile.get(row["profile"], 0) + row["count"]
+        role = by_role.setdefault(f"{row['profile']}/{row['role']}", {})
+        role[row["status"]] = role.get(row["status"], 0) + row["count"]
+    since = timezone.now() - timedelta(seconds=WINDOW_S)
+    recent = Task.objects.filter(status__in=FINISHED, updated_at__gte=since).values("status").annotate(n=Count("pk"))
+    finished = dict.fromkeys(sorted(FINISHED), 0) | {row["status"]: row["n"] for row in recent}
+    return {
+        "total": sum(by_status.values()),
+        "by_status": by_status,
+        "by_profile": by_profile,
+        "by_role": by_role,
+        "finished_last_5_minutes": finished,
+    }
+
+
+def loop_iterations() -> dict[str, Any]:
+    """Rounds of the feedback loop (and of feedback) over the tasks that ran any, per role."""
+    rows = (
+        Task.objects.filter(iteration__gt=0)
+        .values("profile", "role")
+        .annotate(tasks=Count("task_id"), iterations=Sum("iteration"))
+    )
+    by_role = {
+        f"{row['profile']}/{row['role']}": {"tasks": row["tasks"], "iterations": row["iterations"]} for row in rows
+    }
+    total = sum(row["iterations"] for row in by_role.values())
+    tasks = sum(row["tasks"] for row in by_role.values())
+    return {
+        "total": total,
+        "tasks": tasks,
+        "mean_per_task": round(total / tasks, 2) if tasks else None,
+        "by_role": by_role,
+    }
+
+
+def usage_part(total: dict[str, dict]) -> dict[str, Any]:
+    config = configuration()
+    llms = {}
+    for llm_id in config.llms:
+        counts = total.get(f"llm:{llm_id}", {})
+        llms[llm_id] = {
+            "requests": int(counts.get("n", 0)),
+            "prompt_tokens": int(counts.get("pt", 0)),
+            "completion_tokens": int(counts.get("ct", 0)),
+        }
+    api_costs = {
+        llm.id: round(total.get(f"llm:{llm.id}", {}).get("cost", 0.0), 6)
+        for llm in config.llms.values()
+        if llm.source == "api"
+    }
+    return {
+        "tasks": task_counts(),
+        "llms": llms,
+        "loop_iterations": loop_iterations(),
+        "estimated_cost": {"total": round(sum(api_costs.values()), 6), "by_llm": api_costs},
+    }
+
+
+def _llms() -> list[dict[str, Any]]:
+    """The LLM list with health and breakers; empty when Redis (which holds the breakers) is away."""
+    try:
+        return llm_list()
+    except redis.RedisError:
+        return []
+
+
+def metrics_get() -> dict[str, Any]:
+    """Everything GET /api/v1/metrics shows."""
+    client = mcp_handler.client()
+    status = status_part(client, _llms())
+    if status["redis"]["status"] == "ok":
+        since, total, window = aggregates(client)
+    else:
+        since, total, window = None, {}, {}
+    return {
+        "generated_at": _iso(time.time()),
+        "status": status,
+        "performance": performance_part(since, total, window),
+        "usage": usage_part(total),
+    }
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+def _buckets(counts: Mapping[str, float], prefix: str) -> list[tuple[str, float]]:
+    """Cumulative buckets at every second bound (a factor of 2), and +Inf."""
+    cumulative = 0.0
+    buckets = []
+    for index, bound in enumerate(BOUNDS):
+        cumulative += counts.get(f"{prefix}{index}", 0.0)
+        if index % 2 == 0:
+            buckets.append((f"{bound:.6g}", cumulative))
+    cumulative += counts.get(f"{prefix}{len(BOUNDS)}", 0.0)
+    buckets.append(("+Inf", cumulative))
+    return buckets
+
+
+def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
+    """The metric families of a GET /api/v1/metrics snapshot plus the aggregates' histograms."""
+    status, totals = snapshot["status"], snapshot["totals"]
+    up = GaugeMetricFamily("aiagent_up", "Whether a part of the server answers (1) or not (0).", labels=["component"])
+    up.add_metric(["web"], 1)
+    up.add_metric(["redis"], 1 if status["redis"]["status"] == "ok" else 0)
+    up.add_metric(["database"], 1 if status["database"]["status"] == "ok" else 0)
+    yield up
+    yield GaugeMetricFamily(
+        "aiagent_workers", "Celery workers alive (heartbeat in Redis).", value=len(status["workers"])
+    )
+    depth = GaugeMetricFamily("aiagent_queue_depth", "Jobs waiting on a role's queue.", labels=["queue"])
+    for queue, state in status["queues"].items():
+        depth.add_metric([queue], state["depth"])
+    yield depth
+    pending = GaugeMetricFamily(
+        "aiagent_channel_pending", "Messages of an MCP channel read and not yet acknowledged.", labels=["channel"]
+    )
+    for channel, state in status["channels"].items():
+        pending.add_metric([channel], state["pending"])
+    yield pending
+    breaker = GaugeMetricFamily(
+        "aiagent_llm_breaker_state", "An LLM's breaker: 1 for its current state.", labels=["llm", "state"]
+    )
+    healthy = GaugeMetricFamily("aiagent_llm_healthy", "An LLM's last health check passed (1) or not.", labels=["llm"])
+    in_flight = GaugeMetricFamily("aiagent_llm_in_flight", "Calls an LLM is serving now.", labels=["llm"])
+    for llm_id, state in status["llms"].items():
+        for name in ("closed", "open", "half_open"):
+            breaker.add_metric([llm_id, name], 1 if state["breaker"] == name else 0)
+        healthy.add_metric([llm_id], 1 if state["healthy"] else 0)
+        in_flight.add_metric([llm_id], state["in_flight"])
+    yield from (breaker, healthy, in_flight)
+
+    requests = CounterMetricFamily(
+        "aiagent_llm_requests", "Engine calls per LLM, by outcome.", labels=["llm", "outcome"]
+    )
+    tokens = CounterMetricFamily("aiagent_llm_tokens", "Tokens per LLM, prompt or completion.", labels=["llm", "kind"])
+    cost = CounterMetricFamily("aiagent_llm_estimated_cost", "Estimated cost of an api LLM's calls.", labels=["llm"])
+    latency = HistogramMetricFamily(
+        "aiagent_llm_latency_seconds", "Latency of an LLM's successful calls.", labels=["llm"]
+    )
+    ttft = HistogramMetricFamily(
+        "aiagent_llm_time_to_first_token_seconds", "Time to an LLM's first token.", labels=["llm"]
+    )
+    role_requests = CounterMetricFamily(
+        "aiagent_role_requests", "Engine calls per role, by outcome.", labels=["profile", "role", "outcome"]
+    )
+    role_latency = HistogramMetricFamily(
+        "aiagent_role_latency_seconds", "Latency of a role's successful engine calls.", labels=["profile", "role"]
+    )
+    for scope, counts in sorted(totals.items()):
+        kind, name = scope.split(":", 1)
+        if kind == "llm":
+            for outcome in OUTCOMES:
+                requests.add_metric([name, outcome], counts.get(f"o:{outcome}", 0.0))
+            tokens.add_metric([name, "prompt"], counts.get("pt", 0.0))
+            tokens.add_metric([name, "completion"], counts.get("ct", 0.0))
+            cost.add_metric([name], counts.get("cost", 0.0))
+            latency.add_metric([name], _buckets(counts, "L"), counts.get("oklat", 0.0))
+            ttft.add_metric([name], _buckets(counts, "T"), counts.get("ttft", 0.0))
+        else:
+            profile, role = name.split("/", 1)
+            for outcome in OUTCOMES:
+                role_requests.add_metric([profile, role, outcome], counts.get(f"o:{outcome}", 0.0))
+            role_latency.add_metric([profile, role], _buckets(counts, "L"), counts.get("oklat", 0.0))
+    yield from (requests, tokens, cost, latency, ttft, role_requests, role_latency)
+
+    usage = snapshot["usage"]
+    tasks = GaugeMetricFamily("aiagent_tasks", "Stored tasks by role and status.", labels=["profile", "role", "status"])
+    for role_name, statuses in usage["tasks"]["by_role"].items():
+        profile, role = role_name.split("/", 1)
+        for status_name, count in statuses.items():
+            tasks.add_metric([profile, role, status_name], count)
+    yield tasks
+    rounds = GaugeMetricFamily(
+        "aiagent_loop_iterations", "Feedback-loop rounds over the stored tasks, by role.", labels=["profile", "role"]
+    )
+    for role_name, row in usage["loop_iterations"]["by_role"].items():
+        rounds.add_metric(role_name.split("/", 1), row["iterations"])
+    yield rounds
+
+
+class _Snapshot:
+    """A one-off collector: prometheus-client's registry asks it for its families once."""
+
+    def __init__(self, snapshot: Mapping[str, Any]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        return prometheus_families(self.snapshot)
+
+
+def prometheus_text() -> bytes:
+    """The metrics in Prometheus' text format. Everything is read from Redis and the database, so
+    every web process serves the same numbers whichever processes made the calls."""
+    client = mcp_handler.client()
+    status = status_part(client, _llms())
+    totals = aggregates(client)[1] if status["redis"]["status"] == "ok" else {}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot({"status": status, "totals": totals, "usage": usage_part(totals)}))
+    return generate_latest(registry)

@@ -1,0 +1,237 @@
+"""The MCP channels end to end: real Redis Streams, a real ``manage.py mcp_consume`` process, a real
+Celery worker, and the scripted engine in place of the model (tests/orchestration/scripted.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+from orchestration import mcp_handler
+from orchestration.models import Task
+from tests.conftest import BASE_DIR, _stop, server_env, start_mcp_consume, wait_for
+from tests.orchestration.scripted import CODER, QA_REVIEW, code_reply, use_script
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+SUMMARY = {"match": r'Reply with JSON: \{"summary"', "reply": {"summary": "A cat sat.", "key_points": ["cat"]}}
+TESTS = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+
+
+@pytest.fixture
+def channels(redis_url) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def script(edit_config, tmp_path):
+    return lambda rules: use_script(edit_config, tmp_path / "script.json", rules)
+
+
+def add(client: redis.Redis, channel: str, message_type: str, data: dict) -> str:
+    return client.xadd(channel, mcp_handler.encode(message_type, data)).decode()
+
+
+def feedback_messages(client: redis.Redis, since: str = "-") -> list[tuple[str, str, dict]]:
+    return [
+        (entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"]))
+        for entry_id, fields in client.xrange(mcp_handler.FEEDBACK, min=since)
+    ]
+
+
+def answer_to(
+    client: redis.Redis, message_id: str, timeout: float = 30, channel: str | None = None
+) -> tuple[str, dict]:
+    """The accepted or rejected message that answers ``message_id`` (of the inbound channel by default;
+    ids are per channel)."""
+    channel = channel or mcp_handler.INBOUND
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, kind, data in feedback_messages(client, since=message_id):
+            if kind in (mcp_handler.ACCEPTED, mcp_handler.REJECTED) and (data["channel"], data["message_id"]) == (
+                channel,
+                message_id,
+            ):
+                return kind, data
+        time.sleep(0.1)
+    raise AssertionError(f"no answer to {message_id}")
+
+
+def pending(client: redis.Redis, channel: str) -> int:
+    return client.xpending(channel, mcp_handler.GROUP)["pending"]
+
+
+def test_an_inbound_packet_is_submitted_run_and_every_state_change_published(
+    channels, mcp_consumer, celery_worker, script
+):
+    script([SUMMARY])
+    start = mcp_handler.feedback_cursor()
+    packet = {"profile": "productivity", "role": "summarizer", "payload": {"input": "The cat sat on the mat."}}
+    message_id = add(channels, mcp_handler.INBOUND, mcp_handler.TASK, packet)
+    kind, answer = answer_to(channels, message_id)
+    assert kind == "accepted", answer
+    assert answer["channel"] == mcp_handler.INBOUND and answer["created"] is True
+    # Without a task_id of its own, the task's id comes from the message's, so a second delivery is idempotent.
+    assert answer["task_id"] == str(
+        uuid.uuid5(mcp_handler.INBOUND_TASK_NAMESPACE, f"{mcp_handler.INBOUND}:{message_id}")
+    )
+    done = wait_for(answer["task_id"])
+    assert done["status"] == "succeeded" and done["result"]["summary"] == "A cat sat."
+    assert pending(channels, mcp_handler.INBOUND) == 0
+
+    time.sleep(0.3)
+    states = [data for _, kind, data in feedback_messages(channels, since=start) if kind == mcp_handler.STATE]
+    mine = [data for data in states if data["task_id"] == done["task_id"]]
+    assert [data["event"] for data in mine] == done["history"]
+    assert [data["event_id"] for data in mine] == list(range(1, len(done["history"]) + 1))
+    assert [data["event"]["event"] for data in mine] == ["submitted", "claimed", "step", "finished"]
+    assert mine[-1]["status"] == "succeeded" and mine[-1]["version"] == done["version"]
+    assert {(d["profile"], d["role"]) for d in mine} == {("productivity", "summarizer")}
+
+
+def test_rejected_packets_are_answered_with_the_reason_and_acknowledged(channels, mcp_consumer):
+    summarizer = {"profile": "productivity", "role": "summarizer"}
+    cases = [
+        ({"payload": {"input": "x"}}, "invalid", "profile: is required"),
+        ({"profile": "productivity", "role": "nope", "payload": {"input": "x"}}, "not_found", "nope"),
+        ({**summarizer, "payload": {"input": 5}}, "invalid", "payload.input"),
+        ({**summarizer, "payload": {"input": "x"}, "bogus": 1}, "invalid", "bogus: unknown field"),
+        ({**summarizer, "payload": {"input": "x"}, "task_id": "../../etc/passwd"}, "invalid", "task_id"),
+    ]
+    sent = [(add(channels, mcp_handler.INBOUND, mcp_handler.TASK, data), code, words) for data, code, words in cases]
+    not_json = channels.xadd(mcp_handler.INBOUND, {"type": "task", "data": "{nope"}).decode()
+    wrong_type = add(channels, mcp_handler.INBOUND, "hello", {})
+    sent += [(not_json, "invalid", "data: must be a JSON object"), (wrong_type, "invalid", "type: must be 'task'")]
+    for message_id, code, words in sent:
+        kind, answer = answer_to(channels, message_id)
+        assert kind == "rejected", answer
+        assert answer["code"] == code and words in answer["detail"], answer
+        assert answer["channel"] == mcp_handler.INBOUND
+    unknown_role = answer_to(channels, sent[1][0])[1]
+    assert "summarizer" in unknown_role["valid_roles"]
+    assert pending(channels, mcp_handler.INBOUND) == 0
+    assert Task.objects.count() == 0
+
+
+def test_a_consumer_killed_before_it_acknowledges_leaves_its_message_to_another(
+    channels, celery_worker, script, tmp_path
+):
+    script([SUMMARY])
+    name = f"doomed-{uuid.uuid4().hex[:6]}"
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "tests.orchestration.mcp_doomed", name],
+        cwd=BASE_DIR,
+        env=server_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert doomed.stdout.readline().strip() == "ready"
+    packet = {"profile": "productivity", "role": "summarizer", "payload": {"input": "Reclaim me."}}
+    message_id = add(channels, mcp_handler.INBOUND, mcp_handler.TASK, packet)
+    assert doomed.stdout.readline().strip() == f"handled {message_id}"
+    assert doomed.wait(timeout=10) == -9
+    waiting = channels.xpending_range(mcp_handler.INBOUND, mcp_handler.GROUP, min="-", max="+", count=10)
+    assert [(w["message_id"].decode(), w["consumer"].decode()) for w in waiting] == [(message_id, name)]
+
+    rescuer = start_mcp_consume(tmp_path / "rescuer.log", "--claim-idle", "1")
+    try:
+        kind, answer = answer_to(channels, message_id)
+        assert kind == "accepted"
+        # The dead consumer had submitted the task: the second delivery finds it and makes no other.
+        assert answer["created"] is False
+        done = wait_for(answer["task_id"])
+        assert done["status"] == "succeeded"
+        assert Task.objects.count() == 1
+        assert pending(channels, mcp_handler.INBOUND) == 0
+        answers = [
+            d
+            for _, k, d in feedback_messages(channels, since=message_id)
+            if k in ("accepted", "rejected") and (d["channel"], d["message_id"]) == (mcp_handler.INBOUND, message_id)
+        ]
+        assert len(answers) == 1
+    finally:
+        _stop(rescuer)
+
+
+def test_feedback_published_by_an_outside_agent_runs_a_new_round_once(
+    channels, mcp_consumer, celery_worker, script, api
+):
+    script(
+        [
+            {"match": QA_REVIEW, "reply": {"passed": True, "findings": []}},
+            {"match": f"{CODER}.*negative", "reply": code_reply("def add(a, b):\n    return a + b  # any sign\n")},
+            {"match": CODER, "reply": code_reply("def add(a, b):\n    return a + b\n")},
+        ]
+    )
+    response = api.post(
+        "/api/v1/developer/fast_coder",
+        data=json.dumps({"payload": {"instruction": "add(a, b) returns a + b", "tests": TESTS}}),
+        content_type="application/json",
+    )
+    task_id = response.json()["task_id"]
+    assert wait_for(task_id, timeout=60)["status"] == "succeeded"
+
+    message = {"task_id": task_id, "feedback": "It must handle negative numbers too.", "route": "coder"}
+    message_id = add(channels, mcp_handler.FEEDBACK, mcp_handler.FEEDBACK_MESSAGE, message)
+    kind, answer = answer_to(channels, message_id, channel=mcp_handler.FEEDBACK)
+    assert kind == "accepted" and answer["task_id"] == task_id
+    time.sleep(0.5)
+    done = wait_for(task_id, timeout=60)
+    assert done["status"] == "succeeded" and done["iteration"] == 2
+    assert "any sign" in done["result"]["files"][0]["content"]
+    feedback = [e for e in done["history"] if e["event"] == "feedback"]
+    assert [e["detail"]["message_id"] for e in feedback] == [message_id]
+
+    # The same message delivered again (its consumer died before acknowledging it) is taken once.
+    entry = mcp_handler.decode(mcp_handler.FEEDBACK, *channels.xrange(mcp_handler.FEEDBACK, message_id, message_id)[0])
+    consumer = mcp_handler.Consumer({mcp_handler.FEEDBACK: mcp_handler.handle_feedback}, name="replayer")
+    assert consumer.handle(entry) == 1
+    again = wait_for(task_id)
+    assert again["version"] == done["version"]
+
+    # Refused feedback is answered with the reason.
+    summary = api.post(
+        "/api/v1/productivity/summarizer",
+        data=json.dumps({"payload": {"input": "x"}}),
+        content_type="application/json",
+    ).json()
+    refused = [
+        ({"task_id": summary["task_id"], "feedback": "more"}, "no_feedback_loop"),
+        ({"feedback": "more"}, "invalid"),
+        ({"task_id": task_id, "feedback": "more", "colour": "red"}, "invalid"),
+        ({"task_id": str(uuid.uuid4()), "feedback": "more"}, "not_found"),
+    ]
+    for data, code in refused:
+        message_id = add(channels, mcp_handler.FEEDBACK, mcp_handler.FEEDBACK_MESSAGE, data)
+        kind, answer = answer_to(channels, message_id, channel=mcp_handler.FEEDBACK)
+        assert (kind, answer["code"]) == ("rejected", code), answer
+
+
+def test_a_message_that_keeps_failing_is_rejected_after_the_delivery_limit(channels, settings):
+    """In-process consumer: the handler fails on the test's message as if the database were down."""
+    settings.MCP_MAX_DELIVERIES = 2
+    marker = uuid.uuid4().hex
+    attempts = []
+
+    def broken(entry, pipe):
+        if (entry.data or {}).get("marker") == marker:
+            attempts.append(entry.deliveries)
+            raise RuntimeError("the database is down")
+
+    consumer = mcp_handler.Consumer({mcp_handler.INBOUND: broken}, name="broken", claim_idle_s=0.001)
+    consumer.ensure_groups()
+    data = {"profile": "p", "role": "r", "payload": {}, "marker": marker}
+    message_id = add(channels, mcp_handler.INBOUND, mcp_handler.TASK, data)
+    for _ in range(6):
+        consumer._next_claim = 0
+        consumer.poll(block_ms=10)
+        time.sleep(0.01)
+    assert attempts == [1, 2]
+    kind, answer = answer_to(channels, message_id, timeout=1)
+    assert kind == "rejected" and answer["code"] == "undeliverable"
+    assert pending(channels, mcp_handler.INBOUND) == 0

@@ -1,0 +1,170 @@
+"""The metrics: GET /api/v1/metrics and GET /metrics after a run of known tasks, through a real Celery
+worker, a real ``mcp_consume`` aggregating the metrics channel, and the scripted engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestration import mcp_handler, metrics
+from tests.conftest import wait_for
+from tests.orchestration.scripted import use_script
+
+SUMMARY = {
+    "match": r'Reply with JSON: \{"summary"',
+    "reply": {"summary": "A cat sat on a mat.", "key_points": ["a cat", "a mat"]},
+    "delay_s": 0.05,
+}
+
+
+def submit(api, text: str) -> str:
+    response = api.post(
+        "/api/v1/productivity/summarizer",
+        data=json.dumps({"payload": {"input": text}}),
+        content_type="application/json",
+    )
+    assert response.status_code == 202, response.content
+    return response.json()["task_id"]
+
+
+def role_requests(snapshot: dict, role: str) -> int:
+    return snapshot["performance"]["roles"].get(role, {}).get("since_start", {}).get("requests", 0)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_metrics_after_a_run_of_known_tasks(api, celery_worker, mcp_consumer, edit_config, tmp_path, redis_url):
+    llm = f"scripted-{uuid.uuid4().hex[:8]}"
+    failing = {"match": "FAIL-ME", "reply": "", "error": "unavailable"}
+    use_script(edit_config, tmp_path / "script.json", [failing, SUMMARY], llm_id=llm)
+    before = api.get("/api/v1/metrics").json()
+
+    ok_ids = [submit(api, f"The cat number {n} sat on the mat.") for n in range(4)]
+    failed_id = submit(api, "FAIL-ME please.")
+    done = [wait_for(task_id, timeout=60) for task_id in ok_ids]
+    failed = wait_for(failed_id, timeout=60)
+    assert {packet["status"] for packet in done} == {"succeeded"}
+    assert failed["status"] == "failed"
+    steps = [event for packet in done for event in packet["history"] if event["event"] == "step"]
+    # One call per successful task; the failing one is tried once and retried STEP_RETRIES (2) times.
+    assert len(steps) == 4
+    assert sum(event["event"] == "step_retry" for event in failed["history"]) == 2
+
+    # A bad sample on the channel is acknowledged and not counted.
+    client = redis.Redis.from_url(redis_url)
+    bad = {"llm": "no-such-llm", "profile": "productivity", "role": "summarizer", "outcome": "ok", "latency_s": 1}
+    client.xadd(mcp_handler.METRICS, mcp_handler.encode(mcp_handler.LLM_CALL, bad))
+
+    deadline = time.monotonic() + 30
+    while True:
+        snapshot = api.get("/api/v1/metrics").json()
+        counted = snapshot["usage"]["llms"].get(llm, {}).get("requests", 0)
+        if (counted == 7 and snapshot["status"]["channels"][mcp_handler.METRICS]["pending"] == 0) or (
+            time.monotonic() > deadline
+        ):
+            break
+        time.sleep(0.2)
+    time.sleep(1)  # nothing is counted twice afterwards
+    snapshot = api.get("/api/v1/metrics").json()
+
+    usage = snapshot["usage"]["llms"][llm]
+    assert usage == {
+        "requests": 7,
+        "prompt_tokens": sum(event["detail"]["tokens"]["prompt"] for event in steps),
+        "completion_tokens": sum(event["detail"]["tokens"]["completion"] for event in steps),
+    }
+    for window in ("since_start", "last_5_minutes"):
+        figures = snapshot["performance"]["llms"][llm][window]
+        assert figures["requests"] == 7 and figures["errors"] == 3, figures
+        assert figures["outcomes"] == {"ok": 4, "unavailable": 3}
+        assert figures["error_rate"] == round(3 / 7, 4)
+        # Latencies are plausible: each call waited 50 ms; histogram estimates are within a bucket.
+        assert 35 <= figures["latency_ms"]["p50"] <= figures["latency_ms"]["p95"] <= 2000, figures
+        assert 50 <= figures["latency_ms"]["mean"] <= 2000
+        assert 35 <= figures["time_to_first_token_ms"]["p50"] <= 2000
+        assert figures["tokens_per_second"] > 0
+    role = "productivity/summarizer"
+    assert role_requests(snapshot, role) - role_requests(before, role) == 7
+    assert snapshot["usage"]["tasks"]["by_role"][role] == {"succeeded": 4, "failed": 1}
+    assert snapshot["usage"]["tasks"]["by_status"]["succeeded"] == 4
+    assert snapshot["usage"]["tasks"]["total"] == 5
+    assert snapshot["usage"]["estimated_cost"]["by_llm"] == {}  # no api LLM is enabled in the suite
+
+    status = snapshot["status"]
+    assert status["redis"]["status"] == "ok" and status["database"]["status"] == "ok"
+    worker = next(w for w in status["workers"] if w["name"] == celery_worker.name)
+    assert "productivity.summarizer" in worker["queues"]
+    assert status["queues"]["productivity.summarizer"] == {"depth": 0, "workers": [celery_worker.name]}
+    assert status["llms"][llm]["breaker"] == "closed" and status["llms"][llm]["healthy"] is True
+    assert status["channels"][mcp_handler.METRICS]["pending"] == 0
+
+    # The same counters in Prometheus' format, read with prometheus-client's own parser.
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.content.decode())
+        for sample in family.samples
+    }
+    assert samples[("aiagent_llm_requests_total", (("llm", llm), ("outcome", "ok")))] == 4
+    assert samples[("aiagent_llm_requests_total", (("llm", llm), ("outcome", "unavailable")))] == 3
+    assert samples[("aiagent_llm_tokens_total", (("kind", "prompt"), ("llm", llm)))] == usage["prompt_tokens"]
+    assert samples[("aiagent_llm_latency_seconds_count", (("llm", llm),))] == 4
+    assert samples[("aiagent_llm_latency_seconds_bucket", (("le", "+Inf"), ("llm", llm)))] == 4
+    assert samples[("aiagent_tasks", (("profile", "productivity"), ("role", "summarizer"), ("status", "failed")))] == 1
+    assert samples[("aiagent_queue_depth", (("queue", "productivity.summarizer"),))] == 0
+    assert samples[("aiagent_up", (("component", "redis"),))] == 1
+    assert samples[("aiagent_llm_breaker_state", (("llm", llm), ("state", "closed")))] == 1
+
+
+@pytest.mark.django_db
+def test_metrics_need_a_token(client):
+    assert client.get("/api/v1/metrics").status_code == 401
+    assert client.get("/metrics").status_code == 401
+
+
+def test_percentiles_are_estimated_within_a_bucket():
+    values = [0.1 + 0.9 * i / 999 for i in range(1000)]  # 100 ms to 1 s, evenly
+    counts: dict[str, float] = {}
+    for value in values:
+        key = f"L{metrics._bucket(value)}"
+        counts[key] = counts.get(key, 0) + 1
+    for q in (0.5, 0.95):
+        exact = sorted(values)[math.ceil(q * len(values)) - 1]
+        assert abs(metrics.quantile(counts, "L", q) - exact) / exact < 0.42
+    assert metrics.quantile({}, "L", 0.5) is None
+    # A bucket that holds one value gives it exactly.
+    single = metrics._bucket(2.934)
+    assert metrics.quantile({f"L{single}": 1, f"Ls{single}": 2.934}, "L", 0.5) == 2.934
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"llm": "nope"}, "llm"),
+        ({"role": "nope"}, "role"),
+        ({"outcome": "great"}, "outcome"),
+        ({"latency_s": -1}, "latency_s"),
+        ({"latency_s": float("nan")}, "latency_s"),
+        ({"prompt_tokens": True}, "prompt_tokens"),
+        ({"completion_tokens": 1.5}, "completion_tokens"),
+        ({"at": "now"}, "at"),
+    ],
+)
+def test_a_bad_sample_is_refused_naming_its_field(change, field):
+    sample = {
+        "llm": "smollm2-135m", "profile": "productivity", "role": "summarizer", "outcome": "ok",
+        "latency_s": 0.5, "time_to_first_token_s": None, "prompt_tokens": 10, "completion_tokens": 5,
+        "cost": 0.0, "at": time.time(),
+    }  # fmt: skip
+    metrics.check_sample(sample)
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        metrics.check_sample({**sample, **change})
