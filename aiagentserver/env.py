@@ -7,6 +7,7 @@ typo in a deployment is an error at start-up, not a surprise at run time.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -59,3 +60,24 @@ def env_path(name: str, default: Path, *, base: Path) -> Path:
         return default
     path = Path(value.strip()).expanduser()
     return path if path.is_absolute() else base / path
+
+
+_RATE = re.compile(r"(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)")
+_OFF = {"off", "none"}
+
+
+def env_rate(name: str, default: str | None) -> str | None:
+    """A request rate such as ``1200/min`` (per s, min, hour or day), in the form DRF's throttles read;
+    None (no limit) for ``off``."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    text = value.strip().lower()
+    if text in _OFF:
+        return None
+    match = _RATE.fullmatch(text)
+    if match is None or int(match[1]) < 1:
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a rate: use requests per period, such as 1200/min or 20/s (or off)"
+        )
+    return f"{int(match[1])}/{match[2]}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from aiagentserver.env import env_bool, env_int, env_list, env_path, env_str
+from aiagentserver.env import env_bool, env_int, env_list, env_path, env_rate, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = env_path("VAR_DIR", BASE_DIR / "var", base=BASE_DIR)
@@ -144,6 +144,21 @@ STEP_RETRY_BACKOFF_SECONDS = env_int("STEP_RETRY_BACKOFF_SECONDS", 5, minimum=1)
 # The largest request body the API accepts, in bytes (413 above it).
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+# Requests per client (a user with a token) to the authenticated endpoints, and, counted apart,
+# the task submissions and feedback among them, which start model work (orchestration/throttling.py).
+API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "1200/min")
+API_SUBMIT_THROTTLE_RATE = env_rate("API_SUBMIT_THROTTLE_RATE", "120/min")
+
+# The throttles' counts, shared by every web process: Redis, not each process's memory.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "ai-agent-server",
+        # A Redis that is away must not hold a request for long: the throttles then let it through.
+        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 2},
+    }
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -157,6 +172,10 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "PAGE_SIZE": env_int("API_PAGE_SIZE", 50, minimum=1),
     "EXCEPTION_HANDLER": "orchestration.exceptions.api_exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": [
+        "orchestration.throttling.ClientRateThrottle",
+        "orchestration.throttling.WorkRateThrottle",
+    ],
     "UNAUTHENTICATED_USER": None,
 }
 
@@ -231,10 +250,15 @@ SPECTACULAR_SETTINGS = {
         "Runs LLM agents as a service: submit a task packet to a profile's role, follow it, cancel it, "
         "give feedback to the feedback loop; read the configuration and the LLMs' health. "
         "Every endpoint but /healthz needs `Authorization: Token <key>` (or an admin session). "
+        "A client over its rate gets 429 with `Retry-After`. "
         "Every error has the body of the `Error` component. Any request whose body is over "
         "API_MAX_BODY_BYTES is refused with 413 before it reaches its endpoint. See doc/api_endpoints.md."
     ),
     "VERSION": "1.0.0",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "orchestration.throttling.document_throttling",
+    ],
     # The schema and the docs page are for clients of the API: the same authentication as the API.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "SERVE_INCLUDE_SCHEMA": False,

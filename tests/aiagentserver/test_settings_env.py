@@ -3,7 +3,7 @@
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from aiagentserver.env import env_bool, env_int, env_list, env_path
+from aiagentserver.env import env_bool, env_int, env_list, env_path, env_rate
 
 
 def test_env_bool(monkeypatch):
@@ -32,6 +32,18 @@ def test_env_list_and_path(monkeypatch, tmp_path):
     assert env_list("HOSTS", []) == ["a.example", "b.example"]
     monkeypatch.setenv("DIR", "relative/dir")
     assert env_path("DIR", tmp_path, base=tmp_path) == tmp_path / "relative/dir"
+
+
+def test_env_rate(monkeypatch):
+    monkeypatch.delenv("RATE", raising=False)
+    assert env_rate("RATE", "1200/min") == "1200/min"
+    for value, expected in (("20/s", "20/s"), (" 300 / Hour ", "300/hour"), ("off", None), ("None", None)):
+        monkeypatch.setenv("RATE", value)
+        assert env_rate("RATE", "1200/min") == expected
+    for bad in ("1200", "0/min", "5/fortnight", "-1/s", ""):
+        monkeypatch.setenv("RATE", bad)
+        with pytest.raises(ImproperlyConfigured, match="is not a rate"):
+            env_rate("RATE", "1200/min")
 
 
 def test_secret_key_is_required_without_debug(tmp_path):
