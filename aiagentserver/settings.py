@@ -7,6 +7,7 @@ doc/operations.md for the full list.
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -38,9 +39,55 @@ def _secret_key() -> str:
     return key_file.read_text().strip()
 
 
+def _allowed_hosts() -> list[str]:
+    hosts = env_list("ALLOWED_HOSTS", [])
+    if hosts:
+        return hosts
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "ALLOWED_HOSTS must be set when DEBUG is off: the host names the server is reached by, "
+            "comma-separated (for example ALLOWED_HOSTS=agents.example.com)"
+        )
+    return ["localhost", "127.0.0.1", "[::1]"]
+
+
+def _proxy_ssl_header() -> tuple[str, str] | None:
+    """The header by which a TLS-terminating proxy says that the client used HTTPS, as Django names it."""
+    header = (env_str("SECURE_PROXY_SSL_HEADER") or "").strip()
+    if not header:
+        return None
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", header):
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER={header!r} is not a header name: use the header your proxy sets to "
+            "'https', such as X-Forwarded-Proto"
+        )
+    return "HTTP_" + header.upper().replace("-", "_"), "https"
+
+
 SECRET_KEY = _secret_key()
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+ALLOWED_HOSTS = _allowed_hosts()
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- HTTPS, cookies and headers ---------------------------------------------------
+# Off DEBUG the session and CSRF cookies go over HTTPS only; a deployment that serves plain HTTP
+# (on a private network) turns that off with SECURE_COOKIES=0, or its admin login cannot work.
+SECURE_COOKIES = env_bool("SECURE_COOKIES", not DEBUG)
+SESSION_COOKIE_SECURE = SECURE_COOKIES
+CSRF_COOKIE_SECURE = SECURE_COOKIES
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+# Behind a reverse proxy that terminates TLS, the request Django sees is plain HTTP: the proxy's
+# header tells it that the client used HTTPS. Only set it when the proxy always sets (or strips) it.
+SECURE_PROXY_SSL_HEADER = _proxy_ssl_header()
+# Opt-in: usually the proxy redirects to HTTPS. /healthz stays reachable over HTTP for probes.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+# Opt-in, once HTTPS works for good: browsers then refuse plain HTTP to the host for this long.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+
 
 INSTALLED_APPS = [
     "django.contrib.admin",
