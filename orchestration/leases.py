@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Iterable
 from functools import cache
 
 import redis
@@ -44,9 +45,18 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
+PREFIX = "aiagent:lease:"
+
+
+def leases_held(names: Iterable[str]) -> bool:
+    """Whether a live worker holds any of the leases ``names`` (a task id, or ``<task id>:<step>``)."""
+    keys = [f"{PREFIX}{name}" for name in names]
+    return bool(keys) and _client(settings.REDIS_URL).exists(*keys) > 0
+
+
 class StepLease:
     def __init__(self, task_id: str, job_id: str, *, ttl_s: float | None = None) -> None:
-        self.key = f"aiagent:lease:{task_id}"
+        self.key = f"{PREFIX}{task_id}"
         self.holder = f"{job_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = int((ttl_s or settings.TASK_LEASE_SECONDS) * 1000)
         self._redis = _client(settings.REDIS_URL)

@@ -265,17 +265,17 @@ def workers(client: redis.Redis) -> list[dict[str, Any]]:
 
 # Kombu's Redis transport keeps a queue's jobs of priority 0 in a list named after it, and those of
 # its other priority steps in lists with these suffixes.
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 
 def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
     queues = list(queues)
     pipe = client.pipeline(transaction=False)
     for queue in queues:
-        for suffix in _PRIORITY_SUFFIXES:
+        for suffix in PRIORITY_SUFFIXES:
             pipe.llen(queue + suffix)
     lengths = iter(pipe.execute())
-    return {queue: sum(next(lengths) for _ in _PRIORITY_SUFFIXES) for queue in queues}
+    return {queue: sum(next(lengths) for _ in PRIORITY_SUFFIXES) for queue in queues}
 
 
 def channels(client: redis.Redis) -> dict[str, dict[str, Any]]:

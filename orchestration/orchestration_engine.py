@@ -24,6 +24,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -935,6 +936,84 @@ def task_abandoned(*, task_id: str, job_id: str, reason: str) -> str:
     if the job is the task's current one (its claim, or a job scheduled after its latest step)."""
 
     return _fail(task_id, lambda packet: _claimed_by(packet) == job_id or _expects(packet, job_id), reason)
+
+
+# -- recovery -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What moves a queued or running task on: jobs (on a queue, or held by a worker), steps running
+    under a lease (the lease names), or a plan's children."""
+
+    jobs: tuple[str, ...]
+    leases: tuple[str, ...]
+    children: tuple[str, ...] = ()
+
+
+def task_waiting(packet: dict[str, Any]) -> Waiting:
+    """What the task waits for (see ``task_recover``)."""
+    task_id = packet["task_id"]
+    if packet["status"] == QUEUED:
+        return Waiting(jobs=(_job_of(packet),), leases=(task_id,))
+    if _delegated(packet):
+        return Waiting(jobs=(), leases=(task_id,), children=tuple(packet["children"]))
+    scheduled = [e["detail"] for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"]
+    if not scheduled:  # the first step, under its claim
+        return Waiting(jobs=(_claimed_by(packet),), leases=(task_id,))
+    pending = [
+        (step, job)
+        for step, job in zip(scheduled[-1]["steps"], scheduled[-1]["job_ids"], strict=True)
+        if _step_event(packet, step) is None
+    ]
+    return Waiting(jobs=tuple(job for _, job in pending), leases=(task_id, *(f"{task_id}:{s}" for s, _ in pending)))
+
+
+def task_recover(*, packet: dict[str, Any], reason: str, retries: int) -> str:
+    """A queued or running task that nothing moves on any more (its jobs were lost with Redis, or with
+    a worker that died holding them): queue its jobs again under the same ids, with a ``recovered``
+    event, or fail it once it was recovered ``retries`` times in its run. Nothing happens if the task
+    changed since ``packet`` was read. Returns what was done: recovered, failed or changed."""
+    from orchestration.tasks import run_task
+
+    task_id, version = packet["task_id"], packet["version"]
+    times = sum(1 for e in loop.current_run(packet["history"]) if e["event"] == "recovered")
+    role = _role_or_none(packet)
+    give_up = None
+    if role is None:
+        give_up = f"{reason}, and its role {packet['profile']}/{packet['role']} is no longer configured"
+    elif times >= retries:
+        give_up = f"{reason}, after it was recovered {times} times"
+
+    def change(current: dict[str, Any]) -> bool:
+        if current["version"] != version:
+            return False
+        if give_up is not None:
+            current["status"] = FAILED
+            current["history"].append(history_event("failed", status=FAILED, detail={"reason": give_up}))
+        else:
+            detail = {"reason": reason, "jobs": list(task_waiting(current).jobs)}
+            current["history"].append(history_event("recovered", status=current["status"], detail=detail))
+        return True
+
+    updated, written = task_store().update(task_id, change)
+    if not written:
+        return "changed"
+    if give_up is not None:
+        logger.warning("task %s failed: %s", task_id, give_up)
+        _finished(updated)
+        return "failed"
+    logger.warning("task %s recovered: %s", task_id, reason)
+    scheduled = [e["detail"] for e in loop.current_run(updated["history"]) if e["event"] == "scheduled"]
+    if _delegated(updated):
+        plan_advance(parent_id=task_id)
+    elif updated["status"] == QUEUED or not scheduled:
+        run_task.apply_async(args=[task_id], **job_options(role, task_waiting(updated).jobs[0]))
+    else:
+        _after_step(updated, _last_step(updated))  # what the last step's worker died before queueing
+        if task_store().read(task_id)["version"] == updated["version"]:
+            _schedule(updated, scheduled[-1]["after"], [], republish=True)
+    return "recovered"
 
 
 def _claimed_by(packet: dict[str, Any]) -> str | None:

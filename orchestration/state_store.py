@@ -134,7 +134,33 @@ class TaskStore:
 
     def _write(self, packet: dict[str, Any]) -> None:
         atomic_write(self.path(packet["task_id"]), json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8"))
-        mirror_packet(packet)
+        if not mirror_packet(packet):
+            self._unmirrored.mkdir(parents=True, exist_ok=True)
+            (self._unmirrored / packet["task_id"]).touch()
+
+    @property
+    def _unmirrored(self) -> Path:
+        return self.root / ".unmirrored"
+
+    def catch_up_mirror(self) -> int:
+        """Write the rows of the tasks whose mirroring failed (the database was locked or down), each
+        from its file as it is now. Returns how many were written; stops at the first failure."""
+        if not self._unmirrored.is_dir():
+            return 0
+        written = 0
+        for marker in sorted(self._unmirrored.iterdir()):
+            # Removed before the read: a write that fails meanwhile marks the task again.
+            marker.unlink(missing_ok=True)
+            try:
+                packet = self.read(marker.name)
+            except (TaskNotFound, CorruptState, ValueError) as exc:
+                logger.error("not mirrored: %s", exc)
+                continue
+            if not mirror_packet(packet):
+                marker.touch()
+                break
+            written += 1
+        return written
 
     def _observe(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
         if self.on_write is None:
@@ -179,10 +205,12 @@ def mirror_row(packet: dict[str, Any]) -> bool:
         return created
 
 
-def mirror_packet(packet: dict[str, Any]) -> None:
-    """Write the packet's row. A database failure is logged, not raised: the file is
-    already the truth, and ``sync_tasks`` brings the row up to date."""
+def mirror_packet(packet: dict[str, Any]) -> bool:
+    """Write the packet's row; False when the database failed. The failure is logged, not raised:
+    the file is already the truth, and the recovery sweeper brings the row up to date."""
     try:
         mirror_row(packet)
     except DatabaseError as exc:
-        logger.warning("task %s: database mirror not updated (%s); run sync_tasks", packet["task_id"], exc)
+        logger.warning("task %s: database mirror not updated (%s); the recovery sweep will", packet["task_id"], exc)
+        return False
+    return True

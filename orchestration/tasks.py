@@ -63,6 +63,31 @@ def start_heartbeat(sender, **_kwargs) -> None:
     threading.Thread(target=loop, name="heartbeat", daemon=True).start()
 
 
+@worker_ready.connect
+def start_recovery_sweeps(**_kwargs) -> None:
+    """The recovery sweeper (orchestration/recovery.py) runs at start and then periodically, in one
+    worker at a time; a sweep that fails (Redis or the database away) is tried again next time."""
+    from django.db import close_old_connections
+
+    from orchestration import recovery
+
+    def loop() -> None:
+        time.sleep(2)  # let the worker take its queues first
+        while True:
+            try:
+                report = recovery.sweep_once_among_workers()
+                if report is not None and (report.mirrored or report.recovered or report.failed):
+                    logger.warning("recovery sweep: %s", report)
+            except Exception:
+                logger.warning("recovery sweep failed; trying again in %ss", settings.RECOVERY_SWEEP_SECONDS,
+                               exc_info=True)  # fmt: skip
+            finally:
+                close_old_connections()
+            time.sleep(settings.RECOVERY_SWEEP_SECONDS)
+
+    threading.Thread(target=loop, name="recovery", daemon=True).start()
+
+
 @worker_shutdown.connect
 def stop_heartbeat(sender=None, **_kwargs) -> None:
     from orchestration import mcp_handler, metrics

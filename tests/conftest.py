@@ -130,9 +130,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve(command: list[str], ready_url: str, log: Path) -> subprocess.Popen:
+def _serve(command: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=BASE_DIR, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
         try:

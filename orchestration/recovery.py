@@ -1,0 +1,155 @@
+"""The recovery sweeper: finds the accepted tasks that nothing moves on any more, and moves them on.
+
+A task is queued or running because something will move it on: a job on its role's queue, a job a
+live worker holds (running, prefetched, or waiting for its retry's countdown), a step running under
+its lease, or, for a plan, its children. Redis that lost its data (it keeps nothing on disk, or was
+replaced), a submit whose enqueue failed while Redis was down, a worker host that died with its
+jobs prefetched (they come back only after the broker's visibility timeout, an hour), or a chord
+whose callback was never sent can leave a task with none of these. The sweeper looks at the queued
+and running tasks that have not changed for ``RECOVERY_GRACE_SECONDS``, and for each one with
+nothing to move it on, queues its jobs again under the same ids (``task_recover``: a job delivered
+twice finds its step done), or fails it after ``RECOVERY_RETRIES`` recoveries in its run.
+
+It also writes the database rows that a locked or unreachable database did not take (the state
+files are the truth). Every worker runs it at start and then every ``RECOVERY_SWEEP_SECONDS``, one
+worker at a time (a Redis lock); ``manage.py recover_tasks`` runs it once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import redis
+from django.conf import settings
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from orchestration import mcp_handler, metrics, orchestration_engine
+from orchestration.leases import leases_held
+from orchestration.models import Task
+from orchestration.packets import FINISHED, QUEUED, RUNNING
+from orchestration.runtime import configuration, task_store
+from orchestration.state_store import CorruptState, TaskNotFound
+
+logger = logging.getLogger(__name__)
+
+LOCK = "aiagent:recovery:lock"
+BATCH = 1000
+
+
+@dataclass
+class SweepReport:
+    mirrored: int = 0
+    looked_at: int = 0
+    recovered: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.mirrored} database rows caught up; {self.looked_at} idle tasks looked at; "
+            f"{len(self.recovered)} recovered; {len(self.failed)} failed"
+        )
+
+
+def queued_jobs(client: redis.Redis, queues: Iterable[str]) -> set[str]:
+    """The ids of the jobs waiting on ``queues`` (kombu's Redis lists, every priority)."""
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for suffix in metrics.PRIORITY_SUFFIXES:
+            pipe.lrange(queue + suffix, 0, -1)
+    ids = set()
+    for messages in pipe.execute():
+        for raw in messages:
+            try:
+                ids.add(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                logger.warning("a message on a queue is not a Celery job; ignored")
+    return ids
+
+
+def held_jobs(timeout_s: float) -> set[str]:
+    """The ids of the jobs the live workers hold: running, prefetched, or waiting for a countdown."""
+    from aiagentserver.celery import app
+
+    inspect = app.control.inspect(timeout=timeout_s)
+    ids = set()
+    for replies in (inspect.active(), inspect.reserved(), inspect.scheduled()):
+        for jobs in (replies or {}).values():
+            for job in jobs:
+                ids.add(job.get("id") or job.get("request", {}).get("id"))
+    return ids
+
+
+def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_timeout_s: float = 2.0) -> SweepReport:
+    """One pass: catch the mirror up, then recover the idle tasks that nothing moves on."""
+    grace_s = settings.RECOVERY_GRACE_SECONDS if grace_s is None else grace_s
+    retries = settings.RECOVERY_RETRIES if retries is None else retries
+    report = SweepReport()
+    store = task_store()
+    report.mirrored = store.catch_up_mirror()
+    cutoff = timezone.now() - timedelta(seconds=grace_s)
+    candidates = list(
+        Task.objects.filter(status__in=(QUEUED, RUNNING), updated_at__lte=cutoff)
+        .order_by("updated_at")
+        .values_list("task_id", flat=True)[:BATCH]
+    )
+    on_queues: set[str] | None = None
+    held: set[str] | None = None
+    for candidate in candidates:
+        try:
+            packet = store.read(str(candidate))
+        except (TaskNotFound, CorruptState) as exc:
+            logger.error("recovery: %s", exc)
+            continue
+        if packet["status"] not in (QUEUED, RUNNING) or parse_datetime(packet["updated_at"]) > cutoff:
+            continue  # it moved since the mirror was read
+        report.looked_at += 1
+        waiting = orchestration_engine.task_waiting(packet)
+        if waiting.children:
+            if any(_status(child) not in FINISHED for child in waiting.children):
+                continue  # its children move it on
+            reason = "its plan's children have finished, but the plan did not go on"
+        else:
+            if leases_held(waiting.leases):
+                continue
+            if on_queues is None:
+                on_queues = queued_jobs(_redis(), [*configuration().queues(), settings.CELERY_TASK_DEFAULT_QUEUE])
+            if any(job in on_queues for job in waiting.jobs):
+                continue
+            if held is None:
+                held = held_jobs(inspect_timeout_s)
+            if any(job in held for job in waiting.jobs):
+                continue
+            reason = "its jobs were lost: none is on a queue or held by a live worker, and no step runs"
+        outcome = orchestration_engine.task_recover(packet=packet, reason=reason, retries=retries)
+        if outcome == "recovered":
+            report.recovered.append(packet["task_id"])
+        elif outcome == "failed":
+            report.failed.append(packet["task_id"])
+    return report
+
+
+def sweep_once_among_workers(**options) -> SweepReport | None:
+    """``sweep`` if no other process is sweeping (a Redis lock); None when one is."""
+    client = _redis()
+    if not client.set(LOCK, "1", nx=True, ex=max(settings.RECOVERY_SWEEP_SECONDS, 10)):
+        return None
+    try:
+        return sweep(**options)
+    finally:
+        client.delete(LOCK)
+
+
+def _status(task_id: str) -> str | None:
+    try:
+        return task_store().read(task_id)["status"]
+    except TaskNotFound:
+        return None
+
+
+def _redis() -> redis.Redis:
+    return mcp_handler.client()

@@ -1,0 +1,1 @@
+"""Tests that the server keeps working under faults, load and hostile input (issue 7)."""

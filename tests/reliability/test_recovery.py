@@ -1,0 +1,223 @@
+"""Recovery from lost jobs, dead workers, a Redis that was down and a database that refused writes:
+the recovery sweeper (orchestration/recovery.py) with real Celery workers, a real Redis, and the
+scripted engine in place of the model (tests/orchestration/scripted.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import OperationalError, connection
+
+from aiagentserver.celery import app
+from orchestration import recovery
+from orchestration.models import Task
+from orchestration.runtime import task_store
+from tests.conftest import BASE_DIR, server_env, wait_for
+from tests.orchestration.scripted import CODER, QA_REVIEW, code_reply, use_script
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+SUMMARY = {"match": r'Reply with JSON: \{"summary"', "reply": {"summary": "Short.", "key_points": ["short"]}}
+QUEUE = "productivity.summarizer"
+
+
+@pytest.fixture
+def script(edit_config, tmp_path):
+    return lambda rules: use_script(edit_config, tmp_path / "script.json", rules)
+
+
+@pytest.fixture
+def broker(redis_url) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+def submit(api, text: str = "Some text to summarize.") -> dict:
+    response = api.post(
+        f"/api/v1/{QUEUE.replace('.', '/')}",
+        data=json.dumps({"payload": {"input": text}}),
+        content_type="application/json",
+    )
+    assert response.status_code == 202, response.content
+    return response.json()
+
+
+def events(packet: dict) -> list[str]:
+    return [event["event"] for event in packet["history"]]
+
+
+class paused_queue:
+    """The session worker stops taking jobs from a queue for a while."""
+
+    def __init__(self, worker: str, queue: str = QUEUE) -> None:
+        self.worker, self.queue = worker, queue
+
+    def __enter__(self) -> None:
+        app.control.cancel_consumer(self.queue, destination=[self.worker], reply=True)
+
+    def __exit__(self, *exc_info) -> None:
+        app.control.add_consumer(self.queue, destination=[self.worker], reply=True)
+
+
+def test_a_queued_task_whose_job_redis_lost_is_queued_again_and_completes(api, celery_worker, script, broker):
+    script([SUMMARY])
+    with paused_queue(celery_worker.name):
+        packet = submit(api)
+        job_id = packet["history"][0]["detail"]["job_id"]
+        assert job_id in recovery.queued_jobs(broker, [QUEUE])
+        assert recovery.sweep(grace_s=0).recovered == []  # on its queue: waiting, not lost
+        broker.delete(QUEUE)  # Redis lost it (restarted without persistence, say)
+        report = recovery.sweep(grace_s=0)
+        assert report.recovered == [packet["task_id"]]
+    done = wait_for(packet["task_id"])
+    assert done["status"] == "succeeded"
+    assert events(done) == ["submitted", "recovered", "claimed", "step", "finished"]
+    assert done["history"][1]["detail"]["jobs"] == [job_id]
+    assert done["history"][2]["detail"]["job_id"] == job_id  # queued again under the same id
+    assert recovery.sweep(grace_s=0).recovered == []
+
+
+def test_a_task_accepted_while_redis_was_down_is_queued_by_the_sweep(api, celery_worker, script):
+    """A web process whose Redis does not answer (a real process, pointed at a closed port)."""
+    script([SUMMARY])
+    task_id = str(uuid.uuid4())
+    code = (
+        "import django, json; django.setup()\n"
+        "from orchestration.exceptions import ApplicationError\n"
+        "from orchestration.services import task_submit\n"
+        "try:\n"
+        f"    task_submit(profile='productivity', role='summarizer', payload={{'input': 'Hi.'}}, task_id='{task_id}')\n"
+        "except ApplicationError as exc:\n"
+        "    print(json.dumps({'status': exc.status_code, 'code': exc.code}))\n"
+    )
+    env = server_env(REDIS_URL="redis://127.0.0.1:1/0", DJANGO_SETTINGS_MODULE="aiagentserver.settings")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 503, "code": "queue_unavailable"}
+    assert task_store().read(task_id)["status"] == "queued"
+    # Redis is back (it always was, for everyone else): the sweep queues the task.
+    assert recovery.sweep(grace_s=0).recovered == [task_id]
+    done = wait_for(task_id)
+    assert done["status"] == "succeeded"
+    assert events(done) == ["submitted", "enqueue_failed", "recovered", "claimed", "step", "finished"]
+
+
+def test_a_worker_killed_whole_mid_step_leaves_a_task_the_sweep_hands_to_another(api, celery_worker, script, tmp_path):
+    """SIGKILL of a whole worker (the host died): its job stays unacknowledged in Redis for the
+    visibility timeout (an hour); the sweep finds no live worker holding it and queues it again."""
+    script([{**SUMMARY, "delay_s": 4}])
+    name = f"doomed-{uuid.uuid4().hex[:6]}@localhost"
+    log = tmp_path / "doomed.log"
+    command = [
+        sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q", QUEUE,
+        "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    env = server_env(TASK_LEASE_SECONDS="2", RECOVERY_SWEEP_SECONDS="3600")
+    with paused_queue(celery_worker.name):
+        with open(log, "wb") as output:
+            doomed = subprocess.Popen(
+                command, cwd=BASE_DIR, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while not app.control.ping(destination=[name], timeout=0.5):
+                assert doomed.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            packet = submit(api)
+            running = wait_for(packet["task_id"], {"running"}, timeout=30)
+            assert running["history"][-1]["detail"]["worker"].startswith(name)
+        finally:
+            os.killpg(doomed.pid, signal.SIGKILL)
+            doomed.wait()
+    time.sleep(2.5)  # its lease expires
+    assert recovery.sweep(grace_s=0).recovered == [packet["task_id"]]
+    done = wait_for(packet["task_id"], timeout=60)
+    assert done["status"] == "succeeded"
+    assert events(done) == ["submitted", "claimed", "recovered", "reclaimed", "step", "finished"]
+    assert done["history"][3]["detail"]["worker"].startswith(celery_worker.name)
+    assert sum(event["event"] == "step" for event in done["history"]) == 1
+
+
+def test_a_round_whose_verdict_never_came_is_recovered(api, celery_worker, script):
+    """A chord whose callback is lost (django-celery-results counts a check job delivered twice as two):
+    the round's checks are all recorded, no verdict follows. The state is built from a real run."""
+    tests = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    script(
+        [
+            {"match": QA_REVIEW, "reply": {"passed": True, "findings": []}},
+            {"match": CODER, "reply": code_reply("def add(a, b):\n    return a + b\n")},
+        ]
+    )
+    response = api.post(
+        "/api/v1/developer/fast_coder",
+        data=json.dumps({"payload": {"instruction": "add(a, b) returns a + b", "tests": tests}}),
+        content_type="application/json",
+    )
+    reference = wait_for(response.json()["task_id"], timeout=60)
+    assert reference["status"] == "succeeded"
+    verdict = next(i for i, e in enumerate(reference["history"]) if e["event"] == "verdict")
+    history = json.loads(json.dumps(reference["history"][:verdict]))
+    assert sorted(e["detail"]["step"] for e in history if e["event"] == "check") == ["1.review", "1.static", "1.tests"]
+    for event in history:  # jobs of its own, as a real task would have
+        if event["event"] == "scheduled":
+            event["detail"]["job_ids"] = [str(uuid.uuid4()) for _ in event["detail"]["job_ids"]]
+    stuck = {**reference, "task_id": str(uuid.uuid4()), "status": "running", "result": None, "history": history}
+    del stuck["version"]
+    task_store().create(stuck)
+
+    assert recovery.sweep(grace_s=0).recovered == [stuck["task_id"]]
+    done = wait_for(stuck["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    assert events(done)[len(history) :] == ["recovered", "verdict", "finished"]
+    # The checks were not run again: they were recorded.
+    assert sum(event["event"] == "check" for event in done["history"]) == 3
+
+
+def test_a_task_recovered_too_often_fails(api, celery_worker, script, broker, settings):
+    script([SUMMARY])
+    with paused_queue(celery_worker.name):
+        packet = submit(api)
+        broker.delete(QUEUE)
+        assert recovery.sweep(grace_s=0, retries=1).recovered == [packet["task_id"]]
+        broker.delete(QUEUE)  # lost again
+        report = recovery.sweep(grace_s=0, retries=1)
+    assert report.failed == [packet["task_id"]]
+    failed = task_store().read(packet["task_id"])
+    assert failed["status"] == "failed"
+    assert events(failed) == ["submitted", "recovered", "failed"]
+    assert "after it was recovered 1 times" in failed["history"][-1]["detail"]["reason"]
+
+
+def test_the_mirror_catches_up_after_the_database_refused_a_write():
+    """The database is locked (SQLite's busy timeout ran out) for the task's writes: the file is the
+    truth, and the sweep writes the row. The refusal is injected with Django's execute_wrapper, at the
+    driver boundary."""
+    from orchestration.packets import history_event, new_packet
+
+    store = task_store()
+    packet = store.create(new_packet(task_id=str(uuid.uuid4()), profile="developer", role="planner", payload={}))
+
+    def locked(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith(("UPDATE", "INSERT")) and "orchestration_task" in sql:
+            raise OperationalError("database is locked")
+        return execute(sql, params, many, context)
+
+    def note(current: dict) -> bool:
+        current["history"].append(history_event("note", status=current["status"]))
+        return True
+
+    with connection.execute_wrapper(locked):
+        updated, _ = store.update(packet["task_id"], note)
+    assert updated["version"] == 2
+    assert Task.objects.get(task_id=packet["task_id"]).version == 1
+    assert (Path(settings.TASKS_STATE_DIR) / ".unmirrored" / packet["task_id"]).exists()
+    assert recovery.sweep(grace_s=3600).mirrored == 1
+    assert Task.objects.get(task_id=packet["task_id"]).version == 2
+    assert not (Path(settings.TASKS_STATE_DIR) / ".unmirrored" / packet["task_id"]).exists()
