@@ -33,6 +33,7 @@ import redis
 from django.conf import settings
 
 from balancer.load_balancer import CallSample
+from orchestration.parsers import json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +181,13 @@ Handler = Callable[[Entry, Any], None]
 
 
 def decode(channel: str, entry_id: bytes | str, fields: Mapping[bytes, bytes] | None) -> Entry:
-    """An entry as read; ``data`` is None (and the handler rejects it) when it is not a JSON object."""
+    """An entry as read; ``data`` is None (and the handler rejects it) when it is not a JSON object, or is
+    one that orchestration/parsers.py refuses (nested too deep, text that cannot be stored)."""
     entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (fields or {}).items()}
     data = None
     try:
-        parsed = json.loads(fields.get("data", ""))
+        parsed = json_loads(fields.get("data", ""))
         data = parsed if isinstance(parsed, dict) else None
     except ValueError:
         pass
