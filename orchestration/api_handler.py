@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import reverse
@@ -599,6 +600,27 @@ class HealthzApi(APIView):
         )
 
 
+class ServerSentEventSerializer(serializers.Serializer):
+    """One event of a task's event stream, as an EventSource reads it. For `text/event-stream` the schema
+    describes each event, as OpenAPI 3.2 (`itemSchema`) and tools such as schemathesis read it."""
+
+    event = serializers.ChoiceField(
+        choices=["message", "end"],
+        help_text="`message` (sent without an `event:` line): a history event; `end`: the task has finished, "
+        "and the stream closes.",
+    )
+    id = serializers.CharField(
+        required=False,
+        validators=[RegexValidator(r"^[0-9]+$")],
+        help_text="The history event's position in the history, from 1: a reconnecting client sends the last "
+        "one as `Last-Event-ID`.",
+    )
+    data = serializers.CharField(
+        help_text="JSON. With `message`, the history event (the `HistoryEvent` component); with `end`, "
+        '`{"task_id": ..., "status": ...}`, the task\'s final status.'
+    )
+
+
 class TaskEventsApi(APIView):
     """GET /api/v1/tasks/{task_id}/events: the task's history as Server-Sent Events, live."""
 
@@ -630,8 +652,8 @@ class TaskEventsApi(APIView):
         ],
         responses={
             (200, "text/event-stream"): OpenApiResponse(
-                OpenApiTypes.STR,
-                description='`id: 3`, `data: {"at": ..., "event": "step", ...}`; at the end '
+                ServerSentEventSerializer,
+                description='Each event: `id: 3`, `data: {"at": ..., "event": "step", ...}`; at the end '
                 '`event: end`, `data: {"task_id": ..., "status": "succeeded"}`.',
             ),
             400: error("`invalid`: the task_id is not a UUID, or `Last-Event-ID` is not an event of the task."),
