@@ -19,6 +19,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import reverse
 from django.views.defaults import page_not_found
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -118,6 +119,32 @@ _PAYLOAD_HELP = (
     "each role's `agent`, and doc/agents.md gives each agent's payload. Every role whose work can start "
     'from text takes `{"input": "<text>"}`.'
 )
+
+
+class ClosedInputSerializer(serializers.Serializer):
+    """A request body that refuses the fields it does not declare (400, `unknown field`); its schema says
+    so with `additionalProperties: false` (ClosedInputSchema)."""
+
+    # Fields that a subclass checks itself in to_internal_value, outside the schema.
+    undeclared_fields: frozenset[str] = frozenset()
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if isinstance(data, dict):
+            unknown = sorted(data.keys() - set(self.fields) - self.undeclared_fields)
+            if unknown:
+                raise serializers.ValidationError({unknown[0]: ["unknown field"]})
+        return super().to_internal_value(data)
+
+
+class ClosedInputSchema(OpenApiSerializerExtension):
+    """drf-spectacular: the schema of a ClosedInputSerializer admits no other property."""
+
+    target_class = ClosedInputSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        return {**schema, "additionalProperties": False}
 
 
 class HistoryEventSerializer(serializers.Serializer):
@@ -237,10 +264,12 @@ class TaskSubmitApi(APIView):
 
     # created_at and updated_at are declared only to be refused: the schema leaves them out.
     @extend_schema_serializer(component_name="TaskSubmit", exclude_fields=["created_at", "updated_at"])
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(ClosedInputSerializer):
         """A new task. The fields the server owns (`status`, `result`, `history`, `version`, `iteration`,
         `parent_id`, `children`) may be sent only with their initial values: `"queued"`, `null`, `[]`,
         `0`, `0`, `null`, `[]`."""
+
+        undeclared_fields = frozenset(SERVER_OWNED_INITIAL)
 
         task_id = TaskIdField(
             required=False,
@@ -256,10 +285,6 @@ class TaskSubmitApi(APIView):
 
         def to_internal_value(self, data: Any) -> dict[str, Any]:
             if isinstance(data, dict):
-                known = set(self.fields) | set(SERVER_OWNED_INITIAL)
-                unknown = sorted(data.keys() - known)
-                if unknown:
-                    raise serializers.ValidationError({unknown[0]: ["unknown field"]})
                 for field, initial in SERVER_OWNED_INITIAL.items():
                     # Compared as JSON, so that false is not taken for 0.
                     if field in data and json.dumps(data[field]) != json.dumps(initial):
@@ -394,7 +419,7 @@ class TaskFeedbackApi(APIView):
     """POST /api/v1/tasks/{task_id}/feedback: feedback on a coder task that awaits it or has finished."""
 
     @extend_schema_serializer(component_name="TaskFeedback")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(ClosedInputSerializer):
         """Feedback from a person or an outside agent on a task of a coder role."""
 
         feedback = serializers.CharField(max_length=20_000, trim_whitespace=True)
@@ -407,13 +432,6 @@ class TaskFeedbackApi(APIView):
         tests = serializers.CharField(
             required=False, max_length=200_000, trim_whitespace=False, help_text="Test code that replaces the tests."
         )
-
-        def to_internal_value(self, data: Any) -> dict[str, Any]:
-            if isinstance(data, dict):
-                unknown = sorted(data.keys() - set(self.fields))
-                if unknown:
-                    raise serializers.ValidationError({unknown[0]: ["unknown field"]})
-            return super().to_internal_value(data)
 
     @extend_schema(
         operation_id="task_feedback",
