@@ -1,7 +1,8 @@
 """Any OpenAI-compatible chat API (OpenAI, vLLM, llama.cpp's server, LM Studio...) through the official client.
 
 The API key is read from the environment variable that the configuration
-names (``api_key_env``); it is never stored, logged or returned.
+names (``api_key_env``); it is never stored, logged or returned, and an error
+message of the server that quotes it back has it redacted.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class OpenAIEngine(Engine):
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise EngineAuthError(f"the environment variable {api_key_env} is not set", engine=self.name)
+        self._api_key = api_key
         # A local server needs no key, but the client insists on one.
         self.client = openai.OpenAI(
             api_key=api_key or "no-key", base_url=base_url, max_retries=0, timeout=request_timeout
@@ -70,7 +72,7 @@ class OpenAIEngine(Engine):
         return problems
 
     def _error(self, exc: openai.OpenAIError) -> EngineError:
-        message = getattr(exc, "message", None) or str(exc)
+        message = self._redact(getattr(exc, "message", None) or str(exc))
         if isinstance(exc, openai.APITimeoutError):
             return EngineTimeout(f"no answer in time from {self.base_url or 'the API'}", engine=self.name)
         if isinstance(exc, openai.APIConnectionError):
@@ -91,6 +93,11 @@ class OpenAIEngine(Engine):
                 return ContextTooLong(message, engine=self.name)
             return EngineBadRequest(f"{exc.status_code}: {message}", engine=self.name)
         return EngineError(message, engine=self.name)
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the key: some servers quote the Authorization header in their error messages, and
+        this message goes into the task's history, the LLM's health and the logs."""
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
 
     def _request(self, messages: Sequence[Message], options: ChatOptions) -> dict[str, Any]:
         request: dict[str, Any] = {
