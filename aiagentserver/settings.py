@@ -333,6 +333,10 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# Each web process streams at most this many tasks' events (GET /api/v1/tasks/{id}/events) at
+# once, each holding one of its threads; more get 503 with Retry-After.
+EVENTS_MAX_STREAMS = env_int("EVENTS_MAX_STREAMS", 4, minimum=1)
+
 # --- Recovery (orchestration/recovery.py) -------------------------------------
 
 # How often one of the workers sweeps for tasks whose jobs were lost (and catches the database

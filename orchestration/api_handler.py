@@ -9,6 +9,7 @@ selectors build as dicts: they document, nothing serializes with them.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -674,16 +675,63 @@ class TaskEventsApi(APIView):
                 description='Each event: `id: 3`, `data: {"at": ..., "event": "step", ...}`; at the end '
                 '`event: end`, `data: {"task_id": ..., "status": "succeeded"}`.',
             ),
+            204: OpenApiResponse(
+                description="The task has finished and `Last-Event-ID` is its last event: nothing more will "
+                "come (EventSource stops reconnecting)."
+            ),
             400: error("`invalid`: the task_id is not a UUID, or `Last-Event-ID` is not an event of the task."),
             **errors(401, 404, 500),
+            503: error(
+                "`too_many_streams`: this web process already streams `EVENTS_MAX_STREAMS` tasks; `Retry-After` "
+                "says when to try again."
+            ),
         },
     )
-    def get(self, request: Request, task_id: str) -> StreamingHttpResponse:
+    def get(self, request: Request, task_id: str) -> HttpResponse:
         events = task_events(task_id=task_id, after=_last_event_id(request))
-        response = StreamingHttpResponse(_server_sent(events), content_type="text/event-stream")
+        if events is None:
+            # Finished and every event seen: 204 tells EventSource not to reconnect.
+            return HttpResponse(status=status.HTTP_204_NO_CONTENT)
+        if not _STREAMS.acquire(blocking=False):
+            return Response(
+                {
+                    "code": "too_many_streams",
+                    "detail": f"this server process already streams {settings.EVENTS_MAX_STREAMS} tasks' events "
+                    "(EVENTS_MAX_STREAMS); try again shortly, or read GET /api/v1/tasks/{task_id}",
+                },
+                status=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+        response = StreamingHttpResponse(_EventStream(events), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return response
+
+
+# Each open stream holds a web thread: a process streams at most this many at once, so that the
+# other requests always find a thread.
+_STREAMS = threading.BoundedSemaphore(settings.EVENTS_MAX_STREAMS)
+
+
+class _EventStream:
+    """The response's body: the events as Server-Sent Events. Django closes it when the response
+    ends (the client went away, or the stream did), which gives the stream's slot back."""
+
+    def __init__(self, events: Iterator[tuple[str, int, dict[str, Any]]]) -> None:
+        self._lines = _server_sent(events)
+        self._open = True
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._lines)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._lines.close()
+            _STREAMS.release()
 
 
 def _last_event_id(request: Request) -> int:
@@ -823,6 +871,8 @@ class MetricsUsageSerializer(serializers.Serializer):
                 child=serializers.IntegerField(), help_text="Tasks that finished in the last 5 minutes, by status."
             ),
         },
+        allow_null=True,
+        help_text="From the database mirror; null when the database does not answer.",
     )
     llms = serializers.DictField(
         child=inline_serializer(
@@ -847,6 +897,8 @@ class MetricsUsageSerializer(serializers.Serializer):
                 )
             ),
         },
+        allow_null=True,
+        help_text="From the database mirror; null when the database does not answer.",
     )
     estimated_cost = inline_serializer(
         "EstimatedCost",

@@ -7,11 +7,16 @@ profiles, the existing task...).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
+from django.db import DatabaseError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+logger = logging.getLogger(__name__)
 
 
 class ApplicationError(Exception):
@@ -48,13 +53,32 @@ def error_response(exc: Exception) -> tuple[int, dict[str, Any]] | None:
         if field:
             body["field"] = field
         return status.HTTP_400_BAD_REQUEST, body
+    if isinstance(exc, redis.RedisError):
+        logger.warning("Redis does not answer: %s: %s", type(exc).__name__, exc)
+        return status.HTTP_503_SERVICE_UNAVAILABLE, {
+            "code": "redis_unavailable",
+            "detail": "Redis (the queues and the server's shared state) does not answer; try again shortly",
+        }
+    if isinstance(exc, DatabaseError):
+        logger.warning("the database does not answer: %s: %s", type(exc).__name__, exc)
+        return status.HTTP_503_SERVICE_UNAVAILABLE, {
+            "code": "database_unavailable",
+            "detail": "the database does not answer (or is locked); try again shortly",
+        }
     return None
+
+
+# An outage of Redis or the database: the client may try again after this many seconds.
+RETRY_AFTER_OUTAGE_S = 5
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     answer = error_response(exc)
     if answer is not None:
-        return Response(answer[1], status=answer[0])
+        outage = answer[1]["code"] in ("redis_unavailable", "database_unavailable")
+        return Response(
+            answer[1], status=answer[0], headers={"Retry-After": str(RETRY_AFTER_OUTAGE_S)} if outage else None
+        )
     response = exception_handler(exc, context)
     if response is not None and isinstance(exc, exceptions.APIException):
         codes = exc.get_codes()

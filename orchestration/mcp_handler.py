@@ -31,9 +31,11 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from balancer.load_balancer import CallSample
-from orchestration.parsers import json_loads
+from orchestration.parsers import check_json
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,9 @@ INBOUND_TASK_NAMESPACE = uuid.UUID("6f1d3b52-8f7e-4c59-9a57-0c7d1f0e3a21")
 
 @cache
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    # No retries: a Redis that does not answer costs one 2 s timeout, not one per retry (a hung
+    # Redis must not hold a task's lock, or a request, for long), and a publish is never repeated.
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
 
 
 def client() -> redis.Redis:
@@ -128,7 +132,7 @@ def publish_llm_call(sample: CallSample) -> None:
 def feedback_cursor() -> str:
     """The id of the feedback channel's latest message: waiting from it sees only what comes after."""
     latest = client().xrevrange(FEEDBACK, count=1)
-    return _text(latest[0][0]) if latest else "0-0"
+    return text(latest[0][0]) if latest else "0-0"
 
 
 def wait_for_task(task_id: str, cursor: str, timeout_s: float) -> tuple[str, bool]:
@@ -144,14 +148,24 @@ def wait_for_task(task_id: str, cursor: str, timeout_s: float) -> tuple[str, boo
             changed = False
             for _, entries in replies or []:
                 for entry_id, fields in entries:
-                    cursor = _text(entry_id)
-                    changed |= fields.get(b"type") == STATE.encode() and marker in fields.get(b"data", b"")
+                    cursor = text(entry_id)
+                    data = fields.get(b"data", b"")
+                    # The id's bytes first (cheap), then the message's own task (not a child's parent_id).
+                    if fields.get(b"type") == STATE.encode() and marker in data:
+                        changed |= _state_task_id(data) == task_id
             if changed:
                 return cursor, True
     except redis.RedisError:
         time.sleep(1)
         return cursor, True
     return cursor, False
+
+
+def _state_task_id(data: bytes) -> str | None:
+    try:
+        return json.loads(data).get("task_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 # --- reading the channels -----------------------------------------------------------------------
@@ -172,26 +186,104 @@ class Entry:
     type: str | None
     data: dict[str, Any] | None
     deliveries: int = 1
+    # Why ``data`` is None: the message's ``data`` is missing, too large, not UTF-8, not JSON...
+    problem: str | None = None
 
 
-# A handler does the message's work and adds its Redis writes (an answer, an aggregation) to the
-# transaction that acknowledges the message; it raises Reject to refuse it, anything else to have
-# it delivered again later.
-Handler = Callable[[Entry, Any], None]
+class Writes:
+    """The Redis writes of a handler (an answer, an aggregation), kept to be run in the script that
+    acknowledges its message, and only if that acknowledgement takes: a message that another consumer
+    took over and acknowledged first has its writes made once. The methods are redis-py's."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str | bytes | int | float]] = []
+
+    def xadd(self, name: str, fields: Mapping[str, str], maxlen: int | None = None, approximate: bool = True) -> None:
+        command: list = ["XADD", name]
+        if maxlen is not None:
+            command += ["MAXLEN", "~" if approximate else "=", maxlen]
+        command.append("*")
+        for key, value in fields.items():
+            command += [key, value]
+        self.commands.append(command)
+
+    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
+        self.commands.append(["HINCRBY", name, key, int(amount)])
+
+    def hincrbyfloat(self, name: str, key: str, amount: float) -> None:
+        self.commands.append(["HINCRBYFLOAT", name, key, repr(float(amount))])
+
+    def sadd(self, name: str, *values: str) -> None:
+        self.commands.append(["SADD", name, *values])
+
+    def setnx(self, name: str, value: float | str) -> None:
+        self.commands.append(["SET", name, value, "NX"])
+
+    def expire(self, name: str, seconds: int) -> None:
+        self.commands.append(["EXPIRE", name, int(seconds)])
+
+    def arguments(self) -> list:
+        """The commands for ``_ACK_THEN``: each as its length, then its words."""
+        flat: list = []
+        for command in self.commands:
+            flat += [len(command), *command]
+        return flat
+
+
+# KEYS[1] the channel; ARGV[1] the group, ARGV[2] the message id, then the writes (``Writes.arguments``).
+# The writes run only if this acknowledgement is the one that removes the message from the pending list.
+_ACK_THEN = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+
+# A handler does the message's work and adds its Redis writes (an answer, an aggregation) to
+# ``Writes``, run with the acknowledgement; it raises Reject to refuse the message, anything else to
+# have it delivered again later.
+Handler = Callable[[Entry, Writes], None]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def decode(channel: str, entry_id: bytes | str, fields: Mapping[bytes, bytes] | None) -> Entry:
-    """An entry as read; ``data`` is None (and the handler rejects it) when it is not a JSON object, or is
-    one that orchestration/parsers.py refuses (nested too deep, text that cannot be stored)."""
-    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (fields or {}).items()}
-    data = None
-    try:
-        parsed = json_loads(fields.get("data", ""))
-        data = parsed if isinstance(parsed, dict) else None
-    except ValueError:
-        pass
-    return Entry(channel=channel, id=entry_id, type=fields.get("type"), data=data)
+    """An entry as read. Never raises: when ``data`` cannot be used (missing, larger than
+    ``API_MAX_BODY_BYTES``, not UTF-8, not a JSON object, NaN or Infinity, nested too deep, text that
+    is not Unicode), ``data`` is None and ``problem`` says why, and the handler rejects it."""
+    entry_id = text(entry_id)
+    fields = dict(fields or {})
+    kind = fields.get(b"type")
+    entry = Entry(channel=channel, id=entry_id, type=kind.decode("utf-8", "replace") if kind else None, data=None)
+    raw = fields.get(b"data")
+    limit = settings.API_MAX_BODY_BYTES
+    if raw is None:
+        entry.problem = "data: is required (a JSON object)"
+    elif len(raw) > limit:
+        entry.problem = f"data: is {len(raw)} bytes; the limit is {limit} bytes"
+    else:
+        try:
+            parsed = check_json(json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant))
+        except UnicodeDecodeError:
+            entry.problem = "data: is not UTF-8 text"
+        except RecursionError:
+            entry.problem = "data: JSON nested too deep"
+        except ValueError as exc:
+            entry.problem = f"data: is not valid JSON ({str(exc)[:200]})"
+        else:
+            if isinstance(parsed, dict):
+                entry.data = parsed
+            else:
+                entry.problem = "data: must be a JSON object"
+    return entry
 
 
 class Consumer:
@@ -214,6 +306,7 @@ class Consumer:
         self.max_deliveries = max_deliveries or settings.MCP_MAX_DELIVERIES
         self.clock = clock
         self._next_claim = 0.0
+        self._ack_then = self.redis.register_script(_ACK_THEN)
 
     def ensure_groups(self) -> None:
         """Create the group on every channel (from its first entry, so that nothing sent before the
@@ -225,19 +318,42 @@ class Consumer:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def forget_dead_consumers(self, idle_s: float = 3600) -> list[str]:
+        """Remove from the group the consumers (of dead processes) idle this long with nothing pending,
+        so that the group's consumer count stays true."""
+        forgotten = []
+        for channel in self.handlers:
+            for consumer in self.redis.xinfo_consumers(channel, GROUP):
+                name = text(consumer["name"])
+                if name != self.name and not consumer["pending"] and consumer["idle"] >= idle_s * 1000:
+                    self.redis.xgroup_delconsumer(channel, GROUP, name)
+                    forgotten.append(name)
+        return forgotten
+
     def poll(self, *, block_ms: int = 1000, count: int = 50) -> int:
-        """Take over the messages of dead consumers when due, then read and handle new ones.
-        Returns how many messages were handled (acknowledged)."""
+        """Take over the messages of dead consumers when due, then read and handle new ones. Returns
+        how many messages were handled (acknowledged). A channel or group that vanished (Redis lost its
+        data, or was flushed) is made again."""
+        try:
+            return self._poll(block_ms, count)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            logger.warning("the consumer group is gone (%s); making it again", exc)
+            self.ensure_groups()
+            return 0
+
+    def _poll(self, block_ms: int, count: int) -> int:
         handled = 0
         if self.clock() >= self._next_claim:
-            handled += self.reclaim()
+            # Set first: a reclaim that fails must not run again at every poll.
             self._next_claim = self.clock() + max(self.claim_idle_ms / 2000, 0.5)
+            handled += self.reclaim()
         streams = dict.fromkeys(self.handlers, ">")
         replies = self.redis.xreadgroup(GROUP, self.name, streams, count=count, block=block_ms) or []
         for channel, entries in replies:
-            channel = channel.decode() if isinstance(channel, bytes) else channel
             for entry_id, fields in entries:
-                handled += self.handle(decode(channel, entry_id, fields))
+                handled += self.handle(decode(text(channel), entry_id, fields))
         return handled
 
     def reclaim(self) -> int:
@@ -247,23 +363,22 @@ class Consumer:
             pending = self.redis.xpending_range(channel, GROUP, min="-", max="+", count=100, idle=self.claim_idle_ms)
             if not pending:
                 continue
-            deliveries = {_text(p["message_id"]): p["times_delivered"] + 1 for p in pending}
-            claimed = self.redis.xclaim(channel, GROUP, self.name, self.claim_idle_ms, list(deliveries))
-            found = set()
-            for entry_id, fields in claimed:
+            deliveries = {text(p["message_id"]): p["times_delivered"] + 1 for p in pending}
+            # Only what is still idle is claimed (another consumer may have taken some meanwhile);
+            # a pending message that was trimmed away comes back empty (Redis 6) or not at all (7+),
+            # and Redis drops it from the pending list itself.
+            for entry_id, fields in self.redis.xclaim(channel, GROUP, self.name, self.claim_idle_ms, list(deliveries)):
+                if entry_id is None:
+                    continue
                 entry = decode(channel, entry_id, fields)
-                found.add(entry.id)
                 entry.deliveries = deliveries.get(entry.id, 1)
                 logger.info("%s: took over message %s (delivery %d)", channel, entry.id, entry.deliveries)
                 handled += self.handle(entry)
-            gone = [entry_id for entry_id in deliveries if entry_id not in found]
-            if gone:  # trimmed away while pending: nothing left to handle
-                self.redis.xack(channel, GROUP, *gone)
         return handled
 
     def handle(self, entry: Entry) -> int:
         """Handle one entry and acknowledge it; 0 when it is left for a later delivery."""
-        pipe = self.redis.pipeline(transaction=True)
+        writes = Writes()
         try:
             if entry.deliveries > self.max_deliveries:
                 raise Reject(
@@ -272,24 +387,25 @@ class Consumer:
                         "detail": f"the message could not be handled in {self.max_deliveries} deliveries",
                     }
                 )
-            self.handlers[entry.channel](entry, pipe)
+            self.handlers[entry.channel](entry, writes)
         except Reject as rejected:
-            pipe = self.redis.pipeline(transaction=True)
+            writes = Writes()
             logger.info("%s: message %s rejected: %s", entry.channel, entry.id, rejected.body.get("detail"))
             if entry.channel != METRICS:
                 reply = {"channel": entry.channel, "message_id": entry.id, **rejected.body}
-                if entry.data and "task_id" in entry.data and "task_id" not in reply:
-                    reply["task_id"] = entry.data["task_id"]
-                publish(FEEDBACK, REJECTED, reply, pipe=pipe)
+                task_id = (entry.data or {}).get("task_id")
+                if isinstance(task_id, str) and len(task_id) <= 64 and "task_id" not in reply:
+                    reply["task_id"] = task_id
+                publish(FEEDBACK, REJECTED, reply, pipe=writes)
         except Exception:
             logger.exception("%s: message %s not handled; it will be delivered again", entry.channel, entry.id)
             return 0
-        pipe.xack(entry.channel, GROUP, entry.id)
-        pipe.execute()
+        self._ack_then(keys=[entry.channel], args=[GROUP, entry.id, *writes.arguments()])
         return 1
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A Redis reply's bytes as text."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -298,7 +414,8 @@ def _text(value: bytes | str) -> str:
 
 def _expect(entry: Entry, message_type: str) -> dict[str, Any]:
     if entry.data is None:
-        raise Reject({"code": "invalid", "detail": "data: must be a JSON object"})
+        code = "too_large" if "the limit is" in (entry.problem or "") else "invalid"
+        raise Reject({"code": code, "detail": entry.problem or "data: must be a JSON object"})
     if entry.type != message_type:
         raise Reject({"code": "invalid", "detail": f"type: must be {message_type!r} on {entry.channel}"})
     return entry.data
@@ -315,7 +432,7 @@ def _refused(exc: Exception) -> Reject:
     return Reject(answer[1])
 
 
-def handle_inbound(entry: Entry, pipe: Any) -> None:
+def handle_inbound(entry: Entry, pipe: Writes) -> None:
     """A task packet: submitted like POST /api/v1/{profile}/{role}, then answered ``accepted``."""
     # Imported here: the API imports the store, whose observer is in this module.
     from orchestration.api_handler import TaskSubmitApi
@@ -334,7 +451,7 @@ def handle_inbound(entry: Entry, pipe: Any) -> None:
     publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"], "created": created}, pipe=pipe)
 
 
-def handle_feedback(entry: Entry, pipe: Any) -> None:
+def handle_feedback(entry: Entry, pipe: Writes) -> None:
     """An outside agent's feedback (type ``feedback``), handled like POST /api/v1/tasks/{id}/feedback;
     the server's own messages on this channel are acknowledged and left alone."""
     from orchestration.api_handler import TaskFeedbackApi
@@ -353,14 +470,14 @@ def handle_feedback(entry: Entry, pipe: Any) -> None:
     publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"]}, pipe=pipe)
 
 
-def handle_metrics(entry: Entry, pipe: Any) -> None:
+def handle_metrics(entry: Entry, pipe: Writes) -> None:
     """An engine call's sample, added to the aggregates in the acknowledging transaction."""
     from orchestration import metrics
 
     data = _expect(entry, LLM_CALL)
     try:
         metrics.aggregate(pipe, data)
-    except ValueError as exc:
+    except metrics.SampleError as exc:
         raise Reject({"code": "invalid", "detail": str(exc)}) from None
 
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import Count, Sum
 from django.utils import timezone
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -66,25 +66,29 @@ def _number(data: Mapping[str, Any], field: str, *, optional: bool = False, inte
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{field}: must be a number of at least 0")
+        raise SampleError(f"{field}: must be a number of at least 0")
     if integer and (value != int(value) or value > _MAX_TOKENS):
-        raise ValueError(f"{field}: must be a whole number up to {_MAX_TOKENS}")
+        raise SampleError(f"{field}: must be a whole number up to {_MAX_TOKENS}")
     return value
 
 
+class SampleError(ValueError):
+    """A sample that cannot be counted; the message names the field."""
+
+
 def check_sample(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The sample with its fields checked, or ``ValueError`` naming the first bad one. The LLM and
+    """The sample with its fields checked, or ``SampleError`` naming the first bad one. The LLM and
     the role must be configured ones: they become metric labels, which must stay bounded."""
     config = configuration()
     for field in ("llm", "profile", "role", "outcome"):
         if not isinstance(data.get(field), str):
-            raise ValueError(f"{field}: must be a string")
+            raise SampleError(f"{field}: must be a string")
     if data["llm"] not in config.llms:
-        raise ValueError(f"llm: {data['llm']!r} is not a configured LLM")
+        raise SampleError(f"llm: {data['llm']!r} is not a configured LLM")
     if data["profile"] not in config.profiles or data["role"] not in config.profiles[data["profile"]].roles:
-        raise ValueError(f"role: {data['profile']}/{data['role']} is not a configured role")
+        raise SampleError(f"role: {data['profile']}/{data['role']} is not a configured role")
     if data["outcome"] not in OUTCOMES:
-        raise ValueError(f"outcome: must be one of {', '.join(OUTCOMES)}")
+        raise SampleError(f"outcome: must be one of {', '.join(OUTCOMES)}")
     return {
         "llm": data["llm"],
         "profile": data["profile"],
@@ -140,13 +144,6 @@ def _observe(pipe: Any, key: str, prefix: str, value: float) -> None:
     bucket = _bucket(value)
     pipe.hincrby(key, f"{prefix}{bucket}", 1)
     pipe.hincrbyfloat(key, f"{prefix}s{bucket}", value)
-
-
-def reset(client: redis.Redis) -> None:
-    """Forget every aggregate (the tests' and an operator's fresh start)."""
-    keys = list(client.scan_iter(f"{PREFIX}*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 # --- reading the aggregates ---------------------------------------------------------------------
@@ -285,14 +282,10 @@ def channels(client: redis.Redis) -> dict[str, dict[str, Any]]:
         state: dict[str, Any] = {"length": client.xlen(channel), "consumers": 0, "pending": 0, "lag": None}
         with contextlib.suppress(redis.ResponseError):  # no group yet: nothing consumes it
             for group in client.xinfo_groups(channel):
-                if _text(group["name"]) == mcp_handler.GROUP:
+                if mcp_handler.text(group["name"]) == mcp_handler.GROUP:
                     state.update(consumers=group["consumers"], pending=group["pending"], lag=group.get("lag"))
         states[channel] = state
     return states
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # --- the three parts ----------------------------------------------------------------------------
@@ -402,6 +395,15 @@ def loop_iterations() -> dict[str, Any]:
     }
 
 
+def _from_database(query):
+    """A usage figure read from the database mirror; None when the database is away (the status part
+    says so), so that the metrics still answer."""
+    try:
+        return query()
+    except DatabaseError:
+        return None
+
+
 def usage_part(total: dict[str, dict]) -> dict[str, Any]:
     config = configuration()
     llms = {}
@@ -418,9 +420,9 @@ def usage_part(total: dict[str, dict]) -> dict[str, Any]:
         if llm.source == "api"
     }
     return {
-        "tasks": task_counts(),
+        "tasks": _from_database(task_counts),
         "llms": llms,
-        "loop_iterations": loop_iterations(),
+        "loop_iterations": _from_database(loop_iterations),
         "estimated_cost": {"total": round(sum(api_costs.values()), 6), "by_llm": api_costs},
     }
 
@@ -533,6 +535,8 @@ def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
     yield from (requests, tokens, cost, latency, ttft, role_requests, role_latency)
 
     usage = snapshot["usage"]
+    if usage["tasks"] is None or usage["loop_iterations"] is None:  # the database is away (aiagent_up says so)
+        return
     tasks = GaugeMetricFamily("aiagent_tasks", "Stored tasks by role and status.", labels=["profile", "role", "status"])
     for role_name, statuses in usage["tasks"]["by_role"].items():
         profile, role = role_name.split("/", 1)

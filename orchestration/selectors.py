@@ -89,12 +89,13 @@ def task_pending_jobs(packet: dict[str, Any]) -> list[str]:
 
 def task_events(
     *, task_id: str, after: int = 0, max_seconds: float = 300.0, keepalive_s: float = 15.0
-) -> Iterator[tuple[str, int, dict[str, Any]]]:
+) -> Iterator[tuple[str, int, dict[str, Any]]] | None:
     """A task's history events after the ``after``-th, then each new one as it is recorded, as
-    ``("event", n, event)`` (n counts from 1); ``("keepalive", 0, {})`` when nothing came for
+    ``("event", n, event)`` (n counts from 1); ``("keepalive", 0, {})`` whenever nothing was sent for
     ``keepalive_s``; and ``("end", 0, packet)`` once the task has finished. It stops without an end
     after ``max_seconds``, so that no connection is held for ever: the client resumes from the last n.
-    The first read raises the 400/404 application errors of ``task_get``."""
+    None when the task has finished and every event is seen: nothing more will come. The first read
+    raises the 400/404 application errors of ``task_get``."""
     try:
         # Taken before the read: a change written after the read is published after it.
         cursor = mcp_handler.feedback_cursor()
@@ -106,6 +107,8 @@ def task_events(
             f"Last-Event-ID: task {packet['task_id']} has {len(packet['history'])} events, not {after}",
             field="Last-Event-ID",
         )
+    if packet["status"] in FINISHED and after == len(packet["history"]):
+        return None
     return _task_events(packet, cursor, after, max_seconds, keepalive_s)
 
 
@@ -114,20 +117,24 @@ def _task_events(
 ) -> Iterator[tuple[str, int, dict[str, Any]]]:
     task_id = packet["task_id"]
     deadline = time.monotonic() + max_seconds
+    sent_at = time.monotonic()
     while True:
         history = packet["history"]
         for index in range(after, len(history)):
             yield "event", index + 1, history[index]
+            sent_at = time.monotonic()
         after = len(history)
         if packet["status"] in FINISHED:
             yield "end", 0, packet
             return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             return
-        cursor, changed = mcp_handler.wait_for_task(task_id, cursor, min(keepalive_s, remaining))
-        if not changed:
+        if now - sent_at >= keepalive_s:
             yield "keepalive", 0, {}
+            sent_at = now
+        wait = max(min(keepalive_s - (now - sent_at), deadline - now), 0.05)
+        cursor, _ = mcp_handler.wait_for_task(task_id, cursor, wait)
         packet = task_get(task_id=task_id)
 
 

@@ -216,10 +216,7 @@ def task_feedback(
     previous: list[str] = []
 
     def add(packet: dict[str, Any]) -> bool:
-        if message_id and any(
-            event["event"] == "feedback" and (event.get("detail") or {}).get("message_id") == message_id
-            for event in packet["history"]
-        ):
+        if message_id and _feedback_taken(packet["history"], message_id):
             return False
         if packet["status"] not in (AWAITING_FEEDBACK, SUCCEEDED, FAILED):
             raise ApplicationError(
@@ -253,7 +250,8 @@ def task_feedback(
             # The round was not queued: the task goes back to where it was, so that the same
             # feedback can be posted again once Redis is back.
             current["status"] = previous[0]
-            current["history"].append(history_event("enqueue_failed", status=previous[0], detail={"error": error}))
+            detail = {"error": error, **({"message_id": message_id} if message_id else {})}
+            current["history"].append(history_event("enqueue_failed", status=previous[0], detail=detail))
             return True
 
         _update(task_id, undo)
@@ -265,6 +263,16 @@ def task_feedback(
             task_id=packet["task_id"],
         ) from exc
     return task_get(task_id=task_id)
+
+
+def _feedback_taken(history: list[dict[str, Any]], message_id: str) -> bool:
+    """Whether the channel message's feedback is in the history and was not undone (its round could not
+    be queued: an ``enqueue_failed`` naming the message came after it)."""
+    taken = False
+    for event in history:
+        if (event.get("detail") or {}).get("message_id") == message_id:
+            taken = event["event"] == "feedback"
+    return taken
 
 
 def task_retry(*, task_id: str) -> dict[str, Any]:

@@ -62,8 +62,10 @@ def answer_to(
     raise AssertionError(f"no answer to {message_id}")
 
 
-def pending(client: redis.Redis, channel: str) -> int:
-    return client.xpending(channel, mcp_handler.GROUP)["pending"]
+def pending(client: redis.Redis, channel: str, *message_ids: str) -> list[str]:
+    """Which of ``message_ids`` the server's group has read and not acknowledged."""
+    waiting = client.xpending_range(channel, mcp_handler.GROUP, min="-", max="+", count=10_000)
+    return [w["message_id"].decode() for w in waiting if w["message_id"].decode() in message_ids]
 
 
 def test_an_inbound_packet_is_submitted_run_and_every_state_change_published(
@@ -82,11 +84,15 @@ def test_an_inbound_packet_is_submitted_run_and_every_state_change_published(
     )
     done = wait_for(answer["task_id"])
     assert done["status"] == "succeeded" and done["result"]["summary"] == "A cat sat."
-    assert pending(channels, mcp_handler.INBOUND) == 0
+    assert pending(channels, mcp_handler.INBOUND, message_id) == []
 
-    time.sleep(0.3)
-    states = [data for _, kind, data in feedback_messages(channels, since=start) if kind == mcp_handler.STATE]
-    mine = [data for data in states if data["task_id"] == done["task_id"]]
+    def published() -> list[dict]:
+        states = [data for _, kind, data in feedback_messages(channels, since=start) if kind == mcp_handler.STATE]
+        return [data for data in states if data["task_id"] == done["task_id"]]
+
+    deadline = time.monotonic() + 10  # the last event is published just after its file is written
+    while len(mine := published()) < len(done["history"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [data["event"] for data in mine] == done["history"]
     assert [data["event_id"] for data in mine] == list(range(1, len(done["history"]) + 1))
     assert [data["event"]["event"] for data in mine] == ["submitted", "claimed", "step", "finished"]
@@ -104,9 +110,18 @@ def test_rejected_packets_are_answered_with_the_reason_and_acknowledged(channels
         ({**summarizer, "payload": {"input": "x"}, "task_id": "../../etc/passwd"}, "invalid", "task_id"),
     ]
     sent = [(add(channels, mcp_handler.INBOUND, mcp_handler.TASK, data), code, words) for data, code, words in cases]
-    not_json = channels.xadd(mcp_handler.INBOUND, {"type": "task", "data": "{nope"}).decode()
+    hostile = [
+        ({"type": "task", "data": "{nope"}, "invalid", "data: is not valid JSON"),
+        ({"type": "task", "data": "[1, 2]"}, "invalid", "data: must be a JSON object"),
+        ({"type": "task"}, "invalid", "data: is required"),
+        ({"type": "task", "data": "[" * 100_000}, "invalid", "nested"),  # a RecursionError in json.loads
+        ({"type": "task", "data": b'{"profile": "\xff\xfe"}'}, "invalid", "data: is not UTF-8 text"),
+        ({"type": "task", "data": '{"profile": NaN}'}, "invalid", "NaN is not a JSON number"),
+        ({"type": "task", "data": '{"p": "' + "x" * 1_100_000 + '"}'}, "too_large", "the limit is"),
+    ]
+    sent += [(channels.xadd(mcp_handler.INBOUND, fields).decode(), code, words) for fields, code, words in hostile]
     wrong_type = add(channels, mcp_handler.INBOUND, "hello", {})
-    sent += [(not_json, "invalid", "data: must be a JSON object"), (wrong_type, "invalid", "type: must be 'task'")]
+    sent.append((wrong_type, "invalid", "type: must be 'task'"))
     for message_id, code, words in sent:
         kind, answer = answer_to(channels, message_id)
         assert kind == "rejected", answer
@@ -114,7 +129,7 @@ def test_rejected_packets_are_answered_with_the_reason_and_acknowledged(channels
         assert answer["channel"] == mcp_handler.INBOUND
     unknown_role = answer_to(channels, sent[1][0])[1]
     assert "summarizer" in unknown_role["valid_roles"]
-    assert pending(channels, mcp_handler.INBOUND) == 0
+    assert pending(channels, mcp_handler.INBOUND, *(message_id for message_id, _, _ in sent)) == []
     assert Task.objects.count() == 0
 
 
@@ -147,7 +162,7 @@ def test_a_consumer_killed_before_it_acknowledges_leaves_its_message_to_another(
         done = wait_for(answer["task_id"])
         assert done["status"] == "succeeded"
         assert Task.objects.count() == 1
-        assert pending(channels, mcp_handler.INBOUND) == 0
+        assert pending(channels, mcp_handler.INBOUND, message_id) == []
         answers = [
             d
             for _, k, d in feedback_messages(channels, since=message_id)
@@ -234,4 +249,50 @@ def test_a_message_that_keeps_failing_is_rejected_after_the_delivery_limit(chann
     assert attempts == [1, 2]
     kind, answer = answer_to(channels, message_id, timeout=1)
     assert kind == "rejected" and answer["code"] == "undeliverable"
-    assert pending(channels, mcp_handler.INBOUND) == 0
+    assert pending(channels, mcp_handler.INBOUND, message_id) == []
+
+
+def test_a_consumer_makes_its_group_again_when_redis_lost_it(channels):
+    stream = f"test-stream-{uuid.uuid4().hex[:8]}"
+    seen = []
+    consumer = mcp_handler.Consumer({stream: lambda entry, writes: seen.append(entry.id)}, name="c")
+    consumer.ensure_groups()
+    channels.xgroup_destroy(stream, mcp_handler.GROUP)  # Redis restarted without its data, say
+    assert consumer.poll(block_ms=10) == 0  # NOGROUP: the group is made again
+    message_id = channels.xadd(stream, mcp_handler.encode("x", {})).decode()
+    assert consumer.poll(block_ms=10) == 1
+    assert seen == [message_id]
+    channels.delete(stream)
+
+
+def test_a_message_handled_by_two_consumers_has_its_writes_made_once(channels):
+    """Consumer A reads a message and stalls past the claim time; B takes it over and handles it;
+    then A handles it too. Only the handling whose acknowledgement takes writes anything."""
+    stream, counter = f"test-stream-{uuid.uuid4().hex[:8]}", f"test-counter-{uuid.uuid4().hex[:8]}"
+
+    def count(entry, writes):
+        writes.hincrby(counter, "n", 1)
+
+    slow = mcp_handler.Consumer({stream: count}, name="slow")
+    slow.ensure_groups()
+    message_id = channels.xadd(stream, mcp_handler.encode("x", {})).decode()
+    (_, [(entry_id, fields)]), *_ = channels.xreadgroup(mcp_handler.GROUP, "slow", {stream: ">"}, count=1)
+    time.sleep(0.01)
+    quick = mcp_handler.Consumer({stream: count}, name="quick", claim_idle_s=0.001)
+    assert quick.reclaim() == 1
+    assert slow.handle(mcp_handler.decode(stream, entry_id, fields)) == 1
+    assert channels.hget(counter, "n") == b"1"
+    assert entry_id.decode() == message_id
+    channels.delete(stream, counter)
+
+
+def test_feedback_undone_by_a_failed_enqueue_is_taken_again_when_its_message_comes_back():
+    from orchestration.packets import history_event
+    from orchestration.services import _feedback_taken
+
+    taken = history_event("feedback", status="running", detail={"message_id": "1-0"})
+    undone = history_event("enqueue_failed", status="succeeded", detail={"message_id": "1-0", "error": "down"})
+    assert _feedback_taken([taken], "1-0")
+    assert not _feedback_taken([taken, undone], "1-0")
+    assert _feedback_taken([taken, undone, taken], "1-0")
+    assert not _feedback_taken([taken], "2-0")

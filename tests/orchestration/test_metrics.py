@@ -33,6 +33,17 @@ def submit(api, text: str) -> str:
     return response.json()["task_id"]
 
 
+def drained(api, timeout: float = 30) -> dict:
+    """The metrics once the aggregator has read and acknowledged everything on the metrics channel."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = api.get("/api/v1/metrics").json()
+        channel = snapshot["status"]["channels"][mcp_handler.METRICS]
+        if (channel["lag"] == 0 and channel["pending"] == 0) or time.monotonic() > deadline:
+            return snapshot
+        time.sleep(0.2)
+
+
 def role_requests(snapshot: dict, role: str) -> int:
     return snapshot["performance"]["roles"].get(role, {}).get("since_start", {}).get("requests", 0)
 
@@ -43,7 +54,7 @@ def test_metrics_after_a_run_of_known_tasks(api, celery_worker, mcp_consumer, ed
     llm = f"scripted-{uuid.uuid4().hex[:8]}"
     failing = {"match": "FAIL-ME", "reply": "", "error": "unavailable"}
     use_script(edit_config, tmp_path / "script.json", [failing, SUMMARY], llm_id=llm)
-    before = api.get("/api/v1/metrics").json()
+    before = drained(api)
 
     ok_ids = [submit(api, f"The cat number {n} sat on the mat.") for n in range(4)]
     failed_id = submit(api, "FAIL-ME please.")
@@ -61,17 +72,9 @@ def test_metrics_after_a_run_of_known_tasks(api, celery_worker, mcp_consumer, ed
     bad = {"llm": "no-such-llm", "profile": "productivity", "role": "summarizer", "outcome": "ok", "latency_s": 1}
     client.xadd(mcp_handler.METRICS, mcp_handler.encode(mcp_handler.LLM_CALL, bad))
 
-    deadline = time.monotonic() + 30
-    while True:
-        snapshot = api.get("/api/v1/metrics").json()
-        counted = snapshot["usage"]["llms"].get(llm, {}).get("requests", 0)
-        if (counted == 7 and snapshot["status"]["channels"][mcp_handler.METRICS]["pending"] == 0) or (
-            time.monotonic() > deadline
-        ):
-            break
-        time.sleep(0.2)
+    drained(api)
     time.sleep(1)  # nothing is counted twice afterwards
-    snapshot = api.get("/api/v1/metrics").json()
+    snapshot = drained(api)
 
     usage = snapshot["usage"]["llms"][llm]
     assert usage == {

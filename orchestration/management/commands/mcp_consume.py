@@ -23,7 +23,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--name", help="this consumer's name in the group (default: host-pid)")
-        parser.add_argument("--block-ms", type=int, default=1000, help="how long one read waits for messages")
+        parser.add_argument(
+            "--block-ms", type=int, default=1000, choices=range(1, 1501), metavar="1-1500",
+            help="how long one read waits for messages (under the connection's 2 s timeout)",
+        )  # fmt: skip
         parser.add_argument("--claim-idle", type=float, help="seconds before a dead consumer's message is taken over")
 
     def handle(self, *args, **options):
@@ -33,6 +36,7 @@ class Command(BaseCommand):
         consumer = mcp_handler.server_consumer(name=options["name"], claim_idle_s=options["claim_idle"])
         while not stopping and not self._retrying(consumer.ensure_groups):
             pass
+        self._retrying(consumer.forget_dead_consumers)
         self.stdout.write(f"consuming {', '.join(mcp_handler.CHANNELS)} as {consumer.name}")
         self.stdout.flush()
         while not stopping:
@@ -41,11 +45,15 @@ class Command(BaseCommand):
 
     @staticmethod
     def _retrying(step) -> bool:
-        """Run ``step``; when Redis is away, log, wait and say so (False)."""
+        """Run ``step``; when it fails (Redis away, or a bug a message brought out), log, wait and say so
+        (False). The consumer never stops on a failure: the message it was on is delivered again."""
         try:
             step()
         except redis.RedisError as exc:
             logger.warning("Redis is unavailable (%s); trying again in 2 s", exc)
-            time.sleep(2)
-            return False
-        return True
+        except Exception:
+            logger.exception("the consumer failed; trying again in 2 s")
+        else:
+            return True
+        time.sleep(2)
+        return False
