@@ -221,3 +221,21 @@ def test_the_mirror_catches_up_after_the_database_refused_a_write():
     assert recovery.sweep(grace_s=3600).mirrored == 1
     assert Task.objects.get(task_id=packet["task_id"]).version == 2
     assert not (Path(settings.TASKS_STATE_DIR) / ".unmirrored" / packet["task_id"]).exists()
+
+
+def test_a_hung_llm_call_is_bounded_by_the_roles_time_limit_and_the_task_fails_after_its_retries(
+    api, celery_worker, edit_config, tmp_path
+):
+    """The model never answers (30 s): each try is stopped at the role's time limit (2 s) as an engine
+    timeout, retried STEP_RETRIES (2) times with backoff (1 s in the suite's worker), then the task fails."""
+    llm = f"hung-{uuid.uuid4().hex[:6]}"
+    use_script(edit_config, tmp_path / "script.json", [{**SUMMARY, "delay_s": 30}], llm_id=llm)
+    edit_config(lambda raw: raw["profiles"]["productivity"]["roles"]["summarizer"].update(time_limit_s=2))
+    started = time.monotonic()
+    done = wait_for(submit(api)["task_id"], timeout=60)
+    took = time.monotonic() - started
+    assert done["status"] == "failed"
+    assert sum(event["event"] == "step_retry" for event in done["history"]) == 2
+    reason = done["history"][-1]["detail"]["reason"]
+    assert "no reply within" in reason and "after 2 retries" in reason, reason
+    assert took < 25, took  # three tries of about 2 s and two backoffs, not one 30 s call
