@@ -195,17 +195,6 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "1200/min")
 API_SUBMIT_THROTTLE_RATE = env_rate("API_SUBMIT_THROTTLE_RATE", "120/min")
 
-# The throttles' counts, shared by every web process: Redis, not each process's memory.
-CACHES = {
-    "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": REDIS_URL,
-        "KEY_PREFIX": "ai-agent-server",
-        # A Redis that is away must not hold a request for long: the throttles then let it through.
-        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 2},
-    }
-}
-
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -220,7 +209,6 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "orchestration.exceptions.api_exception_handler",
     "DEFAULT_THROTTLE_CLASSES": [
         "orchestration.throttling.ClientRateThrottle",
-        "orchestration.throttling.WorkRateThrottle",
     ],
     "UNAUTHENTICATED_USER": None,
 }

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils.dateparse import parse_datetime
 
 from balancer.files import atomic_write
@@ -198,6 +198,14 @@ def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:
 def mirror_row(packet: dict[str, Any]) -> bool:
     """Make the packet's row match it unless the row already holds a newer version; True if written."""
     fields = mirror_fields(packet)
+    if packet["version"] == 1:
+        # A new task (the accept path): one INSERT, rather than an UPDATE, a SELECT and an INSERT.
+        try:
+            with transaction.atomic():
+                Task.objects.create(task_id=packet["task_id"], **fields)
+            return True
+        except IntegrityError:
+            pass  # its row exists (the mirror was rebuilt meanwhile): made to match below
     with transaction.atomic():
         if Task.objects.filter(task_id=packet["task_id"], version__lt=packet["version"]).update(**fields):
             return True

@@ -149,13 +149,11 @@ def test_the_count_is_shared_by_every_process(api_user, settings, clock):
 
 def test_a_redis_outage_lets_requests_through_and_is_logged_once(api, settings, caplog):
     settings.API_THROTTLE_RATE = "2/min"
-    redis_cache = settings.CACHES
-    settings.CACHES = {
-        "default": {**redis_cache["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
-    }  # nothing listens there
+    redis_url = settings.REDIS_URL
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     with caplog.at_level(logging.WARNING, logger="orchestration.throttling"):
         assert [api.get(TASKS).status_code for _ in range(4)] == [200, 200, 200, 200]
-        settings.CACHES = redis_cache
+        settings.REDIS_URL = redis_url
         assert api.get(TASKS).status_code == 200
     messages = [record.getMessage() for record in caplog.records if record.name == "orchestration.throttling"]
     assert len(messages) == 2, messages
