@@ -138,7 +138,7 @@ def configure(edit_config, proxy_url: str) -> None:
     def role(llm_id: str) -> dict:
         return {
             "agent": "writer", "system_prompt": "You write short texts.", "capabilities": ["chat"],
-            "preferred_llms": [llm_id], "max_tokens": 48,
+            "preferred_llms": [llm_id], "max_tokens": 160, "temperature": 0.0,
         }  # fmt: skip
 
     def change(raw: dict) -> None:
