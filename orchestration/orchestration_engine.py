@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -336,6 +337,7 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
     """One of QA's checks; it never raises, so that the chord's callback always runs and decides."""
     task_id = packet["task_id"]
     iteration, name = loop.parse_step(step)
+    started = time.perf_counter()
     try:
         detail, llm = _run_check(packet, iteration, name)
     except SoftTimeLimitExceeded:
@@ -350,6 +352,7 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
             qa_agent.check_result(name, False, f"internal error: {type(exc).__name__}: {exc}", error=True),
             None,
         )
+    detail = {**detail, "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
 
     def record(current: dict[str, Any]) -> bool:
         if current["status"] != RUNNING or _step_event(current, step) is not None or not _expects(current, job_id):

@@ -124,7 +124,8 @@ class OpenAIEngine(Engine):
         try:
             response = self.client.chat.completions.create(**self._request(messages, options))
         except openai.OpenAIError as exc:
-            raise self._error(exc) from exc
+            # Not chained: the client's exception may quote the key, and a logged traceback would print it.
+            raise self._error(exc) from None
         choice = response.choices[0]
         usage = response.usage
         return ChatResult(
@@ -163,7 +164,8 @@ class OpenAIEngine(Engine):
                         parts.append(text)
                         yield ChatChunk(text=text)
         except openai.OpenAIError as exc:
-            raise self._error(exc) from exc
+            # Not chained: the client's exception may quote the key, and a logged traceback would print it.
+            raise self._error(exc) from None
         yield ChatChunk(
             text="",
             result=ChatResult(
