@@ -520,28 +520,33 @@ def _after_step(packet: dict[str, Any], step: str | None, *, republish: bool = F
         if _delegated(packet):
             plan_advance(parent_id=packet["task_id"], republish=republish)
         return
-    if step != _last_step(packet):
-        return  # a later step was recorded since: what follows this one is history
-    iteration, kind = loop.parse_step(step)
-    if kind == "coder":
-        _schedule(packet, step, _checks(iteration), chord=True)
-    elif kind == "verdict":
-        _schedule(packet, step, [(loop.step_key(iteration + 1, "debug"), loop.DEBUG_ROLE)])
-    elif kind == "debug":
-        state = loop.loop_state(packet)
-        if state.debug and state.debug["wrong"] == "test" and state.tests_source == "written":
-            _schedule(packet, step, _checks(iteration), chord=True)  # the code stands; QA writes new tests
-        else:
-            _schedule(packet, step, [(loop.step_key(iteration, "coder"), state.coder_role)])
-    elif kind == "feedback":
-        route = _step_event(packet, step)["detail"]["route"]
-        state = loop.loop_state(packet)
-        target = loop.DEBUG_ROLE if route == "debug" else state.coder_role
-        _schedule(packet, step, [(loop.step_key(iteration, route), target)])
-    elif kind == "checks":
-        _schedule(packet, step, _checks(iteration), chord=True)
+    follow = _follow_up(packet, step)
+    if follow is not None:
+        _schedule(packet, step, follow[0], chord=follow[1])
     if republish:
         _schedule(packet, step, [], republish=True)
+
+
+def _follow_up(packet: dict[str, Any], step: str) -> tuple[list[tuple[str, str]], bool] | None:
+    """The jobs that follow ``step`` of a running loop task, as (step, role) and whether they are a
+    chord (QA's checks and their verdict); None when nothing follows it or a later step was recorded."""
+    if packet["status"] != RUNNING or step == MAIN or step != _last_step(packet):
+        return None
+    iteration, kind = loop.parse_step(step)
+    if kind in ("coder", "checks"):
+        return _checks(iteration), True
+    if kind == "verdict":
+        return [(loop.step_key(iteration + 1, "debug"), loop.DEBUG_ROLE)], False
+    if kind == "debug":
+        state = loop.loop_state(packet)
+        if state.debug and state.debug["wrong"] == "test" and state.tests_source == "written":
+            return _checks(iteration), True  # the code stands; QA writes new tests
+        return [(loop.step_key(iteration, "coder"), state.coder_role)], False
+    if kind == "feedback":
+        route = _step_event(packet, step)["detail"]["route"]
+        target = loop.DEBUG_ROLE if route == "debug" else loop.loop_state(packet).coder_role
+        return [(loop.step_key(iteration, route), target)], False
+    return None
 
 
 def _checks(iteration: int) -> list[tuple[str, str]]:
@@ -602,7 +607,20 @@ def _schedule(
 def _note_scheduled(
     packet: dict[str, Any], after: str, steps: list[tuple[str, str]], job_ids: list[str], *, chord: bool
 ) -> bool:
-    iteration = loop.parse_step(steps[0][0])[0]
+    def note(current: dict[str, Any]) -> bool:
+        if current["status"] != RUNNING:
+            return False
+        _add_note(current, after, steps, job_ids, chord=chord)
+        return True
+
+    _, written = task_store().update(packet["task_id"], note)
+    return written
+
+
+def _add_note(
+    packet: dict[str, Any], after: str, steps: list[tuple[str, str]], job_ids: list[str], *, chord: bool
+) -> None:
+    """Append the ``scheduled`` event of the jobs that follow ``after`` (before they are queued)."""
     detail = {
         "after": after,
         "steps": [step for step, _ in steps],
@@ -610,16 +628,8 @@ def _note_scheduled(
         "job_ids": job_ids,
         "chord": chord,
     }
-
-    def note(current: dict[str, Any]) -> bool:
-        if current["status"] != RUNNING:
-            return False
-        current["iteration"] = max(current["iteration"], iteration)
-        current["history"].append(history_event("scheduled", status=RUNNING, detail=detail))
-        return True
-
-    _, written = task_store().update(packet["task_id"], note)
-    return written
+    packet["iteration"] = max(packet["iteration"], loop.parse_step(steps[0][0])[0])
+    packet["history"].append(history_event("scheduled", status=RUNNING, detail=detail))
 
 
 def _expects(packet: dict[str, Any], job_id: str) -> bool:
@@ -863,6 +873,7 @@ def _commit(
     claim, or a note of the current run) and no other delivery recorded it first; then finish or fail
     the task when ``finish``. Returns the packet, or None when the step was not recorded."""
     recorded: list[bool] = []
+    noted: list[bool] = []
 
     def record(packet: dict[str, Any]) -> bool:
         holds = _claimed_by(packet) == job_id or _expects(packet, job_id)
@@ -884,11 +895,19 @@ def _commit(
             packet["history"].append(history_event("finished", status=status))
         if then is not None:
             packet["history"].append(then)
+        # The jobs that follow the step are noted in the same write (one write less per step), and
+        # queued once it is stored.
+        follow = _follow_up(packet, step)
+        if follow is not None:
+            _add_note(packet, step, follow[0], [str(uuid.uuid4()) for _ in follow[0]], chord=follow[1])
+            noted.append(True)
         return True
 
     packet, _ = task_store().update(task_id, record)
     if not recorded:
         return None
+    if noted:
+        _schedule(packet, step, [], republish=True)
     if finish:
         _finished(packet)
     return packet
