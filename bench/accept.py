@@ -27,8 +27,6 @@ import argparse
 import http.client
 import json
 import multiprocessing
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,23 +38,14 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.common import free_port, percentile, redis_option, server_environment  # noqa: E402
+
 PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
 CONFIG = {
     "llms": [{"id": "instant", "engine": "instant", "source": "local", "model": "instant"}],
     "profiles": {PROFILE: {"roles": {"echo": {"agent": "generic", "system_prompt": "Repeat the input."}}}},
 }
 BODY = json.dumps({"payload": {"input": "Summarize: the release moved to Friday because QA found a crash."}})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def client(port: int, path: str, token: str, until: float, results) -> None:
@@ -125,34 +114,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[16], help="concurrent clients, one run each")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured phase")
     parser.add_argument("--rounds", type=int, default=3, help="phases per side at each client count")
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
-        help="the Redis to use (nothing in it is flushed; this run's queues have names of their own)",
-    )
+    redis_option(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="aiagent-accept-"))
-    (work / "configuration.json").write_text(json.dumps(CONFIG))
-    env = {
-        **os.environ,
-        "DEBUG": "0",
-        "SECRET_KEY": uuid.uuid4().hex * 2,
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "SECURE_COOKIES": "0",
-        "VAR_DIR": str(work),
-        "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
-        "TASKS_STATE_DIR": str(work / "state"),
-        "BENCH_BARE_DIR": str(work / "bare"),
-        "BENCH_BARE_QUEUE": f"{PROFILE}.bare",
-        "AIAGENT_CONFIG": str(work / "configuration.json"),
-        "REDIS_URL": args.redis_url,
-        "LOG_LEVEL": "WARNING",
-        # Counted as in production, at a rate this run does not reach.
-        "API_THROTTLE_RATE": "1000000/min",
-        "API_SUBMIT_THROTTLE_RATE": "1000000/min",
-        "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-    }
+    env = server_environment(
+        work, CONFIG, args.redis_url, BENCH_BARE_DIR=str(work / "bare"), BENCH_BARE_QUEUE=f"{PROFILE}.bare"
+    )
     manage = [sys.executable, str(BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v", "0"], check=True, cwd=BASE_DIR, env=env)
     most = max(args.clients)

@@ -37,6 +37,8 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.common import redis_option, server_environment  # noqa: E402
+
 PROFILE = f"soak_{uuid.uuid4().hex[:8]}"
 QUEUE = f"{PROFILE}.echo"
 
@@ -152,11 +154,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=1.0, help="seconds the scripted LLM takes per call")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a phase may take")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
-        help="the Redis to use (nothing in it is flushed; this run's queue has a name of its own)",
-    )
+    redis_option(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="aiagent-soak-"))
@@ -171,26 +169,11 @@ def main() -> None:
             PROFILE: {"roles": {"echo": {"agent": "generic", "system_prompt": "Repeat.", "time_limit_s": 60}}}
         },
     }  # fmt: skip
-    (work / "configuration.json").write_text(json.dumps(config))
-    env = {
-        **os.environ,
-        "DEBUG": "0",
-        "SECRET_KEY": uuid.uuid4().hex * 2,
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "VAR_DIR": str(work),
-        "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
-        "TASKS_STATE_DIR": str(work / "state"),
-        "AIAGENT_CONFIG": str(work / "configuration.json"),
-        "REDIS_URL": args.redis_url,
-        "LOG_LEVEL": "WARNING",
-        "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-        # Fast recovery, so that the soak takes minutes: leases, sweeps and their grace in seconds.
-        "TASK_LEASE_SECONDS": "3",
-        "LLM_SLOT_LEASE_SECONDS": "3",
-        "RECOVERY_SWEEP_SECONDS": "5",
-        "RECOVERY_GRACE_SECONDS": "10",
-        "RECOVERY_RETRIES": "20",
-    }
+    # Fast recovery, so that the soak takes minutes: leases, sweeps and their grace in seconds.
+    env = server_environment(
+        work, config, args.redis_url, TASK_LEASE_SECONDS="3", LLM_SLOT_LEASE_SECONDS="3",
+        RECOVERY_SWEEP_SECONDS="5", RECOVERY_GRACE_SECONDS="10", RECOVERY_RETRIES="20",
+    )  # fmt: skip
     os.environ.update(env)
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=BASE_DIR, env=env, check=True)
 

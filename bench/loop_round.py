@@ -34,6 +34,8 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.common import percentile, redis_option, server_environment  # noqa: E402
+
 PROFILE = f"loop_{uuid.uuid4().hex[:8]}"
 TESTS = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
 CODER = r'Reply with JSON: \{"files"'
@@ -54,11 +56,6 @@ def rules() -> list[dict]:
         {"match": f"{CODER}.*a - b - 0\\n", "reply": code(wrong[1])},
         {"match": CODER, "reply": code(wrong[0])},
     ]  # fmt: skip
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def at(event: dict) -> float:
@@ -82,11 +79,7 @@ def round_overheads(packet: dict) -> list[tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=20, help="coder tasks (3 measured rounds each) and bare rounds x 3")
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
-        help="the Redis to use (nothing in it is flushed; this run's queues have names of their own)",
-    )
+    redis_option(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="aiagent-loop-"))
@@ -101,23 +94,7 @@ def main() -> None:
                   "options": {"script": str(work / "script.json")}}],
         "profiles": {PROFILE: {"roles": roles}},
     }  # fmt: skip
-    (work / "configuration.json").write_text(json.dumps(config))
-    os.environ.update(
-        {
-            "DEBUG": "0",
-            "SECRET_KEY": uuid.uuid4().hex * 2,
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "VAR_DIR": str(work),
-            "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
-            "TASKS_STATE_DIR": str(work / "state"),
-            "AIAGENT_CONFIG": str(work / "configuration.json"),
-            "REDIS_URL": args.redis_url,
-            "LOG_LEVEL": "WARNING",
-            "API_THROTTLE_RATE": "off",
-            "API_SUBMIT_THROTTLE_RATE": "off",
-            "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-        }
-    )
+    os.environ.update(server_environment(work, config, args.redis_url))
     subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), "migrate", "-v", "0"], check=True, cwd=BASE_DIR)
     import django
 

@@ -22,7 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.common import free_port, percentile, redis_option, server_environment  # noqa: E402
+
 # A profile name of its own for each run, so that nothing left in Redis by an
 # earlier run (nothing is flushed) reaches this one's queues.
 PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
@@ -43,49 +44,16 @@ CONFIG = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=200, help="tasks measured on each side")
     parser.add_argument("--warmup", type=int, default=20, help="tasks run first on each side and not measured")
     parser.add_argument("--burst", type=int, default=300, help="tasks at once for the throughput phases (0: none)")
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
-        help="the Redis to use (nothing in it is flushed; this run's queues have names of their own)",
-    )
+    redis_option(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="aiagent-bench-"))
-    (work / "configuration.json").write_text(json.dumps(CONFIG))
-    os.environ.update(
-        {
-            # Served as in production: DEBUG off (Django then keeps no query log).
-            "DEBUG": "0",
-            "SECRET_KEY": uuid.uuid4().hex * 2,
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "VAR_DIR": str(work),
-            "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
-            "TASKS_STATE_DIR": str(work / "state"),
-            "AIAGENT_CONFIG": str(work / "configuration.json"),
-            "REDIS_URL": args.redis_url,
-            "LOG_LEVEL": "WARNING",
-            # One client posts hundreds of tasks a minute: counted as in production, at a rate not reached.
-            "API_THROTTLE_RATE": "1000000/min",
-            "API_SUBMIT_THROTTLE_RATE": "1000000/min",
-            "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-        }
-    )
+    os.environ.update(server_environment(work, CONFIG, args.redis_url))
     import django
 
     django.setup()
