@@ -236,3 +236,28 @@ def mcp_consumer(django_db_setup, redis_url, state_dir, tmp_path) -> Iterator[su
     process = start_mcp_consume(tmp_path / "mcp_consume.log")
     yield process
     _stop(process)
+
+
+def submit_with_redis_down(*, task_id: str, profile: str, role: str, payload: dict) -> dict:
+    """Submit through the service in a web process whose Redis does not answer (a real process,
+    pointed at a closed port); returns the application error it answered, as status and code."""
+    script = (
+        "import django, json, sys; django.setup()\n"
+        "from orchestration.exceptions import ApplicationError\n"
+        "from orchestration.services import task_submit\n"
+        "try:\n"
+        "    task_submit(profile=sys.argv[1], role=sys.argv[2], payload=json.loads(sys.argv[3]), task_id=sys.argv[4])\n"
+        "except ApplicationError as exc:\n"
+        "    print(json.dumps({'status': exc.status_code, 'code': exc.code}))\n"
+    )
+    env = server_env(REDIS_URL="redis://127.0.0.1:1/0", DJANGO_SETTINGS_MODULE="aiagentserver.settings")
+    result = subprocess.run(
+        [sys.executable, "-c", script, profile, role, json.dumps(payload), task_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert lines, result.stderr[-3000:]
+    return json.loads(lines[-1])

@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -17,7 +15,7 @@ from orchestration.models import Task
 from orchestration.orchestration_engine import StepBusy, task_step
 from orchestration.packets import new_packet
 from orchestration.state_store import TaskStore
-from tests.conftest import server_env, wait_for
+from tests.conftest import submit_with_redis_down, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
@@ -172,18 +170,10 @@ def test_a_cancelled_steps_late_answer_does_not_finish_the_retried_task(api, cel
 def test_a_submit_while_redis_is_down_is_503_and_a_resubmit_queues_it(api, celery_worker, tmp_path):
     """A web process whose Redis does not answer (a real process, pointed at a closed port)."""
     task_id = str(uuid.uuid4())
-    script = (
-        "import django, json; django.setup()\n"
-        "from orchestration.exceptions import ApplicationError\n"
-        "from orchestration.services import task_submit\n"
-        "try:\n"
-        f"    task_submit(profile='productivity', role='writer', payload={{'input': 'Say hi.'}}, task_id='{task_id}')\n"
-        "except ApplicationError as exc:\n"
-        "    print(json.dumps({'status': exc.status_code, 'code': exc.code}))\n"
+    answer = submit_with_redis_down(
+        task_id=task_id, profile="productivity", role="writer", payload={"input": "Say hi."}
     )
-    env = server_env(REDIS_URL="redis://127.0.0.1:1/0", DJANGO_SETTINGS_MODULE="aiagentserver.settings")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 503, "code": "queue_unavailable"}
+    assert answer == {"status": 503, "code": "queue_unavailable"}
     stored = json.loads((Path(settings.TASKS_STATE_DIR) / f"{task_id}.json").read_text())
     assert stored["status"] == "queued"
     assert [event["event"] for event in stored["history"]] == ["submitted", "enqueue_failed"]

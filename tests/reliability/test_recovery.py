@@ -22,7 +22,7 @@ from aiagentserver.celery import app
 from orchestration import recovery
 from orchestration.models import Task
 from orchestration.runtime import task_store
-from tests.conftest import BASE_DIR, server_env, wait_for
+from tests.conftest import BASE_DIR, server_env, submit_with_redis_down, wait_for
 from tests.orchestration.scripted import CODER, QA_REVIEW, code_reply, use_script
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
@@ -90,18 +90,10 @@ def test_a_task_accepted_while_redis_was_down_is_queued_by_the_sweep(api, celery
     """A web process whose Redis does not answer (a real process, pointed at a closed port)."""
     script([SUMMARY])
     task_id = str(uuid.uuid4())
-    code = (
-        "import django, json; django.setup()\n"
-        "from orchestration.exceptions import ApplicationError\n"
-        "from orchestration.services import task_submit\n"
-        "try:\n"
-        f"    task_submit(profile='productivity', role='summarizer', payload={{'input': 'Hi.'}}, task_id='{task_id}')\n"
-        "except ApplicationError as exc:\n"
-        "    print(json.dumps({'status': exc.status_code, 'code': exc.code}))\n"
+    answer = submit_with_redis_down(
+        task_id=task_id, profile="productivity", role="summarizer", payload={"input": "Hi."}
     )
-    env = server_env(REDIS_URL="redis://127.0.0.1:1/0", DJANGO_SETTINGS_MODULE="aiagentserver.settings")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 503, "code": "queue_unavailable"}
+    assert answer == {"status": 503, "code": "queue_unavailable"}
     assert task_store().read(task_id)["status"] == "queued"
     # Redis is back (it always was, for everyone else): the sweep queues the task.
     assert recovery.sweep(grace_s=0).recovered == [task_id]
