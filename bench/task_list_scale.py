@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from bench.common import free_port, percentile, server_environment  # noqa: E402
 
 # (profile, role, weight): the developer roles carry most of the work, the feedback loop's most.
 ROLES = [
@@ -98,17 +99,6 @@ def floor_sql(name: str, where: str, size: int) -> tuple[str, int, int]:
         sql = f"SELECT {SUMMARY} FROM orchestration_task WHERE task_id IN ({ids}){order}"
         return sql, DEEP_PAGE_SIZE, (size // (2 * DEEP_PAGE_SIZE) - 1) * DEEP_PAGE_SIZE
     return f"SELECT {SUMMARY} FROM orchestration_task{where}{order} LIMIT %s OFFSET %s", 50, 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def iso(moment: datetime) -> str:
@@ -198,23 +188,8 @@ class Server:
         (self.work / "static").mkdir()
         self.args = args
         self.pg_name = f"bench_list_{uuid.uuid4().hex[:8]}_{size}" if args.postgres else None
-        shutil.copyfile(BASE_DIR / "balancer" / "configuration.json", self.work / "configuration.json")
-        self.env = {
-            **os.environ,
-            "DEBUG": "0",
-            "SECRET_KEY": uuid.uuid4().hex * 2,
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "SECURE_COOKIES": "0",
-            "VAR_DIR": str(self.work),
-            "DATABASE_URL": self.database_url(),
-            "TASKS_STATE_DIR": str(self.state),
-            "AIAGENT_CONFIG": str(self.work / "configuration.json"),
-            "REDIS_URL": args.redis_url,
-            "LOG_LEVEL": "WARNING",
-            # Counted as in production, at a rate this run does not reach.
-            "API_THROTTLE_RATE": "1000000/min",
-            "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-        }
+        config = json.loads((BASE_DIR / "balancer" / "configuration.json").read_text())
+        self.env = server_environment(self.work, config, args.redis_url, DATABASE_URL=self.database_url())
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.headers: dict[str, str] = {}
