@@ -11,19 +11,30 @@ from orchestration.packets import STATUSES
 
 class Task(models.Model):
     task_id = models.UUIDField(primary_key=True)
-    profile = models.CharField(max_length=64, db_index=True)
-    role = models.CharField(max_length=64, db_index=True)
-    status = models.CharField(max_length=32, choices=[(s, s) for s in STATUSES], db_index=True)
+    profile = models.CharField(max_length=64)
+    role = models.CharField(max_length=64)
+    status = models.CharField(max_length=32, choices=[(s, s) for s in STATUSES])
     version = models.PositiveIntegerField()
     iteration = models.PositiveIntegerField(default=0)
     parent_id = models.UUIDField(null=True, blank=True, db_index=True)
     packet = models.JSONField()
-    created_at = models.DateTimeField(db_index=True)
+    created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
 
     class Meta:
-        ordering = ["-created_at"]
-        indexes = [models.Index(fields=["profile", "role", "status", "-created_at"], name="task_filter_idx")]
+        # Newest first; the task id breaks ties, so that pages never overlap or skip a task.
+        ordering = ["-created_at", "-task_id"]
+        # One index per filter of the task list (the API's and the admin's), each ending in the order,
+        # so that a page is read in order from its index and never sorted: a page costs the same with
+        # 1,000 tasks as with 100,000 (the count of the matching tasks still grows with them).
+        # task_filter_idx serves all three filters together, and the metrics' count per role and status.
+        indexes = [
+            models.Index(fields=["-created_at", "-task_id"], name="task_created_idx"),
+            models.Index(fields=["status", "-created_at", "-task_id"], name="task_status_idx"),
+            models.Index(fields=["profile", "-created_at", "-task_id"], name="task_profile_idx"),
+            models.Index(fields=["role", "-created_at", "-task_id"], name="task_role_idx"),
+            models.Index(fields=["profile", "role", "status", "-created_at", "-task_id"], name="task_filter_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.profile}/{self.role} {self.task_id} ({self.status})"
