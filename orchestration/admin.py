@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext as _
 
 from orchestration.exceptions import ApplicationError
 from orchestration.metrics import metrics_get
@@ -22,18 +27,64 @@ def _pretty(value: Any) -> str:
     return format_html("<pre style='white-space: pre-wrap'>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def _timestamp(value: datetime) -> str:
+    """To the second, in the current time zone (Django's localized format shows minutes)."""
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _distinct_values(queryset: QuerySet[Task], field: str) -> list[Any]:
+    """The field's distinct values, in order, found by stepping through an index that begins with
+    the field: one short query per value, where SELECT DISTINCT reads every row."""
+    ordered = queryset.order_by(field).values_list(field, flat=True)
+    values = []
+    value = ordered.first()
+    while value is not None:
+        values.append(value)
+        value = ordered.filter(**{f"{field}__gt": value}).first()
+    return values
+
+
+class IndexedValuesListFilter(admin.AllValuesFieldListFilter):
+    """The admin's filter by every value of a field (profile, role), its choices found through the
+    field's index: with 100,000 tasks, SELECT DISTINCT took 5 to 10 ms a filter on every page."""
+
+    def __init__(self, field, request, params, model, model_admin, field_path):
+        super().__init__(field, request, params, model, model_admin, field_path)
+        self.lookup_choices = _distinct_values(model_admin.get_queryset(request), field.name)
+
+
+class TaskChangeList(ChangeList):
+    def get_queryset(self, request: HttpRequest, exclude_parameters=None) -> QuerySet[Task]:
+        # The list shows no part of the packet: decoding 100 of them cost more than the query.
+        return super().get_queryset(request, exclude_parameters).defer("packet")
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ("task_id", "profile", "role", "status", "iteration", "version", "created_at", "updated_at")
-    list_filter = ("status", "profile", "role")
+    list_display = ("task_id", "profile", "role", "status", "iteration", "version", "created", "updated")
+    # No date_hierarchy: its links come from SELECT DISTINCT over the truncated date of every
+    # matching row, 450 ms on each page with 100,000 tasks on SQLite; the date filter's choices
+    # (today, past 7 days, this month, this year) cost nothing and their ranges use the indexes.
+    list_filter = (
+        "status",
+        ("profile", IndexedValuesListFilter),
+        ("role", IndexedValuesListFilter),
+        "created_at",
+    )
+    # The total beside a filtered count ("5 results (100,000 total)") is one more COUNT(*) of the table.
+    show_full_result_count = False
+    # Rendering a row costs about 0.5 ms (its links, dates and checkbox): 100 rows were most of the page's time.
+    list_per_page = 50
     search_fields = ("task_id",)
-    date_hierarchy = "created_at"
     actions = ("cancel_tasks", "retry_tasks")
     fields = (
         "task_id", "profile", "role", "status", "iteration", "version", "parent_id", "created_at", "updated_at",
         "payload_view", "result_view", "history_view",
     )  # fmt: skip
     readonly_fields = fields
+
+    def get_changelist(self, request: HttpRequest, **kwargs) -> type[ChangeList]:
+        return TaskChangeList
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[Task], search_term: str):
         term = search_term.strip()
@@ -55,6 +106,24 @@ class TaskAdmin(admin.ModelAdmin):
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("orchestration.change_task")
+
+    # The list's columns are rendered for every row: the two below cost 0.2 ms each a row done Django's way.
+    def action_checkbox(self, obj: Task) -> str:
+        """Django's markup, without rendering a form widget's template."""
+        return format_html(
+            '<input type="checkbox" name="{}" value="{}" class="action-select" aria-label="{}">',
+            helpers.ACTION_CHECKBOX_NAME,
+            str(obj.pk),
+            format_html(_("Select this object for an action - {}"), str(obj)),
+        )
+
+    @admin.display(description="created at", ordering="created_at")
+    def created(self, obj: Task) -> str:
+        return _timestamp(obj.created_at)
+
+    @admin.display(description="updated at", ordering="updated_at")
+    def updated(self, obj: Task) -> str:
+        return _timestamp(obj.updated_at)
 
     @admin.display(description="payload")
     def payload_view(self, obj: Task) -> str:
