@@ -8,8 +8,9 @@ depends on the role's agent (agents/base.py):
   step; the ready ones run in parallel, a dependent one once its dependencies
   succeeded, and the parent finishes with their results (``plan_advance``);
 - loop: the QA -> Debug -> Coder feedback loop (orchestration/loop.py): QA's
-  checks run as a Celery chord whose callback (``verdict_step``) routes to done,
-  Debug, an escalation to the stronger coder, or giving up;
+  checks run as a Celery group; the check recorded last queues the verdict
+  (``verdict_step``), which routes to done, Debug, an escalation to the
+  stronger coder, or giving up;
 - checks: a QA task runs the same checks on the code in its payload.
 
 Every step is a history event whose ``detail.step`` names it, so a job that is
@@ -176,6 +177,8 @@ def later_step(*, task_id: str, step: str, job_id: str) -> Any:
         done = _step_event(packet, step)
         if done is not None:
             _after_step(packet, step, republish=True)
+            if done["event"] == "check":  # its worker may have died before it queued the verdict
+                _queue_verdict(packet, _noted_after(packet, job_id))
             return done["detail"]
         if packet["status"] != RUNNING:
             logger.info("task %s: step %s not run, the task is %s", task_id, step, packet["status"])
@@ -334,7 +337,7 @@ def _debug_step(task_id: str, step: str, job_id: str) -> str:
 
 
 def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any]:
-    """One of QA's checks; it never raises, so that the chord's callback always runs and decides."""
+    """One of QA's checks; it never raises, so that the verdict always comes and decides."""
     task_id = packet["task_id"]
     iteration, name = loop.parse_step(step)
     started = time.perf_counter()
@@ -362,8 +365,19 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
         )
         return True
 
-    task_store().update(task_id, record)
+    packet, written = task_store().update(task_id, record)
+    if written:
+        _queue_verdict(packet, _noted_after(packet, job_id))
     return detail
+
+
+def _noted_after(packet: dict[str, Any], job_id: str) -> str | None:
+    """The step after which the job was noted (scheduled)."""
+    return next(
+        (e["detail"]["after"] for e in reversed(loop.current_run(packet["history"]))
+         if e["event"] == "scheduled" and job_id in e["detail"]["job_ids"]),
+        None,
+    )  # fmt: skip
 
 
 def _run_check(packet: dict[str, Any], iteration: int, name: str) -> tuple[dict[str, Any], str | None]:
@@ -404,7 +418,7 @@ def _call_detail(outcome: AgentOutcome) -> dict[str, Any]:
 
 
 def _verdict_step(packet: dict[str, Any], step: str, job_id: str) -> str:
-    """The chord's callback: every check of the round is recorded; decide the route."""
+    """The join of a round's checks: every check is recorded; decide the route."""
     task_id = packet["task_id"]
     iteration, _ = loop.parse_step(step)
     checks = [
@@ -550,7 +564,7 @@ def _follow_up(packet: dict[str, Any], step: str) -> tuple[list[tuple[str, str]]
 
 
 def _checks(iteration: int) -> list[tuple[str, str]]:
-    """QA's checks of a round and their verdict (the chord's callback), on the QA role's queue."""
+    """QA's checks of a round and their verdict (queued by the last check), on the QA role's queue."""
     return [(loop.step_key(iteration, name), loop.QA_ROLE) for name in (*qa_agent.CHECK_NAMES, "verdict")]
 
 
@@ -563,12 +577,13 @@ def _schedule(
     republish: bool = False,
 ) -> None:
     """Note the jobs of ``steps`` (step, role) in the history, then queue them, each on its role's
-    queue; with ``chord`` the last one is the callback of the others. The note comes first, so that
-    a job runs only if its task still expects it (``_expects``). Nothing is queued twice unless
+    queue; with ``chord`` the last one (the verdict) joins the others: it is queued by the check that
+    is recorded last (``_queue_verdict``), not by a result backend. The note comes first, so that a
+    job runs only if its task still expects it (``_expects``). Nothing is queued twice unless
     ``republish`` asks to queue the noted jobs again."""
-    from celery import chord as celery_chord
+    from celery import group
 
-    from orchestration.tasks import run_step, run_verdict
+    from orchestration.tasks import run_step
 
     noted = next((e for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"
                   and e["detail"]["after"] == after), None)  # fmt: skip
@@ -593,15 +608,36 @@ def _schedule(
     for (step, role_name), job_id in zip(steps, job_ids, strict=True):
         if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
             role_name = packet["role"]  # a QA task's own role runs its checks
-        job = run_verdict if chord and step.endswith(".verdict") else run_step
         signatures.append(
-            job.signature(args=[task_id, step], **job_options(config.role(packet["profile"], role_name), job_id))
+            run_step.signature(args=[task_id, step], **job_options(config.role(packet["profile"], role_name), job_id))
         )
     if chord:
-        celery_chord(signatures[:-1])(signatures[-1])
+        group(signatures[:-1]).apply_async()
+        if republish:
+            _queue_verdict(task_store().read(task_id), after)
     else:
         for signature in signatures:
             signature.apply_async()
+
+
+def _queue_verdict(packet: dict[str, Any], after: str) -> None:
+    """Queue the verdict noted after ``after`` if every check of its round is recorded and it is not:
+    the join of QA's checks. Called by each check once recorded (the last one queues it), and again
+    by a check delivered twice or a republish (a verdict delivered twice finds its step done)."""
+    from orchestration.tasks import run_step
+
+    noted = next((e["detail"] for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"
+                  and e["detail"]["after"] == after and e["detail"]["chord"]), None)  # fmt: skip
+    if noted is None or packet["status"] != RUNNING:
+        return
+    *checks, verdict = noted["steps"]
+    if _step_event(packet, verdict) is not None or any(_step_event(packet, step) is None for step in checks):
+        return
+    role_name = noted["roles"][-1]
+    if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
+        role_name = packet["role"]
+    role = configuration().role(packet["profile"], role_name)
+    run_step.apply_async(args=[packet["task_id"], verdict], **job_options(role, noted["job_ids"][-1]))
 
 
 def _note_scheduled(

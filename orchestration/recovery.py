@@ -4,8 +4,8 @@ A task is queued or running because something will move it on: a job on its role
 live worker holds (running, prefetched, or waiting for its retry's countdown), a step running under
 its lease, or, for a plan, its children. Redis that lost its data (it keeps nothing on disk, or was
 replaced), a submit whose enqueue failed while Redis was down, a worker host that died with its
-jobs prefetched (they come back only after the broker's visibility timeout, an hour), or a chord
-whose callback was never sent can leave a task with none of these. The sweeper looks at the queued
+jobs prefetched (they come back only after the broker's visibility timeout, an hour), or a worker
+that died between two steps can leave a task with none of these. The sweeper looks at the queued
 and running tasks that have not changed for ``RECOVERY_GRACE_SECONDS``, and for each one with
 nothing to move it on, queues its jobs again under the same ids (``task_recover``: a job delivered
 twice finds its step done), or fails it after ``RECOVERY_RETRIES`` recoveries in its run.

@@ -112,7 +112,13 @@ class StepJob(Task):
         )
 
 
-_JOB = {"bind": True, "base": StepJob, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+# No result is stored: the task's state file is where a step's outcome goes, and nothing waits on a
+# job's result (QA's checks are joined by the task's state, not by a chord), so the result backend's
+# write per job is saved.
+_JOB = {
+    "bind": True, "base": StepJob, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None,
+    "ignore_result": True,
+}  # fmt: skip
 
 
 @shared_task(name="orchestration.run_task", **_JOB)
@@ -138,7 +144,8 @@ def run_step(self, task_id: str, step: str):
 
 @shared_task(name="orchestration.run_verdict", **_JOB)
 def run_verdict(self, _results: list, task_id: str, step: str):
-    """The callback of a round's checks: the loop's decision. It reads the checks from the task's history."""
+    """A round's verdict as a chord's callback, as servers before this one queued it (the verdict is now
+    an ``orchestration.run_step`` queued by the last check); kept so that such jobs still run."""
     return _later(self, task_id, step)
 
 
