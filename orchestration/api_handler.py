@@ -471,9 +471,11 @@ class TaskFeedbackApi(APIView):
 
 
 class TaskPaginator(Paginator):
-    """Finds a page's task ids in the index that serves its filter and order (the ids and the order
-    are all in it), then reads those rows only. With OFFSET on the rows themselves, a deep page read
-    every row before it: page 1,000 of 50 took 30 ms on PostgreSQL with 100,000 tasks, 4 ms this way."""
+    """Finds a page's ids in the index that serves its filter and order (the ids and the order are
+    all in it), then reads those rows by primary key alone. With OFFSET on the rows themselves, a
+    deep page read every row before it: page 1,000 of 50 took 30 ms on PostgreSQL with 100,000 tasks,
+    4 ms this way. The filter is not repeated on the rows: with it, SQLite read every matching task
+    through the filter's index to pick out the page's (8 ms for 30,000 tasks)."""
 
     def page(self, number: Any) -> Page:
         number = self.validate_number(number)
@@ -481,8 +483,12 @@ class TaskPaginator(Paginator):
         top = bottom + self.per_page
         if top + self.orphans >= self.count:
             top = self.count
-        ids = self.object_list.values("pk")[bottom:top]
-        return self._get_page(self.object_list.filter(pk__in=ids), number, self)
+        ids = list(self.object_list.values_list("pk", flat=True)[bottom:top])
+        rows = self.object_list.model._default_manager.filter(pk__in=ids).order_by()
+        rows.query.deferred_loading = self.object_list.query.deferred_loading  # the same columns
+        by_id = {row.pk: row for row in rows}
+        # A task whose row was removed meanwhile (sync_tasks drops orphans) is left out.
+        return self._get_page([by_id[pk] for pk in ids if pk in by_id], number, self)
 
 
 class TaskPagination(PageNumberPagination):
