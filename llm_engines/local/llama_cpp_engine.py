@@ -6,6 +6,15 @@ llama.cpp context) serves one generation at a time; ``parallel`` > 1 keeps
 that many contexts, each loaded on first need. The chat template comes from
 the GGUF file. A model configured with a multimodal projector
 (``clip_model_path``) accepts images as ``image_url`` parts.
+
+Flash attention is on unless ``flash_attn`` is false (llama.cpp's own default
+turns it on for the CPU; llama-cpp-python's turns it off): without it, a long
+prompt makes llama.cpp write each batch's attention scores against the whole
+context into memory that the process keeps (a worker process that had a
+2,700-token prompt with SmolLM2 at n_ctx 4096 kept 403 MB without it, 335 MB
+with it; doc/performance.md). The KV cache is allocated and written in full
+when the model loads (90 MB for SmolLM2 at n_ctx 4096); ``kv_cache_type``
+``q8_0`` or ``q4_0`` stores it in 8 or 4 bits instead of 16.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from llm_engines.errors import (
 
 PACKAGE_SCHEME = "package:"
 GGUF_MAGIC = b"GGUF"
+# The KV cache's element types (llama.cpp's GGML_TYPE_* numbers); a quantized one needs flash attention.
+KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
 def resolve_model_path(model_path: str) -> Path:
@@ -106,6 +117,8 @@ class LlamaCppEngine(Engine):
         seed: int | None = None,
         parallel: int = 1,
         clip_model_path: str | None = None,
+        flash_attn: bool = True,
+        kv_cache_type: str = "f16",
     ) -> None:
         self.model = model
         self.path = resolve_model_path(model_path)
@@ -116,6 +129,8 @@ class LlamaCppEngine(Engine):
         self.n_threads = n_threads
         self.seed = seed
         self.parallel = max(1, parallel)
+        self.flash_attn = flash_attn
+        self.kv_cache_type = kv_cache_type
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self._loaded = 0
         self._load_lock = threading.Lock()
@@ -141,17 +156,37 @@ class LlamaCppEngine(Engine):
             value = settings.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 problems[key] = "must be a positive integer"
+        flash_attn = settings.get("flash_attn", True)
+        if not isinstance(flash_attn, bool):
+            problems["flash_attn"] = "must be true or false"
+        kv_cache_type = settings.get("kv_cache_type", "f16")
+        if kv_cache_type not in KV_CACHE_TYPES:
+            problems["kv_cache_type"] = f"must be one of {', '.join(KV_CACHE_TYPES)}"
+        elif kv_cache_type != "f16" and flash_attn is False:
+            problems["kv_cache_type"] = f"{kv_cache_type} needs flash_attn (llama.cpp quantizes the cache only with it)"
         return problems
 
-    def _load(self) -> Any:
-        from llama_cpp import Llama
-
-        kwargs: dict[str, Any] = {"model_path": str(self.path), "n_ctx": self.context_length, "verbose": False}
+    def llama_kwargs(self) -> dict[str, Any]:
+        """What ``llama_cpp.Llama`` is constructed with (bench/ loads its baselines with the same)."""
+        kwargs: dict[str, Any] = {
+            "model_path": str(self.path),
+            "n_ctx": self.context_length,
+            "flash_attn": self.flash_attn,
+            "verbose": False,
+        }
         if self.n_threads:
             kwargs["n_threads"] = self.n_threads
             kwargs["n_threads_batch"] = self.n_threads
         if self.seed is not None:
             kwargs["seed"] = self.seed
+        if self.kv_cache_type != "f16":
+            kwargs["type_k"] = kwargs["type_v"] = KV_CACHE_TYPES[self.kv_cache_type]
+        return kwargs
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama
+
+        kwargs = self.llama_kwargs()
         if self.clip_path is not None:
             from llama_cpp.llama_chat_format import Llava15ChatHandler
 
