@@ -189,7 +189,10 @@ class Server:
         self.args = args
         self.pg_name = f"bench_list_{uuid.uuid4().hex[:8]}_{size}" if args.postgres else None
         config = json.loads((BASE_DIR / "balancer" / "configuration.json").read_text())
-        self.env = server_environment(self.work, config, args.redis_url, DATABASE_URL=self.database_url())
+        database = {"DATABASE_URL": self.database_url()}
+        if self.pg_name:
+            database["DB_CONN_MAX_AGE"] = "60"  # as doc/operations.md advises for PostgreSQL
+        self.env = server_environment(self.work, config, args.redis_url, **database)
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.headers: dict[str, str] = {}
