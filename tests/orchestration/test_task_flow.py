@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def test_posted_task_succeeds_with_a_real_model_answer_and_its_history(api, cele
     assert step["detail"]["balancer"]["chosen"] == "smollm2-135m"
     assert done["history"][1]["detail"]["worker"].startswith(f"{celery_worker.name}:")
     assert done["version"] == 3
-    # The mirror follows the file, and the API serves the same packet.
-    row = Task.objects.get(task_id=packet["task_id"])
+    # The mirror follows the file (written just after it, in the same call), and the API serves the same packet.
+    deadline = time.monotonic() + 10
+    while (row := Task.objects.get(task_id=packet["task_id"])).version < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (row.status, row.version) == ("succeeded", 3)
     assert api.get(f"/api/v1/tasks/{packet['task_id']}").json() == done
 
