@@ -5,10 +5,11 @@ Both in the same run, interleaved (which side goes first alternates), the same p
 order on both sides:
 
 - baseline: ``Llama.create_chat_completion`` in this process, on the default LLM of
-  balancer/configuration.json loaded with the settings the llama_cpp engine gives it (model file,
-  n_ctx, n_threads, n_threads_batch), with the same messages, max_tokens and temperature as the
-  task's call and no grammar (the generic agent answers in free text, so the server's call has
-  none either). Tokens per second = completion tokens / the call's time.
+  balancer/configuration.json, ``Llama`` constructed with exactly the arguments the llama_cpp
+  engine gives it (``LlamaCppEngine.llama_kwargs``: model file, n_ctx, threads, flash attention, KV
+  cache type), with the same messages, max_tokens and temperature as the task's call and no grammar
+  (the generic agent answers in free text, so the server's call has none either). Tokens per
+  second = completion tokens / the call's time.
 - server: POST /api/v1/bench_<run>/chat to a real gunicorn, a role of the generic agent on that
   LLM, run by a real Celery worker (prefork, one child, so that one loaded model sees the same
   sequence of prompts as the baseline's and its prompt cache is in the same state); the client
@@ -16,11 +17,11 @@ order on both sides:
   LLM time the step's history event records (the engine's call), and completion tokens / the
   task's wall time (POST to succeeded).
 
-Temperature 0 (greedy): both sides generate the same tokens, which the run checks (an answer that
-differs is reported; its tokens per second still count, as a rate). Prints the medians and the
-ratios.
+Temperature 0 (greedy): both sides generate the same tokens, which the run checks. The ratio is
+the median of the pairs' ratios (a pair's two generations run one after the other, so a change
+in the machine's load falls on both); the ratio of the medians is printed beside it.
 
-    .venv/bin/python bench/engine_passthrough.py -n 10
+    .venv/bin/python bench/engine_passthrough.py -n 20 --redis-url redis://127.0.0.1:6379/13
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +40,8 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from bench.common import free_port, redis_option, server_environment  # noqa: E402
 
 PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in detail."
@@ -53,16 +55,37 @@ PROMPTS = [
 ]
 
 
-def default_llm() -> dict:
-    """The first llama_cpp LLM of the shipped configuration: the model a fresh install answers with."""
+def default_llm(options: list[str]) -> dict:
+    """The first llama_cpp LLM of the shipped configuration (the model a fresh install answers with),
+    with ``options`` (``key=value``, the value JSON or a string) added to its engine options."""
     shipped = json.loads((BASE_DIR / "balancer" / "configuration.json").read_text())
-    return next(llm for llm in shipped["llms"] if llm["engine"] == "llama_cpp")
+    llm = next(llm for llm in shipped["llms"] if llm["engine"] == "llama_cpp")
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            llm["options"][key] = json.loads(value)
+        except ValueError:
+            llm["options"][key] = value
+    return llm
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an engine option for the default LLM, on both sides (kv_cache_type=q8_0, flash_attn=false)",
+    )
+
+
+def bare_llama_kwargs(config: dict, llm_id: str) -> dict:
+    """The arguments of ``llama_cpp.Llama`` for the LLM: the llama_cpp engine's own."""
+    from balancer.configuration import parse_configuration
+    from llm_engines.registry import engine_class
+
+    llm = parse_configuration(config).llms[llm_id]
+    return engine_class(llm.engine)(**llm.engine_settings()).llama_kwargs()
 
 
 def main() -> None:
@@ -71,14 +94,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="generations run first on each side and not measured")
     parser.add_argument("--max-tokens", type=int, default=200, help="the role's max_tokens, and the baseline's")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every pair")
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
-        help="the Redis to use (nothing in it is flushed; this run's queue has a name of its own)",
-    )
+    option_argument(parser)
+    redis_option(parser)
     args = parser.parse_args()
 
-    llm = default_llm()
+    llm = default_llm(args.option)
     config = {
         "llms": [llm],
         "profiles": {
@@ -96,42 +116,16 @@ def main() -> None:
         },
     }
     work = Path(tempfile.mkdtemp(prefix="aiagent-bench-"))
-    (work / "configuration.json").write_text(json.dumps(config))
-    os.environ.update(
-        {
-            "DEBUG": "0",
-            "SECRET_KEY": uuid.uuid4().hex * 2,
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "VAR_DIR": str(work),
-            "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
-            "TASKS_STATE_DIR": str(work / "state"),
-            "AIAGENT_CONFIG": str(work / "configuration.json"),
-            "REDIS_URL": args.redis_url,
-            "LOG_LEVEL": "WARNING",
-            "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-        }
-    )
+    os.environ.update(server_environment(work, config, args.redis_url))
     import django
 
     django.setup()
     from llama_cpp import Llama
 
     from aiagentserver.celery import app
-    from llm_engines.local.llama_cpp_engine import resolve_model_path
     from orchestration import mcp_handler
 
-    # The baseline's model, loaded as LlamaCppEngine._load loads it, written out here so that the
-    # baseline owes nothing to the server's code.
-    options = llm.get("options", {})
-    llama_kwargs: dict = {
-        "model_path": str(resolve_model_path(options["model_path"])),
-        "n_ctx": llm.get("context_length", 2048),
-        "verbose": False,
-    }
-    if options.get("n_threads"):
-        llama_kwargs["n_threads"] = llama_kwargs["n_threads_batch"] = options["n_threads"]
-    if options.get("seed") is not None:
-        llama_kwargs["seed"] = options["seed"]
+    llama_kwargs = bare_llama_kwargs(config, llm["id"])
     bare_llama = Llama(**llama_kwargs)
 
     manage = [sys.executable, str(BASE_DIR / "manage.py")]
@@ -160,9 +154,7 @@ def main() -> None:
     def bare(prompt: str) -> tuple[int, float, str]:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
         started = time.perf_counter()
-        response = bare_llama.create_chat_completion(
-            messages=messages, max_tokens=args.max_tokens, temperature=0.0
-        )
+        response = bare_llama.create_chat_completion(messages=messages, max_tokens=args.max_tokens, temperature=0.0)
         elapsed = time.perf_counter() - started
         answer = (response["choices"][0]["message"]["content"] or "").strip()
         return response["usage"]["completion_tokens"], elapsed, answer
@@ -215,7 +207,6 @@ def main() -> None:
         bare_rates: list[float] = []
         llm_rates: list[float] = []
         wall_rates: list[float] = []
-        pair_ratios: list[float] = []
         tokens: list[int] = []
         same = 0
         for index in range(args.warmup + args.n):
@@ -232,7 +223,6 @@ def main() -> None:
             bare_rates.append(bare_tokens / bare_s)
             llm_rates.append(server_tokens / llm_s)
             wall_rates.append(server_tokens / wall_s)
-            pair_ratios.append(llm_rates[-1] / bare_rates[-1])
             tokens.append(bare_tokens)
             same += bare_tokens == server_tokens and bare_text == server_text
             if args.verbose:
@@ -249,11 +239,17 @@ def main() -> None:
         for process in processes:
             process.wait(timeout=30)
 
-    print(
-        f"{llm['model']} ({llm['id']}), n={args.n} pairs (after {args.warmup} warm-up), max_tokens "
-        f"{args.max_tokens}, temperature 0, n_ctx {llama_kwargs['n_ctx']}, n_threads {options.get('n_threads')}"
+    settings = ", ".join(
+        f"{key} {value}" for key, value in llama_kwargs.items() if key not in ("model_path", "verbose")
     )
-    print(f"completion tokens per generation: median {statistics.median(tokens):.0f} (min {min(tokens)}, max {max(tokens)})")
+    print(
+        f"{llm['model']} ({llm['id']}: {settings}), n={args.n} pairs (after {args.warmup} warm-up), "
+        f"max_tokens {args.max_tokens}, temperature 0"
+    )
+    print(
+        f"completion tokens per generation: median {statistics.median(tokens):.0f} "
+        f"(min {min(tokens)}, max {max(tokens)})"
+    )
     print(f"same tokens and text on both sides: {same} of {args.n}")
     print(f"load average: {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end")
     print(f"{'tokens per second':40}{'median':>10}{'min':>10}{'max':>10}")
@@ -263,12 +259,12 @@ def main() -> None:
         ("server, the task's wall time", wall_rates),
     ):
         print(f"{name:40}{statistics.median(rates):10.1f}{min(rates):10.1f}{max(rates):10.1f}")
-    bare_median = statistics.median(bare_rates)
-    print(
-        f"ratio server/bare: LLM time {statistics.median(llm_rates) / bare_median:.3f}x, "
-        f"wall time {statistics.median(wall_rates) / bare_median:.3f}x "
-        f"(median of the pairs' LLM-time ratios {statistics.median(pair_ratios):.3f}x)"
-    )
+
+    def ratios(rates: list[float]) -> str:
+        of_pairs = statistics.median(rate / bare for rate, bare in zip(rates, bare_rates, strict=True))
+        return f"{of_pairs:.3f}x (ratio of the medians {statistics.median(rates) / statistics.median(bare_rates):.3f}x)"
+
+    print(f"ratio server/bare, median of the pairs: LLM time {ratios(llm_rates)}, wall time {ratios(wall_rates)}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,19 @@
 - worker: a real Celery worker as ``make run`` starts it (prefork, concurrency 2, or
   ``--concurrency``) on a temporary configuration whose one role (the generic agent) runs on the
   default LLM of balancer/configuration.json. Tasks are submitted two at a time until every child
-  process has loaded the model, then more (one of them with a prompt that fills about three
-  quarters of the context), so that what a long task touches is counted.
-- baseline: a bare Python process that loads the same model with llama-cpp-python, with the settings
-  the llama_cpp engine gives it, and answers the same prompts.
+  process has loaded the model, then more (one of them with a prompt of about 2,700 tokens, two
+  thirds of the context), so that what a long task touches is counted.
+- baseline: a bare Python process that loads the same model with llama-cpp-python, ``Llama``
+  constructed with the arguments the llama_cpp engine gives it, and answers the same prompts.
 
 For the worker's main process, each child and the baseline it prints, from /proc: RSS now and at
 its peak (VmHWM), PSS and USS (smaps_rollup: a page shared by n processes counts 1/n in PSS and
 not at all in USS), the anonymous and file-backed parts of the RSS, and how many times the GGUF
-file is mapped (mappings that start at its offset 0: llama.cpp maps the file once per model it
-loads). Then the ratio of each child's RSS to the baseline's.
+file is mapped (llama.cpp maps the file once per model it loads). Then the ratio of each child's
+RSS to the baseline's.
 
-    .venv/bin/python bench/worker_memory.py
+    .venv/bin/python bench/worker_memory.py --redis-url redis://127.0.0.1:6379/13
+    .venv/bin/python bench/worker_memory.py --option kv_cache_type=q8_0   # an engine option, both sides
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.common import redis_option, server_environment  # noqa: E402
+from bench.engine_passthrough import bare_llama_kwargs, default_llm, option_argument  # noqa: E402
+
 PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
 SYSTEM_PROMPT = "You are a helpful assistant."
 PROMPTS = [
@@ -40,18 +44,13 @@ PROMPTS = [
     "Describe the water cycle, step by step.",
     "What are the differences between a process and a thread?",
 ]
-# About 3,300 tokens (of the 4,096 of the context): a long task's prompt, evaluated in full batches.
+# About 2,700 tokens (of the 4,096 of the context; the balancer estimates 3,450): a long task's
+# prompt, evaluated in full batches.
 LONG_PROMPT = "Summarise this report.\n\n" + " ".join(
     f"Item {number}: the pump in building {number % 7} was checked and its pressure was normal."
-    for number in range(170)
+    for number in range(140)
 )
 MB = 1024 * 1024
-
-
-def default_llm() -> dict:
-    """The first llama_cpp LLM of the shipped configuration: the model a fresh install answers with."""
-    shipped = json.loads((BASE_DIR / "balancer" / "configuration.json").read_text())
-    return next(llm for llm in shipped["llms"] if llm["engine"] == "llama_cpp")
 
 
 def proc_fields(path: Path) -> dict[str, int]:
@@ -87,12 +86,20 @@ def memory(pid: int, model: Path) -> dict[str, float]:
 
 
 def model_mappings(pid: int, model: Path) -> int:
-    """How many times ``model`` is mapped: the mappings of the file that start at its offset 0."""
+    """How many times ``model`` is mapped. llama.cpp maps the file once per model it loads (and then
+    unmaps the parts it does not use); a mapping may show as several adjacent lines whose offsets
+    follow on, which count once."""
     count = 0
+    previous_end = previous_offset_end = None
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5] == str(model) and int(parts[2], 16) == 0:
+        if len(parts) < 6 or parts[5] != str(model):
+            continue
+        start, end = (int(address, 16) for address in parts[0].split("-"))
+        offset = int(parts[2], 16)
+        if start != previous_end or offset != previous_offset_end:
             count += 1
+        previous_end, previous_offset_end = end, offset + end - start
     return count
 
 
@@ -133,14 +140,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="the worker's child processes (make run: 2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of tasks after every child has the model")
     parser.add_argument("--max-tokens", type=int, default=64, help="the role's max_tokens, and the baseline's")
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
-        help="the Redis to use (nothing in it is flushed; this run's queue has a name of its own)",
-    )
+    option_argument(parser)
+    redis_option(parser)
     args = parser.parse_args()
 
-    llm = default_llm()
+    llm = default_llm(args.option)
     config = {
         "llms": [llm],
         "profiles": {
@@ -158,36 +162,15 @@ def main() -> None:
         },
     }
     work = Path(tempfile.mkdtemp(prefix="aiagent-bench-"))
-    (work / "configuration.json").write_text(json.dumps(config))
-    os.environ.update(
-        {
-            "DEBUG": "0",
-            "SECRET_KEY": uuid.uuid4().hex * 2,
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "VAR_DIR": str(work),
-            "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
-            "TASKS_STATE_DIR": str(work / "state"),
-            "AIAGENT_CONFIG": str(work / "configuration.json"),
-            "REDIS_URL": args.redis_url,
-            "LOG_LEVEL": "WARNING",
-            "DJANGO_SETTINGS_MODULE": "aiagentserver.settings",
-        }
-    )
+    os.environ.update(server_environment(work, config, args.redis_url))
     import django
 
     django.setup()
     from aiagentserver.celery import app
-    from llm_engines.local.llama_cpp_engine import resolve_model_path
     from orchestration.services import task_submit
 
-    options = llm.get("options", {})
-    model = resolve_model_path(options["model_path"]).resolve()
-    # As LlamaCppEngine._load loads it.
-    llama_kwargs: dict = {"model_path": str(model), "n_ctx": llm.get("context_length", 2048), "verbose": False}
-    if options.get("n_threads"):
-        llama_kwargs["n_threads"] = llama_kwargs["n_threads_batch"] = options["n_threads"]
-    if options.get("seed") is not None:
-        llama_kwargs["seed"] = options["seed"]
+    llama_kwargs = bare_llama_kwargs(config, llm["id"])
+    model = Path(llama_kwargs["model_path"]).resolve()
 
     subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), "migrate", "-v", "0"], check=True, cwd=BASE_DIR)
     worker_name = f"bench-{uuid.uuid4().hex[:6]}@localhost"
@@ -255,10 +238,13 @@ def main() -> None:
         bare.stdin.close()
         bare.wait(timeout=60)
 
+    settings = ", ".join(
+        f"{key} {value}" for key, value in llama_kwargs.items() if key not in ("model_path", "verbose")
+    )
     print(
-        f"{llm['model']} ({model.name}, {model.stat().st_size / MB:.0f} MB), n_ctx {llama_kwargs['n_ctx']}, "
+        f"{llm['model']} ({model.name}, {model.stat().st_size / MB:.0f} MB; {settings}), "
         f"worker concurrency {args.concurrency} (prefork), {tasks} tasks ({loading_rounds} round(s) until every child "
-        f"had the model, then {args.rounds}, one with a prompt of about 3,300 tokens)"
+        f"had the model, then {args.rounds}, one with a prompt of about 2,700 tokens)"
     )
     print(f"{'MB':28}{'RSS':>8}{'peak':>8}{'PSS':>8}{'USS':>8}{'anon':>8}{'file':>8}{'model maps':>12}")
 
