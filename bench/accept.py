@@ -38,7 +38,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.common import free_port, percentile, redis_option, server_environment  # noqa: E402
+from bench.common import free_port, percentile, redis_option, server_environment, wait_for_web  # noqa: E402
 
 PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
 CONFIG = {
@@ -96,19 +96,6 @@ def phase(port: int, path: str, tokens: list[str], clients: int, seconds: float)
     }
 
 
-def wait_until_up(port: int, deadline: float) -> None:
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/healthz")
-            connection.getresponse().read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                sys.exit(f"the web server on port {port} did not start")
-            time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[16], help="concurrent clients, one run each")
@@ -146,7 +133,7 @@ def main() -> None:
     try:
         deadline = time.monotonic() + 60
         for port in ports.values():
-            wait_until_up(port, deadline)
+            wait_for_web(port, deadline).close()
         for side in ("bare", "server"):  # warm up both: imports, connections, the first writes
             phase(ports[side], paths[side], tokens, min(4, most), 2)
         for clients in args.clients:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -53,3 +56,25 @@ def free_port() -> int:
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def wait_for_worker(app, name: str, deadline: float) -> None:
+    """Until the Celery worker ``name`` answers a ping; exits the benchmark past ``deadline`` (monotonic)."""
+    while not app.control.ping(destination=[name], timeout=0.5):
+        if time.monotonic() > deadline:
+            sys.exit(f"the worker {name} did not start")
+
+
+def wait_for_web(port: int, deadline: float) -> http.client.HTTPConnection:
+    """A keep-alive connection to the web server on ``port`` once /healthz answers; exits past ``deadline``."""
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+            return connection
+        except OSError:
+            connection.close()
+            if time.monotonic() > deadline:
+                sys.exit(f"the web server on port {port} did not start")
+            time.sleep(0.2)

@@ -27,7 +27,6 @@ in the machine's load falls on both); the ratio of the medians is printed beside
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import statistics
@@ -41,7 +40,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.common import free_port, redis_option, server_environment  # noqa: E402
+from bench.common import free_port, redis_option, server_environment, wait_for_web, wait_for_worker  # noqa: E402
 
 PROFILE = f"bench_{uuid.uuid4().hex[:8]}"
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in detail."
@@ -188,20 +187,8 @@ def main() -> None:
 
     try:
         deadline = time.monotonic() + 60
-        while not app.control.ping(destination=[worker_name], timeout=0.5):
-            if time.monotonic() > deadline:
-                sys.exit("the worker did not start")
-        connection = http.client.HTTPConnection("127.0.0.1", port)
-        while True:
-            try:
-                connection.request("GET", "/healthz")
-                connection.getresponse().read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    sys.exit("the web server did not start")
-                connection.close()
-                time.sleep(0.2)
+        wait_for_worker(app, worker_name, deadline)
+        connection = wait_for_web(port, deadline)
 
         load_before = os.getloadavg()
         bare_rates: list[float] = []

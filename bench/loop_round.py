@@ -35,7 +35,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.common import percentile, redis_option, server_environment  # noqa: E402
+from bench.common import percentile, redis_option, server_environment, wait_for_worker  # noqa: E402
 
 PROFILE = f"loop_{uuid.uuid4().hex[:8]}"
 TESTS = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
@@ -132,10 +132,7 @@ def main() -> None:
     server: list[tuple[float, float]] = []
     bare: list[float] = []
     try:
-        deadline = time.monotonic() + 60
-        while not app.control.ping(destination=[worker_name], timeout=0.5):
-            if time.monotonic() > deadline:
-                sys.exit("the worker did not start")
+        wait_for_worker(app, worker_name, time.monotonic() + 60)
 
         def bare_round() -> float:
             key = f"bench:round:{uuid.uuid4().hex}"

@@ -33,7 +33,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.common import free_port, percentile, redis_option, server_environment  # noqa: E402
+from bench.common import free_port, percentile, redis_option, server_environment, wait_for_web, wait_for_worker  # noqa: E402
 
 # A profile name of its own for each run, so that nothing left in Redis by an
 # earlier run (nothing is flushed) reaches this one's queues.
@@ -84,20 +84,8 @@ def main() -> None:
     ]  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not app.control.ping(destination=[worker_name], timeout=0.5):
-            if time.monotonic() > deadline:
-                sys.exit("the worker did not start")
-        connection = http.client.HTTPConnection("127.0.0.1", port)
-        while True:
-            try:
-                connection.request("GET", "/healthz")
-                connection.getresponse().read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    sys.exit("the web server did not start")
-                connection.close()
-                time.sleep(0.2)
+        wait_for_worker(app, worker_name, deadline)
+        connection = wait_for_web(port, deadline)
 
         def bare_round_trip() -> float:
             key = f"bench:done:{uuid.uuid4().hex}"
