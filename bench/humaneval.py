@@ -358,7 +358,10 @@ def run_problem(
     if packet["status"] == "awaiting_feedback":
         notes.append("awaiting feedback")
     if packet["status"] not in FINISHED:
-        packet = server.cancel(task_id)  # nothing more of this task counts; do not let it take the LLM
+        # Nothing more of this task counts: it must not take the LLM from the next. It may have
+        # finished meanwhile (a 409): either way the packet is read again.
+        server.cancel(task_id)
+        packet = server.task(task_id)
     history = packet["history"]
     # What counts ends with the code scored (single-shot) or before the harness's cancellation.
     cut = next((i for i, e in enumerate(history) if e["event"] == "cancelled"), len(history))
