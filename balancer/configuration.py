@@ -27,7 +27,8 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 LLM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # Path segments under /api/v1/ that name API routes, not profiles.
 RESERVED_PROFILE_NAMES = frozenset({"tasks", "config", "llms", "metrics"})
-CAPABILITIES = frozenset({"chat", "code", "vision", "json"})
+# "tools": the LLM calls functions (OpenAI's tools); only on an engine that passes them on.
+CAPABILITIES = frozenset({"chat", "code", "vision", "json", "tools"})
 SOURCES = frozenset({"local", "api"})
 # Keys that would hold a secret: the file names an environment variable instead.
 SECRET_KEY_RE = re.compile(r"(api_?key|secret|password|token)$", re.IGNORECASE)
@@ -285,6 +286,8 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
         except UnknownName as exc:
             check.fail(f"{path}.engine", str(exc))
         else:
+            if "tools" in llm.capabilities and not cls.supports_tools:
+                check.fail(f"{path}.capabilities", f"the {engine_name} engine cannot call tools: drop 'tools'")
             top_level = {"model", "context_length", *ENGINE_FIELDS}
             for key, reason in cls.validate_settings(llm.engine_settings()).items():
                 check.fail(f"{path}.{key}" if key in top_level else f"{path}.options.{key}", reason)

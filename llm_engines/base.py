@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from llm_engines.errors import EngineBadRequest
+
 Message = Mapping[str, Any]
 
 
@@ -28,6 +30,9 @@ class ChatResult:
     latency_s: float
     time_to_first_token_s: float | None = None
     finish_reason: str | None = None
+    # The functions the model asked to call, in the OpenAI shape: {"id", "type": "function",
+    # "function": {"name", "arguments": a JSON text}}. Only engines that support tools fill it.
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,18 +54,28 @@ class Health:
 class ChatOptions:
     """Generation settings shared by every engine."""
 
-    max_tokens: int = 256
+    # None: as many as the engine allows (the context's end, or the API's own limit).
+    max_tokens: int | None = 256
     temperature: float = 0.7
+    top_p: float | None = None
     stop: tuple[str, ...] = ()
     timeout: float | None = None
     # A JSON schema the reply must follow (llama.cpp grammar, OpenAI json_schema, Ollama format).
     json_schema: Mapping[str, Any] | None = None
+    # Functions the model may call, in the OpenAI shape ({"type": "function", "function": {"name",
+    # "description", "parameters"}}), and OpenAI's ``tool_choice``; only for engines whose
+    # ``supports_tools`` is true (the others raise EngineBadRequest).
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
 
 
 class Engine(ABC):
     """One configured model behind an engine. Instances are cached per process by the registry."""
 
     name: ClassVar[str]
+    # Whether the engine passes ``ChatOptions.tools`` to the model and returns its tool calls; an
+    # LLM may declare the ``tools`` capability only on such an engine.
+    supports_tools: ClassVar[bool] = False
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
@@ -89,6 +104,11 @@ class Engine(ABC):
     @abstractmethod
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         """Complete ``messages``, yielding text as it comes and, last, a chunk with the result."""
+
+    def refuse_tools(self, options: ChatOptions) -> None:
+        """``EngineBadRequest`` when ``options`` carry tools that this engine cannot pass to its model."""
+        if options.tools and not self.supports_tools:
+            raise EngineBadRequest(f"the {self.name} engine cannot call tools", engine=self.name)
 
     @abstractmethod
     def health(self) -> Health:

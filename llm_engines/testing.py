@@ -64,6 +64,7 @@ class InstantEngine(Engine):
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
+        self.refuse_tools(options)
         started = time.perf_counter()
         if options.json_schema is not None:
             text = json.dumps(smallest_instance(options.json_schema))
@@ -111,6 +112,7 @@ class ScriptedEngine(Engine):
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         started = time.perf_counter()
+        self.refuse_tools(options or ChatOptions())
         text, delay, error = self._reply(messages)
         timeout = None if options is None else options.timeout
         if delay:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,8 +37,18 @@ _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too 
 STRUCTURED_OUTPUT = ("json_schema", "json_object")
 
 
+def tool_call(call_id: str | None, name: str, arguments: str | None) -> dict[str, Any]:
+    """One tool call in the OpenAI shape; a server that gave no id gets one."""
+    return {
+        "id": call_id or f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments or "{}"},
+    }
+
+
 class OpenAIEngine(Engine):
     name = "openai"
+    supports_tools = True
 
     def __init__(
         self,
@@ -103,9 +114,16 @@ class OpenAIEngine(Engine):
         request: dict[str, Any] = {
             "model": self.model,
             "messages": [dict(message) for message in messages],
-            "max_tokens": options.max_tokens,
             "temperature": options.temperature,
         }
+        if options.max_tokens is not None:
+            request["max_tokens"] = options.max_tokens
+        if options.top_p is not None:
+            request["top_p"] = options.top_p
+        if options.tools:
+            request["tools"] = [dict(tool) for tool in options.tools]
+            if options.tool_choice is not None:
+                request["tool_choice"] = options.tool_choice
         if options.stop:
             request["stop"] = list(options.stop)
         if options.timeout:
@@ -128,6 +146,7 @@ class OpenAIEngine(Engine):
             raise self._error(exc) from None
         choice = response.choices[0]
         usage = response.usage
+        calls = choice.message.tool_calls or []
         return ChatResult(
             text=choice.message.content or "",
             model=response.model or self.model,
@@ -135,6 +154,11 @@ class OpenAIEngine(Engine):
             completion_tokens=usage.completion_tokens if usage else 0,
             latency_s=time.perf_counter() - started,
             finish_reason=choice.finish_reason,
+            tool_calls=tuple(
+                tool_call(call.id, call.function.name, call.function.arguments)
+                for call in calls
+                if getattr(call, "function", None) is not None
+            ),
         )
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
@@ -145,6 +169,7 @@ class OpenAIEngine(Engine):
         finish_reason = None
         model = self.model
         usage = None
+        calls: dict[int, dict[str, str]] = {}  # the tool calls' deltas, joined by index
         try:
             chunks = self.client.chat.completions.create(
                 **self._request(messages, options), stream=True, stream_options={"include_usage": True}
@@ -158,6 +183,12 @@ class OpenAIEngine(Engine):
                     choice = chunk.choices[0]
                     finish_reason = choice.finish_reason or finish_reason
                     text = choice.delta.content if choice.delta else None
+                    for delta in (choice.delta.tool_calls if choice.delta else None) or []:
+                        call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                        call["id"] = delta.id or call["id"]
+                        if delta.function is not None:
+                            call["name"] += delta.function.name or ""
+                            call["arguments"] += delta.function.arguments or ""
                     if text:
                         if first_at is None:
                             first_at = time.perf_counter()
@@ -176,6 +207,9 @@ class OpenAIEngine(Engine):
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=None if first_at is None else first_at - started,
                 finish_reason=finish_reason,
+                tool_calls=tuple(
+                    tool_call(call["id"], call["name"], call["arguments"]) for _, call in sorted(calls.items())
+                ),
             ),
         )
 

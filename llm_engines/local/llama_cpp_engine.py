@@ -215,12 +215,15 @@ class LlamaCppEngine(Engine):
                 f"model {self.model} has no multimodal projector (clip_model_path): it cannot read images",
                 engine=self.name,
             )
+        self.refuse_tools(options)
         request: dict[str, Any] = {
             "messages": [dict(message) for message in messages],
             "max_tokens": options.max_tokens,
             "temperature": options.temperature,
             "stop": list(options.stop) or None,
         }
+        if options.top_p is not None:
+            request["top_p"] = options.top_p
         if options.json_schema is not None:
             request["response_format"] = {"type": "json_object", "schema": grammar_safe(options.json_schema)}
         return request

@@ -6,8 +6,10 @@ passed to Ollama as base64 in the message's ``images``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,8 +32,34 @@ DEFAULT_HOST = "http://127.0.0.1:11434"
 TIMEOUT_STEPS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
-def to_ollama_message(message: Message) -> dict[str, Any]:
+def _arguments(text: str) -> dict[str, Any]:
+    """A tool call's arguments, a JSON text in the OpenAI shape, as the object Ollama takes."""
+    try:
+        arguments = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise EngineBadRequest(f"a tool call's arguments are not JSON: {exc}", engine="ollama") from None
+    if not isinstance(arguments, dict):
+        raise EngineBadRequest("a tool call's arguments must be a JSON object", engine="ollama")
+    return arguments
+
+
+def to_ollama_message(message: Message, tool_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One message in Ollama's shape. ``tool_names`` maps the ids of earlier tool calls to their
+    functions: Ollama knows a tool's answer by the function's name, OpenAI by the call's id."""
     content = message.get("content")
+    if message.get("tool_calls"):
+        calls = [
+            {"function": {"name": call["function"]["name"], "arguments": _arguments(call["function"]["arguments"])}}
+            for call in message["tool_calls"]
+        ]
+        text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content or [])
+        return {"role": message["role"], "content": text, "tool_calls": calls}
+    if message["role"] == "tool":
+        converted = {"role": "tool", "content": content if isinstance(content, str) else json.dumps(content)}
+        name = (tool_names or {}).get(message.get("tool_call_id", ""))
+        if name:
+            converted["tool_name"] = name
+        return converted
     if not isinstance(content, list):
         return {"role": message["role"], "content": content or ""}
     texts: list[str] = []
@@ -52,8 +80,23 @@ def to_ollama_message(message: Message) -> dict[str, Any]:
     return converted
 
 
+def tool_calls(message: Any) -> tuple[dict[str, Any], ...]:
+    """The tool calls of an Ollama reply message, in the OpenAI shape (Ollama gives them no id)."""
+    return tuple(
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.function.name, "arguments": json.dumps(dict(call.function.arguments or {}))},
+        }
+        for call in (getattr(message, "tool_calls", None) or [])
+    )
+
+
 class OllamaEngine(Engine):
+    """Tools: Ollama takes ``tools`` but not ``tool_choice``; the model decides whether to call one."""
+
     name = "ollama"
+    supports_tools = True
 
     def __init__(
         self,
@@ -111,11 +154,17 @@ class OllamaEngine(Engine):
         return EngineError(str(exc), engine=self.name)
 
     def _request(self, messages: Sequence[Message], options: ChatOptions) -> dict[str, Any]:
+        tool_names = {
+            call.get("id", ""): call["function"]["name"]
+            for message in messages
+            for call in message.get("tool_calls") or []
+        }
         request: dict[str, Any] = {
             "model": self.model,
-            "messages": [to_ollama_message(message) for message in messages],
+            "messages": [to_ollama_message(message, tool_names) for message in messages],
             "options": {
-                "num_predict": options.max_tokens,
+                **({"num_predict": options.max_tokens} if options.max_tokens is not None else {}),
+                **({"top_p": options.top_p} if options.top_p is not None else {}),
                 "temperature": options.temperature,
                 "num_ctx": self.context_length,
                 **({"stop": list(options.stop)} if options.stop else {}),
@@ -123,11 +172,15 @@ class OllamaEngine(Engine):
         }
         if options.json_schema is not None:
             request["format"] = dict(options.json_schema)
+        if options.tools:
+            request["tools"] = [dict(tool) for tool in options.tools]
         if self.keep_alive is not None:
             request["keep_alive"] = self.keep_alive
         return request
 
-    def _result(self, response: Any, text: str, started: float, first_at: float | None) -> ChatResult:
+    def _result(
+        self, response: Any, text: str, started: float, first_at: float | None, calls: tuple = ()
+    ) -> ChatResult:
         return ChatResult(
             text=text,
             model=response.model or self.model,
@@ -136,6 +189,7 @@ class OllamaEngine(Engine):
             latency_s=time.perf_counter() - started,
             time_to_first_token_s=None if first_at is None else first_at - started,
             finish_reason=response.done_reason,
+            tool_calls=calls,
         )
 
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
@@ -146,7 +200,7 @@ class OllamaEngine(Engine):
             response = self._client(options.timeout).chat(**request, stream=False)
         except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
             raise self._error(exc) from exc
-        return self._result(response, response.message.content or "", started, None)
+        return self._result(response, response.message.content or "", started, None, tool_calls(response.message))
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
@@ -154,10 +208,12 @@ class OllamaEngine(Engine):
         started = time.perf_counter()
         first_at = None
         parts: list[str] = []
+        calls: tuple[dict[str, Any], ...] = ()
         last = None
         try:
             for chunk in self._client(options.timeout).chat(**request, stream=True):
                 last = chunk
+                calls += tool_calls(chunk.message)
                 text = chunk.message.content if chunk.message else ""
                 if text:
                     if first_at is None:
@@ -168,7 +224,7 @@ class OllamaEngine(Engine):
             raise self._error(exc) from exc
         if last is None or not last.done:
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)
-        yield ChatChunk(text="", result=self._result(last, "".join(parts), started, first_at))
+        yield ChatChunk(text="", result=self._result(last, "".join(parts), started, first_at, calls))
 
     def health(self) -> Health:
         started = time.perf_counter()

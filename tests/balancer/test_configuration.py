@@ -142,3 +142,11 @@ def test_api_fields_are_checked(raw):
     )
     assert "unknown field" in found["llms[1].cost_per_1k_tokens.output"]
     assert "only api LLMs" in found["llms[0].cost_per_1k_tokens"]
+
+
+def test_the_tools_capability_needs_an_engine_that_calls_tools(raw):
+    raw["llms"][0]["capabilities"] = ["chat", "tools"]  # llama_cpp
+    assert "cannot call tools" in problems(raw)["llms[0].capabilities"]
+    raw["llms"][0]["capabilities"] = ["chat"]
+    raw["llms"].append({"id": "api", "engine": "openai", "source": "api", "model": "m", "capabilities": ["tools"]})
+    assert parse_configuration(raw, known_agents=AGENTS.names()).llms["api"].capabilities == {"tools"}

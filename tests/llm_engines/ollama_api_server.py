@@ -10,7 +10,12 @@ the Ollama API that the engine uses, with the real model behind them:
   ``done`` and the counts) or false; ``format`` as a JSON schema; ``options``
   ``num_predict``, ``temperature``, ``stop``; ``images`` in messages are refused
   (the model has no vision). A prompt over the context is a 400, as Ollama does
-  when it is not allowed to truncate.
+  when it is not allowed to truncate. ``tools``: where Ollama lets the model's
+  own template decide whether to call one, this server always calls one of them,
+  its name and arguments generated under a grammar from the tools' schemas, and
+  answers it in ``message.tool_calls`` (streamed: one line with the calls, then
+  the final line). A tool's answer comes back as a ``tool`` message with
+  ``tool_name``.
 
 Run: python -m tests.llm_engines.ollama_api_server --port PORT --model-path FILE
 """
@@ -72,7 +77,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         options = body.get("options") or {}
         request = {
-            "messages": [{"role": m["role"], "content": m.get("content", "")} for m in messages],
+            "messages": [
+                {"role": m["role"], "content": m.get("content") or json.dumps(m.get("tool_calls") or "")}
+                for m in messages
+            ],
             "max_tokens": options.get("num_predict", 128),
             "temperature": options.get("temperature", 0.8),
             "stop": options.get("stop") or None,
@@ -83,9 +91,25 @@ class Handler(BaseHTTPRequestHandler):
             request["response_format"] = {"type": "json_object"}
         stream = body.get("stream", True)
         started = time.perf_counter_ns()
+        tools = body.get("tools") or []
+        if tools:
+            choices = [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": tool["function"]["name"]},
+                        "arguments": tool["function"].get("parameters") or {"type": "object"},
+                    },
+                    "required": ["name", "arguments"],
+                }
+                for tool in tools
+            ]
+            request["response_format"] = {"type": "json_object", "schema": {"anyOf": choices}}
         with self.lock:
             try:
-                if stream:
+                if tools:
+                    self._tool_call(request, started, stream)
+                elif stream:
                     self._stream(request, started)
                 else:
                     self._whole(request, started)
@@ -107,6 +131,24 @@ class Handler(BaseHTTPRequestHandler):
                             response["choices"][0]["finish_reason"])  # fmt: skip
         final["message"] = {"role": "assistant", "content": response["choices"][0]["message"]["content"] or ""}
         self._json(200, final)
+
+    def _tool_call(self, request: dict, started: int, stream: bool) -> None:
+        response = self.llama.create_chat_completion(**request)
+        usage = response["usage"]
+        call = json.loads(response["choices"][0]["message"]["content"])
+        message = {"role": "assistant", "content": "",
+                   "tool_calls": [{"function": {"name": call["name"], "arguments": call["arguments"]}}]}  # fmt: skip
+        final = self._final(started, usage["prompt_tokens"], usage["completion_tokens"], "stop")
+        if not stream:
+            self._json(200, {**final, "message": message})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._line({"model": MODEL_NAME, "created_at": now(), "message": message, "done": False})
+        self._line({**final, "message": {"role": "assistant", "content": ""}})
+        self.wfile.write(b"0\r\n\r\n")
 
     def _stream(self, request: dict, started: int) -> None:
         chunks = self.llama.create_chat_completion(**request, stream=True)

@@ -5,6 +5,8 @@ implements the documented /api/chat (streaming NDJSON too), /api/tags and /api/v
 real SmolLM2 model, in its own process.
 """
 
+import json
+
 import pytest
 
 from llm_engines.base import ChatOptions
@@ -83,3 +85,56 @@ def test_a_429_is_rate_limited_with_its_retry_after(fault_server):
 def test_no_answer_within_the_timeout_is_engine_timeout(fault_server):
     with pytest.raises(EngineTimeout):
         OllamaEngine(model="m", base_url=fault_server("hang")).chat(HELLO, ChatOptions(timeout=0.5))
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_tools_reach_ollama_and_its_calls_come_back_in_openais_shape(engine, streamed):
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    options = ChatOptions(max_tokens=48, temperature=0, tools=(WEATHER,))
+    result = (
+        next(c.result for c in engine.stream(messages, options) if c.result)
+        if streamed
+        else engine.chat(messages, options)
+    )
+    [call] = result.tool_calls
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+
+
+def test_a_tool_call_and_its_answer_go_to_ollama_in_its_shape():
+    engine = OllamaEngine(model="m")
+    call = {"id": "call_7", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+    ]
+    sent = engine._request(messages, ChatOptions(tools=(WEATHER,)))
+    assert sent["messages"][1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Oslo"}}}],
+    }
+    assert sent["messages"][2] == {"role": "tool", "content": "sunny", "tool_name": "weather"}
+    assert sent["tools"] == [WEATHER]
+    broken = [
+        {"role": "assistant", "content": None, "tool_calls": [{**call, "function": {"name": "w", "arguments": "{"}}]}
+    ]
+    with pytest.raises(EngineBadRequest, match="not JSON"):
+        engine._request(broken, ChatOptions())
