@@ -195,9 +195,17 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "1200/min")
 API_SUBMIT_THROTTLE_RATE = env_rate("API_SUBMIT_THROTTLE_RATE", "120/min")
 
+# How long a web process keeps a token's lookup (orchestration/authentication.py): a revoked token
+# still opens other processes for this long. 0: look every request's token up.
+API_TOKEN_CACHE_SECONDS = env_int("API_TOKEN_CACHE_SECONDS", 5, minimum=0)
+# The OpenAI-compatible API (/v1/chat/completions) runs its engine calls in the web process: a call
+# that names an LLM waits for a slot and generates for this long at most (a role's model has the
+# role's time limit).
+OPENAI_API_TIME_LIMIT_SECONDS = env_int("OPENAI_API_TIME_LIMIT_SECONDS", 300, minimum=1)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "orchestration.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -313,7 +321,8 @@ SPECTACULAR_SETTINGS = {
                 "in": "header",
                 "name": "Authorization",
                 "description": (
-                    "`Authorization: Token <key>`; in Swagger UI's Authorize dialog, type `Token <key>`. "
+                    "`Authorization: Token <key>` (or `Bearer <key>`); in Swagger UI's Authorize dialog, "
+                    "type `Token <key>`. "
                     "Create a key with `python manage.py create_token NAME`."
                 ),
             }

@@ -1,12 +1,13 @@
-"""Top-level URLs: the admin, the REST API under /api/v1/, its OpenAPI schema and Swagger UI, /healthz and
-the Prometheus metrics at /metrics."""
+"""Top-level URLs: the admin, the REST API under /api/v1/, its OpenAPI schema and Swagger UI, /healthz,
+the Prometheus metrics at /metrics and the OpenAI-compatible API under /v1/."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from orchestration.admin import metrics_page
 from orchestration.api_handler import HealthzApi, PrometheusMetricsApi
+from orchestration.openai_api import ChatCompletionsApi, ModelDetailApi, ModelListApi, unknown_url
 
 urlpatterns = [
     path("admin/metrics/", admin.site.admin_view(metrics_page), name="admin-metrics"),
@@ -17,6 +18,11 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("healthz", HealthzApi.as_view(), name="healthz"),
     path("metrics", PrometheusMetricsApi.as_view(), name="prometheus-metrics"),
+    # The OpenAI-compatible API (orchestration/openai_api.py).
+    path("v1/chat/completions", ChatCompletionsApi.as_view(), name="openai-chat-completions"),
+    path("v1/models", ModelListApi.as_view(), name="openai-model-list"),
+    path("v1/models/<path:model>", ModelDetailApi.as_view(), name="openai-model-detail"),
+    re_path(r"^v1/", unknown_url),
 ]
 
 handler404 = "orchestration.api_handler.not_found"

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from balancer.configuration import Configuration, LLMConfig, RoleConfig
+from balancer.configuration import Configuration, LLMConfig, ProfileConfig, RoleConfig
 from llm_engines.base import ChatResult
 from llm_engines.errors import (
     EngineAuthError,
@@ -333,6 +333,37 @@ def check_servable(config: Configuration, role: RoleConfig) -> None:
         raise NoCandidate(
             f"no enabled LLM can serve role {role.queue} (needs {', '.join(sorted(role.capabilities))}): {reasons}"
         )
+
+
+def direct_call(
+    config: Configuration,
+    llm_id: str,
+    *,
+    capabilities: frozenset[str] = frozenset({"chat"}),
+    max_tokens: int = 1,
+    temperature: float = 0.7,
+    time_limit_s: float = 300.0,
+) -> tuple[Configuration, RoleConfig]:
+    """The configuration and role under which ``run`` serves a call that names one LLM rather than a
+    role (the OpenAI-compatible API's ``model``): that LLM is the only candidate, so rule 1 still
+    applies to it (toggled off, locked, lacking a capability, too small a context) and rules 3 and 4
+    (cooling down, slots) as for any call, but rule 6 has nowhere to fail over to. The call belongs to
+    no profile and no role (both ``""``): no daily budget applies and its sample counts under its
+    LLM alone. ``LookupError`` when no LLM has the id."""
+    if llm_id not in config.llms:
+        raise LookupError(f"no LLM has the id {llm_id!r}")
+    role = RoleConfig(
+        profile="",
+        name="",
+        agent="",
+        system_prompt="",
+        capabilities=capabilities,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        time_limit_s=time_limit_s,
+    )
+    profile = ProfileConfig(name="", roles={"": role})
+    return Configuration(llms={llm_id: config.llms[llm_id]}, profiles={"": profile}), role
 
 
 def estimate_tokens(messages: Iterable[dict[str, Any]]) -> int:

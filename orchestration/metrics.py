@@ -85,7 +85,10 @@ def check_sample(data: Mapping[str, Any]) -> dict[str, Any]:
             raise SampleError(f"{field}: must be a string")
     if data["llm"] not in config.llms:
         raise SampleError(f"llm: {data['llm']!r} is not a configured LLM")
-    if data["profile"] not in config.profiles or data["role"] not in config.profiles[data["profile"]].roles:
+    direct = data["profile"] == data["role"] == ""  # a call that named its LLM (/v1/chat/completions)
+    if not direct and (
+        data["profile"] not in config.profiles or data["role"] not in config.profiles[data["profile"]].roles
+    ):
         raise SampleError(f"role: {data['profile']}/{data['role']} is not a configured role")
     if data["outcome"] not in OUTCOMES:
         raise SampleError(f"outcome: must be one of {', '.join(OUTCOMES)}")
@@ -103,7 +106,10 @@ def check_sample(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _scopes(sample: Mapping[str, Any]) -> tuple[str, str]:
+def _scopes(sample: Mapping[str, Any]) -> tuple[str, ...]:
+    """The aggregates a sample counts in: its LLM's, and its role's when it has one."""
+    if not sample["role"]:
+        return (f"llm:{sample['llm']}",)
     return f"llm:{sample['llm']}", f"role:{sample['profile']}/{sample['role']}"
 
 

@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # rest_framework.views imports this module (DEFAULT_THROTTLE_
 
 logger = logging.getLogger(__name__)
 
-# The views whose requests start model work (a task, or a round of the feedback loop), by URL name.
-WORK_URL_NAMES = frozenset({"task-submit", "task-feedback"})
+# The views whose requests start model work (a task, a round of the feedback loop, a chat completion),
+# by URL name.
+WORK_URL_NAMES = frozenset({"task-submit", "task-feedback", "openai-chat-completions"})
 PREFIX = "ai-agent-server:throttle:"
 PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -1,0 +1,512 @@
+"""Chat completions for the OpenAI-compatible API (/v1/chat/completions): the request checked, the model
+resolved to an LLM or a role, the call made through the load balancer, whole or streamed.
+
+A request names its ``model`` as one of:
+- an LLM's id (``smollm2-135m``): that LLM answers, as the client's messages say; the balancer still
+  applies its rules to it (toggled off or locked LLMs are not offered, a cooling-down one is waited
+  for, its slots are shared with the workers), but there is no other LLM to fail over to;
+- a role, ``profile/role`` (``developer/planner``): the role's system prompt comes first, its
+  temperature and max_tokens are the defaults, and the balancer picks among the LLMs the role may use,
+  failing over as for a task's step; the profile's daily budget applies.
+
+The engine call runs in the web process that took the request (a local model is loaded there on first
+use), so that tokens stream to the client as the model makes them. Every call is counted in the
+metrics like a task's (a call that named its LLM under that LLM alone).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from django.conf import settings
+
+from balancer.configuration import Configuration, RoleConfig
+from balancer.load_balancer import Decision, LoadBalancer, direct_call, estimate_tokens
+from llm_engines.base import ChatOptions, ChatResult
+from llm_engines.errors import EngineError
+from llm_engines.registry import get_engine
+from orchestration.runtime import configuration, load_balancer
+
+# The parameters of OpenAI's chat completions that the server takes and passes on.
+USED = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "stop", "response_format", "tools", "tool_choice",
+})  # fmt: skip
+# Parameters that only hint and change nothing the client relies on: accepted and not used.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "seed"})
+# Parameters the server does not implement: accepted only with the value that asks for nothing.
+NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}}
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+MAX_MESSAGES = 1000
+MAX_TOOLS = 128
+MAX_STOP = 4
+
+
+class ChatError(Exception):
+    """A request the API refuses, in OpenAI's terms: the HTTP status, the error's ``type``, the
+    ``param`` at fault and a ``code``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked request: what to call, with what, and how to answer."""
+
+    model: str
+    config: Configuration
+    role: RoleConfig
+    messages: list[dict[str, Any]]
+    options: ChatOptions
+    stream: bool
+    include_usage: bool
+    budget: float | None
+
+    @property
+    def deadline_s(self) -> float:
+        return self.role.time_limit_s
+
+
+# --- Checking the request ------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ChatError(f"{name} must be a number", param=name)
+    if not low <= value <= high:
+        raise ChatError(f"{name} must be between {low:g} and {high:g}, not {value}", param=name)
+    return float(value)
+
+
+def _content(content: Any, param: str, *, allow_none: bool) -> bool:
+    """Check a message's content; True when it holds an image."""
+    if content is None:
+        if not allow_none:
+            raise ChatError(f"{param} is required", param=param)
+        return False
+    if isinstance(content, str):
+        return False
+    if not isinstance(content, list) or not content:
+        raise ChatError(f"{param} must be a string or a non-empty list of content parts", param=param)
+    image = False
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise ChatError(f"{where} must be an object", param=where)
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ChatError(f"{where}.text must be a string", param=f"{where}.text")
+        elif kind == "image_url":
+            url = part.get("image_url")
+            if not isinstance(url, dict) or not isinstance(url.get("url"), str) or not url["url"]:
+                raise ChatError(f"{where}.image_url.url must be a string", param=f"{where}.image_url")
+            image = True
+        else:
+            raise ChatError(
+                f"{where}.type must be 'text' or 'image_url', not {kind!r}: this server takes no other parts",
+                param=f"{where}.type",
+            )
+    return image
+
+
+def _tool_calls(calls: Any, param: str) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise ChatError(f"{param} must be a non-empty list", param=param)
+    for index, call in enumerate(calls):
+        where = f"{param}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("id"), str)
+            or call.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+        ):
+            raise ChatError(
+                f"{where} must be {{'id': str, 'type': 'function', 'function': {{'name': str, 'arguments': str}}}}",
+                param=where,
+            )
+
+
+def check_messages(messages: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The messages in the engines' shape (``developer`` is a system message to them), and whether
+    any holds an image."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("messages must be a non-empty list", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ChatError(f"messages holds {len(messages)} messages; at most {MAX_MESSAGES}", param="messages")
+    checked: list[dict[str, Any]] = []
+    images = False
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ChatError(f"{where} must be an object", param=where)
+        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        if unknown:
+            raise ChatError(f"{where} has an unknown field {unknown[0]!r}", param=f"{where}.{unknown[0]}")
+        role = message.get("role")
+        if role not in MESSAGE_ROLES:
+            raise ChatError(
+                f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}, not {role!r}", param=f"{where}.role"
+            )
+        if "name" in message and not isinstance(message["name"], str):
+            raise ChatError(f"{where}.name must be a string", param=f"{where}.name")
+        has_calls = role == "assistant" and message.get("tool_calls") is not None
+        if message.get("tool_calls") is not None:
+            if role != "assistant":
+                raise ChatError(
+                    f"{where}.tool_calls: only an assistant message calls tools", param=f"{where}.tool_calls"
+                )
+            _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise ChatError(f"{where}.tool_call_id is required in a tool message", param=f"{where}.tool_call_id")
+        if role != "tool" and "tool_call_id" in message:
+            raise ChatError(f"{where}.tool_call_id: only a tool message answers a call", param=f"{where}.tool_call_id")
+        images |= _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
+        if role == "assistant" and message.get("content") is None and not has_calls:
+            raise ChatError(f"{where}.content is required when the message calls no tool", param=f"{where}.content")
+        converted = {key: value for key, value in message.items() if key != "refusal" and value is not None}
+        if role == "developer":
+            converted["role"] = "system"
+        checked.append(converted)
+    return checked, images
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """The JSON schema the reply must follow, from ``response_format``; None for plain text."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ChatError("response_format.json_schema must be an object with a name", param="response_format")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise ChatError("response_format.json_schema.schema must be a JSON schema object", param="response_format")
+        return schema
+    raise ChatError("response_format.type must be 'text', 'json_object' or 'json_schema'", param="response_format")
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], Any]:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise ChatError("tool_choice needs tools", param="tool_choice")
+        return (), None
+    if not isinstance(tools, list) or not 1 <= len(tools) <= MAX_TOOLS:
+        raise ChatError(f"tools must be a list of 1 to {MAX_TOOLS} tools", param="tools")
+    names = set()
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise ChatError(
+                f"tools[{index}] must be {{'type': 'function', 'function': {{...}}}}", param=f"tools[{index}]"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ChatError(
+                f"tools[{index}].function.name must be a non-empty string", param=f"tools[{index}].function.name"
+            )
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise ChatError(
+                f"tools[{index}].function.parameters must be a JSON schema object",
+                param=f"tools[{index}].function.parameters",
+            )
+        names.add(name)
+    if choice is None or choice in ("auto", "required"):
+        pass
+    elif choice == "none":
+        return (), None  # the model is not to call any: it is not told of them
+    elif (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+        and choice["function"].get("name") in names
+    ):
+        pass
+    else:
+        raise ChatError(
+            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': "
+            "<one of the tools>}}",
+            param="tool_choice",
+        )
+    return tuple(tools), choice
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_STOP or not all(isinstance(s, str) and s for s in value):
+        raise ChatError(f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", param="stop")
+    return tuple(value)
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise ChatError(f"{name} must be a positive integer", param=name)
+        return value
+    return None
+
+
+def _resolve(config: Configuration, model: Any) -> tuple[RoleConfig | None, str | None]:
+    """The role that ``model`` names, or the LLM's id; ``ChatError`` 404 when it names neither."""
+    if not isinstance(model, str) or not model:
+        raise ChatError("model is required: an LLM's id or a role as profile/role (GET /v1/models)", param="model")
+    if "/" in model:
+        profile, _, role = model.partition("/")
+        try:
+            return config.role(profile, role), None
+        except LookupError:
+            pass
+    elif offered(config, model):
+        return None, model
+    raise ChatError(
+        f"The model {model!r} does not exist or you do not have access to it; GET /v1/models lists them",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def offered(config: Configuration, llm_id: str) -> bool:
+    """Whether a request may name the LLM: it is configured, enabled, and not locked to roles."""
+    llm = config.llms.get(llm_id)
+    return llm is not None and llm.toggle and not llm.locked
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """The request checked against OpenAI's, as far as the server implements it; ``ChatError`` names the
+    first problem."""
+    if not isinstance(body, dict):
+        raise ChatError("the request body must be a JSON object")
+    for name in body:
+        if name in USED or name in IGNORED:
+            continue
+        if name in NEUTRAL:
+            if body[name] not in (NEUTRAL[name], None):
+                raise ChatError(f"{name}={body[name]!r} is not supported by this server", param=name)
+            continue
+        raise ChatError(f"Unrecognized request argument supplied: {name}", param=name)
+    config = configuration()
+    role, llm_id = _resolve(config, body.get("model"))
+    messages, images = check_messages(body.get("messages"))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ChatError("stream must be true or false", param="stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not stream:
+            raise ChatError("stream_options is only allowed when stream is true", param="stream_options")
+        if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+            raise ChatError("stream_options must be {'include_usage': true or false}", param="stream_options")
+    tools, tool_choice = _tools(body)
+    needs = {"chat"} | ({"vision"} if images else set()) | ({"tools"} if tools else set())
+    max_tokens = _max_tokens(body)
+    temperature = _number(body, "temperature", 0, 2)
+    options = ChatOptions(
+        max_tokens=max_tokens,
+        temperature=0.7 if temperature is None else temperature,
+        top_p=_number(body, "top_p", 0, 1),
+        stop=_stop(body.get("stop")),
+        json_schema=_response_format(body.get("response_format")),
+        tools=tools,
+        tool_choice=tool_choice,
+    )
+    if role is not None:
+        messages = [{"role": "system", "content": role.system_prompt}, *messages]
+        options = replace(
+            options,
+            max_tokens=max_tokens or role.max_tokens,
+            temperature=role.temperature if temperature is None else temperature,
+        )
+        call_role = replace(role, capabilities=role.capabilities | needs, max_tokens=options.max_tokens)
+        call_config = config
+        budget = config.profiles[role.profile].daily_budget
+    else:
+        assert llm_id is not None
+        call_config, call_role = direct_call(
+            config,
+            llm_id,
+            capabilities=frozenset(needs),
+            max_tokens=max_tokens or 1,
+            time_limit_s=settings.OPENAI_API_TIME_LIMIT_SECONDS,
+        )
+        budget = None
+    return ChatRequest(
+        model=body["model"],
+        config=call_config,
+        role=call_role,
+        messages=messages,
+        options=options,
+        stream=stream,
+        include_usage=bool((stream_options or {}).get("include_usage", False)),
+        budget=budget,
+    )
+
+
+# --- Calling -------------------------------------------------------------------------------------
+
+
+def _engine_call(request: ChatRequest, balancer: LoadBalancer, deadline: float):
+    def call(llm) -> ChatResult:
+        timeout = max(deadline - balancer.clock(), 1.0)
+        options = replace(request.options, timeout=timeout)
+        return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(request.messages, options)
+
+    return call
+
+
+def complete(request: ChatRequest) -> tuple[ChatResult, Decision]:
+    """The whole reply: the balancer picks, waits, calls, records, fails over."""
+    balancer = load_balancer()
+    deadline = balancer.clock() + request.deadline_s
+    return balancer.run(
+        request.config,
+        request.role,
+        _engine_call(request, balancer, deadline),
+        prompt_tokens=estimate_tokens(request.messages),
+        deadline=deadline,
+        budget=request.budget,
+    )
+
+
+class ClientGone(Exception):
+    """The client stopped reading a stream: the generation ends, and its slot comes back."""
+
+
+class Stream:
+    """One streamed reply, produced by the balancer's call in a thread of its own and read here.
+
+    ``first()`` waits for the first event: the first text (the LLM is then known, and no failover can
+    happen any more: the client has text), the whole result, or the error, which the caller can still
+    answer with its own status. ``rest()`` yields the events after it; closing it (the client left)
+    stops the generation."""
+
+    def __init__(self, request: ChatRequest) -> None:
+        self.request = request
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.stop = threading.Event()
+        self.balancer = load_balancer()
+        self.deadline = self.balancer.clock() + request.deadline_s
+        self.thread = threading.Thread(target=self._run, name="chat-stream", daemon=True)
+
+    def _call(self, llm) -> ChatResult:
+        timeout = max(self.deadline - self.balancer.clock(), 1.0)
+        options = replace(self.request.options, timeout=timeout)
+        engine = get_engine(llm.engine, llm.engine_settings(), key=llm.id)
+        sent = False
+        result = None
+        chunks = engine.stream(self.request.messages, options)
+        try:
+            for chunk in chunks:
+                if self.stop.is_set():
+                    raise ClientGone()
+                if chunk.result is not None:
+                    result = chunk.result
+                elif chunk.text:
+                    self.events.put(("text", (llm.id, chunk.text)))
+                    sent = True
+        except EngineError as exc:
+            if sent:
+                # The client has this LLM's text: another LLM cannot take over the reply.
+                exc.transient = exc.llm_at_fault = False
+            raise
+        finally:
+            chunks.close()
+        if result is None:
+            raise RuntimeError(f"{engine.name}: the stream ended without a result")
+        return result
+
+    def _run(self) -> None:
+        try:
+            result, decision = self.balancer.run(
+                self.request.config,
+                self.request.role,
+                self._call,
+                prompt_tokens=estimate_tokens(self.request.messages),
+                deadline=self.deadline,
+                budget=self.request.budget,
+            )
+        except BaseException as exc:  # handed to the reader, who answers it
+            self.events.put(("error", exc))
+        else:
+            self.events.put(("done", (result, decision)))
+
+    def _next(self) -> tuple[str, Any]:
+        # The thread always ends with "done" or "error" before the deadline; the margin covers the
+        # engine's own timeout handling.
+        try:
+            return self.events.get(timeout=max(self.deadline - self.balancer.clock(), 0) + 30)
+        except queue.Empty:
+            self.stop.set()
+            return "error", TimeoutError("the LLM neither answered nor failed in time")
+
+    def first(self) -> tuple[str, Any]:
+        self.thread.start()
+        return self._next()
+
+    def rest(self) -> Iterator[tuple[str, Any]]:
+        try:
+            while True:
+                kind, value = self._next()
+                yield kind, value
+                if kind in ("done", "error"):
+                    return
+        finally:
+            self.stop.set()
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,265 @@
+"""The OpenAI-compatible API under /v1/: POST /v1/chat/completions (whole or streamed), GET /v1/models and
+GET /v1/models/{model}, for the clients that already speak OpenAI's API (its SDKs, LangChain, editor
+assistants, Open WebUI).
+
+The same token as the REST API, sent as ``Authorization: Bearer <key>``; the same per-client
+throttling (a completion counts as work, like a task submission). Every error comes in OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``. The endpoints follow OpenAI's own specification,
+so they are left out of this server's OpenAPI schema; doc/api_endpoints.md says what is implemented.
+The work is in orchestration/chat.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import exceptions
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from balancer.configuration import Configuration
+from balancer.load_balancer import NoCandidate, NoCapacity
+from llm_engines.base import ChatResult
+from llm_engines.errors import (
+    ContextTooLong,
+    EngineBadRequest,
+    EngineError,
+    EngineRateLimited,
+    EngineTimeout,
+)
+from orchestration.authentication import BearerAuthentication
+from orchestration.chat import ChatError, ChatRequest, Stream, complete, completion_id, now, offered, parse_request
+from orchestration.exceptions import RETRY_AFTER_OUTAGE_S
+from orchestration.runtime import configuration
+
+logger = logging.getLogger(__name__)
+
+OWNER = "ai-agent-server"
+
+
+def engine_error(exc: BaseException) -> ChatError:
+    """What a failed call answers: the client's fault is a 400, the server's or the LLM's a 5xx."""
+    if isinstance(exc, ChatError):
+        return exc
+    if isinstance(exc, NoCapacity):
+        return ChatError(
+            str(exc), status=503, type="server_error", code="no_capacity", retry_after=RETRY_AFTER_OUTAGE_S
+        )
+    if isinstance(exc, NoCandidate):
+        return ChatError(f"no LLM can serve this request: {exc}", code="no_llm_available")
+    if isinstance(exc, ContextTooLong):
+        return ChatError(str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, EngineBadRequest):
+        return ChatError(str(exc))
+    if isinstance(exc, EngineRateLimited):
+        return ChatError(
+            str(exc), status=429, type="rate_limit_error", code="rate_limit_exceeded", retry_after=exc.retry_after
+        )
+    if isinstance(exc, EngineTimeout):
+        return ChatError(str(exc), status=504, type="server_error", code="timeout")
+    if isinstance(exc, EngineError):
+        status = 502 if exc.llm_at_fault else 503
+        return ChatError(f"the LLM failed: {exc}", status=status, type="server_error", code="llm_failed")
+    if isinstance(exc, redis.RedisError):
+        return ChatError(
+            "Redis (the server's shared state) does not answer; try again shortly",
+            status=503, type="server_error", code="redis_unavailable", retry_after=RETRY_AFTER_OUTAGE_S,
+        )  # fmt: skip
+    if isinstance(exc, DatabaseError):
+        return ChatError(
+            "the database does not answer; try again shortly",
+            status=503, type="server_error", code="database_unavailable", retry_after=RETRY_AFTER_OUTAGE_S,
+        )  # fmt: skip
+    logger.error("a chat completion failed", exc_info=(type(exc), exc, exc.__traceback__))
+    return ChatError("the server failed to complete the request", status=500, type="server_error")
+
+
+def error_response(error: ChatError) -> JsonResponse:
+    response = JsonResponse(error.body(), status=error.status)
+    if error.retry_after:
+        response["Retry-After"] = str(max(1, round(error.retry_after)))
+    return response
+
+
+def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse:
+    """DRF's errors (credentials, throttling, a body that is not JSON) and the server's, in OpenAI's shape."""
+    if isinstance(exc, exceptions.NotAuthenticated):
+        error = ChatError(
+            "You didn't provide an API key: send Authorization: Bearer <key> (manage.py create_token NAME)",
+            status=401, type="invalid_request_error", code="missing_api_key",
+        )  # fmt: skip
+    elif isinstance(exc, exceptions.AuthenticationFailed):
+        error = ChatError(f"Incorrect API key provided: {exc.detail}", status=401, code="invalid_api_key")
+    elif isinstance(exc, exceptions.Throttled):
+        error = ChatError(
+            f"Rate limit reached for this client: {exc.detail}",
+            status=429, type="rate_limit_error", code="rate_limit_exceeded", retry_after=exc.wait,
+        )  # fmt: skip
+    elif isinstance(exc, exceptions.APIException):
+        error = ChatError(str(exc.detail), status=exc.status_code, code=str(exc.default_code))
+    else:
+        error = engine_error(exc)
+    response = error_response(error)
+    if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+class OpenAIView(APIView):
+    authentication_classes = [BearerAuthentication]
+
+    def get_exception_handler(self):
+        return openai_exception_handler
+
+
+def _usage(result: ChatResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _finish_reason(result: ChatResult) -> str:
+    if result.tool_calls:
+        return "tool_calls"
+    return result.finish_reason if result.finish_reason in ("stop", "length", "content_filter") else "stop"
+
+
+def _tool_calls(result: ChatResult) -> list[dict[str, Any]]:
+    return [dict(call) for call in result.tool_calls]
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class ChatCompletionsApi(OpenAIView):
+    """POST /v1/chat/completions."""
+
+    @extend_schema(exclude=True)
+    def post(self, request: Request) -> HttpResponse:
+        chat = parse_request(request.data)
+        if chat.stream:
+            return self._stream(chat)
+        result, decision = complete(chat)
+        message: dict[str, Any] = {"role": "assistant", "content": result.text or None, "refusal": None}
+        if result.tool_calls:
+            message["tool_calls"] = _tool_calls(result)
+        elif message["content"] is None:
+            message["content"] = ""
+        response = JsonResponse({
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": now(),
+            "model": chat.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(result), "logprobs": None}],
+            "usage": _usage(result),
+            "system_fingerprint": None,
+        })  # fmt: skip
+        response["X-LLM"] = decision.llm.id
+        return response
+
+    def _stream(self, chat: ChatRequest) -> HttpResponse:
+        stream = Stream(chat)
+        kind, value = stream.first()
+        if kind == "error":
+            return error_response(engine_error(value))
+        llm = value[0] if kind == "text" else value[1].llm.id
+        response = StreamingHttpResponse(self._events(chat, stream, kind, value), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the tokens back
+        response["X-LLM"] = llm
+        return response
+
+    def _events(self, chat: ChatRequest, stream: Stream, kind: str, value: Any) -> Iterator[bytes]:
+        ident, created = completion_id(), now()
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            return _sse({
+                "id": ident, "object": "chat.completion.chunk", "created": created, "model": chat.model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            })  # fmt: skip
+
+        events = stream.rest()
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                if kind == "text":
+                    yield chunk({"content": value[1]})
+                elif kind == "done":
+                    result: ChatResult = value[0]
+                    if result.tool_calls:
+                        calls = [{"index": i, **call} for i, call in enumerate(_tool_calls(result))]
+                        yield chunk({"tool_calls": calls})
+                    yield chunk({}, _finish_reason(result))
+                    if chat.include_usage:
+                        yield _sse({
+                            "id": ident, "object": "chat.completion.chunk", "created": created, "model": chat.model,
+                            "system_fingerprint": None, "choices": [], "usage": _usage(result),
+                        })  # fmt: skip
+                    break
+                else:  # an error after the first text: OpenAI's clients raise it from the stream
+                    yield _sse(engine_error(value).body())
+                    break
+                kind, value = next(events)
+            yield b"data: [DONE]\n\n"
+        finally:
+            events.close()  # the client left, or the reply is whole: the generation stops
+
+
+def unknown_url(request: Any) -> JsonResponse:
+    """Any other path under /v1/: OpenAI's 404 (with or without DEBUG)."""
+    error = ChatError(f"Unknown request URL: {request.method} {request.path}", status=404, code="unknown_url")
+    return error_response(error)
+
+
+def _model(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
+
+
+def models(config: Configuration) -> list[str]:
+    """The models a request may name: the enabled LLMs that are not locked to roles, then every role."""
+    llms = [llm_id for llm_id in config.llms if offered(config, llm_id)]
+    roles = [f"{profile.name}/{role}" for profile in config.profiles.values() for role in profile.roles]
+    return llms + roles
+
+
+def _created() -> int:
+    """When the models were last configured: the configuration file's time."""
+    try:
+        return int(os.path.getmtime(settings.AIAGENT_CONFIG))
+    except OSError:
+        return now()
+
+
+class ModelListApi(OpenAIView):
+    """GET /v1/models."""
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request) -> HttpResponse:
+        created = _created()
+        return JsonResponse({"object": "list", "data": [_model(m, created) for m in models(configuration())]})
+
+
+class ModelDetailApi(OpenAIView):
+    """GET /v1/models/{model}; a role's model has a slash in it (developer/planner)."""
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, model: str) -> HttpResponse:
+        if model not in models(configuration()):
+            raise ChatError(
+                f"The model {model!r} does not exist or you do not have access to it",
+                status=404, param="model", code="model_not_found",
+            )  # fmt: skip
+        return JsonResponse(_model(model, _created()))

@@ -1,0 +1,357 @@
+"""The OpenAI-compatible API (/v1/chat/completions, /v1/models) through the official openai client, against
+a real gunicorn server: the real SmolLM2 model whole and streamed, a role's virtual model, tools and
+response_format passed through to an OpenAI-compatible upstream, OpenAI's error shape, throttling and
+the metrics.
+
+The upstream that answers with tool calls is a small HTTP server in this file: it stands in for a hosted
+API (OpenAI's own) that cannot be reached from these machines, and records what it was sent. Everything
+else is the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+import requests
+from django.conf import settings
+from rest_framework.authtoken.models import Token
+
+from tests.conftest import _serve, _stop, free_port, server_env
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PLANNER_PROMPT = "You are a planner"
+# The server's work rate: each test uses a client of its own, so only the throttling test reaches it.
+WORK_RATE = 8
+
+
+class Upstream(BaseHTTPRequestHandler):
+    """An OpenAI-compatible API that calls the first tool it is offered, or answers in text."""
+
+    protocol_version = "HTTP/1.1"
+    received: list[dict] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        body = {"object": "list", "data": [{"id": "upstream-model", "object": "model", "created": 0, "owned_by": "t"}]}
+        self._send(200, json.dumps(body).encode(), "application/json")
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.received.append(request)
+        tools = request.get("tools") or []
+        base = {"id": "chatcmpl-up", "created": 1, "model": "upstream-model"}
+        usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+        call = None
+        if tools:
+            name = tools[0]["function"]["name"]
+            call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": '{"city": "Oslo"}'}}
+        if not request.get("stream"):
+            message = {"role": "assistant", "content": None if call else '{"answer": 42}'}
+            if call:
+                message["tool_calls"] = [call]
+            choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if call else "stop"}
+            body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            self._send(200, json.dumps(body).encode(), "application/json")
+            return
+        # Streamed, the tool call's arguments come in two pieces, as OpenAI sends them.
+        deltas = []
+        if call:
+            first = {**call, "index": 0, "function": {"name": call["function"]["name"], "arguments": '{"city": '}}
+            deltas += [{"tool_calls": [first]}, {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}]
+        else:
+            deltas += [{"content": "up"}, {"content": "stream"}]
+        events = [{**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d}]} for d in deltas]
+        finish = "tool_calls" if call else "stop"
+        events.append(
+            {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+        )
+        events.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        body = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+        self._send(200, body, "text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[type[Upstream]]:
+    handler = type("Handler", (Upstream,), {"received": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def web(upstream, ollama_server, tmp_path_factory) -> Iterator[str]:
+    """gunicorn as `make run` starts it, with the session's configuration plus an instant LLM, the
+    tool-calling upstream, the suite's Ollama-API server (tools too), a scripted LLM (locked) that the
+    planner role prefers, and a disabled LLM.
+    The configuration is the session's file, so that the metrics consumer knows these LLMs too."""
+    directory = tmp_path_factory.mktemp("openai_api")
+    config = Path(settings.AIAGENT_CONFIG)
+    original = config.read_text()
+    raw = json.loads(original)
+    script = directory / "script.json"
+    script.write_text(json.dumps({"rules": [{"match": PLANNER_PROMPT, "reply": "the planner's prompt came first"}]}))
+    raw["llms"] += [
+        {"id": "echo", "engine": "instant", "source": "local", "model": "instant"},
+        {"id": "upstream", "engine": "openai", "source": "api", "model": "upstream-model",
+         "base_url": upstream.url, "capabilities": ["chat", "tools"]},
+        {"id": "script", "engine": "scripted", "source": "local", "model": "scripted", "locked": True,
+         "options": {"script": str(script)}},
+        {"id": "off", "engine": "instant", "source": "local", "model": "instant", "toggle": False},
+        {"id": "ollama", "engine": "ollama", "source": "local", "model": "smollm2:135m", "base_url": ollama_server,
+         "capabilities": ["chat", "tools"], "context_length": 512},
+    ]  # fmt: skip
+    raw["profiles"]["developer"]["roles"]["planner"]["preferred_llms"] = ["script"]
+    config.write_text(json.dumps(raw))
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
+        "--workers", "1", "--worker-class", "gthread", "--threads", "4",
+    ]  # fmt: skip
+    env = server_env(API_SUBMIT_THROTTLE_RATE=f"{WORK_RATE}/min")
+    try:
+        process = _serve(command, f"http://127.0.0.1:{port}/healthz", directory / "gunicorn.log", env=env)
+        yield f"http://127.0.0.1:{port}"
+        _stop(process)
+    finally:
+        config.write_text(original)
+
+
+@pytest.fixture
+def key(django_user_model) -> str:
+    user = django_user_model.objects.create_user(username=f"openai-{time.monotonic_ns()}")
+    return Token.objects.create(user=user).key
+
+
+@pytest.fixture
+def client(web, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{web}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_models_lists_the_offered_llms_and_one_model_per_role(client):
+    listed = {model.id: model for model in client.models.list()}
+    profiles = json.loads(Path(settings.AIAGENT_CONFIG).read_text())["profiles"]
+    roles = [f"{profile}/{role}" for profile, body in profiles.items() for role in body["roles"]]
+    assert set(listed) == {
+        "smollm2-135m",
+        "echo",
+        "upstream",
+        "ollama",
+        *roles,
+    }  # not the locked one, not the disabled one
+    assert all(model.object == "model" and model.owned_by == "ai-agent-server" for model in listed.values())
+    assert client.models.retrieve("developer/planner").id == "developer/planner"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("off")
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_the_real_model_answers_whole_with_its_usage(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0
+    )
+    completion = raw.parse()
+    assert raw.headers["x-llm"] == "smollm2-135m"
+    assert completion.object == "chat.completion" and completion.model == "smollm2-135m"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert 0 < completion.usage.completion_tokens <= 16 and completion.usage.prompt_tokens > 0
+
+
+def test_the_real_model_streams_token_by_token(client):
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 1, "the reply came in one piece, not streamed"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(texts)
+
+
+def test_a_client_that_leaves_a_stream_gives_the_llms_slot_back(client):
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        max_tokens=2000,
+        stream=True,
+    )
+    next(iter(stream))
+    stream.close()
+    slots = redis.Redis.from_url(settings.REDIS_URL)
+    deadline = time.monotonic() + 15
+    while slots.zcard("aiagent:lb:slots:smollm2-135m") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert slots.zcard("aiagent:lb:slots:smollm2-135m") == 0, "the generation went on after the client left"
+
+
+def test_a_roles_model_puts_the_roles_prompt_first_and_the_balancer_picks(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="developer/planner", messages=[{"role": "user", "content": "Plan a picnic."}]
+    )
+    assert raw.headers["x-llm"] == "script"  # the role's preference, although the LLM is locked to roles
+    assert raw.parse().choices[0].message.content == "the planner's prompt came first"
+
+
+def test_tools_and_response_format_pass_through_whole_and_streamed(client, upstream):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    upstream.received.clear()
+    completion = client.chat.completions.create(model="upstream", messages=messages, tools=tools, tool_choice="auto")
+    call = completion.choices[0].message.tool_calls[0]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == ("call_1", "weather", {"city": "Oslo"})
+    assert upstream.received[-1]["tools"] == tools and upstream.received[-1]["tool_choice"] == "auto"
+
+    chunks = list(client.chat.completions.create(model="upstream", messages=messages, tools=tools, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [(0, "weather", '{"city": "Oslo"}')]
+
+    # The conversation goes on with the call and its answer, as a client sends it.
+    follow = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
+    answer = client.chat.completions.create(
+        model="upstream",
+        messages=follow,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert json.loads(answer.choices[0].message.content) == {"answer": 42}
+    sent = upstream.received[-1]
+    assert sent["messages"][1]["tool_calls"][0]["id"] == call.id and sent["messages"][2]["role"] == "tool"
+    assert sent["response_format"]["json_schema"]["schema"] == schema
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_local_ollama_model_calls_a_tool(client, streamed):
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                           "required": ["city"], "additionalProperties": False},
+        },
+    }  # fmt: skip
+    request = {"model": "ollama", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool]}
+    if streamed:
+        chunks = list(client.chat.completions.create(**request, max_tokens=48, stream=True))
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            "tool_calls"
+        ]
+        name, arguments = calls[0].function.name, calls[0].function.arguments
+    else:
+        choice = client.chat.completions.create(**request, max_tokens=48).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        name, arguments = choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments
+    assert name == "weather" and isinstance(json.loads(arguments)["city"], str)
+
+
+def test_tools_for_an_llm_that_cannot_call_them_are_refused(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
+    assert caught.value.body["code"] == "no_llm_available"
+    assert "lacks capabilities tools" in caught.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "words"),
+    [
+        ({"temperature": 5}, "temperature", "between 0 and 2"),
+        ({"n": 2}, "n", "not supported"),
+        ({"functions": []}, "functions", "Unrecognized request argument"),
+        ({"messages": []}, "messages", "non-empty list"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "must be one of"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "is required"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type", "no other"),
+        ({"max_tokens": 0}, "max_tokens", "positive integer"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "json_schema"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
+    ],
+)
+def test_a_bad_request_is_a_400_naming_the_parameter(web, api, change, param, words):
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], **change}
+    response = api.post("/v1/chat/completions", body, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and words in error["message"]
+
+
+def test_errors_come_in_openais_shape(web, client, key):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+    stranger = openai.OpenAI(base_url=f"{web}/v1", api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        stranger.models.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    response = requests.get(f"{web}/v1/models", timeout=10)
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.json()["error"]["code"] == "missing_api_key"
+    response = requests.get(f"{web}/v1/nothing", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
+    # The same token opens the REST API, under either keyword.
+    assert requests.get(f"{web}/api/v1/llms", headers={"Authorization": f"Bearer {key}"}, timeout=10).ok
+
+
+def test_completions_are_throttled_as_work(client):
+    messages = [{"role": "user", "content": "hi"}]
+    for _ in range(WORK_RATE):
+        assert client.chat.completions.create(model="echo", messages=messages).choices[0].message.content == "echo: hi"
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="echo", messages=messages)
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+    assert int(caught.value.response.headers["Retry-After"]) >= 1
+    client.models.list()  # reading is not work
+
+
+def test_calls_are_counted_in_the_metrics(client, api, mcp_consumer):
+    def calls(kind: str, name: str) -> int:
+        performance = api.get("/api/v1/metrics").json()["performance"]
+        return performance[kind].get(name, {}).get("since_start", {}).get("requests", 0)
+
+    before = calls("llms", "echo"), calls("roles", "developer/planner"), calls("llms", "script")
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(model="developer/planner", messages=[{"role": "user", "content": "hi"}])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = calls("llms", "echo"), calls("roles", "developer/planner"), calls("llms", "script")
+        if after == (before[0] + 1, before[1] + 1, before[2] + 1):
+            break
+        time.sleep(0.2)
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
