@@ -25,6 +25,8 @@ Prints each problem's outcome as it comes, then pass@1 of both modes and the dif
 iterations (rounds in which a coder wrote code), tokens (every LLM call of the task: coder, QA's
 tests and review, Debug) and wall time per problem (the server's clock, from the task's creation to
 its last step), how often the loop's own verdict disagreed with the hidden test, and the LLMs used.
+Ctrl-C (or SIGTERM) stops a long run: the tasks in flight are cancelled and the summary covers the
+problems done in every mode (exit status 130).
 
 The LLM behind the coder roles: by default whatever the configuration prefers for them. With
 ``--coder-llm ID`` (and ``--checker-llm ID`` for qa and debug) the harness puts that LLM first in
@@ -48,6 +50,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import statistics
 import sys
 import threading
@@ -332,9 +335,11 @@ def run_problem(
     max_iterations: int | None,
     timeout_s: float,
     poll_s: float,
+    stop: threading.Event | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> dict[str, Any]:
-    """Post one problem in one mode, wait for the code to score, score it; the record of the outcome."""
+) -> dict[str, Any] | None:
+    """Post one problem in one mode, wait for the code to score, score it; the record of the outcome.
+    None when ``stop`` is set before the task is done: the task is cancelled, and nothing counts."""
     payload: dict[str, Any] = {"instruction": instruction(problem)}
     if mode == SINGLE:
         payload["max_iterations"] = 1
@@ -350,7 +355,11 @@ def run_problem(
 
     deadline = clock() + timeout_s
     while not ready(packet) and clock() < deadline:
-        time.sleep(poll_s)
+        if stop is not None and stop.wait(poll_s):
+            server.cancel(task_id)
+            return None
+        if stop is None:
+            time.sleep(poll_s)
         packet = server.task(task_id)
     notes = []
     if not ready(packet):
@@ -593,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         # Interleaved, so that both modes see the machine alike.
         jobs = [(problem, mode) for problem in problems for mode in modes]
         records: list[dict[str, Any]] = []
-        lock = threading.Lock()
+        lock, stop, interrupted = threading.Lock(), threading.Event(), False
+        _interrupt_on_signals()
         preferences = RolePreferences(server, args.config_file, args.profile, choices) if choices else nullcontext()
         started = time.monotonic()
         with preferences:
@@ -609,30 +619,57 @@ def main(argv: list[str] | None = None) -> int:
                     max_iterations=args.max_iterations,
                     timeout_s=args.timeout,
                     poll_s=args.poll,
+                    stop=stop,
                 )
-                with lock:
-                    records.append(record)
-                    print_record(record)
+                if record is not None:
+                    with lock:
+                        records.append(record)
+                        print_record(record)
 
             with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
                 futures = [pool.submit(one, job) for job in jobs]
                 try:
                     for future in futures:
                         future.result()
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)  # the problems not started yet; those in flight end
-                    raise
+                except BaseException as exc:
+                    # The problems not started yet are dropped; those in flight cancel their tasks.
+                    stop.set()
+                    pool.shutdown(cancel_futures=True)
+                    if not isinstance(exc, KeyboardInterrupt):
+                        raise
+                    interrupted = True
         wall_s = time.monotonic() - started
     except BenchError as exc:
         print(f"humaneval: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("humaneval: interrupted before any problem was done", file=sys.stderr)
+        return 130
+    if interrupted:
+        # Only problems done in every mode count: a difference needs both sides of the same problems.
+        modes_done: dict[str, set[str]] = {}
+        for record in records:
+            modes_done.setdefault(record["problem"], set()).add(record["mode"])
+        records = [r for r in records if len(modes_done[r["problem"]]) == len(modes)]
+        header += f"; INTERRUPTED: the {len(records) // len(modes)} problems done in every mode count"
     summary = summarize(records, modes)
     print_summary(summary, header=header, names=llm_names(config), wall_s=wall_s)
     if args.json:
         order = {(p["task_id"], m): i for i, (p, m) in enumerate(jobs)}
         records.sort(key=lambda r: order[(r["problem"], r["mode"])])
         args.json.write_text(json.dumps({"run": header, "summary": summary, "records": records}, indent=2) + "\n")
-    return 0
+    return 130 if interrupted else 0
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop the run with a summary of what was done (a shell that starts the
+    harness in the background leaves SIGINT ignored, so both are set here)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
 
 
 if __name__ == "__main__":

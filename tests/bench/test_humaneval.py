@@ -5,8 +5,10 @@ the passes and failures that the hidden tests saw."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from rest_framework.authtoken.models import Token
@@ -225,3 +227,43 @@ def test_a_config_file_the_server_does_not_read_is_refused_and_left_as_it_was(
     assert run.returncode == 2
     assert "did not take the change" in run.stderr
     assert other.read_bytes() == before
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_an_interrupted_run_cancels_its_task_and_sums_up_the_problems_done(
+    web,  # noqa: F811
+    celery_worker,
+    edit_config,
+    django_user_model,
+    state_dir,
+    tmp_path,
+):
+    slow = [{**rule, "delay_s": 8} if "truncate_number" in rule["match"] else rule for rule in scripted_rules()]
+    use_script(edit_config, tmp_path / "script.json", slow)
+    token = Token.objects.create(user=django_user_model.objects.create_user(username="humaneval")).key
+    out = tmp_path / "humaneval.json"
+    command = [
+        sys.executable, "bench/humaneval.py", "--url", web, "--token", token, "--problems", f"{RIGHT},{WRONG}",
+        "--poll", "0.2", "--json", str(out),
+    ]  # fmt: skip
+    since = time.time()
+    harness = subprocess.Popen(command, cwd=BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while len([line for line in lines if line.startswith(RIGHT)]) < 2:  # both modes of the first problem
+        line = harness.stdout.readline()
+        assert line, harness.stderr.read()
+        lines.append(line)
+    harness.send_signal(signal.SIGINT)  # while the second problem's coder is still answering
+    stdout, _ = harness.communicate(timeout=60)
+    assert harness.returncode == 130
+    assert "INTERRUPTED: the 1 problems done in every mode count" in stdout
+    assert "single-shot    1.000    1/1" in stdout
+    report = json.loads(out.read_text())
+    assert [(r["problem"], r["mode"]) for r in report["records"]] == [(RIGHT, "single-shot"), (RIGHT, "loop")]
+    packets = [json.loads(path.read_text()) for path in state_dir.glob("*.json")]
+    second = [
+        p for p in packets
+        if humaneval._at(p["created_at"]) >= since and "truncate_number" in p["payload"].get("instruction", "")
+    ]  # fmt: skip
+    assert [p["status"] for p in second] == ["cancelled"]
