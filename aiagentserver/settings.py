@@ -202,6 +202,10 @@ API_TOKEN_CACHE_SECONDS = env_int("API_TOKEN_CACHE_SECONDS", 5, minimum=0)
 # that names an LLM waits for a slot and generates for this long at most (a role's model has the
 # role's time limit).
 OPENAI_API_TIME_LIMIT_SECONDS = env_int("OPENAI_API_TIME_LIMIT_SECONDS", 300, minimum=1)
+# Completions each web process runs at once, each holding one of its WEB_THREADS threads (with
+# EVENTS_MAX_STREAMS, 4 + 3 of the 8, one is left for the rest at worst); past them,
+# 503 with Retry-After (the REST API and /healthz keep threads of their own).
+OPENAI_API_MAX_CALLS = env_int("OPENAI_API_MAX_CALLS", 3, minimum=1)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -46,7 +46,12 @@ logger = logging.getLogger(__name__)
 
 
 class NoCandidate(LookupError):
-    """No configured LLM can serve the role; the message says why each was excluded."""
+    """No configured LLM can serve the role; the message says why each was excluded, ``reasons`` maps
+    each LLM to its reason."""
+
+    def __init__(self, message: str, reasons: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = dict(reasons or {})
 
 
 class NoCapacity(EngineUnavailable):
@@ -473,7 +478,7 @@ class LoadBalancer:
         policy = self.policy
         ranked, excluded = candidates(config, role, prompt_tokens)
         if not ranked:
-            raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()) or "no LLM is configured")
+            raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()) or "no LLM is configured", excluded)
         breakers, stats, in_flight, spent = self._snapshot(ranked, role.profile)
         if budget is not None and spent >= budget:
             for llm in ranked:
@@ -483,7 +488,7 @@ class LoadBalancer:
             excluded[llm_id] = reason
         live = [llm for llm in ranked if llm.id not in excluded]
         if not live:
-            raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()))
+            raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()), excluded)
 
         available: list[LLMConfig] = []
         last_resort: list[LLMConfig] = []

@@ -26,11 +26,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
 from balancer.configuration import Configuration, RoleConfig
-from balancer.load_balancer import Decision, LoadBalancer, direct_call, estimate_tokens
+from balancer.load_balancer import Decision, LoadBalancer, candidates, direct_call, estimate_tokens
 from llm_engines.base import ChatOptions, ChatResult
-from llm_engines.errors import EngineError
+from llm_engines.errors import EngineError, EngineTimeout
 from llm_engines.registry import get_engine
 from orchestration.runtime import configuration, load_balancer
 
@@ -44,7 +46,10 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool
 # Parameters the server does not implement: accepted only with the value that asks for nothing.
 NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}}
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
-MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+# Fields of an assistant message as OpenAI's API returns it, which clients send back in the history:
+# accepted when they say nothing (null, empty), and dropped.
+ECHOED_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call"})
 MAX_MESSAGES = 1000
 MAX_TOOLS = 128
 MAX_STOP = 4
@@ -105,10 +110,10 @@ def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> floa
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ChatError(f"{name} must be a number", param=name)
-    if not low <= value <= high:
-        raise ChatError(f"{name} must be between {low:g} and {high:g}, not {value}", param=name)
+    if not low <= value <= high or not math.isfinite(value):
+        raise ChatError(f"{name} must be between {low:g} and {high:g}", param=name)
     return float(value)
 
 
@@ -177,7 +182,9 @@ def check_messages(messages: Any) -> tuple[list[dict[str, Any]], bool]:
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise ChatError(f"{where} must be an object", param=where)
-        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        unknown = sorted(
+            key for key in message if key not in MESSAGE_FIELDS and not (key in ECHOED_FIELDS and not message[key])
+        )
         if unknown:
             raise ChatError(f"{where} has an unknown field {unknown[0]!r}", param=f"{where}.{unknown[0]}")
         role = message.get("role")
@@ -201,7 +208,7 @@ def check_messages(messages: Any) -> tuple[list[dict[str, Any]], bool]:
         images |= _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
         if role == "assistant" and message.get("content") is None and not has_calls:
             raise ChatError(f"{where}.content is required when the message calls no tool", param=f"{where}.content")
-        converted = {key: value for key, value in message.items() if key != "refusal" and value is not None}
+        converted = {key: value for key, value in message.items() if key in MESSAGE_FIELDS and value is not None}
         if role == "developer":
             converted["role"] = "system"
         checked.append(converted)
@@ -224,8 +231,20 @@ def _response_format(value: Any) -> dict[str, Any] | None:
         schema = spec.get("schema", {"type": "object"})
         if not isinstance(schema, dict):
             raise ChatError("response_format.json_schema.schema must be a JSON schema object", param="response_format")
+        _check_schema(schema, "response_format.json_schema.schema")
         return schema
     raise ChatError("response_format.type must be 'text', 'json_object' or 'json_schema'", param="response_format")
+
+
+def _check_schema(schema: dict[str, Any], where: str) -> None:
+    """A 400 naming ``where`` unless ``schema`` is a valid JSON schema."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        path = "".join(f"[{part!r}]" for part in exc.path)
+        raise ChatError(f"{where} is not a valid JSON schema: {path} {exc.message}"[:500], param=where) from None
+    except (RecursionError, ValueError) as exc:
+        raise ChatError(f"{where} is not a usable JSON schema: {type(exc).__name__}", param=where) from None
 
 
 def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], Any]:
@@ -249,11 +268,14 @@ def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], Any]:
             raise ChatError(
                 f"tools[{index}].function.name must be a non-empty string", param=f"tools[{index}].function.name"
             )
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise ChatError(
-                f"tools[{index}].function.parameters must be a JSON schema object",
-                param=f"tools[{index}].function.parameters",
-            )
+        if "description" in function and not isinstance(function["description"], str):
+            where = f"tools[{index}].function.description"
+            raise ChatError(f"{where} must be a string", param=where)
+        if "parameters" in function:
+            where = f"tools[{index}].function.parameters"
+            if not isinstance(function["parameters"], dict):
+                raise ChatError(f"{where} must be a JSON schema object", param=where)
+            _check_schema(function["parameters"], where)
         names.add(name)
     if choice is None or choice in ("auto", "required"):
         pass
@@ -263,7 +285,8 @@ def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], Any]:
         isinstance(choice, dict)
         and choice.get("type") == "function"
         and isinstance(choice.get("function"), dict)
-        and choice["function"].get("name") in names
+        and isinstance(choice["function"].get("name"), str)
+        and choice["function"]["name"] in names
     ):
         pass
     else:
@@ -298,8 +321,10 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
 
 def _resolve(config: Configuration, model: Any) -> tuple[RoleConfig | None, str | None]:
     """The role that ``model`` names, or the LLM's id; ``ChatError`` 404 when it names neither."""
-    if not isinstance(model, str) or not model:
+    if model is None or model == "":
         raise ChatError("model is required: an LLM's id or a role as profile/role (GET /v1/models)", param="model")
+    if not isinstance(model, str):
+        raise ChatError("model must be a string: an LLM's id or a role as profile/role", param="model")
     if "/" in model:
         profile, _, role = model.partition("/")
         try:
@@ -317,9 +342,10 @@ def _resolve(config: Configuration, model: Any) -> tuple[RoleConfig | None, str 
 
 
 def offered(config: Configuration, llm_id: str) -> bool:
-    """Whether a request may name the LLM: it is configured, enabled, and not locked to roles."""
+    """Whether a request may name the LLM: it is configured, enabled, not locked to roles, and free (an
+    api LLM with a cost is reached through a role, whose profile's daily budget bounds what it spends)."""
     llm = config.llms.get(llm_id)
-    return llm is not None and llm.toggle and not llm.locked
+    return llm is not None and llm.toggle and not llm.locked and not llm.cost_per_1k_tokens
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -380,6 +406,8 @@ def parse_request(body: Any) -> ChatRequest:
             time_limit_s=settings.OPENAI_API_TIME_LIMIT_SECONDS,
         )
         budget = None
+    if options.json_schema is not None:
+        _check_grammar(call_config, call_role, options.json_schema)
     return ChatRequest(
         model=body["model"],
         config=call_config,
@@ -390,6 +418,18 @@ def parse_request(body: Any) -> ChatRequest:
         include_usage=bool((stream_options or {}).get("include_usage", False)),
         budget=budget,
     )
+
+
+def _check_grammar(config: Configuration, role: RoleConfig, schema: Mapping[str, Any]) -> None:
+    """A 400 when an LLM that may serve the call runs on llama.cpp, and llama.cpp cannot build a grammar
+    from the schema (some schemas crash the process that tries: the engine tries in a child process)."""
+    for llm in candidates(config, role)[0]:
+        if llm.engine != "llama_cpp":
+            continue
+        engine = get_engine(llm.engine, llm.engine_settings(), key=llm.id)
+        problem = engine.check_schema(schema)
+        if problem:
+            raise ChatError(f"response_format: {problem} (the LLM {llm.id} runs on llama.cpp)", param="response_format")
 
 
 # --- Calling -------------------------------------------------------------------------------------
@@ -487,7 +527,7 @@ class Stream:
             return self.events.get(timeout=max(self.deadline - self.balancer.clock(), 0) + 30)
         except queue.Empty:
             self.stop.set()
-            return "error", TimeoutError("the LLM neither answered nor failed in time")
+            return "error", EngineTimeout("the LLM neither answered nor failed in time")
 
     def first(self) -> tuple[str, Any]:
         self.thread.start()

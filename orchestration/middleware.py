@@ -1,4 +1,5 @@
-"""Refuse a request body over ``API_MAX_BODY_BYTES`` before anything reads it."""
+"""Refuse a request body over ``API_MAX_BODY_BYTES`` before anything reads it (in OpenAI's error shape
+under /v1/)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ class BodySizeLimitMiddleware:
         try:
             length = int(declared)
         except ValueError:
-            return JsonResponse(
-                {"code": "invalid", "detail": f"Content-Length {declared!r} is not a number"}, status=400
-            )
+            return _error(request, 400, "invalid", f"Content-Length {declared!r} is not a number")
         limit = settings.API_MAX_BODY_BYTES
         if length > limit:
-            return JsonResponse(
-                {"code": "too_large", "detail": f"the request body is {length} bytes; the limit is {limit} bytes"},
-                status=413,
-            )
+            return _error(request, 413, "too_large", f"the request body is {length} bytes; the limit is {limit} bytes")
         return self.get_response(request)
+
+
+def _error(request: HttpRequest, status: int, code: str, detail: str) -> JsonResponse:
+    if request.path.startswith("/v1/"):
+        return JsonResponse(
+            {"error": {"message": detail, "type": "invalid_request_error", "param": None, "code": code}}, status=status
+        )
+    return JsonResponse({"code": code, "detail": detail}, status=status)

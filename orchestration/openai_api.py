@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,13 +22,14 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from balancer.configuration import Configuration
-from balancer.load_balancer import NoCandidate, NoCapacity
+from balancer.load_balancer import NoCandidate, NoCapacity, check_servable
 from llm_engines.base import ChatResult
 from llm_engines.errors import (
     ContextTooLong,
@@ -55,6 +57,11 @@ def engine_error(exc: BaseException) -> ChatError:
             str(exc), status=503, type="server_error", code="no_capacity", retry_after=RETRY_AFTER_OUTAGE_S
         )
     if isinstance(exc, NoCandidate):
+        if exc.reasons and all("rule 1: context of" in reason for reason in exc.reasons.values()):
+            return ChatError(
+                f"the messages and max_tokens do not fit the context: {exc}", code="context_length_exceeded",
+                param="messages",
+            )  # fmt: skip
         return ChatError(f"no LLM can serve this request: {exc}", code="no_llm_available")
     if isinstance(exc, ContextTooLong):
         return ChatError(str(exc), code="context_length_exceeded", param="messages")
@@ -143,14 +150,72 @@ def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+# The engine calls that each web process runs at once (each holds one of its threads until the reply
+# is whole); past them a request is answered 503 at once, so that the REST API and /healthz keep
+# threads of their own.
+_CALLS = threading.BoundedSemaphore(settings.OPENAI_API_MAX_CALLS)
+
+
+class _Released:
+    """Gives the process's call back exactly once, however the request ends."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+
+    def __call__(self) -> None:
+        if not self._done.is_set():
+            self._done.set()
+            _CALLS.release()
+
+
+class _StreamBody:
+    """The stream's events as a response body whose ``close()`` (the server calls it however the
+    response ends, even before the first event was read) stops the generation and gives the call back."""
+
+    def __init__(self, events: Iterator[bytes], stream: Stream, release: _Released) -> None:
+        self.events = events
+        self.stream = stream
+        self.release = release
+
+    def __iter__(self) -> _StreamBody:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.events)
+
+    def close(self) -> None:
+        try:
+            self.events.close()
+        finally:
+            self.stream.stop.set()
+            self.release()
+
+
 class ChatCompletionsApi(OpenAIView):
     """POST /v1/chat/completions."""
 
     @extend_schema(exclude=True)
     def post(self, request: Request) -> HttpResponse:
         chat = parse_request(request.data)
-        if chat.stream:
-            return self._stream(chat)
+        if not _CALLS.acquire(blocking=False):
+            busy = f"this server process runs {settings.OPENAI_API_MAX_CALLS} completions already; try again shortly"
+            raise ChatError(busy, status=503, type="server_error", code="server_busy", retry_after=RETRY_AFTER_OUTAGE_S)
+        release = _Released()
+        if not chat.stream:
+            try:
+                return self._whole(chat)
+            finally:
+                release()
+        try:
+            response = self._stream(chat, release)
+        except BaseException:
+            release()
+            raise
+        if not response.streaming:  # the call failed before its first text: answered whole
+            release()
+        return response
+
+    def _whole(self, chat: ChatRequest) -> HttpResponse:
         result, decision = complete(chat)
         message: dict[str, Any] = {"role": "assistant", "content": result.text or None, "refusal": None}
         if result.tool_calls:
@@ -169,13 +234,14 @@ class ChatCompletionsApi(OpenAIView):
         response["X-LLM"] = decision.llm.id
         return response
 
-    def _stream(self, chat: ChatRequest) -> HttpResponse:
+    def _stream(self, chat: ChatRequest, release: _Released) -> HttpResponse:
         stream = Stream(chat)
         kind, value = stream.first()
         if kind == "error":
             return error_response(engine_error(value))
         llm = value[0] if kind == "text" else value[1].llm.id
-        response = StreamingHttpResponse(self._events(chat, stream, kind, value), content_type="text/event-stream")
+        body = _StreamBody(self._events(chat, stream, kind, value), stream, release)
+        response = StreamingHttpResponse(body, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the tokens back
         response["X-LLM"] = llm
@@ -218,6 +284,7 @@ class ChatCompletionsApi(OpenAIView):
             events.close()  # the client left, or the reply is whole: the generation stops
 
 
+@csrf_exempt
 def unknown_url(request: Any) -> JsonResponse:
     """Any other path under /v1/: OpenAI's 404 (with or without DEBUG)."""
     error = ChatError(f"Unknown request URL: {request.method} {request.path}", status=404, code="unknown_url")
@@ -229,9 +296,16 @@ def _model(model_id: str, created: int) -> dict[str, Any]:
 
 
 def models(config: Configuration) -> list[str]:
-    """The models a request may name: the enabled LLMs that are not locked to roles, then every role."""
+    """The models a request may name: the LLMs offered by id, then every role that an LLM can serve."""
     llms = [llm_id for llm_id in config.llms if offered(config, llm_id)]
-    roles = [f"{profile.name}/{role}" for profile in config.profiles.values() for role in profile.roles]
+    roles = []
+    for profile in config.profiles.values():
+        for role in profile.roles.values():
+            try:
+                check_servable(config, role)
+            except NoCandidate:
+                continue
+            roles.append(f"{profile.name}/{role.name}")
     return llms + roles
 
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import httpx
 import openai
 
 from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
@@ -184,10 +185,12 @@ class OpenAIEngine(Engine):
                     finish_reason = choice.finish_reason or finish_reason
                     text = choice.delta.content if choice.delta else None
                     for delta in (choice.delta.tool_calls if choice.delta else None) or []:
-                        call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
-                        call["id"] = delta.id or call["id"]
+                        # The id and the name come whole (in the call's first delta), the arguments in pieces.
+                        index = delta.index if isinstance(delta.index, int) else 0
+                        call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+                        call["id"] = call["id"] or delta.id or ""
                         if delta.function is not None:
-                            call["name"] += delta.function.name or ""
+                            call["name"] = call["name"] or delta.function.name or ""
                             call["arguments"] += delta.function.arguments or ""
                     if text:
                         if first_at is None:
@@ -197,6 +200,12 @@ class OpenAIEngine(Engine):
         except openai.OpenAIError as exc:
             # Not chained: the client's exception may quote the key, and a logged traceback would print it.
             raise self._error(exc) from None
+        except httpx.TimeoutException:
+            raise EngineTimeout(f"the stream from {self.base_url or 'the API'} stalled", engine=self.name) from None
+        except (httpx.HTTPError, ValueError) as exc:
+            # The connection broke mid-stream, or the server sent something that is not a chunk.
+            message = self._redact(f"the stream from {self.base_url or 'the API'} broke: {type(exc).__name__}: {exc}")
+            raise EngineUnavailable(message, engine=self.name) from None
         yield ChatChunk(
             text="",
             result=ChatResult(

@@ -19,14 +19,20 @@ when the model loads (90 MB for SmolLM2 at n_ctx 4096); ``kv_cache_type``
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from jinja2 import TemplateError
 
 from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
 from llm_engines.errors import (
@@ -134,6 +140,7 @@ class LlamaCppEngine(Engine):
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self._loaded = 0
         self._load_lock = threading.Lock()
+        self._schemas: dict[str, str | None] = {}  # check_schema's answers, by the schema's hash
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
@@ -209,6 +216,35 @@ class LlamaCppEngine(Engine):
                 return llama
         return self._idle.get()
 
+    def check_schema(self, schema: Mapping[str, Any], *, timeout_s: float = 60.0) -> str | None:
+        """Why llama.cpp cannot build a grammar from ``schema`` (as ``_request`` would give it), or None.
+
+        Some schemas make llama.cpp crash the process that builds their grammar, so a schema from
+        outside the server is tried in a child process first (llm_engines/local/grammar_check.py);
+        the answer is kept per schema for the life of the engine.
+        """
+        text = json.dumps(grammar_safe(schema), sort_keys=True)
+        key = hashlib.sha256(text.encode()).hexdigest()
+        if key in self._schemas:
+            return self._schemas[key]
+        try:
+            child = subprocess.run(
+                [sys.executable, "-m", "llm_engines.local.grammar_check", str(self.path)],
+                input=text.encode(), capture_output=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[2],
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return f"llama.cpp did not build a grammar from the schema within {timeout_s:g}s"
+        problem = None
+        if child.returncode != 0:
+            said = child.stderr.decode(errors="replace").strip().splitlines()
+            problem = "llama.cpp cannot turn the schema into a grammar" + (
+                f": {said[-1][:300]}" if child.returncode > 0 and said else " (it crashed on it)"
+            )
+        if len(self._schemas) >= 256:
+            self._schemas.clear()
+        self._schemas[key] = problem
+        return problem
+
     def _request(self, messages: Sequence[Message], options: ChatOptions) -> dict[str, Any]:
         if self.clip_path is None and _has_images(messages):
             raise EngineBadRequest(
@@ -217,7 +253,7 @@ class LlamaCppEngine(Engine):
             )
         self.refuse_tools(options)
         request: dict[str, Any] = {
-            "messages": [dict(message) for message in messages],
+            "messages": [plain_message(message, vision=self.clip_path is not None) for message in messages],
             "max_tokens": options.max_tokens,
             "temperature": options.temperature,
             "stop": list(options.stop) or None,
@@ -231,7 +267,10 @@ class LlamaCppEngine(Engine):
     def _error(self, exc: Exception) -> EngineError:
         if "context window" in str(exc):
             return ContextTooLong(str(exc), engine=self.name)
-        return EngineBadRequest(str(exc), engine=self.name)
+        if isinstance(exc, ValueError):
+            return EngineBadRequest(str(exc), engine=self.name)
+        # The chat template (Jinja) refused the messages.
+        return EngineBadRequest(f"the model's chat template cannot render the messages: {exc}", engine=self.name)
 
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
         options = options or ChatOptions()
@@ -241,7 +280,7 @@ class LlamaCppEngine(Engine):
             watch = _Generation(llama.token_eos(), options.timeout)
             try:
                 response = llama.create_chat_completion(**request, logits_processor=[watch])
-            except ValueError as exc:
+            except (ValueError, TypeError, TemplateError) as exc:
                 raise self._error(exc) from exc
         finally:
             self._idle.put(llama)
@@ -278,7 +317,7 @@ class LlamaCppEngine(Engine):
                     if text:
                         parts.append(text)
                         yield ChatChunk(text=text)
-            except ValueError as exc:
+            except (ValueError, TypeError, TemplateError) as exc:
                 raise self._error(exc) from exc
         finally:
             if chunks is not None:
@@ -326,6 +365,23 @@ def grammar_safe(schema: Any) -> Any:
     if isinstance(schema, list):
         return [grammar_safe(item) for item in schema]
     return schema
+
+
+def plain_message(message: Message, *, vision: bool) -> dict[str, Any]:
+    """A message as a GGUF chat template renders it: text content (the parts joined, unless the model
+    reads images), a tool call written out in the assistant's text, a tool's answer as a user message."""
+    content = message.get("content")
+    if isinstance(content, list) and not (vision and _has_images([message])):
+        content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+    role = message["role"]
+    if role == "assistant" and message.get("tool_calls"):
+        calls = "\n".join(
+            f"[called {call['function']['name']}({call['function']['arguments']})]" for call in message["tool_calls"]
+        )
+        return {"role": "assistant", "content": f"{content}\n{calls}" if content else calls}
+    if role == "tool":
+        return {"role": "user", "content": f"[tool result {message.get('tool_call_id', '')}]\n{content or ''}"}
+    return {"role": role, "content": content if content is not None else ""}
 
 
 def _has_images(messages: Sequence[Message]) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import ollama
+import pydantic
 
 from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
 from llm_engines.errors import (
@@ -55,7 +56,9 @@ def to_ollama_message(message: Message, tool_names: Mapping[str, str] | None = N
         text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content or [])
         return {"role": message["role"], "content": text, "tool_calls": calls}
     if message["role"] == "tool":
-        converted = {"role": "tool", "content": content if isinstance(content, str) else json.dumps(content)}
+        if isinstance(content, list):
+            content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+        converted = {"role": "tool", "content": content or ""}
         name = (tool_names or {}).get(message.get("tool_call_id", ""))
         if name:
             converted["tool_name"] = name
@@ -130,6 +133,10 @@ class OllamaEngine(Engine):
             return self._clients[key]
 
     def _error(self, exc: Exception) -> EngineError:
+        if isinstance(exc, pydantic.ValidationError):
+            # The client refused to build the request (a tool's schema, a message it cannot take).
+            reason = exc.errors()[0]["msg"]
+            return EngineBadRequest(f"the ollama client refused the request: {reason}", engine=self.name)
         if isinstance(exc, httpx.TimeoutException):
             return EngineTimeout(f"no answer in time from {self.base_url}", engine=self.name)
         if isinstance(exc, (ConnectionError, httpx.TransportError)):
@@ -198,7 +205,7 @@ class OllamaEngine(Engine):
         started = time.perf_counter()
         try:
             response = self._client(options.timeout).chat(**request, stream=False)
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError) as exc:
             raise self._error(exc) from exc
         return self._result(response, response.message.content or "", started, None, tool_calls(response.message))
 
@@ -220,7 +227,7 @@ class OllamaEngine(Engine):
                         first_at = time.perf_counter()
                     parts.append(text)
                     yield ChatChunk(text=text)
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError) as exc:
             raise self._error(exc) from exc
         if last is None or not last.done:
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)

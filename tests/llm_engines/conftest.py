@@ -23,6 +23,9 @@ class _FaultHandler(BaseHTTPRequestHandler):
         pass
 
     def _answer(self) -> None:
+        if self.mode == "badstream":
+            self._bad_stream()
+            return
         if self.mode == "hang":
             time.sleep(3)
         if self.mode == "notfound":
@@ -33,6 +36,17 @@ class _FaultHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Retry-After", "7")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _bad_stream(self) -> None:
+        """Two chunks of a chat completion stream, then a line that is not JSON."""
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "tok"}}]}  # fmt: skip
+        body = (f"data: {json.dumps(chunk)}\n\n" * 2 + "data: {not json\n\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -49,7 +63,8 @@ class _QuietServer(ThreadingHTTPServer):
 @pytest.fixture
 def fault_server() -> Iterator[callable]:
     """A real HTTP server on loopback that answers 429 with Retry-After: 7 (or 404 for an unknown
-    model, in mode "notfound"), in mode "hang" after 3 s."""
+    model, in mode "notfound"), in mode "hang" after 3 s; in mode "badstream" a chat stream that breaks
+    after two chunks."""
     servers = []
 
     def start(mode: str) -> str:

@@ -134,3 +134,24 @@ def test_a_missing_model_and_bad_settings_are_clear_errors(tmp_path):
 def test_unknown_engine_name_suggests_the_closest():
     with pytest.raises(UnknownName, match="did you mean 'llama_cpp'"):
         engine_class("llama-cpp")
+
+
+def test_a_schema_llama_cpp_cannot_build_a_grammar_from_is_found_out_in_a_child_process(engine):
+    assert engine.check_schema({"type": "object", "properties": {"a": {"type": "integer"}}}) is None
+    assert "cannot turn the schema into a grammar" in engine.check_schema({"enum": []})
+    crashing = {"type": "array", "maxItems": 100000, "items": {"type": "integer"}}
+    assert "crashed" in engine.check_schema(crashing)
+    assert engine.check_schema(crashing) == engine.check_schema(crashing)  # kept, not tried again
+
+
+def test_text_parts_and_a_tool_calls_history_reach_the_chat_template(engine):
+    call = {"id": "c1", "type": "function", "function": {"name": "mul", "arguments": '{"a": 6, "b": 7}'}}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is 6 times 7?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    assert engine.chat(messages, ChatOptions(max_tokens=4, temperature=0)).completion_tokens > 0
+    with pytest.raises(EngineBadRequest, match="cannot call tools"):
+        engine.chat(messages, ChatOptions(tools=({"type": "function", "function": {"name": "mul"}},)))

@@ -138,3 +138,10 @@ def test_a_tool_call_and_its_answer_go_to_ollama_in_its_shape():
     ]
     with pytest.raises(EngineBadRequest, match="not JSON"):
         engine._request(broken, ChatOptions())
+
+
+def test_a_tool_the_ollama_client_refuses_is_a_bad_request(closed_url):
+    engine = OllamaEngine(model="m", base_url=closed_url)
+    tool = {"type": "function", "function": {"name": "f", "description": {"x": 1}}}
+    with pytest.raises(EngineBadRequest, match="refused the request"):
+        engine.chat([{"role": "user", "content": "hi"}], ChatOptions(tools=(tool,)))

@@ -65,3 +65,11 @@ def test_a_model_the_server_does_not_serve_is_a_configuration_error(fault_server
     with pytest.raises(EngineConfigurationError, match="does not exist") as error:
         OpenAIEngine(model="m", base_url=f"{fault_server('notfound')}/v1").chat(HELLO, ChatOptions(max_tokens=4))
     assert error.value.llm_at_fault
+
+
+def test_a_stream_that_breaks_midway_is_an_unavailable_engine(fault_server):
+    engine = OpenAIEngine(model="m", base_url=f"{fault_server('badstream')}/v1")
+    chunks = engine.stream([{"role": "user", "content": "hi"}], ChatOptions(max_tokens=8))
+    assert [next(chunks).text, next(chunks).text] == ["tok", "tok"]
+    with pytest.raises(EngineUnavailable, match="broke"):
+        next(chunks)

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 PLANNER_PROMPT = "You are a planner"
 # The server's work rate: each test uses a client of its own, so only the throttling test reaches it.
 WORK_RATE = 8
+# Completions the server process runs at once (of its 4 threads).
+MAX_CALLS = 2
 
 
 class Upstream(BaseHTTPRequestHandler):
@@ -111,14 +113,20 @@ def web(upstream, ollama_server, tmp_path_factory) -> Iterator[str]:
     original = config.read_text()
     raw = json.loads(original)
     script = directory / "script.json"
-    script.write_text(json.dumps({"rules": [{"match": PLANNER_PROMPT, "reply": "the planner's prompt came first"}]}))
+    rules = [
+        {"match": "sleepy", "reply": "slept", "delay_s": 3},
+        {"match": PLANNER_PROMPT, "reply": "the planner's prompt came first"},
+    ]
+    script.write_text(json.dumps({"rules": rules}))
     raw["llms"] += [
         {"id": "echo", "engine": "instant", "source": "local", "model": "instant"},
         {"id": "upstream", "engine": "openai", "source": "api", "model": "upstream-model",
          "base_url": upstream.url, "capabilities": ["chat", "tools"]},
         {"id": "script", "engine": "scripted", "source": "local", "model": "scripted", "locked": True,
-         "options": {"script": str(script)}},
+         "max_concurrency": 4, "options": {"script": str(script)}},
         {"id": "off", "engine": "instant", "source": "local", "model": "instant", "toggle": False},
+        {"id": "paid", "engine": "openai", "source": "api", "model": "upstream-model", "base_url": upstream.url,
+         "cost_per_1k_tokens": {"prompt": 0.01, "completion": 0.03}},
         {"id": "ollama", "engine": "ollama", "source": "local", "model": "smollm2:135m", "base_url": ollama_server,
          "capabilities": ["chat", "tools"], "context_length": 512},
     ]  # fmt: skip
@@ -129,7 +137,7 @@ def web(upstream, ollama_server, tmp_path_factory) -> Iterator[str]:
         sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
         "--workers", "1", "--worker-class", "gthread", "--threads", "4",
     ]  # fmt: skip
-    env = server_env(API_SUBMIT_THROTTLE_RATE=f"{WORK_RATE}/min")
+    env = server_env(API_SUBMIT_THROTTLE_RATE=f"{WORK_RATE}/min", OPENAI_API_MAX_CALLS=str(MAX_CALLS))
     try:
         process = _serve(command, f"http://127.0.0.1:{port}/healthz", directory / "gunicorn.log", env=env)
         yield f"http://127.0.0.1:{port}"
@@ -146,20 +154,16 @@ def key(django_user_model) -> str:
 
 @pytest.fixture
 def client(web, key) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{web}/v1", api_key=key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{web}/v1", api_key=key, max_retries=0, timeout=600)
 
 
 def test_models_lists_the_offered_llms_and_one_model_per_role(client):
     listed = {model.id: model for model in client.models.list()}
     profiles = json.loads(Path(settings.AIAGENT_CONFIG).read_text())["profiles"]
     roles = [f"{profile}/{role}" for profile, body in profiles.items() for role in body["roles"]]
-    assert set(listed) == {
-        "smollm2-135m",
-        "echo",
-        "upstream",
-        "ollama",
-        *roles,
-    }  # not the locked one, not the disabled one
+    # Not the locked one, the disabled one, the one with a cost; not the role no LLM can serve (vision).
+    roles.remove("productivity/vision")
+    assert set(listed) == {"smollm2-135m", "echo", "upstream", "ollama", *roles}
     assert all(model.object == "model" and model.owned_by == "ai-agent-server" for model in listed.values())
     assert client.models.retrieve("developer/planner").id == "developer/planner"
     with pytest.raises(openai.NotFoundError) as caught:
@@ -302,14 +306,95 @@ def test_tools_for_an_llm_that_cannot_call_them_are_refused(client):
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"response_format": {"type": "yaml"}}, "response_format", "json_schema"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
+        ({"model": 5}, "model", "must be a string"),
+        ({"temperature": 10**400}, "temperature", "between 0 and 2"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+          "function": {"name": ["f"]}}}, "tool_choice", "one of the tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "description": {"x": 1}}}]},
+         "tools[0].function.description", "must be a string"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+         "tools[0].function.parameters", "not a valid JSON schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"maxLength": "9"}}}},
+         "response_format.json_schema.schema", "not a valid JSON schema"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "audio": {"id": 1}}]},
+         "messages[1].audio", "unknown field"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_request_is_a_400_naming_the_parameter(web, api, change, param, words):
     body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], **change}
     response = api.post("/v1/chat/completions", body, format="json")
     assert response.status_code == 400, response.content
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and words in error["message"]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"enum": []}, {"type": "array", "maxItems": 100000, "items": {"type": "integer"}},
+     {"type": "string", "pattern": "^a{1,20000}$"}],
+)  # fmt: skip
+def test_a_schema_llama_cpp_cannot_take_is_a_400_and_the_server_lives(web, client, schema):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "JSON please"}],
+            max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert caught.value.body["param"] == "response_format" and "llama.cpp" in caught.value.body["message"]
+    assert requests.get(f"{web}/healthz", timeout=10).status_code == 200
+
+
+def test_messages_as_clients_send_them_reach_the_local_model(client):
+    """Text parts (LangChain, Open WebUI), a tool call's history without tools, OpenAI's own reply fields."""
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is 6 times 7?"}]},
+        {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "mul", "arguments": '{"a": 6}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]},
+    ]  # fmt: skip
+    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8)
+    assert whole.choices[0].message.content.strip()
+    streamed = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip()
+
+
+def test_a_web_process_runs_a_bounded_number_of_completions_and_keeps_threads_for_the_rest(web, client):
+    sleepy = {"model": "developer/planner", "messages": [{"role": "user", "content": "sleepy"}]}
+    outcomes: list[object] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(client.chat.completions.create(**sleepy).choices[0].message.content)
+        except openai.APIStatusError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(MAX_CALLS + 1)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)
+    started = time.monotonic()
+    assert requests.get(f"{web}/healthz", timeout=10).status_code == 200
+    assert time.monotonic() - started < 2, "the health check waited for a thread"
+    for thread in threads:
+        thread.join()
+    refused = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
+    assert len(refused) == 1 and refused[0].status_code == 503 and refused[0].body["code"] == "server_busy"
+    assert int(refused[0].response.headers["Retry-After"]) >= 1
+    assert [o for o in outcomes if isinstance(o, str)] == ["slept"] * MAX_CALLS
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded(client):
+    too_long = [{"role": "user", "content": "word " * 20000}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smollm2-135m", messages=too_long)
+    assert caught.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=5000
+        )
+    assert caught.value.body["code"] == "context_length_exceeded"
 
 
 def test_errors_come_in_openais_shape(web, client, key):
@@ -323,8 +408,16 @@ def test_errors_come_in_openais_shape(web, client, key):
     response = requests.get(f"{web}/v1/models", timeout=10)
     assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
     assert response.json()["error"]["code"] == "missing_api_key"
-    response = requests.get(f"{web}/v1/nothing", headers={"Authorization": f"Bearer {key}"}, timeout=10)
-    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
+    for method in ("GET", "POST"):
+        response = requests.request(method, f"{web}/v1/embeddings", headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
+    with pytest.raises(openai.NotFoundError):  # an api LLM with a cost is only reached through a role
+        client.chat.completions.create(model="paid", messages=[{"role": "user", "content": "hi"}])
+    response = requests.post(
+        f"{web}/v1/chat/completions", data=b"x" * (2 * 1024 * 1024), timeout=10,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
     # The same token opens the REST API, under either keyword.
     assert requests.get(f"{web}/api/v1/llms", headers={"Authorization": f"Bearer {key}"}, timeout=10).ok
 
