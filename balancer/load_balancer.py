@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ from typing import Any
 import redis
 
 from balancer.configuration import Configuration, LLMConfig, ProfileConfig, RoleConfig
+from balancer.renewal import renewer
 from llm_engines.base import ChatResult
 from llm_engines.errors import (
     EngineAuthError,
@@ -839,23 +839,19 @@ class LoadBalancer:
 
     @contextlib.contextmanager
     def _holding(self, decision: Decision) -> Iterator[None]:
-        """Renew the call's slot while it runs, so that only a dead holder's slot expires (rule 4)."""
-        stop = threading.Event()
-        every = self.policy.slot_lease_s / 3
+        """Renew the call's slot while it runs (the process's renewer thread), so that only a dead
+        holder's slot expires (rule 4)."""
 
         def renew() -> None:
-            while not stop.wait(every):
-                # If Redis stays away the slot expires by itself.
-                with contextlib.suppress(redis.RedisError):
-                    self.renew_slot(decision)
+            # If Redis stays away the slot expires by itself.
+            with contextlib.suppress(redis.RedisError):
+                self.renew_slot(decision)
 
-        thread = threading.Thread(target=renew, name=f"slot-{decision.llm.id}", daemon=True)
-        thread.start()
+        handle = renewer.add(renew, self.policy.slot_lease_s / 3)
         try:
             yield
         finally:
-            stop.set()
-            thread.join()
+            renewer.remove(handle)
 
     def _wait_for(self, config, role, prompt_tokens, sticky, failed, budget, deadline) -> Decision:
         waiter = uuid.uuid4().hex

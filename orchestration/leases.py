@@ -1,7 +1,8 @@
 """Step leases: a Redis key that says a worker is alive and running a task's step.
 
 The worker that claims a task takes the lease ``aiagent:lease:<task_id>`` with
-a short expiry and renews it from a background thread while the step runs. A
+a short expiry and renews it while the step runs (the process's renewer thread,
+balancer/renewal.py). A
 job that comes back from the broker (after a worker was killed, a lost
 connection or a visibility timeout) may run the step again only once the lease
 has expired, so a live step is never run twice, and a dead one is taken over
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Iterable
 from functools import cache
 
 import redis
 from django.conf import settings
+
+from balancer.renewal import renewer
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,12 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
+@cache
+def _scripts(url: str) -> tuple:
+    client = _client(url)
+    return client.register_script(_TAKE), client.register_script(_RELEASE)
+
+
 PREFIX = "aiagent:lease:"
 
 
@@ -60,35 +68,32 @@ class StepLease:
         self.holder = f"{job_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = int((ttl_s or settings.TASK_LEASE_SECONDS) * 1000)
         self._redis = _client(settings.REDIS_URL)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._take, self._release = _scripts(settings.REDIS_URL)
+        self._renewal: int | None = None
 
     def acquire(self) -> bool:
         """Take the lease if no live worker holds it."""
-        return bool(self._redis.eval(_TAKE, 1, self.key, self.holder, self.ttl_ms))
+        return bool(self._take(keys=[self.key], args=[self.holder, self.ttl_ms]))
 
     def remaining_s(self) -> float:
         """Seconds until the current holder's lease expires (0 when free)."""
         return max(0, self._redis.pttl(self.key)) / 1000
 
     def __enter__(self) -> StepLease:
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
-        self._thread.start()
+        self._renewal = renewer.add(self._renew, self.ttl_ms / 3000)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._renewal is not None:
+            renewer.remove(self._renewal)
         try:
-            self._redis.eval(_RELEASE, 1, self.key, self.holder)
+            self._release(keys=[self.key], args=[self.holder])
         except redis.RedisError as exc:
             logger.warning("%s: could not release (%s); it expires by itself", self.key, exc)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_ms / 3000):
-            try:
-                if not self.acquire():
-                    logger.error("%s: lost to another holder while the step runs", self.key)
-            except redis.RedisError as exc:
-                logger.warning("%s: could not renew (%s)", self.key, exc)
+        try:
+            if not self.acquire():
+                logger.error("%s: lost to another holder while the step runs", self.key)
+        except redis.RedisError as exc:
+            logger.warning("%s: could not renew (%s)", self.key, exc)

@@ -145,6 +145,8 @@ def _first_step(packet: dict[str, Any], job_id: str) -> str:
     )
     if packet is not None and delegate:
         _delegate(packet, outcome.result["steps"], config)
+    elif packet is not None:
+        return packet["status"]
     return task_store().read(task_id)["status"]
 
 

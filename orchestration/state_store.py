@@ -107,7 +107,7 @@ class TaskStore:
             if self.exists(task_id):
                 raise TaskExists(self.read(task_id))
             stored = {**packet, "version": 1}
-            self._write(stored)
+            self._write(stored, new=True)
             self._observe(None, stored)
         return stored
 
@@ -132,8 +132,12 @@ class TaskStore:
             self._observe(current, updated)
         return updated, True
 
-    def _write(self, packet: dict[str, Any]) -> None:
-        atomic_write(self.path(packet["task_id"]), json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8"))
+    def _write(self, packet: dict[str, Any], *, new: bool = False) -> None:
+        # A new task's file is made durable before the client is told it is accepted. An update's
+        # rename is not waited for: a power loss may bring back the version before it (whole), and
+        # the recovery sweep runs the lost step again.
+        data = json.dumps(packet, ensure_ascii=False, indent=1).encode("utf-8")
+        atomic_write(self.path(packet["task_id"]), data, sync_directory=new)
         if not mirror_packet(packet):
             self._unmirrored.mkdir(parents=True, exist_ok=True)
             (self._unmirrored / packet["task_id"]).touch()
