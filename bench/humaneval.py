@@ -383,8 +383,8 @@ def run_problem(
     code = coders[-1] if coders else None
     ended = code if mode == SINGLE and code else history[max(cut - 1, 0)]
     failed = next((e["detail"]["reason"] for e in history[:cut] if e["event"] == "failed"), None)
-    if failed and not code:
-        notes.append(failed[:200])
+    if failed and not (code and failed.startswith("the code did not pass QA")):
+        notes.append(failed[:200])  # the task failed for another reason than its code (a time limit, say)
     tokens, calls = _calls(counted)
     scored = score(problem, code["detail"]["files"] if code else None)
     return {
