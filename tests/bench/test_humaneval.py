@@ -150,25 +150,28 @@ def scripted_rules() -> list[dict]:
     ]
 
 
+@pytest.fixture
+def harness(web, celery_worker, edit_config, django_user_model, tmp_path):  # noqa: F811
+    """The command that runs bench/humaneval.py against a real gunicorn and Celery worker whose model
+    is the scripted engine, answering from ``rules`` (by default ``scripted_rules()``)."""
+    token = Token.objects.create(user=django_user_model.objects.create_user(username="humaneval")).key
+
+    def command(*options: str, rules: list[dict] | None = None) -> list[str]:
+        use_script(edit_config, tmp_path / "script.json", rules or scripted_rules())
+        return [sys.executable, "bench/humaneval.py", "--url", web, "--token", token, *options]
+
+    return command
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.worker
-def test_the_harness_reports_the_passes_the_hidden_tests_saw(
-    web,  # noqa: F811
-    celery_worker,
-    edit_config,
-    config_file,
-    django_user_model,
-    tmp_path,
-):
-    use_script(edit_config, tmp_path / "script.json", scripted_rules())
-    token = Token.objects.create(user=django_user_model.objects.create_user(username="humaneval")).key
-    before = config_file.read_bytes()
+def test_the_harness_reports_the_passes_the_hidden_tests_saw(harness, config_file, tmp_path):
     out = tmp_path / "humaneval.json"
-    command = [
-        sys.executable, "bench/humaneval.py", "--url", web, "--token", token, "--problems", f"{RIGHT},{WRONG},{FIXED}",
-        "--concurrency", "3", "--poll", "0.2", "--timeout", "120", "--coder-llm", "scripted",
-        "--config-file", str(config_file), "--json", str(out),
-    ]  # fmt: skip
+    command = harness(
+        "--problems", f"{RIGHT},{WRONG},{FIXED}", "--concurrency", "3", "--poll", "0.2", "--timeout", "120",
+        "--coder-llm", "scripted", "--config-file", str(config_file), "--json", str(out),
+    )  # fmt: skip
+    before = config_file.read_bytes()
     run = subprocess.run(command, cwd=BASE_DIR, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert config_file.read_bytes() == before  # the coder roles' preference was put back
@@ -207,22 +210,11 @@ def test_the_harness_reports_the_passes_the_hidden_tests_saw(
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.worker
-def test_a_config_file_the_server_does_not_read_is_refused_and_left_as_it_was(
-    web,  # noqa: F811
-    celery_worker,
-    edit_config,
-    django_user_model,
-    tmp_path,
-):
-    use_script(edit_config, tmp_path / "script.json", scripted_rules())
-    token = Token.objects.create(user=django_user_model.objects.create_user(username="humaneval")).key
+def test_a_config_file_the_server_does_not_read_is_refused_and_left_as_it_was(harness, tmp_path):
     other = tmp_path / "configuration.json"
     other.write_text((BASE_DIR / "balancer" / "configuration.json").read_text())
     before = other.read_bytes()
-    command = [
-        sys.executable, "bench/humaneval.py", "--url", web, "--token", token, "--problems", RIGHT,
-        "--coder-llm", "scripted", "--config-file", str(other),
-    ]  # fmt: skip
+    command = harness("--problems", RIGHT, "--coder-llm", "scripted", "--config-file", str(other))
     run = subprocess.run(command, cwd=BASE_DIR, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2
     assert "did not take the change" in run.stderr
@@ -231,39 +223,35 @@ def test_a_config_file_the_server_does_not_read_is_refused_and_left_as_it_was(
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.worker
-def test_an_interrupted_run_cancels_its_task_and_sums_up_the_problems_done(
-    web,  # noqa: F811
-    celery_worker,
-    edit_config,
-    django_user_model,
-    state_dir,
-    tmp_path,
-):
+def test_an_interrupted_run_cancels_its_task_and_sums_up_the_problems_done(harness, state_dir, tmp_path):
     slow = [{**rule, "delay_s": 8} if "truncate_number" in rule["match"] else rule for rule in scripted_rules()]
-    use_script(edit_config, tmp_path / "script.json", slow)
-    token = Token.objects.create(user=django_user_model.objects.create_user(username="humaneval")).key
     out = tmp_path / "humaneval.json"
-    command = [
-        sys.executable, "bench/humaneval.py", "--url", web, "--token", token, "--problems", f"{RIGHT},{WRONG}",
-        "--poll", "0.2", "--json", str(out),
-    ]  # fmt: skip
+    command = harness("--problems", f"{RIGHT},{WRONG}", "--poll", "0.2", "--json", str(out), rules=slow)
     since = time.time()
-    harness = subprocess.Popen(command, cwd=BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = subprocess.Popen(command, cwd=BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     while len([line for line in lines if line.startswith(RIGHT)]) < 2:  # both modes of the first problem
-        line = harness.stdout.readline()
-        assert line, harness.stderr.read()
+        line = running.stdout.readline()
+        assert line, running.stderr.read()
         lines.append(line)
-    harness.send_signal(signal.SIGINT)  # while the second problem's coder is still answering
-    stdout, _ = harness.communicate(timeout=60)
-    assert harness.returncode == 130
+    deadline = time.monotonic() + 30
+    while not second_problem_tasks(state_dir, since):  # its coder answers in 8 s
+        assert time.monotonic() < deadline, "the second problem was not posted"
+        time.sleep(0.1)
+    running.send_signal(signal.SIGINT)
+    stdout, _ = running.communicate(timeout=60)
+    assert running.returncode == 130
     assert "INTERRUPTED: the 1 problems done in every mode count" in stdout
     assert "single-shot    1.000    1/1" in stdout
     report = json.loads(out.read_text())
     assert [(r["problem"], r["mode"]) for r in report["records"]] == [(RIGHT, "single-shot"), (RIGHT, "loop")]
+    assert [packet["status"] for packet in second_problem_tasks(state_dir, since)] == ["cancelled"]
+
+
+def second_problem_tasks(state_dir, since: float) -> list[dict]:
+    """The tasks of the second problem (HumanEval/2) posted since ``since``, as their state files say."""
     packets = [json.loads(path.read_text()) for path in state_dir.glob("*.json")]
-    second = [
+    return [
         p for p in packets
         if humaneval._at(p["created_at"]) >= since and "truncate_number" in p["payload"].get("instruction", "")
     ]  # fmt: skip
-    assert [p["status"] for p in second] == ["cancelled"]
