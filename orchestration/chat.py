@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,9 +29,9 @@ from django.conf import settings
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from balancer.configuration import Configuration, RoleConfig
+from balancer.configuration import Configuration, LLMConfig, RoleConfig
 from balancer.load_balancer import Decision, LoadBalancer, candidates, direct_call, estimate_tokens
-from llm_engines.base import ChatOptions, ChatResult
+from llm_engines.base import ChatOptions, ChatResult, Engine
 from llm_engines.errors import EngineError, EngineTimeout
 from llm_engines.registry import get_engine
 from orchestration.runtime import configuration, load_balancer
@@ -435,27 +435,38 @@ def _check_grammar(config: Configuration, role: RoleConfig, schema: Mapping[str,
 # --- Calling -------------------------------------------------------------------------------------
 
 
-def _engine_call(request: ChatRequest, balancer: LoadBalancer, deadline: float):
-    def call(llm) -> ChatResult:
-        timeout = max(deadline - balancer.clock(), 1.0)
-        options = replace(request.options, timeout=timeout)
-        return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(request.messages, options)
+def _engine(
+    request: ChatRequest, llm: LLMConfig, balancer: LoadBalancer, deadline: float
+) -> tuple[Engine, ChatOptions]:
+    """The LLM's engine, and the request's options with what is left of its time as the timeout."""
+    options = replace(request.options, timeout=max(deadline - balancer.clock(), 1.0))
+    return get_engine(llm.engine, llm.engine_settings(), key=llm.id), options
 
-    return call
 
-
-def complete(request: ChatRequest) -> tuple[ChatResult, Decision]:
-    """The whole reply: the balancer picks, waits, calls, records, fails over."""
-    balancer = load_balancer()
-    deadline = balancer.clock() + request.deadline_s
+def _balanced(
+    request: ChatRequest, balancer: LoadBalancer, deadline: float, call: Callable[[LLMConfig], ChatResult]
+) -> tuple[ChatResult, Decision]:
+    """``call`` through the balancer, which picks, waits, records and fails over."""
     return balancer.run(
         request.config,
         request.role,
-        _engine_call(request, balancer, deadline),
+        call,
         prompt_tokens=estimate_tokens(request.messages),
         deadline=deadline,
         budget=request.budget,
     )
+
+
+def complete(request: ChatRequest) -> tuple[ChatResult, Decision]:
+    """The whole reply."""
+    balancer = load_balancer()
+    deadline = balancer.clock() + request.deadline_s
+
+    def call(llm: LLMConfig) -> ChatResult:
+        engine, options = _engine(request, llm, balancer, deadline)
+        return engine.chat(request.messages, options)
+
+    return _balanced(request, balancer, deadline, call)
 
 
 class ClientGone(Exception):
@@ -478,10 +489,8 @@ class Stream:
         self.deadline = self.balancer.clock() + request.deadline_s
         self.thread = threading.Thread(target=self._run, name="chat-stream", daemon=True)
 
-    def _call(self, llm) -> ChatResult:
-        timeout = max(self.deadline - self.balancer.clock(), 1.0)
-        options = replace(self.request.options, timeout=timeout)
-        engine = get_engine(llm.engine, llm.engine_settings(), key=llm.id)
+    def _call(self, llm: LLMConfig) -> ChatResult:
+        engine, options = _engine(self.request, llm, self.balancer, self.deadline)
         sent = False
         result = None
         chunks = engine.stream(self.request.messages, options)
@@ -507,14 +516,7 @@ class Stream:
 
     def _run(self) -> None:
         try:
-            result, decision = self.balancer.run(
-                self.request.config,
-                self.request.role,
-                self._call,
-                prompt_tokens=estimate_tokens(self.request.messages),
-                deadline=self.deadline,
-                budget=self.request.budget,
-            )
+            result, decision = _balanced(self.request, self.balancer, self.deadline, self._call)
         except BaseException as exc:  # handed to the reader, who answers it
             self.events.put(("error", exc))
         else:
