@@ -105,6 +105,19 @@ def loop_state(packet: Mapping[str, Any]) -> LoopState:
     return state
 
 
+def keeps_code(state: LoopState) -> bool:
+    """After Debug's step: whether the code stands and QA writes new tests, rather than the coder
+    fixing the code. Debug must have blamed QA's own tests (given tests it blames wait for a person),
+    and no check that does not run the tests may have failed: a static check's failure is the code's,
+    whatever Debug says about the tests."""
+    return (
+        bool(state.debug)
+        and state.debug["wrong"] == "test"
+        and state.tests_source == "written"
+        and not any(check["check"] == "static" and not check["passed"] for check in state.last_checks)
+    )
+
+
 def failure_signature(checks: list[Mapping[str, Any]]) -> str | None:
     """What identifies a round's failure, to tell when it repeats; None when everything passed.
 

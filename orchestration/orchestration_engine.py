@@ -399,11 +399,8 @@ def _run_check(packet: dict[str, Any], iteration: int, name: str) -> tuple[dict[
         findings = "\n".join(f"- {item}" for item in result["findings"]) or "no findings"
         return qa_agent.check_result("review", result["passed"], findings, **_call_detail(outcome)), outcome.llm
     # The tests: the given ones, or QA's own, written now when there are none yet or when Debug
-    # said that QA's tests were wrong.
-    rewrite = (
-        state.tests_source == "written" and state.debug and state.debug_iteration == iteration
-        and state.debug["wrong"] == "test"
-    )  # fmt: skip
+    # said that QA's tests were wrong and the code stood.
+    rewrite = state.debug_iteration == iteration and loop.keeps_code(state)
     extra: dict[str, Any] = {"tests_source": state.tests_source}
     tests, llm = state.tests, None
     if tests is None or rewrite:
@@ -555,7 +552,7 @@ def _follow_up(packet: dict[str, Any], step: str) -> tuple[list[tuple[str, str]]
         return [(loop.step_key(iteration + 1, "debug"), loop.DEBUG_ROLE)], False
     if kind == "debug":
         state = loop.loop_state(packet)
-        if state.debug and state.debug["wrong"] == "test" and state.tests_source == "written":
+        if loop.keeps_code(state):
             return _checks(iteration), True  # the code stands; QA writes new tests
         return [(loop.step_key(iteration, "coder"), state.coder_role)], False
     if kind == "feedback":

@@ -300,3 +300,22 @@ def test_a_job_the_current_run_did_not_note_does_nothing(state_dir):
     outcome = later_step(task_id=packet["task_id"], step="2.coder", job_id="job-of-an-earlier-run")
     assert outcome == {"skipped": "not a job of the task's current run"}
     assert task_store().read(packet["task_id"])["history"] == []
+
+
+def test_code_that_fails_the_static_check_goes_back_to_the_coder_whatever_debug_says(api, celery_worker, script):
+    broken = "def add(a, b):\n    return a +\n"
+    written = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    script(
+        [
+            REVIEW_OK,
+            {"match": QA_TESTS, "reply": {"tests": written}},
+            {"match": DEBUG, "reply": {"cause": "the test imports add", "wrong": "test", "fix": "rewrite it"}},
+            {"match": "Your previous code", "reply": code_reply(RIGHT)},
+            {"match": CODER, "reply": code_reply(broken)},
+        ]
+    )
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add"})["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    assert rounds(done) == [(1, "fast_coder", "debug"), (2, "fast_coder", "done")]
+    assert "2.coder" in steps(done)  # the coder fixed the code rather than QA rewriting its tests
+    assert done["result"]["tests"] == written
