@@ -212,12 +212,6 @@ def _supervised(
     task_id = packet["task_id"]
     name = step or label
     guard = (lambda p: _claimed_by(p) == job_id) if step is None else (lambda p: _expects(p, job_id))
-    # Engine retries of this step so far (the job's own retry count also counts its waits for a lease).
-    retries = sum(
-        1
-        for event in loop.current_run(packet["history"])
-        if event["event"] == "step_retry" and event["detail"]["step"] == (step or label)
-    )
     try:
         return run()
     except SoftTimeLimitExceeded:
@@ -225,13 +219,9 @@ def _supervised(
         seconds = f" of {limit.time_limit_s:g}s" if limit else ""
         return _fail(task_id, guard, f"step {name} exceeded its time limit{seconds}")
     except EngineError as exc:
-        balancer = getattr(exc, "balancer", None)
-        if exc.transient and retries < settings.STEP_RETRIES:
-            countdown = settings.STEP_RETRY_BACKOFF_SECONDS * 2**retries
-            _note_retry(task_id, name, job_id, str(exc), countdown, retries + 1)
-            raise StepRetry(countdown, str(exc)) from exc
+        retries = _retry_if_transient(packet, name, job_id, exc)
         tried = f" (after {retries} retries)" if retries else ""
-        return _fail(task_id, guard, f"step {name}: {exc}{tried}", balancer=balancer)
+        return _fail(task_id, guard, f"step {name}: {exc}{tried}", balancer=getattr(exc, "balancer", None))
     except (LookupError, PayloadError, ReplyError, SandboxUnavailable) as exc:
         # LookupError: the role or its agent left the configuration, or no LLM can serve the role
         # any more (the balancer's NoCandidate).
@@ -239,6 +229,22 @@ def _supervised(
     except Exception as exc:
         _fail(task_id, guard, f"step {name}: internal error: {type(exc).__name__}: {exc}")
         raise
+
+
+def _retry_if_transient(packet: dict[str, Any], name: str, job_id: str, exc: EngineError) -> int:
+    """``StepRetry`` when the engine failure is transient and the step has retries left
+    (``STEP_RETRIES``, with a backoff that doubles); else the number of retries it had."""
+    # Engine retries of this step so far (the job's own retry count also counts its waits for a lease).
+    retries = sum(
+        1
+        for event in loop.current_run(packet["history"])
+        if event["event"] == "step_retry" and event["detail"]["step"] == name
+    )
+    if exc.transient and retries < settings.STEP_RETRIES:
+        countdown = settings.STEP_RETRY_BACKOFF_SECONDS * 2**retries
+        _note_retry(packet["task_id"], name, job_id, str(exc), countdown, retries + 1)
+        raise StepRetry(countdown, str(exc)) from exc
+    return retries
 
 
 def _note_retry(task_id: str, step: str, job_id: str, error: str, countdown: float, attempt: int) -> None:
@@ -339,7 +345,10 @@ def _debug_step(task_id: str, step: str, job_id: str) -> str:
 
 
 def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any]:
-    """One of QA's checks; it never raises, so that the verdict always comes and decides."""
+    """One of QA's checks. A transient engine failure (an LLM down, or no slot free before the check's
+    deadline: QA's two LLM checks wait for each other on an LLM with one slot) is retried like a
+    step's; past its retries, or for any other failure, the check is recorded as not run, so that the
+    verdict always comes and decides."""
     task_id = packet["task_id"]
     iteration, name = loop.parse_step(step)
     started = time.perf_counter()
@@ -347,7 +356,11 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
         detail, llm = _run_check(packet, iteration, name)
     except SoftTimeLimitExceeded:
         detail, llm = qa_agent.check_result(name, False, "the check exceeded its time limit", error=True), None
-    except (EngineError, LookupError, ReplyError, PayloadError) as exc:
+    except EngineError as exc:
+        retries = _retry_if_transient(packet, step, job_id, exc)
+        tried = f" (after {retries} retries)" if retries else ""
+        detail, llm = qa_agent.check_result(name, False, f"the check could not run: {exc}{tried}", error=True), None
+    except (LookupError, ReplyError, PayloadError) as exc:
         detail, llm = qa_agent.check_result(name, False, f"the check could not run: {exc}", error=True), None
     except SandboxUnavailable as exc:
         detail, llm = qa_agent.check_result(name, False, str(exc), error=True), None

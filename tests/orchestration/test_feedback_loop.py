@@ -319,3 +319,19 @@ def test_code_that_fails_the_static_check_goes_back_to_the_coder_whatever_debug_
     assert rounds(done) == [(1, "fast_coder", "debug"), (2, "fast_coder", "done")]
     assert "2.coder" in steps(done)  # the coder fixed the code rather than QA rewriting its tests
     assert done["result"]["tests"] == written
+
+
+def test_a_check_whose_llm_fails_transiently_is_retried_before_the_round_gives_up(
+    api, celery_worker, edit_config, tmp_path
+):
+    rules = [
+        {"match": QA_REVIEW, "reply": "", "error": "unavailable"},
+        {"match": CODER, "reply": code_reply(RIGHT)},
+    ]
+    use_script(edit_config, tmp_path / "review_down.json", rules, llm_id=f"{DOWN}-review")
+    done = wait_for(submit(api, "fast_coder", {"instruction": "add", "tests": TESTS})["task_id"], timeout=60)
+    assert done["status"] == "failed"
+    retries = [e["detail"] for e in done["history"] if e["event"] == "step_retry"]
+    assert [(r["step"], r["retry"], r["in_s"]) for r in retries] == [("1.review", 1, 1), ("1.review", 2, 2)]
+    reason = done["history"][-1]["detail"]["reason"]
+    assert reason.startswith("QA could not check round 1: review: ") and reason.endswith("(after 2 retries)")
