@@ -27,7 +27,7 @@ class BodySizeLimitMiddleware:
 
 def _error(request: HttpRequest, status: int, code: str, detail: str) -> JsonResponse:
     if request.path.startswith("/v1/"):
-        return JsonResponse(
-            {"error": {"message": detail, "type": "invalid_request_error", "param": None, "code": code}}, status=status
-        )
+        from orchestration.chat import ChatError  # loaded with the settings: imported when first needed
+
+        return JsonResponse(ChatError(detail, status=status, code=code).body(), status=status)
     return JsonResponse({"code": code, "detail": detail}, status=status)

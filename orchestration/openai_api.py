@@ -41,6 +41,7 @@ from llm_engines.errors import (
 from orchestration.authentication import BearerAuthentication
 from orchestration.chat import ChatError, ChatRequest, Stream, complete, completion_id, now, offered, parse_request
 from orchestration.exceptions import RETRY_AFTER_OUTAGE_S
+from orchestration.exceptions import error_response as outage_response
 from orchestration.runtime import configuration
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,11 @@ def engine_error(exc: BaseException) -> ChatError:
     if isinstance(exc, EngineError):
         status = 502 if exc.llm_at_fault else 503
         return ChatError(f"the LLM failed: {exc}", status=status, type="server_error", code="llm_failed")
-    if isinstance(exc, redis.RedisError):
+    if isinstance(exc, redis.RedisError | DatabaseError):
+        status, body = outage_response(exc)  # the REST API's own answer to an outage, in OpenAI's shape
         return ChatError(
-            "Redis (the server's shared state) does not answer; try again shortly",
-            status=503, type="server_error", code="redis_unavailable", retry_after=RETRY_AFTER_OUTAGE_S,
-        )  # fmt: skip
-    if isinstance(exc, DatabaseError):
-        return ChatError(
-            "the database does not answer; try again shortly",
-            status=503, type="server_error", code="database_unavailable", retry_after=RETRY_AFTER_OUTAGE_S,
-        )  # fmt: skip
+            body["detail"], status=status, type="server_error", code=body["code"], retry_after=RETRY_AFTER_OUTAGE_S
+        )
     logger.error("a chat completion failed", exc_info=(type(exc), exc, exc.__traceback__))
     return ChatError("the server failed to complete the request", status=500, type="server_error")
 

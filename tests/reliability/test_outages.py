@@ -38,6 +38,9 @@ requests = [
     ("events", "get", f"/api/v1/tasks/{finished}/events", None),
     ("cancel", "post", f"/api/v1/tasks/{queued}/cancel", None),
     ("healthz", "get", "/healthz", None),
+    ("v1_models", "get", "/v1/models", None),
+    ("v1_completion", "post", "/v1/chat/completions",
+     {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 4}),
 ]
 results = {}
 for name, method, url, body in requests:
@@ -101,3 +104,7 @@ def test_with_redis_down_every_endpoint_answers_quickly_and_clearly(api_user):
     assert results["healthz"]["status"] == 503 and health["redis"].startswith("error")
     llms = json.loads(results["llms"]["body"])  # each LLM's breaker lives in Redis
     assert (results["llms"]["status"], llms["code"]) == (503, "redis_unavailable")
+    assert results["v1_models"]["status"] == 200  # the configuration, not Redis
+    completion = json.loads(results["v1_completion"]["body"])["error"]  # the balancer's slots live in Redis
+    assert (results["v1_completion"]["status"], completion["code"]) == (503, "redis_unavailable")
+    assert completion["type"] == "server_error" and "Redis" in completion["message"]
