@@ -125,7 +125,7 @@ def run() -> int:
             "web": [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"{host}:{port}",
                     "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--worker-class", "gthread",
                     "--threads", os.environ.get("WEB_THREADS", "8"), "--access-logfile", "-"],
-            "worker": [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-Q", queues,
+            "worker": [sys.executable, "-m", "aiagentserver.worker", "-Q", queues,
                        "--loglevel", "INFO", "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
             "mcp": [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume"],
             "flower": [sys.executable, "-m", "celery", "-A", "aiagentserver", "flower",

@@ -9,6 +9,10 @@ from orchestration.admin import metrics_page
 from orchestration.api_handler import HealthzApi, PrometheusMetricsApi
 from orchestration.openai_api import ChatCompletionsApi, ModelDetailApi, ModelListApi, unknown_url
 
+# The admin app is SimpleAdminConfig (settings.py): every app's admin module is registered here, in the
+# processes that serve URLs, and not in Celery workers.
+admin.autodiscover()
+
 urlpatterns = [
     path("admin/metrics/", admin.site.admin_view(metrics_page), name="admin-metrics"),
     path("admin/", admin.site.urls),

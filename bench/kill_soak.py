@@ -53,7 +53,7 @@ class Workers:
 
     def start(self, index: int) -> None:
         command = [
-            sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", f"{PROFILE}-{index}@%h",
+            sys.executable, "-m", "aiagentserver.worker", "-n", f"{PROFILE}-{index}@%h",
             "-Q", QUEUE, "--concurrency", "1", "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         with open(self.logs / f"worker-{index}.log", "ab") as log:

@@ -124,7 +124,7 @@ def main() -> None:
     queues = ",".join([*(f"{PROFILE}.{role}" for role in roles), bare_queue])
     worker_name = f"loop-{uuid.uuid4().hex[:6]}@localhost"
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", worker_name, "-Q", queues,
+        [sys.executable, "-m", "aiagentserver.worker", "-n", worker_name, "-Q", queues,
          "-I", "bench.bare_tasks", "--concurrency", "2", "--loglevel", "WARNING", "--without-gossip",
          "--without-mingle"],
         cwd=BASE_DIR,

@@ -71,7 +71,7 @@ def main() -> None:
     worker_name = f"bench-{uuid.uuid4().hex[:6]}@localhost"
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", worker_name,
+            [sys.executable, "-m", "aiagentserver.worker", "-n", worker_name,
              "-Q", f"{PROFILE}.echo,{PROFILE}.bare", "-I", "bench.bare_tasks", "--concurrency", "1",
              "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
             cwd=BASE_DIR,

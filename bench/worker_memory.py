@@ -175,7 +175,7 @@ def main() -> None:
     subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), "migrate", "-v", "0"], check=True, cwd=BASE_DIR)
     worker_name = f"bench-{uuid.uuid4().hex[:6]}@localhost"
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", worker_name, "-Q", f"{PROFILE}.chat",
+        [sys.executable, "-m", "aiagentserver.worker", "-n", worker_name, "-Q", f"{PROFILE}.chat",
          "--concurrency", str(args.concurrency), "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
         cwd=BASE_DIR,
     )  # fmt: skip

@@ -41,9 +41,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from orchestration.exceptions import ApplicationError
-from orchestration.metrics import metrics_get, prometheus_text
+from orchestration.metrics import metrics_get
 from orchestration.models import Task
 from orchestration.packets import SERVER_OWNED_INITIAL, STATUSES, parse_task_id
+from orchestration.prometheus import prometheus_text
 from orchestration.selectors import config_get, llm_list, role_get, task_events, task_get, task_list
 from orchestration.services import task_cancel, task_feedback, task_submit
 

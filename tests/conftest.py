@@ -197,7 +197,7 @@ def celery_worker(django_db_setup, redis_url, state_dir, tmp_path_factory) -> It
     # Short leases and backoff, so that the tests that kill a worker or retry a step wait seconds.
     env = server_env(TASK_LEASE_SECONDS="4", LLM_SLOT_LEASE_SECONDS="4", STEP_RETRY_BACKOFF_SECONDS="1")
     command = [
-        sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q",
+        sys.executable, "-m", "aiagentserver.worker", "-n", name, "-Q",
         ",".join(configuration().queues()), "--concurrency", "2", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]  # fmt: skip

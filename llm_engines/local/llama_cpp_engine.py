@@ -14,7 +14,10 @@ context into memory that the process keeps (a worker process that had a
 2,700-token prompt with SmolLM2 at n_ctx 4096 kept 403 MB without it, 335 MB
 with it; doc/performance.md). The KV cache is allocated and written in full
 when the model loads (90 MB for SmolLM2 at n_ctx 4096); ``kv_cache_type``
-``q8_0`` or ``q4_0`` stores it in 8 or 4 bits instead of 16.
+``q8_0`` or ``q4_0`` stores it in 8 or 4 bits instead of 16 (and reads long prompts at less than half
+the speed on the CPU). A prompt is evaluated ``n_ubatch`` tokens at a time, 128 by default (llama.cpp's
+own default is 512): the memory the largest batch touches stays with the process, 11 MB more for
+SmolLM2 at 512, with no measurable gain in speed on 2 cores (doc/performance.md).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ PACKAGE_SCHEME = "package:"
 GGUF_MAGIC = b"GGUF"
 # The KV cache's element types (llama.cpp's GGML_TYPE_* numbers); a quantized one needs flash attention.
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+DEFAULT_UBATCH = 128
 
 
 def resolve_model_path(model_path: str) -> Path:
@@ -125,6 +129,7 @@ class LlamaCppEngine(Engine):
         clip_model_path: str | None = None,
         flash_attn: bool = True,
         kv_cache_type: str = "f16",
+        n_ubatch: int = DEFAULT_UBATCH,
     ) -> None:
         self.model = model
         self.path = resolve_model_path(model_path)
@@ -137,6 +142,7 @@ class LlamaCppEngine(Engine):
         self.parallel = max(1, parallel)
         self.flash_attn = flash_attn
         self.kv_cache_type = kv_cache_type
+        self.n_ubatch = n_ubatch
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self._loaded = 0
         self._load_lock = threading.Lock()
@@ -159,7 +165,7 @@ class LlamaCppEngine(Engine):
             else:
                 if not path.is_file():
                     problems[key] = f"the model file {path} does not exist"
-        for key in ("n_threads", "parallel"):
+        for key in ("n_threads", "parallel", "n_ubatch"):
             value = settings.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 problems[key] = "must be a positive integer"
@@ -179,6 +185,7 @@ class LlamaCppEngine(Engine):
             "model_path": str(self.path),
             "n_ctx": self.context_length,
             "flash_attn": self.flash_attn,
+            "n_ubatch": self.n_ubatch,
             "verbose": False,
         }
         if self.n_threads:

@@ -102,6 +102,8 @@ def test_a_quantized_kv_cache_reaches_llama_cpp_and_answers():
     assert kwargs["type_k"] == kwargs["type_v"] == llama_cpp.GGML_TYPE_Q8_0
     assert LlamaCppEngine(**SETTINGS, kv_cache_type="q4_0").llama_kwargs()["type_v"] == llama_cpp.GGML_TYPE_Q4_0
     assert "type_k" not in LlamaCppEngine(**SETTINGS).llama_kwargs()
+    assert LlamaCppEngine(**SETTINGS).llama_kwargs()["n_ubatch"] == 128
+    assert LlamaCppEngine(**SETTINGS, n_ubatch=512).llama_kwargs()["n_ubatch"] == 512
     assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
 
 
@@ -118,8 +120,10 @@ def test_a_missing_model_and_bad_settings_are_clear_errors(tmp_path):
         LlamaCppEngine(model="m", model_path=str(tmp_path / "missing.gguf"))
     with pytest.raises(EngineConfigurationError, match="not installed"):
         resolve_model_path("package:no_such_package_here/model.gguf")
-    problems = LlamaCppEngine.validate_settings({"model": "m", "model_path": "x.gguf", "n_threads": 0, "gpu": 1})
-    assert problems.keys() == {"model_path", "n_threads", "gpu"}
+    problems = LlamaCppEngine.validate_settings(
+        {"model": "m", "model_path": "x.gguf", "n_threads": 0, "n_ubatch": "big", "gpu": 1}
+    )
+    assert problems.keys() == {"model_path", "n_threads", "n_ubatch", "gpu"}
     model = SETTINGS["model_path"]
     problems = LlamaCppEngine.validate_settings(
         {"model": "m", "model_path": model, "flash_attn": "yes", "kv_cache_type": "q5"}

@@ -109,7 +109,7 @@ def test_a_worker_killed_whole_mid_step_leaves_a_task_the_sweep_hands_to_another
     name = f"doomed-{uuid.uuid4().hex[:6]}@localhost"
     log = tmp_path / "doomed.log"
     command = [
-        sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q", QUEUE,
+        sys.executable, "-m", "aiagentserver.worker", "-n", name, "-Q", QUEUE,
         "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     env = server_env(TASK_LEASE_SECONDS="2", RECOVERY_SWEEP_SECONDS="3600")

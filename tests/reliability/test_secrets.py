@@ -108,7 +108,7 @@ def keyed_worker(django_db_setup, redis_url, state_dir, tmp_path) -> Iterator[Pa
     name = f"secrets-{uuid.uuid4().hex[:8]}@localhost"
     log = tmp_path / "worker.log"
     command = [
-        sys.executable, "-m", "celery", "-A", "aiagentserver", "worker", "-n", name, "-Q", ",".join(QUEUES),
+        sys.executable, "-m", "aiagentserver.worker", "-n", name, "-Q", ",".join(QUEUES),
         "--concurrency", "1", "--loglevel", "DEBUG", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     env = server_env(**{KEY_ENV: KEY, "LOG_LEVEL": "DEBUG"})
