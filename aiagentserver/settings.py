@@ -141,7 +141,10 @@ TEMPLATES = [
 def _database() -> dict:
     url = env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
     try:
-        config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 0, minimum=0))
+        # Connections are kept between requests and between a worker's jobs: opening one costs a
+        # request or a job more than the rest of its database work (SQLite: a new connection sets
+        # its pragmas and reads the schema, and the last one to close checkpoints the WAL).
+        config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60, minimum=0))
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
     if config["ENGINE"] == "django.db.backends.sqlite3":
@@ -254,6 +257,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
+# Celery's Django fix-up closes every database connection before and after each job unless this is
+# set; a job then pays for a new connection. It is set out of reach: orchestration/tasks.py closes a
+# job's connections as Django closes a request's (broken, or older than DB_CONN_MAX_AGE).
+CELERY_DB_REUSE_MAX = 2**62
 
 LOGGING = {
     "version": 1,

@@ -7,12 +7,22 @@ import time
 from functools import partial
 
 from celery import Task, shared_task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from django.conf import settings
+from django.db import close_old_connections
 
 from orchestration import orchestration_engine
 
 logger = logging.getLogger(__name__)
+
+
+@task_prerun.connect
+@task_postrun.connect
+def close_stale_connections(**_kwargs) -> None:
+    """Around each job, what Django does around each request: a database connection that broke, or
+    that is older than DB_CONN_MAX_AGE, is closed; the others are kept for the next job (Celery's own
+    fix-up would close them all, settings.CELERY_DB_REUSE_MAX)."""
+    close_old_connections()
 
 
 @worker_ready.connect
