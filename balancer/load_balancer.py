@@ -82,11 +82,13 @@ class Policy:
 DEFAULT_POLICY = Policy()
 PREFIX = "aiagent:lb:"
 
-# Rule 4. KEYS[1] the LLM's slots (token -> lease expiry); ARGV now, expiry, token, limit.
+# Rule 4. KEYS[1] the LLM's slots (token -> lease expiry), KEYS[2] the role's waiting calls; ARGV now,
+# expiry, token, limit, and the call's waiter id if it has one: a call that gets its slot no longer waits.
 _ACQUIRE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  if ARGV[5] then redis.call('ZREM', KEYS[2], ARGV[5]) end
   return 1
 end
 return 0
@@ -539,7 +541,8 @@ class LoadBalancer:
         lease = now + policy.slot_lease_s
         for llm in tries:
             token = uuid.uuid4().hex
-            if not self._acquire_slot(keys=[self._key("slots", llm.id)], args=[now, lease, token, llm.max_concurrency]):
+            args = [now, lease, token, llm.max_concurrency, *([waiter] if waiter is not None else [])]
+            if not self._acquire_slot(keys=[self._key("slots", llm.id), waiting_key], args=args):
                 continue
             if llm.id in probes:
                 probe_until = now + policy.probe_lease_s
@@ -554,8 +557,6 @@ class LoadBalancer:
                     and in_flight.get(other.id, 0) >= other.max_concurrency
                 ):
                     others[other.id] = f"rule 4: all {other.max_concurrency} slots in use"
-            if waiter is not None:
-                self.redis.zrem(waiting_key, waiter)
             return Decision(
                 llm=llm,
                 candidates=names,
@@ -698,20 +699,40 @@ class LoadBalancer:
     def _release(self, llm_id: str, token: str) -> None:
         self.redis.zrem(self._key("slots", llm_id), token)
 
-    def _outcome(
+    def _outcome_call(
         self, llm_id: str, *, ok: bool, retry_after: float = 0, probe: bool = False, took_s: float | None = None
-    ) -> str:
+    ) -> tuple[Any, list[str], list[Any]]:
+        """Rules 3 and 5: the script, keys and arguments that count a call's outcome; the script returns
+        the breaker's state after it."""
         policy = self.policy
-        state = self._record(
-            keys=[self._key("calls", llm_id), self._key("breaker", llm_id), self._key("stats", llm_id)],
-            args=[
-                "1" if ok else "0", self.clock(), policy.window, policy.min_calls, policy.failure_share,
-                policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
-                policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha, "1" if probe else "0",
-                "" if took_s is None else took_s * 1000,
-            ],
-        )  # fmt: skip
-        return state.decode() if isinstance(state, bytes) else str(state)
+        keys = [self._key("calls", llm_id), self._key("breaker", llm_id), self._key("stats", llm_id)]
+        args = [
+            "1" if ok else "0", self.clock(), policy.window, policy.min_calls, policy.failure_share,
+            policy.consecutive_failures, policy.base_cooldown_s, policy.max_cooldown_s,
+            policy.trips_forgotten_after_s, retry_after, policy.ewma_alpha, "1" if probe else "0",
+            "" if took_s is None else took_s * 1000,
+        ]  # fmt: skip
+        return self._record, keys, args
+
+    def _in_one_round_trip(self, commands: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
+        """Run Redis commands in one pipeline and return their replies. A command is (a script registered
+        on this client, keys, args), or (a command name, its arguments, None). Scripts are called by their
+        hash: redis-py's own pipeline would first ask Redis whether they exist, a round trip more; one
+        that Redis does not have (it restarted) is run again on its own, which loads it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for command, keys, args in commands:
+            if args is None:
+                pipe.execute_command(command, *keys)
+            else:
+                pipe.evalsha(command.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                script, keys, args = commands[index]
+                replies[index] = script(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def health_failed(self, llm: LLMConfig, *, interval_s: float = 30.0) -> str | None:
         """Rule 3: a failed health check counts as a failed call, once per LLM per interval however
@@ -720,32 +741,36 @@ class LoadBalancer:
         key = f"{PREFIX}health:{llm.id}:{period}"
         if not self.redis.set(key, "1", nx=True, ex=max(int(interval_s * 2), 1)):
             return None
-        return self._outcome(llm.id, ok=False)
+        script, keys, args = self._outcome_call(llm.id, ok=False)
+        return _text(script(keys=keys, args=args))
 
     def record(self, decision: Decision, *, result: ChatResult | None = None, error: EngineError | None = None) -> str:
         """Free the slot and record the outcome (rules 3 and 5). Returns the breaker's state after it."""
         llm = decision.llm
         policy = self.policy
         now = self.clock()
-        self._release(llm.id, decision.slot)
+        # The slot, the outcome and the sample go in one round trip.
+        release = ("ZREM", [self._key("slots", llm.id), decision.slot], None)
         if error is not None and isinstance(error, EngineBadRequest):
             # The request was wrong, not the LLM: no sample either way; a probe is let go.
-            if decision.probe:
-                self.redis.hset(self._key("breaker", llm.id), "probe_until", now)
+            let_go = [("HSET", [self._key("breaker", llm.id), "probe_until", now], None)] if decision.probe else []
+            self._in_one_round_trip([release, *let_go])
             return "closed"
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
         took = now - decision.started if decision.started else None
-        state = self._outcome(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took)
+        commands = [
+            release,
+            self._outcome_call(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took),
+        ]
         if result is not None:
             ttft = result.time_to_first_token_s
             tokens = max(result.completion_tokens, 1)
             if ttft is None:
                 ttft = result.latency_s / (tokens + 1)
             per_token = max(result.latency_s - ttft, 0.0) / tokens
-            self._sample(
-                keys=[self._key("stats", llm.id)], args=[policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
-            )
-        return state
+            sample = [policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
+            commands.append((self._sample, [self._key("stats", llm.id)], sample))
+        return _text(self._in_one_round_trip(commands)[1])
 
     # --- the whole call ---------------------------------------------------------------------
 
@@ -915,6 +940,10 @@ class LoadBalancer:
 
 def _recent(stats: dict, now: float, stale_after_s: float) -> bool:
     return bool(stats) and int(stats.get("samples", 0)) > 0 and now - float(stats.get("last_at", 0)) < stale_after_s
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
 def _iso(moment: float) -> str:

@@ -245,6 +245,30 @@ def test_rule_4_slots_are_reserved_and_released_never_below_zero(lb, client):
     assert lb.states(config)["t-a"]["in_flight"] == 0
 
 
+def test_outcomes_are_recorded_after_redis_lost_its_scripts(lb, client):
+    """record() calls its scripts by hash in one pipeline; a Redis that restarted (and so forgot them)
+    gets them again, and each outcome is counted once."""
+    config = config_with([{"id": "t-a"}])
+    decision = take(lb, config)
+    client.script_flush()
+    assert lb.record(decision, result=reply(latency=2.0)) == "closed"
+    state = lb.states(config)["t-a"]
+    assert state["in_flight"] == 0
+    assert client.lrange("aiagent:lb:calls:t-a", 0, -1) == [b"1"]
+    assert int(client.hget("aiagent:lb:stats:t-a", "samples")) == 1
+
+
+def test_rule_4_a_call_that_gets_its_slot_no_longer_counts_as_waiting(lb, client):
+    config = config_with([{"id": "t-a"}])
+    role = config.role("tp", "r")
+    held = take(lb, config)
+    assert isinstance(lb.select(config, role, waiter="w0"), Wait)
+    assert client.zscore("aiagent:lb:waiting:tp.r", "w0") is not None
+    lb.record(held, result=reply())
+    assert take(lb, config, waiter="w0").llm.id == "t-a"
+    assert client.zscore("aiagent:lb:waiting:tp.r", "w0") is None
+
+
 def test_rule_4_a_cancelled_call_gives_its_slot_back(lb):
     config = config_with([{"id": "t-a"}])
 
