@@ -2,7 +2,8 @@
 
 Both run in the same run, against the same Redis and the same Celery worker:
 
-- server: POST /api/v1/bench_<run>/echo to a real gunicorn, then wait until the
+- server: POST /api/v1/bench_<run>/echo to a real gunicorn served as `make run` serves it (2
+  processes, `gthread`, 8 threads each, keep-alive), then wait until the
   task's state file says succeeded. The role's LLM is the instant engine, so
   the time is the server's own: validation, the state file and its mirror,
   the enqueue, the worker's claim, the agent, the record.
@@ -78,7 +79,7 @@ def main() -> None:
         ),
         subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
-             "--workers", "2", "--log-level", "warning"],
+             "--workers", "2", "--worker-class", "gthread", "--threads", "8", "--log-level", "warning"],
             cwd=BASE_DIR,
         ),
     ]  # fmt: skip
@@ -136,15 +137,20 @@ def main() -> None:
             return args.burst / (time.perf_counter() - started)
 
         def server_burst() -> float:
+            import threading
             from concurrent.futures import ThreadPoolExecutor
 
+            clients_connections = threading.local()
+
             def post(_n: int) -> str:
-                connection = http.client.HTTPConnection("127.0.0.1", port)
+                # Each client keeps its connection, as an HTTP client library's session does.
+                if not hasattr(clients_connections, "connection"):
+                    clients_connections.connection = http.client.HTTPConnection("127.0.0.1", port)
+                connection = clients_connections.connection
                 connection.request("POST", f"/api/v1/{PROFILE}/echo", body=json.dumps({"payload": {"input": "ping"}}),
                                    headers=headers)  # fmt: skip
                 response = connection.getresponse()
                 packet = json.loads(response.read())
-                connection.close()
                 if response.status != 202:
                     sys.exit(f"POST answered {response.status}: {packet}")
                 return packet["task_id"]
