@@ -62,10 +62,12 @@ class paused_queue:
         self.worker, self.queue = worker, queue
 
     def __enter__(self) -> None:
-        app.control.cancel_consumer(self.queue, destination=[self.worker], reply=True)
+        # Waited for: a worker still busy with an earlier test's job answers late, and until it has
+        # answered it may take the job the test is about to submit.
+        assert app.control.cancel_consumer(self.queue, destination=[self.worker], reply=True, timeout=30)
 
     def __exit__(self, *exc_info) -> None:
-        app.control.add_consumer(self.queue, destination=[self.worker], reply=True)
+        assert app.control.add_consumer(self.queue, destination=[self.worker], reply=True, timeout=30)
 
 
 def test_a_queued_task_whose_job_redis_lost_is_queued_again_and_completes(api, celery_worker, script, broker):
