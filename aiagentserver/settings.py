@@ -144,7 +144,11 @@ def _database() -> dict:
         # Connections are kept between requests and between a worker's jobs: opening one costs a
         # request or a job more than the rest of its database work (SQLite: a new connection sets
         # its pragmas and reads the schema, and the last one to close checkpoints the WAL).
-        config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60, minimum=0))
+        # A kept connection is checked before a request or job reuses it (no query with SQLite, a
+        # "SELECT 1" with PostgreSQL), so that a database restart costs no failed request.
+        config = dj_database_url.parse(
+            url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60, minimum=0), conn_health_checks=True
+        )
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
     if config["ENGINE"] == "django.db.backends.sqlite3":

@@ -223,11 +223,15 @@ def mirror_row(packet: dict[str, Any]) -> bool:
             return True
         except IntegrityError:
             pass  # its row exists (the mirror was rebuilt meanwhile): made to match below
+    update = [*fields, key, ("version", packet["version"])]
     with _mirror_transaction():
-        if _execute(_UPDATE, [*fields, key, ("version", packet["version"])]):
+        if _execute(_UPDATE, update):
             return True
         _, created = Task.objects.get_or_create(task_id=packet["task_id"], defaults=row)
-        return created
+        # Not created: the row is there, though the UPDATE found none (or found it newer). It may have
+        # been inserted meanwhile with an older version (the recovery sweep or sync_tasks, which
+        # write without the task's lock, from the file as they read it): the guarded UPDATE again.
+        return created or bool(_execute(_UPDATE, update))
 
 
 @contextlib.contextmanager

@@ -18,10 +18,13 @@ logger = logging.getLogger(__name__)
 
 @task_prerun.connect
 @task_postrun.connect
-def close_stale_connections(**_kwargs) -> None:
+def close_stale_connections(sender=None, **_kwargs) -> None:
     """Around each job, what Django does around each request: a database connection that broke, or
     that is older than DB_CONN_MAX_AGE, is closed; the others are kept for the next job (Celery's own
-    fix-up would close them all, settings.CELERY_DB_REUSE_MAX)."""
+    fix-up would close them all, settings.CELERY_DB_REUSE_MAX). Not around a job run eagerly, in the
+    caller's process: that may be inside the caller's transaction, whose connection must stay."""
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
     close_old_connections()
 
 

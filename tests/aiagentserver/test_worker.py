@@ -48,3 +48,12 @@ def test_a_worker_process_loads_neither_the_web_side_nor_celerys_command_plugins
     }  # fmt: skip
     assert not unwanted & loaded
     assert "orchestration.tasks" in loaded
+
+
+def test_detach_is_refused_with_the_reason():
+    result = subprocess.run(
+        [sys.executable, "-m", "aiagentserver.worker", "--detach", "-Q", "x"], cwd=BASE_DIR, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--detach is not supported" in result.stderr

@@ -127,3 +127,32 @@ def test_sync_tasks_rebuilds_the_mirror_from_the_files(settings, tmp_path):
     assert rows[second["task_id"]].packet == second
     assert rows[first["task_id"]].packet == json.loads(store.path(first["task_id"]).read_text())
     assert not Task.objects.filter(task_id=orphan.task_id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_inserted_older_while_a_newer_write_looked_for_it_is_brought_up_to_date():
+    """The recovery sweep and sync_tasks write rows from the files without the task's lock: a write of
+    version 3 finds no row, the sweep then inserts version 2, and the write must still leave version 3.
+    The interleaving is forced at the driver boundary (Django's execute_wrapper). Autocommit, as the
+    server writes (no test transaction around it)."""
+    from django.db import connection
+
+    from orchestration.state_store import mirror_row
+
+    older = make_packet(version=2, status="running")
+    newer = {**older, "version": 3, "status": "succeeded"}
+    inserted = []
+
+    def sweep_meanwhile(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if sql.lstrip().upper().startswith("UPDATE") and not inserted:
+            inserted.append(True)
+            with connection.execute_wrapper(lambda *call: call[0](*call[1:])):
+                mirror_row(older)  # the sweep, between the write's UPDATE and its get_or_create
+        return result
+
+    with connection.execute_wrapper(sweep_meanwhile):
+        assert mirror_row(newer)
+    row = Task.objects.get(task_id=older["task_id"])
+    assert (row.version, row.status) == (3, "succeeded")
+    assert not mirror_row(older)  # an older version never overwrites a newer row
