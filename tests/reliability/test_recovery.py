@@ -70,12 +70,24 @@ class paused_queue:
         assert app.control.add_consumer(self.queue, destination=[self.worker], reply=True, timeout=30)
 
 
+def on_queue(broker: redis.Redis, job_id: str, timeout: float = 10) -> bool:
+    """Whether the job is (or comes back within ``timeout``) on the paused queue. A worker's BRPOP sent
+    before the pause still names the queue for up to a second, and a job it pops then is put back
+    (kombu: "Requeuing undeliverable message ... No consumers"): missing from the list meanwhile."""
+    deadline = time.monotonic() + timeout
+    while job_id not in recovery.queued_jobs(broker, [QUEUE]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_a_queued_task_whose_job_redis_lost_is_queued_again_and_completes(api, celery_worker, script, broker):
     script([SUMMARY])
     with paused_queue(celery_worker.name):
         packet = submit(api)
         job_id = packet["history"][0]["detail"]["job_id"]
-        assert job_id in recovery.queued_jobs(broker, [QUEUE])
+        assert on_queue(broker, job_id)
         assert recovery.sweep(grace_s=0).recovered == []  # on its queue: waiting, not lost
         broker.delete(QUEUE)  # Redis lost it (restarted without persistence, say)
         report = recovery.sweep(grace_s=0)
