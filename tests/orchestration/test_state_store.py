@@ -156,3 +156,40 @@ def test_a_row_inserted_older_while_a_newer_write_looked_for_it_is_brought_up_to
     row = Task.objects.get(task_id=older["task_id"])
     assert (row.version, row.status) == (3, "succeeded")
     assert not mirror_row(older)  # an older version never overwrites a newer row
+
+
+@pytest.mark.django_db
+def test_the_row_matches_the_file_after_every_write(store):
+    """An update names only the fields a write changes (the others are set by the INSERT): whatever a
+    task's writes change must still reach its row."""
+    from django.utils.dateparse import parse_datetime
+
+    from orchestration.state_store import MIRRORED
+
+    packet = store.create(make_packet(parent_id=str(uuid.uuid4())))
+
+    def running(current):
+        current["status"] = "running"
+        current["history"].append(history_event("claimed", status="running"))
+        return True
+
+    def next_round(current):
+        current["iteration"] = 2
+        current["history"].append(history_event("verdict", status="running"))
+        return True
+
+    def finished(current):
+        current["status"] = "succeeded"
+        current["result"] = {"output": "done"}
+        return True
+
+    for change in (None, running, next_round, finished):
+        written = packet if change is None else store.update(packet["task_id"], change)[0]
+        row = Task.objects.get(task_id=packet["task_id"])
+        assert {name: getattr(row, name) for name in MIRRORED} == {
+            **{name: written.get(name, 0) for name in MIRRORED},
+            "parent_id": uuid.UUID(written["parent_id"]),
+            "packet": written,
+            "created_at": parse_datetime(written["created_at"]),
+            "updated_at": parse_datetime(written["updated_at"]),
+        }
