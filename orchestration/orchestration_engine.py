@@ -8,8 +8,8 @@ depends on the role's agent (agents/base.py):
   step; the ready ones run in parallel, a dependent one once its dependencies
   succeeded, and the parent finishes with their results (``plan_advance``);
 - loop: the QA -> Debug -> Coder feedback loop (orchestration/loop.py): QA's
-  checks run as a Celery group; the check recorded last queues the verdict
-  (``verdict_step``), which routes to done, Debug, an escalation to the
+  checks run as a Celery group; the check recorded last runs the verdict in its
+  own job (``verdict_step``), which routes to done, Debug, an escalation to the
   stronger coder, or giving up;
 - checks: a QA task runs the same checks on the code in its payload.
 
@@ -382,7 +382,7 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
 
     packet, written = task_store().update(task_id, record)
     if written:
-        _queue_verdict(packet, _noted_after(packet, job_id))
+        _queue_verdict(packet, _noted_after(packet, job_id), here=True)
     return detail
 
 
@@ -576,7 +576,7 @@ def _follow_up(packet: dict[str, Any], step: str) -> tuple[list[tuple[str, str]]
 
 
 def _checks(iteration: int) -> list[tuple[str, str]]:
-    """QA's checks of a round and their verdict (queued by the last check), on the QA role's queue."""
+    """QA's checks of a round and their verdict (run by the last check's job), on the QA role's queue."""
     return [(loop.step_key(iteration, name), loop.QA_ROLE) for name in (*qa_agent.CHECK_NAMES, "verdict")]
 
 
@@ -632,10 +632,18 @@ def _schedule(
             signature.apply_async()
 
 
-def _queue_verdict(packet: dict[str, Any], after: str) -> None:
+def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False) -> None:
     """Queue the verdict noted after ``after`` if every check of its round is recorded and it is not:
     the join of QA's checks. Called by each check once recorded (the last one queues it), and again
-    by a check delivered twice or a republish (a verdict delivered twice finds its step done)."""
+    by a check delivered twice or a republish (a verdict delivered twice finds its step done).
+
+    ``here``: the check that was just recorded runs the verdict itself, in its own job, under the
+    verdict's noted job id, rather than queueing it: the verdict asks no LLM and belongs to the same
+    role as the checks, so another job would only add a trip through the broker and the worker's
+    dispatch to every round. Its lease and guards are those of a queued verdict. When the verdict's
+    lease is held (a redelivered verdict job runs it) it is queued as before. A worker that dies
+    meanwhile leaves the check's job unacknowledged: its redelivery, or the recovery sweep, queues
+    the verdict."""
     from orchestration.tasks import run_step
 
     noted = next((e["detail"] for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"
@@ -648,6 +656,18 @@ def _queue_verdict(packet: dict[str, Any], after: str) -> None:
     role_name = noted["roles"][-1]
     if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
         role_name = packet["role"]
+    if here:
+        try:
+            later_step(task_id=packet["task_id"], step=verdict, job_id=noted["job_ids"][-1])
+            return
+        except StepBusy:
+            pass
+        except Exception:
+            # Not the check's failure: it stays recorded. A failing verdict has failed the task with the
+            # reason (``_supervised``); one that could not start (Redis away for its lease) leaves the
+            # round to the recovery sweep, which queues the verdict.
+            logger.exception("task %s: verdict %s failed", packet["task_id"], verdict)
+            return
     role = configuration().role(packet["profile"], role_name)
     run_step.apply_async(args=[packet["task_id"], verdict], **job_options(role, noted["job_ids"][-1]))
 

@@ -158,7 +158,7 @@ def run_step(self, task_id: str, step: str):
 @shared_task(name="orchestration.run_verdict", **_JOB)
 def run_verdict(self, _results: list, task_id: str, step: str):
     """A round's verdict as a chord's callback, as servers before this one queued it (the verdict is now
-    an ``orchestration.run_step`` queued by the last check); kept so that such jobs still run."""
+    run by the last check's job, or queued as an ``orchestration.run_step``); kept so that such jobs still run."""
     return _later(self, task_id, step)
 
 

@@ -335,3 +335,35 @@ def test_a_check_whose_llm_fails_transiently_is_retried_before_the_round_gives_u
     assert [(r["step"], r["retry"], r["in_s"]) for r in retries] == [("1.review", 1, 1), ("1.review", 2, 2)]
     reason = done["history"][-1]["detail"]["reason"]
     assert reason.startswith("QA could not check round 1: review: ") and reason.endswith("(after 2 retries)")
+
+
+def test_the_check_recorded_last_runs_the_verdict_in_its_own_job(edit_config, script, redis_url):
+    """No verdict job goes through the broker: the last check's job decides. The steps run here, in
+    the test's process, on a profile of its own that no worker consumes, so a verdict that was only
+    queued would not be recorded; its queue holds the checks' jobs and nothing else."""
+    import redis
+
+    from orchestration import recovery
+    from orchestration.orchestration_engine import later_step, task_step
+    from orchestration.runtime import task_store
+    from orchestration.services import task_submit
+
+    profile = f"inline_{uuid.uuid4().hex[:8]}"
+    edit_config(lambda raw: raw["profiles"].__setitem__(profile, raw["profiles"]["developer"]))
+    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
+    broker = redis.Redis.from_url(redis_url)
+    queues = [f"{profile}.fast_coder", f"{profile}.qa"]
+    try:
+        packet, _ = task_submit(profile=profile, role="fast_coder", payload={"instruction": "add", "tests": TESTS})
+        task_step(task_id=packet["task_id"], job_id=packet["history"][0]["detail"]["job_id"], worker="here")
+        noted = task_store().read(packet["task_id"])["history"][-1]["detail"]
+        assert noted["steps"] == ["1.tests", "1.static", "1.review", "1.verdict"]
+        *checks, verdict = zip(noted["steps"], noted["job_ids"], strict=True)
+        for step, job_id in checks:
+            later_step(task_id=packet["task_id"], step=step, job_id=job_id)
+        done = task_store().read(packet["task_id"])
+        assert done["status"] == "succeeded", done["history"][-3:]
+        assert [e["detail"]["step"] for e in done["history"] if e["event"] == "verdict"] == [verdict[0]]
+        assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in checks}
+    finally:
+        broker.delete(*queues)
