@@ -179,8 +179,9 @@ def later_step(*, task_id: str, step: str, job_id: str) -> Any:
         done = _step_event(packet, step)
         if done is not None:
             _after_step(packet, step, republish=True)
-            if done["event"] == "check":  # its worker may have died before it queued the verdict
-                _queue_verdict(packet, _noted_after(packet, job_id))
+            if done["event"] == "check":
+                # Its worker may have died before the verdict ran, or before what the verdict noted was queued.
+                _queue_verdict(packet, _noted_after(packet, job_id), redelivered=True)
             return done["detail"]
         if packet["status"] != RUNNING:
             logger.info("task %s: step %s not run, the task is %s", task_id, step, packet["status"])
@@ -382,7 +383,13 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
 
     packet, written = task_store().update(task_id, record)
     if written:
-        _queue_verdict(packet, _noted_after(packet, job_id), here=True)
+        # The verdict runs in this job when the job has time to spare: its soft limit is the role's
+        # time limit and 5 s (``job_options``); a check that took the role's whole time queues it.
+        try:
+            limit_s = configuration().role(packet["profile"], _checks_role(packet)).time_limit_s
+        except LookupError:
+            limit_s = 0.0  # the role left the configuration: queued, as before
+        _queue_verdict(packet, _noted_after(packet, job_id), here=time.perf_counter() - started < limit_s)
     return detail
 
 
@@ -395,6 +402,12 @@ def _noted_after(packet: dict[str, Any], job_id: str) -> str | None:
     )  # fmt: skip
 
 
+def _checks_role(packet: dict[str, Any]) -> str:
+    """The role whose LLMs, queue and time limit QA's checks of the task run under: QA's, or a QA
+    task's own."""
+    return packet["role"] if _flow(packet) == CHECKS else loop.QA_ROLE
+
+
 def _run_check(packet: dict[str, Any], iteration: int, name: str) -> tuple[dict[str, Any], str | None]:
     state = loop.loop_state(packet)
     payload = packet["payload"]
@@ -402,7 +415,7 @@ def _run_check(packet: dict[str, Any], iteration: int, name: str) -> tuple[dict[
     if name == "static":
         return qa_agent.static_check(state.files), None
     config = configuration()
-    role = config.role(packet["profile"], packet["role"] if _flow(packet) == CHECKS else loop.QA_ROLE)
+    role = config.role(packet["profile"], _checks_role(packet))
     agent = qa_agent.QAAgent()
     balancer = load_balancer()
     call = {"role": role, "config": config, "balancer": balancer, "deadline": balancer.clock() + role.time_limit_s}
@@ -589,8 +602,8 @@ def _schedule(
     republish: bool = False,
 ) -> None:
     """Note the jobs of ``steps`` (step, role) in the history, then queue them, each on its role's
-    queue; with ``chord`` the last one (the verdict) joins the others: it is queued by the check that
-    is recorded last (``_queue_verdict``), not by a result backend. The note comes first, so that a
+    queue; with ``chord`` the last one (the verdict) joins the others: the check that is recorded last
+    runs it (``_queue_verdict``), no result backend counts them. The note comes first, so that a
     job runs only if its task still expects it (``_expects``). Nothing is queued twice unless
     ``republish`` asks to queue the noted jobs again."""
     from celery import group
@@ -632,12 +645,14 @@ def _schedule(
             signature.apply_async()
 
 
-def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False) -> None:
-    """Queue the verdict noted after ``after`` if every check of its round is recorded and it is not:
-    the join of QA's checks. Called by each check once recorded (the last one queues it), and again
-    by a check delivered twice or a republish (a verdict delivered twice finds its step done).
+def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False, redelivered: bool = False) -> None:
+    """Run or queue the verdict noted after ``after`` if every check of its round is recorded and it is
+    not: the join of QA's checks. Called by each check once recorded (the last one runs it), and
+    again by a check delivered twice or a republish (a verdict delivered twice finds its step done).
+    A check delivered twice (``redelivered``) whose round's verdict is recorded queues again what the
+    verdict noted, as a verdict job delivered twice would: its worker may have died in between.
 
-    ``here``: the check that was just recorded runs the verdict itself, in its own job, under the
+    ``here``: the check that was just recorded runs the verdict itself, in the check's job, under the
     verdict's noted job id, rather than queueing it: the verdict asks no LLM and belongs to the same
     role as the checks, so another job would only add a trip through the broker and the worker's
     dispatch to every round. Its lease and guards are those of a queued verdict. When the verdict's
@@ -651,7 +666,11 @@ def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False) ->
     if noted is None or packet["status"] != RUNNING:
         return
     *checks, verdict = noted["steps"]
-    if _step_event(packet, verdict) is not None or any(_step_event(packet, step) is None for step in checks):
+    if any(_step_event(packet, step) is None for step in checks):
+        return
+    if _step_event(packet, verdict) is not None:
+        if redelivered:
+            _after_step(packet, verdict, republish=True)
         return
     role_name = noted["roles"][-1]
     if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:

@@ -151,7 +151,7 @@ def run_task(self, task_id: str) -> str:
 
 @shared_task(name="orchestration.run_step", **_JOB)
 def run_step(self, task_id: str, step: str):
-    """One later step of a running task: a coder or debug round, or one of QA's checks (a chord's header)."""
+    """One later step of a running task: a coder or debug round, or one of QA's checks (queued as a group)."""
     return _later(self, task_id, step)
 
 

@@ -337,33 +337,98 @@ def test_a_check_whose_llm_fails_transiently_is_retried_before_the_round_gives_u
     assert reason.startswith("QA could not check round 1: review: ") and reason.endswith("(after 2 retries)")
 
 
-def test_the_check_recorded_last_runs_the_verdict_in_its_own_job(edit_config, script, redis_url):
-    """No verdict job goes through the broker: the last check's job decides. The steps run here, in
-    the test's process, on a profile of its own that no worker consumes, so a verdict that was only
-    queued would not be recorded; its queue holds the checks' jobs and nothing else."""
+@pytest.fixture
+def here(edit_config, redis_url):
+    """A copy of the developer profile under a name of its own, whose steps the test runs in its own
+    process: no worker consumes the profile's queues, so the jobs the steps queue stay on them for the
+    test to see (they are removed afterwards). Yields (profile, broker, run_first_round), the last
+    submitting a coder task and running its coder step and its three checks here, in order."""
     import redis
 
-    from orchestration import recovery
     from orchestration.orchestration_engine import later_step, task_step
     from orchestration.runtime import task_store
     from orchestration.services import task_submit
 
-    profile = f"inline_{uuid.uuid4().hex[:8]}"
+    profile = f"here_{uuid.uuid4().hex[:8]}"
     edit_config(lambda raw: raw["profiles"].__setitem__(profile, raw["profiles"]["developer"]))
-    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
     broker = redis.Redis.from_url(redis_url)
-    queues = [f"{profile}.fast_coder", f"{profile}.qa"]
-    try:
+
+    def first_round(before_last_check=lambda task_id: None):
+        """The task's id, its checks' (step, job id) and its verdict's; the last check runs after
+        ``before_last_check``."""
         packet, _ = task_submit(profile=profile, role="fast_coder", payload={"instruction": "add", "tests": TESTS})
-        task_step(task_id=packet["task_id"], job_id=packet["history"][0]["detail"]["job_id"], worker="here")
-        noted = task_store().read(packet["task_id"])["history"][-1]["detail"]
+        task_id = packet["task_id"]
+        task_step(task_id=task_id, job_id=packet["history"][0]["detail"]["job_id"], worker="here")
+        noted = task_store().read(task_id)["history"][-1]["detail"]
         assert noted["steps"] == ["1.tests", "1.static", "1.review", "1.verdict"]
         *checks, verdict = zip(noted["steps"], noted["job_ids"], strict=True)
-        for step, job_id in checks:
-            later_step(task_id=packet["task_id"], step=step, job_id=job_id)
-        done = task_store().read(packet["task_id"])
-        assert done["status"] == "succeeded", done["history"][-3:]
-        assert [e["detail"]["step"] for e in done["history"] if e["event"] == "verdict"] == [verdict[0]]
-        assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in checks}
+        for n, (step, job_id) in enumerate(checks):
+            if n == len(checks) - 1:
+                before_last_check(task_id)
+            later_step(task_id=task_id, step=step, job_id=job_id)
+        return task_id, checks, verdict
+
+    yield profile, broker, first_round
+    broker.delete(*(f"{profile}.{role}" for role in ("fast_coder", "deep_coder", "qa", "debug")))
+
+
+def test_the_check_recorded_last_runs_the_verdict_in_its_job(here, script):
+    """No verdict job goes through the broker: the last check's job decides. A verdict that was only
+    queued would not be recorded here; the QA queue holds the checks' jobs and nothing else."""
+    from orchestration import recovery
+    from orchestration.runtime import task_store
+
+    profile, broker, first_round = here
+    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
+    task_id, checks, verdict = first_round()
+    done = task_store().read(task_id)
+    assert done["status"] == "succeeded", done["history"][-3:]
+    assert [e["detail"]["step"] for e in done["history"] if e["event"] == "verdict"] == [verdict[0]]
+    assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in checks}
+
+
+def test_a_verdict_whose_lease_is_held_is_queued_by_the_last_check(here, script):
+    """Another delivery of the verdict's job runs it (its lease is held): the last check queues the
+    verdict's job, under its noted id, instead of waiting for the lease."""
+    from orchestration import recovery
+    from orchestration.leases import StepLease
+    from orchestration.runtime import task_store
+
+    profile, broker, first_round = here
+    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
+    held = []
+
+    def hold_the_verdict(task_id):
+        lease = StepLease(f"{task_id}:1.verdict", "another-delivery")
+        assert lease.acquire()
+        held.append(lease)
+
+    try:
+        task_id, checks, verdict = first_round(hold_the_verdict)
     finally:
-        broker.delete(*queues)
+        for lease in held:
+            lease.__exit__(None, None, None)
+    packet = task_store().read(task_id)
+    assert packet["status"] == "running"
+    assert "verdict" not in [e["event"] for e in packet["history"]]
+    assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in [*checks, verdict]}
+
+
+def test_a_last_check_delivered_again_queues_what_its_verdict_noted(here, script):
+    """The worker died after the verdict was recorded and before Debug's job reached Redis: the check's
+    job comes back (it was not acknowledged) and queues Debug's job again, under its noted id."""
+    from orchestration import recovery
+    from orchestration.orchestration_engine import later_step
+    from orchestration.runtime import task_store
+
+    profile, broker, first_round = here
+    script([REVIEW_OK, DEBUG_CODE, {"match": CODER, "reply": code_reply(wrong(0))}])
+    task_id, checks, _ = first_round()
+    packet = task_store().read(task_id)
+    assert rounds(packet) == [(1, "fast_coder", "debug")]
+    debug_job = packet["history"][-1]["detail"]["job_ids"]
+    assert packet["history"][-1]["detail"]["steps"] == ["2.debug"]
+    broker.delete(f"{profile}.debug")  # the job that did not reach Redis
+    last_step, last_job = checks[-1]
+    later_step(task_id=task_id, step=last_step, job_id=last_job)
+    assert recovery.queued_jobs(broker, [f"{profile}.debug"]) == set(debug_job)
