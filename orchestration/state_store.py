@@ -215,13 +215,14 @@ def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def mirror_row(packet: dict[str, Any]) -> bool:
-    """Make the packet's row match it unless the row already holds a newer version; True if written."""
+def mirror_row(packet: dict[str, Any], *, absent: bool = False) -> bool:
+    """Make the packet's row match it unless the row already holds a newer version; True if written.
+    ``absent``: the caller found no row for the task (``sync_tasks``), so the INSERT is tried first."""
     row = mirror_fields(packet)
     fields = [(name, row[name]) for name in MIRRORED]
     key = ("task_id", packet["task_id"])
-    if packet["version"] == 1:
-        # A new task (the accept path): one INSERT, rather than an UPDATE, a SELECT and an INSERT.
+    if packet["version"] == 1 or absent:
+        # A new task (the accept path), or a missing row: one INSERT, rather than an UPDATE, a SELECT and an INSERT.
         try:
             with _mirror_transaction():
                 _execute(_INSERT, [key, *fields])

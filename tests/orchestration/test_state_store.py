@@ -193,3 +193,23 @@ def test_the_row_matches_the_file_after_every_write(store):
             "created_at": parse_datetime(written["created_at"]),
             "updated_at": parse_datetime(written["updated_at"]),
         }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_said_absent_that_is_there_is_updated_or_left_newer_inside_a_batch():
+    """sync_tasks writes a batch in one transaction and inserts the rows it did not find; a worker may
+    have written one meanwhile. The INSERT's conflict must neither break the batch nor go back a version."""
+    from django.db import transaction
+
+    from orchestration.state_store import mirror_row
+
+    older = make_packet(version=2, status="running")
+    newer = {**older, "version": 3, "status": "succeeded"}
+    other = make_packet(version=2, status="running")
+    assert mirror_row(older)
+    with transaction.atomic():
+        assert mirror_row(newer, absent=True)  # there after all, older: brought up to date
+        assert not mirror_row(older, absent=True)  # there, newer: left as it is
+        assert mirror_row(other, absent=True)  # really absent: inserted
+    rows = {str(row.task_id): (row.version, row.status) for row in Task.objects.all()}
+    assert rows == {older["task_id"]: (3, "succeeded"), other["task_id"]: (2, "running")}
