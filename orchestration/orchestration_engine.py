@@ -8,8 +8,8 @@ depends on the role's agent (agents/base.py):
   step; the ready ones run in parallel, a dependent one once its dependencies
   succeeded, and the parent finishes with their results (``plan_advance``);
 - loop: the QA -> Debug -> Coder feedback loop (orchestration/loop.py): QA's
-  checks run as a Celery group; the check recorded last runs the verdict in its
-  own job (``verdict_step``), which routes to done, Debug, an escalation to the
+  checks run as a Celery group; the check recorded last runs the verdict in that
+  check's job (``verdict_step``), which routes to done, Debug, an escalation to the
   stronger coder, or giving up;
 - checks: a QA task runs the same checks on the code in its payload.
 
@@ -672,9 +672,6 @@ def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False, re
         if redelivered:
             _after_step(packet, verdict, republish=True)
         return
-    role_name = noted["roles"][-1]
-    if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
-        role_name = packet["role"]
     if here:
         try:
             later_step(task_id=packet["task_id"], step=verdict, job_id=noted["job_ids"][-1])
@@ -687,6 +684,9 @@ def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False, re
             # round to the recovery sweep, which queues the verdict.
             logger.exception("task %s: verdict %s failed", packet["task_id"], verdict)
             return
+    role_name = noted["roles"][-1]
+    if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
+        role_name = packet["role"]
     role = configuration().role(packet["profile"], role_name)
     run_step.apply_async(args=[packet["task_id"], verdict], **job_options(role, noted["job_ids"][-1]))
 
