@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -41,6 +41,9 @@ from llm_engines.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -396,10 +399,12 @@ class LoadBalancer:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
-        on_call: Callable[[CallSample], None] | None = None,
+        on_call: Callable[[CallSample, Pipeline], None] | None = None,
     ) -> None:
         self.redis = client
-        # Told of every engine call that ``run`` made, whatever its outcome (the metrics channel).
+        # Told of every engine call that ``run`` made, whatever its outcome (the metrics channel), with
+        # the pipeline that records the call: what the observer adds to it is sent in the same round
+        # trip, to the balancer's Redis, and a command of its that fails fails no call.
         self.on_call = on_call
         self.policy = policy
         self.clock = clock
@@ -714,24 +719,35 @@ class LoadBalancer:
         ]  # fmt: skip
         return self._record, keys, args
 
-    def _in_one_round_trip(self, commands: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
+    def _in_one_round_trip(
+        self, commands: list[tuple[Any, list[str], list[Any]]], sample: CallSample | None = None
+    ) -> list[Any]:
         """Run Redis commands in one pipeline and return their replies. A command is (a script registered
         on this client, keys, args), or (a command name, its arguments, None). Scripts are called by their
         hash: redis-py's own pipeline would first ask Redis whether they exist, a round trip more; one
-        that Redis does not have (it restarted) is run again on its own, which loads it."""
+        that Redis does not have (it restarted) is run again on its own, which loads it. With ``sample``,
+        the ``on_call`` observer adds its own commands after them; their failures are logged, not raised."""
         pipe = self.redis.pipeline(transaction=False)
         for command, keys, args in commands:
             if args is None:
                 pipe.execute_command(command, *keys)
             else:
                 pipe.evalsha(command.sha, len(keys), *keys, *args)
+        if sample is not None and self.on_call is not None:
+            try:
+                self.on_call(sample, pipe)
+            except Exception:
+                logger.warning("the call observer failed on a sample of %s", sample.llm, exc_info=True)
         replies = pipe.execute(raise_on_error=False)
-        for index, reply in enumerate(replies):
+        for index, reply in enumerate(replies[: len(commands)]):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 script, keys, args = commands[index]
                 replies[index] = script(keys=keys, args=args)
             elif isinstance(reply, Exception):
                 raise reply
+        for reply in replies[len(commands) :]:
+            if isinstance(reply, Exception):
+                logger.warning("the call observer's command failed on a sample of %s: %s", sample.llm, reply)
         return replies
 
     def health_failed(self, llm: LLMConfig, *, interval_s: float = 30.0) -> str | None:
@@ -744,33 +760,47 @@ class LoadBalancer:
         script, keys, args = self._outcome_call(llm.id, ok=False)
         return _text(script(keys=keys, args=args))
 
-    def record(self, decision: Decision, *, result: ChatResult | None = None, error: EngineError | None = None) -> str:
-        """Free the slot and record the outcome (rules 3 and 5). Returns the breaker's state after it."""
+    def record(
+        self,
+        decision: Decision,
+        *,
+        result: ChatResult | None = None,
+        error: EngineError | None = None,
+        role: RoleConfig | None = None,
+    ) -> str:
+        """Free the slot and record the outcome (rules 3 and 5). With ``role``, the call was made for
+        it by ``run``: its cost is added to the profile's spending today (rule 7) and its sample handed
+        to ``on_call``. All of it goes to Redis in one round trip. Returns the breaker's state after it."""
         llm = decision.llm
         policy = self.policy
         now = self.clock()
-        # The slot, the outcome and the sample go in one round trip.
-        release = ("ZREM", [self._key("slots", llm.id), decision.slot], None)
+        cost = _cost(llm, result) if result is not None else 0.0
+        sample = self._sample_of(role, decision, result=result, error=error, cost=cost) if role is not None else None
+        commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
+        if cost and role is not None:
+            key = self._spend_key(role.profile)
+            commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
         if error is not None and isinstance(error, EngineBadRequest):
             # The request was wrong, not the LLM: no sample either way; a probe is let go.
-            let_go = [("HSET", [self._key("breaker", llm.id), "probe_until", now], None)] if decision.probe else []
-            self._in_one_round_trip([release, *let_go])
+            if decision.probe:
+                commands.append(("HSET", [self._key("breaker", llm.id), "probe_until", now], None))
+            self._in_one_round_trip(commands, sample)
             return "closed"
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
         took = now - decision.started if decision.started else None
-        commands = [
-            release,
-            self._outcome_call(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took),
-        ]
+        outcome = len(commands)
+        commands.append(
+            self._outcome_call(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took)
+        )
         if result is not None:
             ttft = result.time_to_first_token_s
             tokens = max(result.completion_tokens, 1)
             if ttft is None:
                 ttft = result.latency_s / (tokens + 1)
             per_token = max(result.latency_s - ttft, 0.0) / tokens
-            sample = [policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
-            commands.append((self._sample, [self._key("stats", llm.id)], sample))
-        return _text(self._in_one_round_trip(commands)[1])
+            averages = [policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
+            commands.append((self._sample, [self._key("stats", llm.id)], averages))
+        return _text(self._in_one_round_trip(commands, sample)[outcome])
 
     # --- the whole call ---------------------------------------------------------------------
 
@@ -807,8 +837,7 @@ class LoadBalancer:
                 with self._holding(decision):
                     result = call(decision.llm)
             except EngineError as exc:
-                self.record(decision, error=exc)
-                self._observe(role, decision, error=exc)
+                self.record(decision, error=exc, role=role)
                 decision.attempts = [*attempts, {"llm": decision.llm.id, "error": str(exc)}]
                 exc.balancer = decision.as_detail()  # the step's history records what was tried
                 if not (exc.transient or exc.llm_at_fault):
@@ -820,14 +849,12 @@ class LoadBalancer:
             except BaseException:
                 self._release(decision.llm.id, decision.slot)  # cancelled or interrupted: the slot comes back
                 raise
-            self.record(decision, result=result)
-            cost = self.spend(role.profile, decision.llm, result)
-            self._observe(role, decision, result=result, cost=cost)
+            self.record(decision, result=result, role=role)
             return result, decision
         assert last_error is not None
         raise last_error
 
-    def _observe(
+    def _sample_of(
         self,
         role: RoleConfig,
         decision: Decision,
@@ -835,12 +862,10 @@ class LoadBalancer:
         result: ChatResult | None = None,
         error: EngineError | None = None,
         cost: float = 0.0,
-    ) -> None:
-        """Hand the call's sample to ``on_call``; an observer's failure never fails the call."""
-        if self.on_call is None:
-            return
+    ) -> CallSample:
+        """The call as the metrics count it."""
         now = self.clock()
-        sample = CallSample(
+        return CallSample(
             llm=decision.llm.id,
             profile=role.profile,
             role=role.name,
@@ -852,10 +877,6 @@ class LoadBalancer:
             cost=cost,
             at=now,
         )
-        try:
-            self.on_call(sample)
-        except Exception:
-            logger.warning("the call observer failed on a sample of %s", decision.llm.id, exc_info=True)
 
     def renew_slot(self, decision: Decision) -> bool:
         """Extend a held slot's lease (rule 4); False when it was no longer held."""
@@ -897,15 +918,6 @@ class LoadBalancer:
         except BaseException:
             self.forget_waiter(role, waiter)
             raise
-
-    def spend(self, profile: str, llm: LLMConfig, result: ChatResult) -> float:
-        """Rule 7: add the call's cost to the profile's spending today."""
-        cost = _cost(llm, result)
-        if cost:
-            key = self._spend_key(profile)
-            self.redis.incrbyfloat(key, cost)
-            self.redis.expire(key, 3 * 86400)
-        return cost
 
     # --- what operators see -----------------------------------------------------------------
 

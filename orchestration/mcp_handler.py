@@ -121,12 +121,10 @@ def publish_task_change(before: Mapping[str, Any] | None, after: Mapping[str, An
         logger.warning("task %s: state change not published on %s: %s", after["task_id"], FEEDBACK, exc)
 
 
-def publish_llm_call(sample: CallSample) -> None:
-    """The load balancer's observer: publish an engine call's sample on the metrics channel."""
-    try:
-        publish(METRICS, LLM_CALL, asdict(sample))
-    except redis.RedisError as exc:
-        logger.warning("engine call sample of %s not published on %s: %s", sample.llm, METRICS, exc)
+def publish_llm_call(sample: CallSample, pipe: Any) -> None:
+    """The load balancer's observer: publish an engine call's sample on the metrics channel, in the
+    pipeline that records the call (the balancer sends it, and logs a failure without failing the call)."""
+    publish(METRICS, LLM_CALL, asdict(sample), pipe=pipe)
 
 
 def feedback_cursor() -> str:

@@ -587,7 +587,8 @@ def test_rule_5_a_free_llm_that_fails_quickly_is_tried_rather_than_wait(lb, clie
 
 def test_every_call_run_makes_is_told_to_the_observer_and_an_observer_failure_fails_no_call(client, clock):
     samples = []
-    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), on_call=samples.append)
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7),
+                      on_call=lambda sample, pipe: samples.append(sample))  # fmt: skip
     config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a", "t-b"]})
 
     def call(llm):
@@ -605,9 +606,65 @@ def test_every_call_run_makes_is_told_to_the_observer_and_an_observer_failure_fa
     assert (samples[1].latency_s, samples[1].time_to_first_token_s) == (2.0, 0.25)
     assert (samples[1].prompt_tokens, samples[1].completion_tokens, samples[1].at) == (7, 12, clock.now)
 
-    def broken(sample):
+    def broken(sample, pipe):
         raise RuntimeError("the channel is down")
 
     lb.on_call = broken
     result, _ = lb.run(config, config.role("tp", "r"), lambda llm: reply())
     assert result.text == "ok"
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts its round trips to Redis: commands, scripts and pipelines."""
+
+    trips = 0
+
+    def execute_command(self, *args, **options):
+        self.trips += 1
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, *args, **kwargs):
+        pipe = super().pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def counted(*a, **k):
+            self.trips += 1
+            return execute(*a, **k)
+
+        pipe.execute = counted
+        return pipe
+
+
+def test_a_call_is_recorded_spent_and_observed_in_one_round_trip_and_a_failing_observer_command_fails_no_call(
+    client, clock, redis_url, caplog
+):
+    stream = "aiagent:lb:samples:t-observed"
+    client.delete(stream)
+    counting = CountingRedis.from_url(redis_url)
+
+    def observe(sample, pipe):
+        pipe.xadd(stream, {"llm": sample.llm, "outcome": sample.outcome, "cost": sample.cost})
+
+    lb = LoadBalancer(counting, clock=clock, sleep=clock.sleep, rng=random.Random(7), on_call=observe)
+    config = config_with(
+        [{"id": "t-paid", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0}}], daily_budget=5
+    )
+    role = config.role("tp", "r")
+    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10))  # warm: the scripts are loaded
+    counting.trips = 0
+    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10))
+    # The snapshot, the slot, then the slot's release, the outcome, the averages, the day's spending
+    # (INCRBYFLOAT and EXPIRE) and the observer's XADD together.
+    assert counting.trips == 3
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.06)
+    assert 0 < client.ttl(lb._spend_key("tp")) <= 3 * 86400
+    assert [fields[b"cost"] for _, fields in client.xrange(stream)] == [b"0.03", b"0.03"]
+
+    client.delete(stream)
+    client.set(stream, "not a stream")  # the observer's XADD now fails (WRONGTYPE)
+    result, _ = lb.run(config, role, lambda llm: reply(prompt=10, tokens=10))
+    assert result.text == "ok"
+    assert "the call observer's command failed on a sample of t-paid: WRONGTYPE" in caplog.text
+    assert client.zcard(lb._key("slots", "t-paid")) == 0  # the slot was released all the same
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.09)
+    client.delete(stream)
