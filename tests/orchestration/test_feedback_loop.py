@@ -414,6 +414,25 @@ def test_a_verdict_whose_lease_is_held_is_queued_by_the_last_check(here, script)
     assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in [*checks, verdict]}
 
 
+def test_a_last_check_that_used_its_roles_time_limit_queues_the_verdict(here, script, edit_config):
+    """The verdict would run past the check job's soft limit (the role's time limit and 5 s): the last
+    check queues it, under its noted id, rather than run it. QA's time limit is 1 s here and the review
+    takes 1 s (the engine waits as long as the call's timeout, 1 s at the least, so it is no timeout)."""
+    from orchestration import recovery
+    from orchestration.runtime import task_store
+
+    profile, broker, first_round = here
+    edit_config(lambda raw: raw["profiles"][profile]["roles"]["qa"].__setitem__("time_limit_s", 1))
+    script([{**REVIEW_OK, "delay_s": 1.0}, {"match": CODER, "reply": code_reply(RIGHT)}])
+    task_id, checks, verdict = first_round()
+    packet = task_store().read(task_id)
+    assert packet["status"] == "running"
+    review = next(e["detail"] for e in packet["history"] if e["event"] == "check" and e["detail"]["step"] == "1.review")
+    assert review["passed"] and review["duration_ms"] >= 1000, review
+    assert "verdict" not in [e["event"] for e in packet["history"]]
+    assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in [*checks, verdict]}
+
+
 def test_a_last_check_delivered_again_queues_what_its_verdict_noted(here, script):
     """The worker died after the verdict was recorded and before Debug's job reached Redis: the check's
     job comes back (it was not acknowledged) and queues Debug's job again, under its noted id."""
