@@ -259,8 +259,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # A worker that loses Redis stops its running steps rather than let Redis hand
 # their jobs to another worker while they go on.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Celery's task events (a job sent, received, started, done), which Flower's Tasks page and its live
+# worker list are made of. They cost a third of a worker main process's work per job and a second
+# publish per submitted task: an operator who does not watch Flower can turn them off.
+CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_TASK_EVENTS", True)
+CELERY_TASK_SEND_SENT_EVENT = CELERY_WORKER_SEND_TASK_EVENTS
 # Celery's Django fix-up closes every database connection before and after each job unless this is
 # set; a job then pays for a new connection. It is set out of reach: orchestration/tasks.py closes a
 # job's connections as Django closes a request's (broken, or older than DB_CONN_MAX_AGE).

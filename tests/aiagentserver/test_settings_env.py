@@ -56,3 +56,21 @@ def test_secret_key_is_required_without_debug(tmp_path):
     )
     assert result.returncode != 0
     assert "SECRET_KEY must be set when DEBUG is off" in result.stderr
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "True True"), ("0", "False False"), ("on", "True True")])
+def test_celery_task_events_are_on_unless_turned_off(tmp_path, value, expected):
+    """CELERY_TASK_EVENTS governs both the workers' task events and the publishers' task-sent event."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "DEBUG": "1", "VAR_DIR": str(tmp_path)}
+    if value is not None:
+        env["CELERY_TASK_EVENTS"] = value
+    code = (
+        "from aiagentserver import settings as s; "
+        "print(s.CELERY_WORKER_SEND_TASK_EVENTS, s.CELERY_TASK_SEND_SENT_EVENT)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
