@@ -736,7 +736,14 @@ class LoadBalancer:
         if sample is not None and self.on_call is not None:
             try:
                 self.on_call(sample, pipe)
+                # redis-py encodes a command's arguments only when the pipeline is sent, and one it cannot
+                # encode fails the whole pipeline: the observer's are encoded here first.
+                encoder = self.redis.get_encoder()
+                for arguments, _ in pipe.command_stack[len(commands) :]:
+                    for argument in arguments:
+                        encoder.encode(argument)
             except Exception:
+                del pipe.command_stack[len(commands) :]  # the call's record is sent without them
                 logger.warning("the call observer failed on a sample of %s", sample.llm, exc_info=True)
         replies = pipe.execute(raise_on_error=False)
         for index, reply in enumerate(replies[: len(commands)]):

@@ -123,7 +123,9 @@ def publish_task_change(before: Mapping[str, Any] | None, after: Mapping[str, An
 
 def publish_llm_call(sample: CallSample, pipe: Any) -> None:
     """The load balancer's observer: publish an engine call's sample on the metrics channel, in the
-    pipeline that records the call (the balancer sends it, and logs a failure without failing the call)."""
+    pipeline that records the call (the balancer sends it, and logs a failure without failing the call).
+    Unlike the other publications it goes with the balancer's client, which sends a pipeline that timed
+    out again: the sample may then be counted twice, as the call's outcome may."""
     publish(METRICS, LLM_CALL, asdict(sample), pipe=pipe)
 
 

@@ -668,3 +668,17 @@ def test_a_call_is_recorded_spent_and_observed_in_one_round_trip_and_a_failing_o
     assert client.zcard(lb._key("slots", "t-paid")) == 0  # the slot was released all the same
     assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.09)
     client.delete(stream)
+
+    # An argument redis-py cannot send would fail the whole pipeline: the observer's commands are
+    # dropped, the call's record is sent.
+    lb.on_call = lambda sample, pipe: pipe.xadd(stream, {"cost": None})
+    caplog.clear()
+    result, _ = lb.run(config, role, lambda llm: reply(prompt=10, tokens=10))
+    assert result.text == "ok"
+    assert "the call observer failed on a sample of t-paid" in caplog.text
+    assert client.zcard(lb._key("slots", "t-paid")) == 0
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.12)
+    assert not client.exists(stream)
+    # The spending's commands come before the outcome's: record still answers with the breaker's state.
+    decision = take(lb, config)
+    assert lb.record(decision, result=reply(prompt=10, tokens=10), role=role) == "closed"
