@@ -65,6 +65,10 @@ class paused_queue:
         # Waited for: a worker still busy with an earlier test's job answers late, and until it has
         # answered it may take the job the test is about to submit.
         assert app.control.cancel_consumer(self.queue, destination=[self.worker], reply=True, timeout=30)
+        # A BRPOP the worker sent before still names the queue until it returns (kombu's brpop_timeout,
+        # 1 s); a job it pops then is put back on the queue, so for a moment it is missing from it, and
+        # a test that deletes the queue meanwhile sees it come back. Waited out.
+        time.sleep(1.5)
 
     def __exit__(self, *exc_info) -> None:
         assert app.control.add_consumer(self.queue, destination=[self.worker], reply=True, timeout=30)
