@@ -259,9 +259,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # A worker that loses Redis stops its running steps rather than let Redis hand
 # their jobs to another worker while they go on.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
-# Celery's task events (a job sent, received, started, done), which Flower's Tasks page and its live
-# worker list are made of. They cost a third of a worker main process's work per job and a second
-# publish per submitted task: an operator who does not watch Flower can turn them off.
+# Celery's task events (a job sent, received, started, done), which Flower's Tasks page is made of
+# (its worker list comes from the heartbeats, sent either way). They cost a third of a worker main
+# process's work per job and a second publish per submitted task: where no Flower runs they can be
+# turned off (a running Flower turns the workers' task events back on).
 CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_TASK_EVENTS", True)
 CELERY_TASK_SEND_SENT_EVENT = CELERY_WORKER_SEND_TASK_EVENTS
 # Celery's Django fix-up closes every database connection before and after each job unless this is
