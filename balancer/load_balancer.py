@@ -782,7 +782,8 @@ class LoadBalancer:
         policy = self.policy
         now = self.clock()
         cost = _cost(llm, result) if result is not None else 0.0
-        sample = self._sample_of(role, decision, result=result, error=error, cost=cost) if role is not None else None
+        observed = role is not None and self.on_call is not None
+        sample = self._sample_of(role, decision, result=result, error=error, cost=cost) if observed else None
         commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
         if cost and role is not None:
             key = self._spend_key(role.profile)

@@ -405,7 +405,13 @@ def _noted_after(packet: dict[str, Any], job_id: str) -> str | None:
 def _checks_role(packet: dict[str, Any]) -> str:
     """The role whose LLMs, queue and time limit QA's checks of the task run under: QA's, or a QA
     task's own."""
-    return packet["role"] if _flow(packet) == CHECKS else loop.QA_ROLE
+    return _step_role(packet, loop.QA_ROLE)
+
+
+def _step_role(packet: dict[str, Any], noted: str) -> str:
+    """The role a step noted under the role ``noted`` runs under: that one, except QA's, whose checks
+    of a QA task run under the task's own role."""
+    return packet["role"] if noted == loop.QA_ROLE and _flow(packet) == CHECKS else noted
 
 
 def _run_check(packet: dict[str, Any], iteration: int, name: str) -> tuple[dict[str, Any], str | None]:
@@ -631,11 +637,8 @@ def _schedule(
     task_id = packet["task_id"]
     signatures = []
     for (step, role_name), job_id in zip(steps, job_ids, strict=True):
-        if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
-            role_name = packet["role"]  # a QA task's own role runs its checks
-        signatures.append(
-            run_step.signature(args=[task_id, step], **job_options(config.role(packet["profile"], role_name), job_id))
-        )
+        role = config.role(packet["profile"], _step_role(packet, role_name))
+        signatures.append(run_step.signature(args=[task_id, step], **job_options(role, job_id)))
     if chord:
         group(signatures[:-1]).apply_async()
         if republish:
@@ -684,10 +687,7 @@ def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False, re
             # round to the recovery sweep, which queues the verdict.
             logger.exception("task %s: verdict %s failed", packet["task_id"], verdict)
             return
-    role_name = noted["roles"][-1]
-    if role_name == loop.QA_ROLE and _flow(packet) == CHECKS:
-        role_name = packet["role"]
-    role = configuration().role(packet["profile"], role_name)
+    role = configuration().role(packet["profile"], _step_role(packet, noted["roles"][-1]))
     run_step.apply_async(args=[packet["task_id"], verdict], **job_options(role, noted["job_ids"][-1]))
 
 
