@@ -8,8 +8,10 @@ import json
 import uuid
 
 import pytest
+from django.urls import set_script_prefix
 from rest_framework.test import APIClient
 
+from orchestration.api_handler import TaskSubmitApi
 from orchestration.models import Task
 
 pytestmark = pytest.mark.django_db
@@ -82,6 +84,10 @@ def test_unknown_profile_or_role_is_404_listing_the_valid_ones(api, state_dir, u
         ({"payload": {"input": "x"}, "version": 7}, "version"),
         ({"payload": {"input": "x"}, "role": "qa"}, "role"),
         ({"payload": {"input": "x"}, "surprise": True}, "surprise"),
+        ({"payload": {"input": "x"}, "task_id": None}, "task_id"),
+        ({"payload": {"input": "x"}, "task_id": 7}, "task_id"),
+        ({"payload": {"input": "x"}, "created_at": "2026-01-01T00:00:00Z"}, "created_at"),
+        ({"payload": {"input": "x"}, "updated_at": None}, "updated_at"),
     ],
 )
 def test_bad_body_is_400_naming_the_field_and_stores_nothing(api, state_dir, body, field):
@@ -246,3 +252,55 @@ def test_cancel_a_queued_task_marks_it_cancelled(api):
     assert cancelled["version"] == 2
     assert cancelled["history"][-1]["event"] == "cancelled"
     assert api.post(f"/api/v1/tasks/{packet['task_id']}/cancel").status_code == 409
+
+
+_ID = "0b6f6c1e-4a8e-4c8e-9d71-2f7d3c1b5a90"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"payload": {"input": "x"}},
+        {"payload": {}},
+        {"payload": {"input": "x", "nested": {"a": [1, 2.5, None, True]}}},
+        {"payload": {"input": "x"}, "task_id": _ID},
+        {"payload": {"input": "x"}, "task_id": _ID.upper()},
+        {"payload": {"input": "x"}, "task_id": f" {_ID} "},
+        {"payload": {"input": "x"}, "task_id": "{" + _ID + "}"},
+        {"payload": {"input": "x"}, "task_id": None},
+        {"payload": {"input": "x"}, "task_id": 7},
+        {"payload": {"input": "x"}, "task_id": ""},
+        {"payload": {"input": "x"}, "role": "planner"},
+        {"payload": {"input": "x"}, "status": "queued"},
+        {"payload": {"input": "x"}, "created_at": None},
+        {"payload": None},
+        {"payload": "text"},
+        {"payload": [1]},
+        {},
+        [],
+        "text",
+    ],
+)
+def test_the_usual_body_is_validated_as_the_serializer_does(body):
+    """The submission's shortcut for the usual body (``InputSerializer.plain``) gives what the serializer
+    gives, and leaves every other body to it."""
+    serializer = TaskSubmitApi.InputSerializer(data=body, context={"profile": "developer", "role": "planner"})
+    plain = TaskSubmitApi.InputSerializer.plain(body)
+    if plain is not None:
+        assert serializer.is_valid(), serializer.errors
+        assert plain == dict(serializer.validated_data)
+    assert (plain is not None) == (
+        isinstance(body, dict) and isinstance(body.get("payload"), dict) and body.keys() <= {"payload", "task_id"}
+        and ("task_id" not in body or body["task_id"] in (_ID, _ID.upper()))
+    )  # fmt: skip
+
+
+def test_location_follows_the_script_prefix(api):
+    """The Location's path is built once per script prefix (a server mounted under a path)."""
+    try:
+        for prefix in ("/", "/agents/", "/"):
+            set_script_prefix(prefix)
+            response = post(api, {"payload": {"input": "x"}})
+            assert response["Location"] == f"http://testserver{prefix}api/v1/tasks/{response.json()['task_id']}"
+    finally:
+        set_script_prefix("/")
