@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
@@ -688,7 +689,7 @@ def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False, re
             logger.exception("task %s: verdict %s failed", packet["task_id"], verdict)
             return
     role = configuration().role(packet["profile"], _step_role(packet, noted["roles"][-1]))
-    run_step.apply_async(args=[packet["task_id"], verdict], **job_options(role, noted["job_ids"][-1]))
+    queue_job(run_step, [packet["task_id"], verdict], role, noted["job_ids"][-1])
 
 
 def _note_scheduled(
@@ -738,6 +739,17 @@ def job_options(role: RoleConfig, job_id: str) -> dict[str, Any]:
         "soft_time_limit": role.time_limit_s + 5,
         "time_limit": role.time_limit_s + HARD_LIMIT_MARGIN_S,
     }
+
+
+def queue_job(task: Task, args: list[Any], role: RoleConfig, job_id: str) -> None:
+    """Put one job of ``task`` on the role's queue, with ``job_options``. Sent by the task's name: the
+    message is the one ``task.apply_async`` sends, without checking the arguments against the task's
+    signature and merging its options again, which took 0.26 M instructions of a submission's 8.7 M
+    (the arguments are the server's own). A group of jobs goes through Celery's canvas as before.
+    No job stores a result (orchestration/tasks.py)."""
+    from aiagentserver.celery import app
+
+    app.send_task(task.name, args=args, ignore_result=True, **job_options(role, job_id))
 
 
 # -- delegation -----------------------------------------------------------------------------------
@@ -1117,7 +1129,7 @@ def task_recover(*, packet: dict[str, Any], reason: str, retries: int) -> str:
     if _delegated(updated):
         plan_advance(parent_id=task_id)
     elif updated["status"] == QUEUED or not scheduled:
-        run_task.apply_async(args=[task_id], **job_options(role, task_waiting(updated).jobs[0]))
+        queue_job(run_task, [task_id], role, task_waiting(updated).jobs[0])
     else:
         _after_step(updated, _last_step(updated))  # what the last step's worker died before queueing
         if task_store().read(task_id)["version"] == updated["version"]:

@@ -68,7 +68,7 @@ def _publish(*, task_id: str, job_id: str, role: RoleConfig) -> None:
     """Put the task's first job on the role's queue."""
     from orchestration.tasks import run_task
 
-    run_task.apply_async(args=[task_id], **orchestration_engine.job_options(role, job_id))
+    orchestration_engine.queue_job(run_task, [task_id], role, job_id)
 
 
 def _enqueue(*, packet: dict[str, Any], job_id: str, role: RoleConfig) -> None:
