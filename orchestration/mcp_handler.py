@@ -113,10 +113,13 @@ def publish_task_change(before: Mapping[str, Any] | None, after: Mapping[str, An
     if not messages:
         return
     try:
-        pipe = client().pipeline(transaction=False)
-        for message in messages:
-            publish(FEEDBACK, STATE, message, pipe=pipe)
-        pipe.execute()
+        if len(messages) == 1:  # most writes add one event: a command costs less than a pipeline of one
+            publish(FEEDBACK, STATE, messages[0])
+        else:
+            pipe = client().pipeline(transaction=False)
+            for message in messages:
+                publish(FEEDBACK, STATE, message, pipe=pipe)
+            pipe.execute()
     except redis.RedisError as exc:
         logger.warning("task %s: state change not published on %s: %s", after["task_id"], FEEDBACK, exc)
 
