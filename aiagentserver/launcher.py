@@ -13,6 +13,7 @@ Ctrl-C stops what it started and nothing else.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shutil
 import signal
@@ -120,6 +121,12 @@ def run() -> int:
         if os.environ.get("DEBUG", "").lower() in {"1", "true", "yes", "on"}:
             manage("bootstrap_dev")
         queues = manage("role_queues", capture=True)
+        flower_host = flower_address(host)
+        if flower_host != host:
+            say(
+                f"Flower listens on {flower_host} only: it has no login, and HOST is {host}. Set "
+                "FLOWER_BASIC_AUTH=user:password (or Flower's OAuth options) to serve it on HOST too."
+            )
         commands = {
             # Threads, so that a client following a task's events (SSE) holds a thread, not a process.
             "web": [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"{host}:{port}",
@@ -129,7 +136,7 @@ def run() -> int:
                        "--loglevel", "INFO", "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
             "mcp": [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume"],
             "flower": [sys.executable, "-m", "celery", "-A", "aiagentserver", "flower",
-                       f"--address={host}", f"--port={flower_port}"],
+                       f"--address={flower_host}", f"--port={flower_port}"],
         }  # fmt: skip
         for name, command in commands.items():
             if name == "flower":
@@ -139,12 +146,26 @@ def run() -> int:
             started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
         say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
         say(f"Admin:  http://{host}:{port}/admin/")
-        say(f"Flower: http://{host}:{flower_port}/   (queues: http://{host}:{flower_port}/broker)")
+        say(f"Flower: http://{flower_host}:{flower_port}/   (queues: http://{flower_host}:{flower_port}/broker)")
         say(f"Docs:   http://{host}:{port}/api/docs/   Metrics: http://{host}:{port}/api/v1/metrics")
         say("Ctrl-C stops everything started here.")
         return _wait(started)
     finally:
         stop(started)
+
+
+def flower_address(host: str) -> str:
+    """Where Flower listens: on ``host`` when that is a loopback address or Flower has a login
+    (``FLOWER_BASIC_AUTH``, or an OAuth provider in ``FLOWER_AUTH_PROVIDER``; Flower reads both from
+    the environment), else on 127.0.0.1. Whoever reaches Flower sees every job and can revoke or
+    terminate them, and it has no login of its own."""
+    if os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH_PROVIDER"):
+        return host
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return host if loopback else "127.0.0.1"
 
 
 def wait_for_worker(timeout_s: float = 90) -> bool:

@@ -45,3 +45,24 @@ def test_the_bundled_redis_server_runs_when_none_is_on_path(tmp_path, monkeypatc
 def test_a_remote_redis_that_does_not_answer_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="not on this machine"):
         launcher.ensure_redis("redis://192.0.2.1:6379/0", data_dir=tmp_path, persist=False)
+
+
+@pytest.mark.parametrize(
+    ("host", "login", "expected"),
+    [
+        ("127.0.0.1", {}, "127.0.0.1"),
+        ("::1", {}, "::1"),
+        ("localhost", {}, "localhost"),
+        ("0.0.0.0", {}, "127.0.0.1"),
+        ("192.168.1.20", {}, "127.0.0.1"),
+        ("agents.example.org", {}, "127.0.0.1"),
+        ("0.0.0.0", {"FLOWER_BASIC_AUTH": "ops:secret"}, "0.0.0.0"),
+        ("0.0.0.0", {"FLOWER_AUTH_PROVIDER": "flower.views.auth.GithubLoginHandler"}, "0.0.0.0"),
+    ],
+)
+def test_flower_without_a_login_listens_only_on_loopback(monkeypatch, host, login, expected):
+    for name in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in login.items():
+        monkeypatch.setenv(name, value)
+    assert launcher.flower_address(host) == expected
