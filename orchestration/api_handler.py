@@ -127,6 +127,12 @@ _PAYLOAD_HELP = (
 )
 
 
+def _holds_fields(field: serializers.Field) -> bool:
+    return isinstance(field, serializers.BaseSerializer) or any(
+        isinstance(value, serializers.Field) for value in vars(field).values()
+    )
+
+
 class ClosedInputSerializer(serializers.Serializer):
     """A request body that refuses the fields it does not declare (400, `unknown field`); its schema says
     so with `additionalProperties: false` (ClosedInputSchema)."""
@@ -138,12 +144,10 @@ class ClosedInputSerializer(serializers.Serializer):
         """Each instance's copies of the declared fields. DRF deep-copies them, which rebuilds every field
         from its arguments: a quarter of validating a submitted task. A plain field holds nothing that
         validation changes, so a shallow copy is enough (the instance binds its own copy, never the
-        declared field); a field with a child (a list or a dict) or a nested serializer has its parts
-        bound to it, and is deep-copied as DRF does."""
+        declared field); a nested serializer, or a field that holds another field bound to it (a list's
+        or a dict's child, a relation's), is deep-copied as DRF does."""
         return {
-            name: copy.deepcopy(field)
-            if hasattr(field, "child") or isinstance(field, serializers.BaseSerializer)
-            else copy.copy(field)
+            name: copy.deepcopy(field) if _holds_fields(field) else copy.copy(field)
             for name, field in self._declared_fields.items()
         }
 

@@ -9,9 +9,10 @@ import uuid
 
 import pytest
 from django.urls import set_script_prefix
+from rest_framework import serializers
 from rest_framework.test import APIClient
 
-from orchestration.api_handler import TaskSubmitApi
+from orchestration.api_handler import ClosedInputSerializer, TaskSubmitApi
 from orchestration.models import Task
 
 pytestmark = pytest.mark.django_db
@@ -304,3 +305,30 @@ def test_location_follows_the_script_prefix(api):
             assert response["Location"] == f"http://testserver{prefix}api/v1/tasks/{response.json()['task_id']}"
     finally:
         set_script_prefix("/")
+
+
+def test_input_serializers_copy_their_fields_for_each_instance():
+    """ClosedInputSerializer copies a plain field shallowly and a field holding others (a list's child, a
+    nested serializer) deeply: each instance validates with fields bound to it alone."""
+
+    class Inner(serializers.Serializer):
+        code = serializers.CharField(max_length=3)
+
+    class Body(ClosedInputSerializer):
+        name = serializers.CharField(max_length=5)
+        tags = serializers.ListField(child=serializers.CharField(max_length=3))
+        inner = Inner()
+
+    first, second = Body(data={}), Body(data={})
+    for name in ("name", "tags", "inner"):
+        assert first.fields[name] is not second.fields[name]
+        assert first.fields[name].parent is first and first.fields[name] is not Body._declared_fields[name]
+    assert first.fields["tags"].child is not second.fields["tags"].child
+    assert first.fields["tags"].child.parent is first.fields["tags"]
+    assert first.fields["inner"].fields["code"].parent is first.fields["inner"]
+    good = Body(data={"name": "ab", "tags": ["x"], "inner": {"code": "c"}})
+    assert good.is_valid(), good.errors
+    bad = Body(data={"name": "abcdef", "tags": ["long"], "inner": {"code": "long"}, "extra": 1})
+    assert not bad.is_valid() and set(bad.errors) == {"extra"}
+    bad = Body(data={"name": "abcdef", "tags": ["long"], "inner": {"code": "long"}})
+    assert not bad.is_valid() and set(bad.errors) == {"name", "tags", "inner"}
