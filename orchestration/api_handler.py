@@ -127,7 +127,9 @@ _PAYLOAD_HELP = (
 )
 
 
+@functools.cache  # called with declared fields only, which live as long as their serializer class
 def _holds_fields(field: serializers.Field) -> bool:
+    """Whether a declared field is a nested serializer or holds another field bound to it."""
     return isinstance(field, serializers.BaseSerializer) or any(
         isinstance(value, serializers.Field) for value in vars(field).values()
     )

@@ -745,11 +745,10 @@ def queue_job(task: Task, args: list[Any], role: RoleConfig, job_id: str) -> Non
     """Put one job of ``task`` on the role's queue, with ``job_options``. Sent by the task's name: the
     message is the one ``task.apply_async`` sends, without checking the arguments against the task's
     signature and merging its options again, which took 0.26 M instructions of a submission's 8.7 M
-    (the arguments are the server's own). A group of jobs goes through Celery's canvas as before.
-    No job stores a result (orchestration/tasks.py)."""
+    (the arguments are the server's own). A group of jobs goes through Celery's canvas as before."""
     from aiagentserver.celery import app
 
-    app.send_task(task.name, args=args, ignore_result=True, **job_options(role, job_id))
+    app.send_task(task.name, args=args, ignore_result=task.ignore_result, **job_options(role, job_id))
 
 
 # -- delegation -----------------------------------------------------------------------------------
