@@ -16,7 +16,7 @@ class Task(models.Model):
     status = models.CharField(max_length=32, choices=[(s, s) for s in STATUSES])
     version = models.PositiveIntegerField()
     iteration = models.PositiveIntegerField(default=0)
-    parent_id = models.UUIDField(null=True, blank=True, db_index=True)
+    parent_id = models.UUIDField(null=True, blank=True)  # not indexed: no query filters by it
     packet = models.JSONField()
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()

@@ -69,16 +69,17 @@ class TaskStore:
         self._locks = self.root / ".locks"
         self.on_write = on_write
 
-    def _ensure_dirs(self) -> None:
-        self._locks.mkdir(parents=True, exist_ok=True)
-
     def path(self, task_id: str) -> Path:
         return self.root / f"{parse_task_id(task_id)}.json"
 
     @contextlib.contextmanager
     def _locked(self, task_id: str) -> Iterator[None]:
-        self._ensure_dirs()
-        fd = os.open(self._locks / f"{parse_task_id(task_id)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        path = self._locks / f"{parse_task_id(task_id)}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the first write of all, or the directories were removed: made when missing
+            self._locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

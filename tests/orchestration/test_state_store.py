@@ -37,6 +37,19 @@ def test_create_writes_version_1_and_refuses_a_second_create(store):
 
 
 @pytest.mark.django_db
+def test_the_lock_directory_is_made_again_when_it_was_removed(store):
+    packet = store.create(make_packet())  # the store's directories do not exist before its first write
+    lock_dir = store.root / ".locks"
+    for lock in lock_dir.iterdir():
+        lock.unlink()
+    lock_dir.rmdir()
+    updated, written = store.update(packet["task_id"], lambda p: p.update(iteration=1) or True)
+    assert written and updated["version"] == 2
+    assert store.read(packet["task_id"])["iteration"] == 1
+    assert (lock_dir / f"{packet['task_id']}.lock").exists()
+
+
+@pytest.mark.django_db
 def test_update_raises_the_version_and_a_refused_change_writes_nothing(store):
     packet = store.create(make_packet())
 
