@@ -414,13 +414,20 @@ class TaskSubmitApi(APIView):
         ],
     )
     def post(self, request: Request, profile: str, role: str) -> Response:
-        packet, created = self.accept(request.data, profile=profile, role=role)
+        # An unknown profile or role is a 404 whatever the body, one that does not parse included: looked
+        # up before request.data parses it.
+        role_get(profile=profile, role=role)
+        packet, created = self._accept_for_role(request.data, profile=profile, role=role)
         return _located(request, packet, status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK)
 
     @classmethod
     def accept(cls, data: Any, *, profile: str, role: str) -> tuple[dict[str, Any], bool]:
         """Validate a packet and submit it; the inbound MCP channel comes through here too."""
         role_get(profile=profile, role=role)  # an unknown profile or role is a 404 whatever the body
+        return cls._accept_for_role(data, profile=profile, role=role)
+
+    @classmethod
+    def _accept_for_role(cls, data: Any, *, profile: str, role: str) -> tuple[dict[str, Any], bool]:
         validated = cls.InputSerializer.plain(data)
         if validated is None:
             serializer = cls.InputSerializer(data=data, context={"profile": profile, "role": role})

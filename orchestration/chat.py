@@ -309,14 +309,28 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    """``max_completion_tokens``, else ``max_tokens``; both are checked when both are sent."""
+    chosen = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
             continue
         if not _is_int(value) or value < 1:
             raise ChatError(f"{name} must be a positive integer", param=name)
-        return value
-    return None
+        chosen = value if chosen is None else chosen
+    return chosen
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    """Whether a parameter this server does not implement says nothing: null, or its neutral value of the
+    same type (``true`` is not ``n`` = 1, nor ``0`` ``logprobs`` = false, as Python's == would have it)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, int | float):
+        return isinstance(value, int | float) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 def _resolve(config: Configuration, model: Any) -> tuple[RoleConfig | None, str | None]:
@@ -357,7 +371,7 @@ def parse_request(body: Any) -> ChatRequest:
         if name in USED or name in IGNORED:
             continue
         if name in NEUTRAL:
-            if body[name] not in (NEUTRAL[name], None):
+            if not _is_neutral(body[name], NEUTRAL[name]):
                 raise ChatError(f"{name}={body[name]!r} is not supported by this server", param=name)
             continue
         raise ChatError(f"Unrecognized request argument supplied: {name}", param=name)

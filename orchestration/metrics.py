@@ -47,6 +47,11 @@ BUCKET_S = 10
 # a last bucket takes what is above.
 BOUNDS = tuple(0.001 * math.sqrt(2) ** i for i in range(44))
 _MAX_TOKENS = 10**9
+# Upper bounds of a sample's numbers: far above any real call, low enough that the totals, which never
+# expire, stay finite (two costs of 1e308 would add up to infinity, which JSON cannot carry).
+_MAX_SECONDS = 7 * 86400.0
+_MAX_COST = 1e6
+_MAX_TIME = 1e10  # a Unix time, in the year 2286
 
 
 # --- the aggregator -----------------------------------------------------------------------------
@@ -59,15 +64,26 @@ def _bucket(value: float) -> int:
     return len(BOUNDS)
 
 
-def _number(data: Mapping[str, Any], field: str, *, optional: bool = False, integer: bool = False) -> float | None:
+def _number(
+    data: Mapping[str, Any], field: str, maximum: float, *, optional: bool = False, integer: bool = False
+) -> float | None:
     value = data.get(field)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise SampleError(f"{field}: must be a number of at least 0")
-    if integer and (value != int(value) or value > _MAX_TOKENS):
-        raise SampleError(f"{field}: must be a whole number up to {_MAX_TOKENS}")
-    return value
+    if integer:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value <= maximum
+            or value != int(value)
+        ):
+            raise SampleError(f"{field}: must be a whole number from 0 to {maximum:.0f}")
+        return value
+    # Compared, not passed to math.isfinite, which raises on an integer too large for a float; NaN and
+    # the infinities fail the comparison.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= maximum:
+        raise SampleError(f"{field}: must be a number from 0 to {maximum:g}")
+    return float(value)
 
 
 class SampleError(ValueError):
@@ -95,12 +111,12 @@ def check_sample(data: Mapping[str, Any]) -> dict[str, Any]:
         "profile": data["profile"],
         "role": data["role"],
         "outcome": data["outcome"],
-        "latency_s": _number(data, "latency_s"),
-        "time_to_first_token_s": _number(data, "time_to_first_token_s", optional=True),
-        "prompt_tokens": int(_number(data, "prompt_tokens", integer=True)),
-        "completion_tokens": int(_number(data, "completion_tokens", integer=True)),
-        "cost": _number(data, "cost"),
-        "at": _number(data, "at"),
+        "latency_s": _number(data, "latency_s", _MAX_SECONDS),
+        "time_to_first_token_s": _number(data, "time_to_first_token_s", _MAX_SECONDS, optional=True),
+        "prompt_tokens": int(_number(data, "prompt_tokens", _MAX_TOKENS, integer=True)),
+        "completion_tokens": int(_number(data, "completion_tokens", _MAX_TOKENS, integer=True)),
+        "cost": _number(data, "cost", _MAX_COST),
+        "at": _number(data, "at", _MAX_TIME),
     }
 
 

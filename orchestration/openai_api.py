@@ -41,7 +41,7 @@ from llm_engines.errors import (
 from orchestration.authentication import BearerAuthentication
 from orchestration.chat import ChatError, ChatRequest, Stream, complete, completion_id, now, offered, parse_request
 from orchestration.exceptions import RETRY_AFTER_OUTAGE_S
-from orchestration.exceptions import error_response as outage_response
+from orchestration.exceptions import error_response as rest_error_response
 from orchestration.runtime import configuration
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def engine_error(exc: BaseException) -> ChatError:
         status = 502 if exc.llm_at_fault else 503
         return ChatError(f"the LLM failed: {exc}", status=status, type="server_error", code="llm_failed")
     if isinstance(exc, redis.RedisError | DatabaseError):
-        status, body = outage_response(exc)  # the REST API's own answer to an outage, in OpenAI's shape
+        status, body = rest_error_response(exc)  # the REST API's own answer to an outage, in OpenAI's shape
         return ChatError(
             body["detail"], status=status, type="server_error", code=body["code"], retry_after=RETRY_AFTER_OUTAGE_S
         )
@@ -107,6 +107,9 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRes
             f"Rate limit reached for this client: {exc.detail}",
             status=429, type="rate_limit_error", code="rate_limit_exceeded", retry_after=exc.wait,
         )  # fmt: skip
+    elif isinstance(exc, exceptions.ValidationError):  # e.g. the body's parser refusing a NUL character
+        _, body = rest_error_response(exc)  # the first error with the field it names, as the REST API says it
+        error = ChatError(body["detail"], param=body.get("field"), code="invalid")
     elif isinstance(exc, exceptions.APIException):
         error = ChatError(str(exc.detail), status=exc.status_code, code=str(exc.default_code))
     else:

@@ -21,12 +21,14 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from kombu.exceptions import OperationalError
 
 from orchestration import mcp_handler, metrics, orchestration_engine
 from orchestration.leases import leases_held
@@ -89,48 +91,65 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
     grace_s = settings.RECOVERY_GRACE_SECONDS if grace_s is None else grace_s
     retries = settings.RECOVERY_RETRIES if retries is None else retries
     report = SweepReport()
-    store = task_store()
-    report.mirrored = store.catch_up_mirror()
+    report.mirrored = task_store().catch_up_mirror()
     cutoff = timezone.now() - timedelta(seconds=grace_s)
     candidates = list(
         Task.objects.filter(status__in=(QUEUED, RUNNING), updated_at__lte=cutoff)
         .order_by("updated_at")
         .values_list("task_id", flat=True)[:BATCH]
     )
-    on_queues: set[str] | None = None
-    held: set[str] | None = None
+    found: dict[str, set[str]] = {}  # the jobs on the queues and those the workers hold, asked once a sweep
     for candidate in candidates:
         try:
-            packet = store.read(str(candidate))
-        except (TaskNotFound, CorruptState) as exc:
-            logger.error("recovery: %s", exc)
-            continue
-        if packet["status"] not in (QUEUED, RUNNING) or parse_datetime(packet["updated_at"]) > cutoff:
-            continue  # it moved since the mirror was read
-        report.looked_at += 1
-        waiting = orchestration_engine.task_waiting(packet)
-        if waiting.children:
-            if any(_status(child) not in FINISHED for child in waiting.children):
-                continue  # its children move it on
-            reason = "its plan's children have finished, but the plan did not go on"
-        else:
-            if leases_held(waiting.leases):
-                continue
-            if on_queues is None:
-                on_queues = queued_jobs(_redis(), [*configuration().queues(), settings.CELERY_TASK_DEFAULT_QUEUE])
-            if any(job in on_queues for job in waiting.jobs):
-                continue
-            if held is None:
-                held = held_jobs(inspect_timeout_s)
-            if any(job in held for job in waiting.jobs):
-                continue
-            reason = "its jobs were lost: none is on a queue or held by a live worker, and no step runs"
-        outcome = orchestration_engine.task_recover(packet=packet, reason=reason, retries=retries)
-        if outcome == "recovered":
-            report.recovered.append(packet["task_id"])
-        elif outcome == "failed":
-            report.failed.append(packet["task_id"])
+            _look_at(str(candidate), cutoff, retries, inspect_timeout_s, found, report)
+        except (redis.RedisError, DatabaseError, OperationalError):
+            raise  # Redis, the broker or the database away: the whole sweep is tried again later
+        except Exception:
+            # One task that cannot be looked at (a corrupt child's file, a role that left the configuration)
+            # must not stop the sweep for the tasks after it; it is logged every sweep until it is repaired.
+            logger.exception("recovery: task %s not looked at", candidate)
     return report
+
+
+def _look_at(
+    task_id: str,
+    cutoff: datetime,
+    retries: int,
+    inspect_timeout_s: float,
+    found: dict[str, set[str]],
+    report: SweepReport,
+) -> None:
+    """Recover ``task_id`` if nothing moves it on; ``found`` keeps what the sweep asked Redis and the workers."""
+    try:
+        packet = task_store().read(task_id)
+    except (TaskNotFound, CorruptState) as exc:
+        logger.error("recovery: %s", exc)
+        return
+    if packet["status"] not in (QUEUED, RUNNING) or parse_datetime(packet["updated_at"]) > cutoff:
+        return  # it moved since the mirror was read
+    report.looked_at += 1
+    waiting = orchestration_engine.task_waiting(packet)
+    if waiting.children:
+        if any(_status(child) not in FINISHED for child in waiting.children):
+            return  # its children move it on
+        reason = "its plan's children have finished, but the plan did not go on"
+    else:
+        if leases_held(waiting.leases):
+            return
+        if "queued" not in found:
+            found["queued"] = queued_jobs(_redis(), [*configuration().queues(), settings.CELERY_TASK_DEFAULT_QUEUE])
+        if any(job in found["queued"] for job in waiting.jobs):
+            return
+        if "held" not in found:
+            found["held"] = held_jobs(inspect_timeout_s)
+        if any(job in found["held"] for job in waiting.jobs):
+            return
+        reason = "its jobs were lost: none is on a queue or held by a live worker, and no step runs"
+    outcome = orchestration_engine.task_recover(packet=packet, reason=reason, retries=retries)
+    if outcome == "recovered":
+        report.recovered.append(packet["task_id"])
+    elif outcome == "failed":
+        report.failed.append(packet["task_id"])
 
 
 def sweep_once_among_workers(**options) -> SweepReport | None:

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -258,6 +259,15 @@ class LlamaCppEngine(Engine):
                 f"model {self.model} has no multimodal projector (clip_model_path): it cannot read images",
                 engine=self.name,
             )
+        for url in _image_urls(messages):
+            # llama-cpp-python's chat handler opens any other URL itself (urllib, no timeout): an http://
+            # address inside the server's network, or a file:// path on its disk.
+            if not _DATA_URL.match(url):
+                raise EngineBadRequest(
+                    "llama.cpp takes images as data: URLs (data:image/png;base64,...); it does not fetch "
+                    f"other URLs: {url[:60]!r}",
+                    engine=self.name,
+                )
         self.refuse_tools(options)
         request: dict[str, Any] = {
             "messages": [plain_message(message, vision=self.clip_path is not None) for message in messages],
@@ -389,6 +399,18 @@ def plain_message(message: Message, *, vision: bool) -> dict[str, Any]:
     if role == "tool":
         return {"role": "user", "content": f"[tool result {message.get('tool_call_id', '')}]\n{content or ''}"}
     return {"role": role, "content": content if content is not None else ""}
+
+
+_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def _image_urls(messages: Sequence[Message]) -> Iterator[str]:
+    for message in messages:
+        if isinstance(message.get("content"), list):
+            for part in message["content"]:
+                if isinstance(part, Mapping) and part.get("type") == "image_url":
+                    image = part.get("image_url")
+                    yield str(image.get("url", "")) if isinstance(image, Mapping) else str(image)
 
 
 def _has_images(messages: Sequence[Message]) -> bool:

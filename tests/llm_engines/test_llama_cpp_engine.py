@@ -71,6 +71,31 @@ def test_images_need_a_multimodal_projector(engine):
         engine.chat([{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}])
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "file:///etc/passwd",
+        "https://example.com/cat.png",
+        "data:text/plain,hi",
+    ],
+)
+def test_a_model_that_reads_images_takes_them_as_data_urls_and_fetches_nothing(url):
+    """llama-cpp-python's chat handler would open any other URL itself, from inside the server."""
+    engine = LlamaCppEngine(**SETTINGS)
+    engine.clip_path = Path("mmproj.gguf")  # as if it had a projector; the request is refused before any load
+    text = {"type": "text", "text": "what is it?"}
+    with pytest.raises(EngineBadRequest, match="data: URLs"):
+        engine._request(
+            [{"role": "user", "content": [text, {"type": "image_url", "image_url": {"url": url}}]}], ChatOptions()
+        )
+    good = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    assert (
+        engine._request([{"role": "user", "content": [text, good]}], ChatOptions())["messages"][0]["content"][1] == good
+    )
+    assert engine._loaded == 0
+
+
 def test_a_generation_past_its_timeout_stops_with_engine_timeout(engine):
     with pytest.raises(EngineTimeout) as error:
         engine.chat([{"role": "user", "content": "Tell a very long story."}], ChatOptions(max_tokens=400, timeout=0.05))

@@ -160,6 +160,12 @@ def test_percentiles_are_estimated_within_a_bucket():
         ({"prompt_tokens": True}, "prompt_tokens"),
         ({"completion_tokens": 1.5}, "completion_tokens"),
         ({"at": "now"}, "at"),
+        # Beyond any real call: totals that never expire would add up to infinity, which JSON cannot carry.
+        ({"cost": 1.5e308}, "cost"),
+        ({"latency_s": 10**401}, "latency_s"),  # too large for a float: refused, not an OverflowError
+        ({"time_to_first_token_s": float("inf")}, "time_to_first_token_s"),
+        ({"prompt_tokens": 10**400}, "prompt_tokens"),
+        ({"at": 1e300}, "at"),
     ],
 )
 def test_a_bad_sample_is_refused_naming_its_field(change, field):

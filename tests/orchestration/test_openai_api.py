@@ -296,6 +296,11 @@ def test_tools_for_an_llm_that_cannot_call_them_are_refused(client):
     [
         ({"temperature": 5}, "temperature", "between 0 and 2"),
         ({"n": 2}, "n", "not supported"),
+        ({"n": True}, "n", "not supported"),  # not 1, although Python's True == 1
+        ({"logprobs": 0}, "logprobs", "not supported"),
+        ({"frequency_penalty": False}, "frequency_penalty", "not supported"),
+        ({"max_tokens": "abc", "max_completion_tokens": 5}, "max_tokens", "positive integer"),
+        ({"messages": [{"role": "user", "content": "a\u0000b"}]}, "messages", "NUL"),
         ({"functions": []}, "functions", "Unrecognized request argument"),
         ({"messages": []}, "messages", "non-empty list"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "must be one of"),

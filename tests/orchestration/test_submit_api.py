@@ -120,6 +120,10 @@ def test_text_that_is_not_valid_unicode_is_400(api, state_dir):
 def test_an_unknown_profile_is_404_even_with_a_bad_body(api):
     response = post(api, {"nonsense": True}, url="/api/v1/nope/planner")
     assert response.status_code == 404
+    # Even one that does not parse, or is not JSON at all: the URL is looked at first.
+    for body, content_type in ((b"{", "application/json"), (b"hello", "text/plain")):
+        response = api.generic("POST", "/api/v1/nope/planner", body, content_type=content_type)
+        assert response.status_code == 404 and response.json()["code"] == "not_found", response.content
 
 
 def test_a_corrupt_state_file_is_a_clear_error(api, state_dir):

@@ -21,6 +21,7 @@ from django.db import OperationalError, connection
 from aiagentserver.celery import app
 from orchestration import recovery
 from orchestration.models import Task
+from orchestration.packets import history_event, new_packet
 from orchestration.runtime import task_store
 from tests.conftest import BASE_DIR, server_env, submit_with_redis_down, wait_for
 from tests.orchestration.scripted import CODER, QA_REVIEW, code_reply, use_script
@@ -188,6 +189,27 @@ def test_a_round_whose_verdict_never_came_is_recovered(api, celery_worker, scrip
     assert events(done)[len(history) :] == ["recovered", "verdict", "finished"]
     # The checks were not run again: they were recorded.
     assert sum(event["event"] == "check" for event in done["history"]) == 3
+
+
+@pytest.mark.django_db
+def test_a_task_that_cannot_be_looked_at_does_not_stop_the_sweep_for_the_others(redis_url, caplog):
+    """A plan's parent whose child's state file is corrupt is the oldest candidate: it is logged, and the
+    sweep goes on to the task after it (before, every sweep stopped at it and no later task was recovered)."""
+    store = task_store()
+    child = str(uuid.uuid4())
+    parent = new_packet(task_id=str(uuid.uuid4()), profile="developer", role="planner", payload={"input": "Plan."})
+    parent["status"] = "running"
+    parent["children"] = [child]
+    parent["history"].append(history_event("delegated", status="running", detail={"children": [child]}))
+    store.create(parent)
+    (store.root / f"{child}.json").write_text("{not json")
+    lost = new_packet(task_id=str(uuid.uuid4()), profile="productivity", role="summarizer", payload={"input": "Hi."})
+    lost["history"].append(history_event("submitted", status="queued", detail={"job_id": str(uuid.uuid4())}))
+    store.create(lost)  # its job was never queued
+    report = recovery.sweep(grace_s=0, inspect_timeout_s=0.2)
+    assert report.recovered == [lost["task_id"]]
+    assert f"recovery: task {parent['task_id']} not looked at" in caplog.text
+    assert store.read(parent["task_id"])["status"] == "running"  # left as it was, for a person to repair
 
 
 def test_a_task_recovered_too_often_fails(api, celery_worker, script, broker, settings):
