@@ -561,10 +561,15 @@ class TaskPagination(PageNumberPagination):
 class TaskListApi(APIView):
     """GET /api/v1/tasks/: summaries from the database mirror, filtered and paginated."""
 
-    class FilterSerializer(serializers.Serializer):
+    class FilterSerializer(ClosedInputSerializer):
+        """The query: a parameter it does not know (a misspelled filter, which would list every task) is a
+        400 naming it, as is a page or page size that is not a whole number from 1."""
+
         status = serializers.CharField(required=False)
         profile = serializers.CharField(required=False, max_length=64, help_text="Only the tasks of this profile.")
         role = serializers.CharField(required=False, max_length=64, help_text="Only the tasks of this role.")
+        page = serializers.IntegerField(required=False, min_value=1)
+        page_size = serializers.IntegerField(required=False, min_value=1)
 
     @extend_schema_serializer(component_name="TaskSummary")
     class OutputSerializer(serializers.ModelSerializer):
@@ -613,7 +618,10 @@ class TaskListApi(APIView):
                 ),
                 description="One page of task summaries.",
             ),
-            400: error("`invalid`: an unknown status; `field` names the filter."),
+            400: error(
+                "`invalid`: an unknown status, a query parameter the list does not take (`unknown field`), or a "
+                "page or page size that is not a whole number from 1; `field` names the parameter."
+            ),
             **errors(401),
             404: error("`not_found`: the page is after the last one."),
         },
@@ -621,8 +629,9 @@ class TaskListApi(APIView):
     def get(self, request: Request) -> Response:
         filters = self.FilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        paginator = TaskPagination()
-        page = paginator.paginate_queryset(task_list(**filters.validated_data), request, view=self)
+        selection = {k: v for k, v in filters.validated_data.items() if k not in ("page", "page_size")}
+        paginator = TaskPagination()  # reads the page and its size, checked above, from the query itself
+        page = paginator.paginate_queryset(task_list(**selection), request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
 
 

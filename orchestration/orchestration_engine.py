@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from agents.base import CHECKS, LOOP, PLAN, AgentOutcome, PayloadError, ReplyError, render_files
 from agents.developer import qa_agent
@@ -60,6 +62,9 @@ from orchestration.state_store import TaskExists
 logger = logging.getLogger(__name__)
 
 MAIN = "main"  # the first step of a task that is not a loop
+# Redis (the leases, the balancer's state, the channels) or the broker not answering: a step that meets one
+# is left to the recovery sweep rather than failed.
+OUTAGES = (redis.RedisError, KombuOperationalError)
 
 
 class StepBusy(Exception):
@@ -228,6 +233,13 @@ def _supervised(
         # LookupError: the role or its agent left the configuration, or no LLM can serve the role
         # any more (the balancer's NoCandidate).
         return _fail(task_id, guard, f"step {name}: {exc}", balancer=getattr(exc, "balancer", None))
+    except OUTAGES as exc:
+        # Redis or the broker did not answer (the balancer's state, the step's record's messages, the next
+        # jobs' queueing): not the task's fault, and nothing is failed. The job ends; once they answer
+        # again, the recovery sweep finds the task with nothing moving it on and queues its jobs again
+        # (a recorded step stays recorded; one that was not is run again).
+        logger.warning("task %s: step %s stopped, Redis or the broker did not answer: %s", task_id, name, exc)
+        raise
     except Exception as exc:
         _fail(task_id, guard, f"step {name}: internal error: {type(exc).__name__}: {exc}")
         raise
@@ -1052,8 +1064,9 @@ def loop_continue(*, packet: dict[str, Any], step: str) -> None:
 
 
 def task_abandoned(*, task_id: str, job_id: str, reason: str) -> str:
-    """The job ended without recording its step (Celery's hard time limit killed it): fail the task,
-    if the job is the task's current one (its claim, or a job scheduled after its latest step)."""
+    """The job ended without recording its step (Celery's hard time limit killed it, or it raised): fail
+    the task, if the job is the task's current one (its claim, or a job scheduled after its latest step).
+    A job stopped by an outage (``OUTAGES``) is not abandoned: ``StepJob`` leaves it to the sweep."""
 
     return _fail(task_id, lambda packet: _claimed_by(packet) == job_id or _expects(packet, job_id), reason)
 
@@ -1153,7 +1166,8 @@ def _step_event(packet: dict[str, Any], step: str) -> dict[str, Any] | None:
 
 
 def _last_step(packet: dict[str, Any]) -> str | None:
-    for event in reversed(packet["history"]):
+    """The step recorded last in the task's current run (a retried task starts its steps afresh)."""
+    for event in reversed(loop.current_run(packet["history"])):
         if event["event"] in ("step", "verdict", "delegated", "feedback") and event["detail"].get("step"):
             return MAIN if event["event"] == "delegated" else event["detail"]["step"]
     return None

@@ -120,6 +120,11 @@ class StepJob(Task):
         if isinstance(exc, orchestration_engine.StepRetry):
             return
         task = args[1] if self.name == "orchestration.run_verdict" else args[0]
+        if isinstance(exc, orchestration_engine.OUTAGES):
+            # Redis or the broker did not answer (the step's lease, a check's verdict queued): the task
+            # is not failed for it; the recovery sweep moves it on once they answer again.
+            logger.warning("task %s: job %s stopped, Redis or the broker did not answer: %s", task, task_id, exc)
+            return
         orchestration_engine.task_abandoned(
             task_id=task, job_id=task_id, reason=f"the step was stopped: {type(exc).__name__}: {exc}"
         )

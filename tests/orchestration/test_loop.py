@@ -74,3 +74,21 @@ def test_the_state_comes_from_the_history_since_the_last_retry():
     }
     state = loop.loop_state(packet)
     assert (state.iteration, state.run, state.rounds_in_role, state.tests_source) == (1, "r2", 0, "given")
+
+
+def test_what_follows_a_step_is_decided_within_the_current_run():
+    """A retried task starts afresh: the previous run's verdict is not its last step (a sweep that took it
+    for one queued the next round's debug on a task whose first checks had not run)."""
+    from orchestration import orchestration_engine
+
+    def event(kind, **detail):
+        return {"event": kind, "llm": "m", "detail": detail}
+
+    history = [
+        event("step", step="1.coder"),
+        event("verdict", step="1.verdict", signature="s1", checks=FAIL_A),
+        event("retried"),
+    ]
+    assert orchestration_engine._last_step({"history": history}) is None
+    assert orchestration_engine._last_step({"history": [*history, event("step", step="1.coder")]}) == "1.coder"
+    assert orchestration_engine._last_step({"history": history[:2]}) == "1.verdict"

@@ -246,6 +246,11 @@ def test_list_filters_by_status_profile_and_role_and_paginates(api):
     assert api.get("/api/v1/tasks/", {"status": "succeeded"}).json()["count"] == 0
     bad = api.get("/api/v1/tasks/", {"status": "bogus"})
     assert bad.status_code == 400 and bad.json()["field"] == "status"
+    # A misspelled filter would have listed every task; a page that is not a number was a 404.
+    for query in ({"stauts": "failed"}, {"page": "abc"}, {"page_size": "0"}):
+        bad = api.get("/api/v1/tasks/", query)
+        assert bad.status_code == 400 and bad.json()["field"] == next(iter(query)), bad.content
+    assert api.get("/api/v1/tasks/", {"page": 9}).status_code == 404  # after the last page
 
 
 def test_cancel_a_queued_task_marks_it_cancelled(api):

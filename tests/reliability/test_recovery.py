@@ -105,6 +105,38 @@ def test_a_queued_task_whose_job_redis_lost_is_queued_again_and_completes(api, c
     assert recovery.sweep(grace_s=0).recovered == []
 
 
+def test_a_step_that_meets_a_redis_outage_is_left_to_the_sweep_not_failed(
+    api, celery_worker, script, broker, monkeypatch
+):
+    """Redis stops answering in the middle of a step (here the balancer's call): the task is not failed
+    for it ("internal error", as before); the job ends, and once Redis answers the sweep queues the task
+    again under the same job id, which takes the step over and finishes it."""
+    from balancer.load_balancer import LoadBalancer
+    from orchestration import orchestration_engine
+
+    script([SUMMARY])
+    with paused_queue(celery_worker.name):
+        packet = submit(api)
+        job_id = packet["history"][0]["detail"]["job_id"]
+        assert on_queue(broker, job_id)
+        broker.delete(QUEUE)  # as if this test's process were the worker that took the job
+
+        def outage(*_args, **_kwargs):
+            raise redis.ConnectionError("Connection refused")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(LoadBalancer, "run", outage)
+            with pytest.raises(redis.ConnectionError):
+                orchestration_engine.task_step(task_id=packet["task_id"], job_id=job_id, worker="here:1")
+        stopped = task_store().read(packet["task_id"])
+        assert stopped["status"] == "running" and events(stopped)[-1] == "claimed"
+        assert recovery.sweep(grace_s=0, inspect_timeout_s=0.5).recovered == [packet["task_id"]]
+    done = wait_for(packet["task_id"])
+    assert done["status"] == "succeeded"
+    assert events(done) == ["submitted", "claimed", "recovered", "reclaimed", "step", "finished"]
+    assert done["history"][3]["detail"]["job_id"] == job_id
+
+
 def test_a_task_accepted_while_redis_was_down_is_queued_by_the_sweep(api, celery_worker, script):
     """A web process whose Redis does not answer (a real process, pointed at a closed port)."""
     script([SUMMARY])
