@@ -117,7 +117,12 @@ class PayloadField(serializers.JSONField):
 
 @extend_schema_field(OpenApiTypes.UUID)
 class TaskIdField(serializers.CharField):
-    """Text on input (the view checks the UUID form, with its own message), documented as a UUID."""
+    """Text on input (the view checks the UUID form, with its own message), documented as a UUID. Not
+    trimmed: " <uuid> " is not a task id, and a trimmed one would give one task two names."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
 
 
 _PAYLOAD_HELP = (
@@ -320,8 +325,8 @@ class TaskSubmitApi(APIView):
             help_text="Optional: the client's own id, for idempotent retries (the same payload gives the "
             "stored task back, another payload a 409).",
         )
-        profile = serializers.CharField(required=False, help_text="Optional; must be the URL's.")
-        role = serializers.CharField(required=False, help_text="Optional; must be the URL's.")
+        profile = serializers.CharField(required=False, trim_whitespace=False, help_text="Optional; must be the URL's.")
+        role = serializers.CharField(required=False, trim_whitespace=False, help_text="Optional; must be the URL's.")
         payload = PayloadField(help_text=_PAYLOAD_HELP)
 
         def to_internal_value(self, data: Any) -> dict[str, Any]:

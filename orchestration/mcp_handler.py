@@ -464,7 +464,8 @@ def handle_feedback(entry: Entry, pipe: Writes) -> None:
     data = dict(_expect(entry, FEEDBACK_MESSAGE))
     task_id = data.pop("task_id", None)
     if not isinstance(task_id, str):
-        raise Reject({"code": "invalid", "detail": "task_id: is required", "field": "task_id"})
+        problem = "is required" if task_id is None else "must be a string, the task's id"
+        raise Reject({"code": "invalid", "detail": f"task_id: {problem}", "field": "task_id"})
     try:
         packet = TaskFeedbackApi.accept(data, task_id=task_id, message_id=entry.id)
     except Exception as exc:

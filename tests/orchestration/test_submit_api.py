@@ -305,6 +305,16 @@ def test_the_usual_body_is_validated_as_the_serializer_does(body):
     )  # fmt: skip
 
 
+def test_a_task_id_or_a_role_with_spaces_around_it_is_refused(api):
+    """Not trimmed into another value: " <uuid> " is not a task id, nor " planner " the URL's role."""
+    for body, field in (
+        ({"payload": {"input": "x"}, "task_id": f" {_ID} "}, "task_id"),
+        ({"payload": {"input": "x"}, "role": " planner "}, "role"),
+    ):
+        response = post(api, body)
+        assert response.status_code == 400 and response.json()["field"] == field, response.content
+
+
 def test_location_follows_the_script_prefix(api):
     """The Location's path is built once per script prefix (a server mounted under a path)."""
     try:
