@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from orchestration.admin import metrics_page
-from orchestration.api_handler import HealthzApi, PrometheusMetricsApi
+from orchestration.api_handler import HealthzApi, PrometheusMetricsApi, unknown_endpoint
 from orchestration.openai_api import ChatCompletionsApi, ModelDetailApi, ModelListApi, unknown_url
 
 # The admin app is SimpleAdminConfig (settings.py): every app's admin module is registered here, in the
@@ -20,6 +20,7 @@ urlpatterns = [
     # Authenticated like the API (SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]): a token or an admin session.
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    re_path(r"^api/", unknown_endpoint),  # after every API route: a JSON 404, whatever DEBUG says
     path("healthz", HealthzApi.as_view(), name="healthz"),
     path("metrics", PrometheusMetricsApi.as_view(), name="prometheus-metrics"),
     # The OpenAI-compatible API (orchestration/openai_api.py).

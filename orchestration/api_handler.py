@@ -640,6 +640,12 @@ class TaskListApi(APIView):
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
 
 
+@extend_schema(exclude=True)
+class TaskListNoSlashApi(TaskListApi):
+    """GET /api/v1/tasks: the same list, served rather than redirected to the path with the slash (which
+    the schema lists)."""
+
+
 class ConfigApi(APIView):
     """GET /api/v1/config: the configuration in force (it holds no secrets)."""
 
@@ -1061,8 +1067,15 @@ class PrometheusMetricsApi(APIView):
 def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     """Django's 404 handler: JSON under /api/, the usual page elsewhere."""
     if request.path.startswith("/api/"):
-        return JsonResponse({"code": "not_found", "detail": f"no such endpoint: {request.path}"}, status=404)
+        return unknown_endpoint(request)
     return page_not_found(request, exception)
+
+
+def unknown_endpoint(request: HttpRequest, *_args: Any, **_kwargs: Any) -> HttpResponse:
+    """Any other path under /api/ (the last URL pattern there): the JSON 404, with DEBUG on too (Django's
+    page for it is HTML), and never a redirect to the path with a slash appended, which Django answers
+    a POST with a 500 under DEBUG and a 301 otherwise (a client follows it as a GET)."""
+    return JsonResponse({"code": "not_found", "detail": f"no such endpoint: {request.path}"}, status=404)
 
 
 def _check_database() -> str:

@@ -9,6 +9,7 @@ urlpatterns = [
     path("llms", api_handler.LLMListApi.as_view(), name="llm-list"),
     path("metrics", api_handler.MetricsApi.as_view(), name="metrics"),
     path("tasks/", api_handler.TaskListApi.as_view(), name="task-list"),
+    path("tasks", api_handler.TaskListNoSlashApi.as_view()),
     path("tasks/<str:task_id>", api_handler.TaskDetailApi.as_view(), name="task-detail"),
     path("tasks/<str:task_id>/cancel", api_handler.TaskCancelApi.as_view(), name="task-cancel"),
     path("tasks/<str:task_id>/feedback", api_handler.TaskFeedbackApi.as_view(), name="task-feedback"),

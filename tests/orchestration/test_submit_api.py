@@ -305,6 +305,19 @@ def test_the_usual_body_is_validated_as_the_serializer_does(body):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_path_under_the_api_that_names_nothing_is_a_json_404_never_a_redirect(api, settings, debug):
+    """With DEBUG on (as `make run` serves), Django answered a POST that a slash would have matched with a
+    500, and any other unknown path with its HTML page; with it off, with a 301 a client follows as a GET."""
+    settings.DEBUG = debug
+    assert api.get("/api/v1/tasks").status_code == 200  # the list, served without its slash too
+    assert api.post("/api/v1/tasks", {}, format="json").status_code == 405
+    for method, path in (("post", "/api/v1/developer/planner/"), ("get", "/api/v1/nothing/here/at/all"),
+                         ("get", "/api/v2/tasks/")):  # fmt: skip
+        response = getattr(api, method)(path)
+        assert response.status_code == 404 and response.json()["code"] == "not_found", (path, response.content)
+
+
 def test_a_task_id_or_a_role_with_spaces_around_it_is_refused(api):
     """Not trimmed into another value: " <uuid> " is not a task id, nor " planner " the URL's role."""
     for body, field in (

@@ -135,10 +135,13 @@ def test_junk_task_ids_in_the_body_and_query_are_refused(api, state_dir):
         "page=-1",
         "page=abc",
         "page=" + "9" * 40,
+        "page_size=0",
+        "page_size=-5",
+        "page_size=abc",
+        "stauts=failed",
     ):
         assert_refused(api.get(f"/api/v1/tasks/?{query}"))
-    for page_size in ("0", "-5", "abc", "9" * 40):
-        assert api.get(f"/api/v1/tasks/?page_size={page_size}").status_code == 200
+    assert api.get("/api/v1/tasks/?page_size=" + "9" * 40).status_code == 200  # taken as the largest, 500
     task = send(api, "post", "/api/v1/developer/planner", {"payload": {"goal": "x"}}).json()
     for last_event_id in ("-1", "abc", "9" * 50, "\u0661", "1e3", "999"):
         refused = assert_refused(api.get(f"/api/v1/tasks/{task['task_id']}/events", HTTP_LAST_EVENT_ID=last_event_id))
