@@ -238,10 +238,14 @@ def test_a_task_that_cannot_be_looked_at_does_not_stop_the_sweep_for_the_others(
     lost = new_packet(task_id=str(uuid.uuid4()), profile="productivity", role="summarizer", payload={"input": "Hi."})
     lost["history"].append(history_event("submitted", status="queued", detail={"job_id": str(uuid.uuid4())}))
     store.create(lost)  # its job was never queued
-    report = recovery.sweep(grace_s=0, inspect_timeout_s=0.2)
-    assert report.recovered == [lost["task_id"]]
-    assert f"recovery: task {parent['task_id']} not looked at" in caplog.text
-    assert store.read(parent["task_id"])["status"] == "running"  # left as it was, for a person to repair
+    try:
+        report = recovery.sweep(grace_s=0, inspect_timeout_s=0.2)
+        assert report.recovered == [lost["task_id"]]
+        assert f"recovery: task {parent['task_id']} not looked at" in caplog.text
+        assert store.read(parent["task_id"])["status"] == "running"  # left as it was, for a person to repair
+    finally:  # the state directory is the session's: no corrupt file or stuck plan is left for other tests
+        for task_id in (child, parent["task_id"]):
+            store.path(task_id).unlink(missing_ok=True)
 
 
 def test_a_task_recovered_too_often_fails(api, celery_worker, script, broker, settings):
