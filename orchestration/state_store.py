@@ -144,32 +144,67 @@ class TaskStore:
         # the recovery sweep runs the lost step again.
         # Compact: the C encoder (an indented dump is encoded in Python, four times slower, at every write).
         data = json.dumps(packet, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        atomic_write(self.path(packet["task_id"]), data, sync_directory=new)
-        if not mirror_packet(packet):
-            self._unmirrored.mkdir(parents=True, exist_ok=True)
-            (self._unmirrored / packet["task_id"]).touch()
+        # The task is marked unmirrored before its file is written and unmarked once its row is: a
+        # process that dies in between (killed while the database kept it waiting, say) leaves the
+        # mark, and the sweep writes the row. Without it the sweep, which finds its candidates by
+        # their rows, would never see a task whose row was not written (a new one, or one retried).
+        marker = self._mark(packet["task_id"])
+        try:
+            atomic_write(self.path(packet["task_id"]), data, sync_directory=new)
+        except BaseException:
+            try:
+                replaced = self.path(packet["task_id"]).read_bytes() == data  # it failed after the rename
+            except OSError:
+                replaced = False
+            if not replaced:
+                self._unmark(marker)  # the file is as it was, and so is its row
+            raise
+        if mirror_packet(packet):
+            self._unmark(marker)
 
     @property
     def _unmirrored(self) -> Path:
         return self.root / ".unmirrored"
 
+    def _mark(self, task_id: str) -> Path:
+        marker = self._unmirrored / task_id
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the first mark of all: the directory is made when missing
+            self._unmirrored.mkdir(parents=True, exist_ok=True)
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        return marker
+
+    @staticmethod
+    def _unmark(marker: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+
     def catch_up_mirror(self) -> int:
-        """Write the rows of the tasks whose mirroring failed (the database was locked or down), each
-        from its file as it is now. Returns how many were written; stops at the first failure."""
+        """Write the rows of the tasks still marked unmirrored (their mirroring failed, the database
+        locked or down, or their writer died before it), each from its file as it is now, under the
+        task's lock: a write in progress holds it and unmarks its task itself. Returns how many were
+        written; stops at the first failure."""
         if not self._unmirrored.is_dir():
             return 0
         written = 0
         for marker in sorted(self._unmirrored.iterdir()):
-            # Removed before the read: a write that fails meanwhile marks the task again.
-            marker.unlink(missing_ok=True)
             try:
-                packet = self.read(marker.name)
-            except (TaskNotFound, CorruptState, ValueError) as exc:
-                logger.error("not mirrored: %s", exc)
+                with self._locked(marker.name):
+                    if not marker.exists():
+                        continue  # its writer finished meanwhile
+                    packet = self.read(marker.name)
+                    if not mirror_packet(packet):
+                        break
+                    marker.unlink(missing_ok=True)
+            except TaskNotFound:  # its file was never written: the write failed, or its writer died first
+                marker.unlink(missing_ok=True)
                 continue
-            if not mirror_packet(packet):
-                marker.touch()
-                break
+            except (CorruptState, ValueError) as exc:
+                logger.error("not mirrored: %s", exc)
+                marker.unlink(missing_ok=True)
+                continue
             written += 1
         return written
 

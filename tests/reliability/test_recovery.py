@@ -137,6 +137,35 @@ def test_a_step_that_meets_a_redis_outage_is_left_to_the_sweep_not_failed(
     assert done["history"][3]["detail"]["job_id"] == job_id
 
 
+def test_a_task_whose_process_died_between_its_file_and_its_row_is_found_by_the_sweep(
+    api, celery_worker, script, monkeypatch
+):
+    """The web process is killed after writing the new task's file, before its row (while the database
+    kept it waiting, say): no row, no job. The task was marked unmirrored before its file was written,
+    so the sweep writes its row, then finds nothing moving it on and queues it."""
+    from orchestration import services, state_store
+
+    class Killed(BaseException):
+        """The process's death, as far as the code after it is concerned: nothing below runs."""
+
+    def die(_packet):
+        raise Killed
+
+    script([SUMMARY])
+    task_id = str(uuid.uuid4())
+    with monkeypatch.context() as patched:
+        patched.setattr(state_store, "mirror_packet", die)
+        with pytest.raises(Killed):
+            services.task_submit(profile="productivity", role="summarizer", payload={"input": "Hi."}, task_id=task_id)
+    assert task_store().read(task_id)["status"] == "queued"
+    assert not Task.objects.filter(task_id=task_id).exists()
+    report = recovery.sweep(grace_s=0)
+    assert report.mirrored == 1 and report.recovered == [task_id]
+    done = wait_for(task_id)
+    assert done["status"] == "succeeded"
+    assert events(done) == ["submitted", "recovered", "claimed", "step", "finished"]
+
+
 def test_a_task_accepted_while_redis_was_down_is_queued_by_the_sweep(api, celery_worker, script):
     """A web process whose Redis does not answer (a real process, pointed at a closed port)."""
     script([SUMMARY])
