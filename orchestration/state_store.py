@@ -176,6 +176,14 @@ class TaskStore:
         os.close(fd)
         return marker
 
+    def restore_row(self, task_id: str) -> None:
+        """Make the task's row what its file says, whatever version the row holds: after a power loss
+        a row may be ahead of its file (the database's commit was durable, the file's rename was not),
+        or hold another write of the same version. Under the task's lock, so that no write of the task
+        is between the two; raises what the read or the database raise."""
+        with self._locked(task_id):
+            mirror_row(self.read(task_id), force=True)
+
     @staticmethod
     def _unmark(marker: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -251,12 +259,19 @@ def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def mirror_row(packet: dict[str, Any], *, absent: bool = False) -> bool:
+def mirror_row(packet: dict[str, Any], *, absent: bool = False, force: bool = False) -> bool:
     """Make the packet's row match it unless the row already holds a newer version; True if written.
-    ``absent``: the caller found no row for the task (``sync_tasks``), so the INSERT is tried first."""
+    ``absent``: the caller found no row for the task (``sync_tasks``), so the INSERT is tried first.
+    ``force``: whatever version the row holds (``TaskStore.restore_row``, under the task's lock)."""
     row = mirror_fields(packet)
     fields = [(name, row[name]) for name in MIRRORED]
     key = ("task_id", packet["task_id"])
+    if force:
+        with _mirror_transaction():
+            if _execute(_RESTORE, [*((name, row[name]) for name in UPDATED), key]):
+                return True
+            _execute(_INSERT, [key, *fields])
+        return True
     if packet["version"] == 1 or absent:
         # A new task (the accept path), or a missing row: one INSERT, rather than an UPDATE, a SELECT and an INSERT.
         try:
@@ -296,6 +311,7 @@ def _mirror_transaction() -> Iterator[None]:
 
 _INSERT = "insert"
 _UPDATE = "update"
+_RESTORE = "restore"  # the UPDATE without its guard on the version
 
 
 @functools.cache
@@ -310,6 +326,8 @@ def _statement(kind: str, vendor: str) -> str:
         names = ", ".join([quote("task_id"), *columns])
         return f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * (len(columns) + 1))})"
     assignments = ", ".join(f"{column} = %s" for column in columns)
+    if kind == _RESTORE:
+        return f"UPDATE {table} SET {assignments} WHERE {quote('task_id')} = %s"
     return f"UPDATE {table} SET {assignments} WHERE {quote('task_id')} = %s AND {quote('version')} < %s"
 
 

@@ -142,6 +142,41 @@ def test_sync_tasks_rebuilds_the_mirror_from_the_files(settings, tmp_path):
     assert not Task.objects.filter(task_id=orphan.task_id).exists()
 
 
+@pytest.mark.django_db
+def test_sync_tasks_brings_back_a_row_ahead_of_its_file(settings, tmp_path):
+    """After a power loss the database's commit may have lasted and the file's rename not: the row is
+    ahead of its file, or, once the task was written again, holds another write of the same version. The
+    guarded write never takes a row back; sync_tasks makes it what the file says."""
+    settings.TASKS_STATE_DIR = tmp_path / "state"
+    store = TaskStore(settings.TASKS_STATE_DIR)
+
+    def note(text):
+        return lambda packet: (
+            packet["history"].append(history_event("note", status=packet["status"], detail={"text": text})) or True
+        )
+
+    behind = store.create(make_packet())
+    lost_rename = store.update(behind["task_id"], note("lost"))[0]
+    store.path(behind["task_id"]).write_text(json.dumps(behind))  # the file as the power loss left it
+    assert Task.objects.get(task_id=behind["task_id"]).version == lost_rename["version"] == 2
+
+    rewritten = store.create(make_packet())
+    first = store.update(rewritten["task_id"], note("lost"))[0]
+    store.path(rewritten["task_id"]).write_text(json.dumps(rewritten))
+    second = store.update(rewritten["task_id"], note("written again"))[0]  # version 2 again, another write
+    assert second["version"] == first["version"] == 2
+    assert Task.objects.get(task_id=rewritten["task_id"]).packet == first
+
+    out = io.StringIO()
+    call_command("sync_tasks", stdout=out)
+    assert Task.objects.get(task_id=behind["task_id"]).packet == behind
+    assert Task.objects.get(task_id=behind["task_id"]).version == 1
+    assert Task.objects.get(task_id=rewritten["task_id"]).packet == second
+    assert "2 of them were ahead" in out.getvalue()
+    call_command("sync_tasks", stdout=(again := io.StringIO()))
+    assert "0 rows written" in again.getvalue()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_row_inserted_older_while_a_newer_write_looked_for_it_is_brought_up_to_date():
     """The recovery sweep and sync_tasks write rows from the files without the task's lock: a write of

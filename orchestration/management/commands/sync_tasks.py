@@ -5,10 +5,11 @@ import uuid
 
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.utils.dateparse import parse_datetime
 
 from orchestration.models import Task
 from orchestration.runtime import task_store
-from orchestration.state_store import mirror_row
+from orchestration.state_store import CorruptState, TaskNotFound, mirror_row
 
 # Rows written in one transaction: one commit (one flush of the database's log) for this many, rather
 # than one per statement. With SQLite a transaction holds the database's write lock, which the server's
@@ -22,18 +23,35 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         seen: set[uuid.UUID] = set()
         written = 0
-        current = dict(Task.objects.values_list("task_id", "version"))
-        packets = task_store().iter_packets()
+        ahead: list[str] = []
+        current = {task_id: (version, updated) for task_id, version, updated in
+                   Task.objects.values_list("task_id", "version", "updated_at")}  # fmt: skip
+        store = task_store()
+        packets = store.iter_packets()
         while batch := list(itertools.islice(packets, BATCH)):
             with transaction.atomic():
                 for packet in batch:
                     task_id = uuid.UUID(packet["task_id"])
                     seen.add(task_id)
-                    # A row never goes back to an older version: a worker may write the
-                    # task between this read of the file and the row's update.
-                    if current.get(task_id) != packet["version"] and mirror_row(packet, absent=task_id not in current):
-                        written += 1
+                    row = current.get(task_id)
+                    if row is None or row[0] < packet["version"]:
+                        # The guarded write: a row never goes back to an older version here, as a
+                        # worker may write the task between this read of the file and the row's update.
+                        written += mirror_row(packet, absent=row is None)
+                    elif row != (packet["version"], parse_datetime(packet["updated_at"])):
+                        ahead.append(packet["task_id"])
+        # A row ahead of its file, or holding another write of the same version (after a power loss): made
+        # what the file says under the task's lock, which no write of it holds meanwhile.
+        for task_id in list(ahead):
+            try:
+                store.restore_row(task_id)
+            except (TaskNotFound, CorruptState) as exc:  # removed or broken since it was read
+                self.stderr.write(f"not restored: {exc}")
+                ahead.remove(task_id)
         orphans = [task_id for task_id in current if task_id not in seen]
         for start in range(0, len(orphans), 500):
             Task.objects.filter(task_id__in=orphans[start : start + 500]).delete()
-        self.stdout.write(f"{len(seen)} state files; {written} rows written; {len(orphans)} orphan rows removed")
+        self.stdout.write(
+            f"{len(seen)} state files; {written + len(ahead)} rows written ({len(ahead)} of them were ahead of "
+            f"their file, or held another write of its version); {len(orphans)} orphan rows removed"
+        )
