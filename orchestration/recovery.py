@@ -35,7 +35,7 @@ from orchestration.leases import leases_held
 from orchestration.models import Task
 from orchestration.packets import FINISHED, QUEUED, RUNNING
 from orchestration.runtime import configuration, task_store
-from orchestration.state_store import CorruptState, TaskNotFound
+from orchestration.state_store import CorruptState, TaskNotFound, mirror_packet
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,12 @@ def _look_at(
     except (TaskNotFound, CorruptState) as exc:
         logger.error("recovery: %s", exc)
         return
-    if packet["status"] not in (QUEUED, RUNNING) or parse_datetime(packet["updated_at"]) > cutoff:
+    if packet["status"] not in (QUEUED, RUNNING):
+        # Its row is behind its file, with no mark left to say so: made to match (the guarded write, which
+        # never takes a row back), so that it does not come back among the oldest candidates at every sweep.
+        mirror_packet(packet)
+        return
+    if parse_datetime(packet["updated_at"]) > cutoff:
         return  # it moved since the mirror was read
     report.looked_at += 1
     waiting = orchestration_engine.task_waiting(packet)

@@ -277,6 +277,20 @@ def test_a_task_that_cannot_be_looked_at_does_not_stop_the_sweep_for_the_others(
             store.path(task_id).unlink(missing_ok=True)
 
 
+@pytest.mark.django_db
+def test_a_row_behind_its_finished_task_is_brought_up_to_date_by_the_sweep(redis_url):
+    """A row that says running while the file says succeeded (its write's row was lost, with no mark left)
+    would come back among the sweep's oldest candidates at every sweep, crowding out the lost tasks."""
+    store = task_store()
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="productivity", role="summarizer", payload={"input": "Hi."})
+    packet["status"] = "succeeded"
+    store.create(packet)
+    Task.objects.filter(task_id=packet["task_id"]).update(status="running", version=0)
+    assert recovery.sweep(grace_s=0, inspect_timeout_s=0.2).recovered == []
+    row = Task.objects.get(task_id=packet["task_id"])
+    assert (row.status, row.version) == ("succeeded", 1)
+
+
 def test_a_task_recovered_too_often_fails(api, celery_worker, script, broker, settings):
     script([SUMMARY])
     with paused_queue(celery_worker.name):
