@@ -23,8 +23,8 @@ from llm_engines.registry import UnknownName, engine_class
 
 logger = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-LLM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")  # \Z: $ would take a trailing newline
+LLM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 # Path segments under /api/v1/ that name API routes, not profiles.
 RESERVED_PROFILE_NAMES = frozenset({"tasks", "config", "llms", "metrics"})
 # "tools": the LLM calls functions (OpenAI's tools); only on an engine that passes them on.
@@ -190,12 +190,17 @@ class _Checker:
             return False
         return value
 
-    def integer(self, value: Any, path: str, *, minimum: int) -> int:
+    def integer(self, value: Any, path: str, *, minimum: int, maximum: int = 10_000_000) -> int:
+        """An integer from ``minimum`` to ``maximum`` (by default ten million: more than any context, token
+        count or concurrency, and within what every database column and Redis takes)."""
         if not isinstance(value, int) or isinstance(value, bool):
             self.fail(path, f"must be an integer, not {_kind(value)}")
             return minimum
         if value < minimum:
             self.fail(path, f"must be at least {minimum}, not {value}")
+        elif value > maximum:
+            self.fail(path, f"must be at most {maximum}, not {value}")
+            return maximum
         return value
 
     def number(self, value: Any, path: str, *, minimum: float, maximum: float) -> float:
@@ -238,7 +243,7 @@ def _join(path: str, key: str) -> str:
 # LLM fields that are passed to the engine besides ``model``, ``context_length`` and ``options``.
 ENGINE_FIELDS = ("base_url", "api_key_env")
 # An API key's variable: a name that says it holds a key or token, and none of the server's own.
-ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,120}_(API_KEY|KEY|TOKEN)$")
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,120}_(API_KEY|KEY|TOKEN)\Z")
 SERVER_VARIABLES = frozenset({"SECRET_KEY", "DATABASE_URL", "REDIS_URL"})
 _LLM_FIELDS = {
     "id", "engine", "source", "model", "toggle", "locked", "capabilities", "context_length",
@@ -260,6 +265,9 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
     for key in options:
         if SECRET_KEY_RE.search(key):
             check.fail(f"{path}.options.{key}", "secrets never go in this file: name an environment variable instead")
+        elif key in ("model", "context_length", *ENGINE_FIELDS):
+            # It would override the LLM's own field, which the balancer and the admin read.
+            check.fail(f"{path}.options.{key}", f"is a field of the LLM itself: set {path}.{key}, not in options")
     llm = LLMConfig(
         id=check.string(data.get("id", ""), f"{path}.id", pattern=LLM_ID_RE),
         engine=engine_name,
@@ -269,7 +277,9 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
         locked=check.boolean(data.get("locked", False), f"{path}.locked"),
         capabilities=check.capabilities(data.get("capabilities", ["chat"]), f"{path}.capabilities"),
         context_length=check.integer(data.get("context_length", 2048), f"{path}.context_length", minimum=128),
-        max_concurrency=check.integer(data.get("max_concurrency", 1), f"{path}.max_concurrency", minimum=1),
+        max_concurrency=check.integer(
+            data.get("max_concurrency", 1), f"{path}.max_concurrency", minimum=1, maximum=1024
+        ),
         base_url=check.string(data["base_url"], f"{path}.base_url") if "base_url" in data else None,
         api_key_env=_api_key_env(check, data, path),
         cost_per_1k_tokens=_costs(check, data, path),
@@ -342,7 +352,7 @@ def _parse_role(
         max_tokens=check.integer(data.get("max_tokens", 256), f"{path}.max_tokens", minimum=1),
         temperature=check.number(data.get("temperature", 0.7), f"{path}.temperature", minimum=0.0, maximum=2.0),
         time_limit_s=check.number(data.get("time_limit_s", 300), f"{path}.time_limit_s", minimum=1, maximum=86400),
-        max_iterations=check.integer(data.get("max_iterations", 3), f"{path}.max_iterations", minimum=1),
+        max_iterations=check.integer(data.get("max_iterations", 3), f"{path}.max_iterations", minimum=1, maximum=100),
     )
 
 

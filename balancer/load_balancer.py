@@ -967,7 +967,11 @@ def _text(reply: Any) -> str:
 
 
 def _iso(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(moment, UTC)
+    except (OverflowError, OSError, ValueError):  # a time past what Python can write (a bad Retry-After, before)
+        when = datetime.max.replace(tzinfo=UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _cost(llm: LLMConfig, result: ChatResult) -> float:

@@ -90,6 +90,8 @@ class Engine(ABC):
             required = parameter.kind is parameter.KEYWORD_ONLY and parameter.default is parameter.empty
             if required and settings.get(name) in (None, ""):
                 problems[name] = f"is required by the {cls.name} engine"
+            elif name in settings and (problem := _type_problem(settings[name], parameter.default)):
+                problems[name] = problem
         return problems
 
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
@@ -113,3 +115,25 @@ class Engine(ABC):
     @abstractmethod
     def health(self) -> Health:
         """A cheap check that the engine can serve: reachable, and the model present."""
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot stand for a setting whose default is ``default``: of the default's type (a
+    number for a float, a finite one), or None. Settings without a default, or with None, are the
+    engine's own to check."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if isinstance(default, float):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value != value
+            or value in (float("inf"), float("-inf"))
+        ):
+            return "must be a number"
+        return None
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    return None

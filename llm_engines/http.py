@@ -8,28 +8,48 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+# The longest wait a server's Retry-After is taken for: the balancer cools the LLM down that long, and a
+# value beyond any real one (1e12 s, inf) would disable it for ever and put its cooldown past the
+# dates Python can write.
+MAX_RETRY_AFTER_S = 3600.0
+
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), from 0 to
+    ``MAX_RETRY_AFTER_S``; None when there is none or it does not parse (NaN included)."""
     if not headers:
         return None
     millis = headers.get("retry-after-ms")
     if millis:
         try:
-            return max(0.0, float(millis) / 1000)
+            return _bounded(float(millis) / 1000)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _bounded(float(value))
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
-        return max(0.0, when.timestamp() - time.time())
+        return _bounded(when.timestamp() - time.time())
+
+
+def _bounded(seconds: float) -> float:
+    if seconds != seconds:  # NaN
+        raise ValueError("not a number")
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def timeout_problems(settings: Mapping[str, Any]) -> dict[str, str]:
+    """``request_timeout``: seconds, more than 0 (its type is checked with the engine's other settings)."""
+    value = settings.get("request_timeout")
+    if isinstance(value, int | float) and not isinstance(value, bool) and not 0 < value <= 86400:
+        return {"request_timeout": "must be more than 0 seconds, and at most a day"}
+    return {}
 
 
 def base_url_problems(settings: Mapping[str, Any]) -> dict[str, str]:

@@ -27,7 +27,7 @@ from llm_engines.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from llm_engines.http import base_url_problems, retry_after_seconds
+from llm_engines.http import base_url_problems, retry_after_seconds, timeout_problems
 
 # Words with which OpenAI-compatible servers say a prompt does not fit.
 _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
@@ -78,7 +78,7 @@ class OpenAIEngine(Engine):
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
-        problems = {**super().validate_settings(settings), **base_url_problems(settings)}
+        problems = {**super().validate_settings(settings), **base_url_problems(settings), **timeout_problems(settings)}
         if settings.get("structured_output", "json_schema") not in STRUCTURED_OUTPUT:
             problems["structured_output"] = f"must be one of {', '.join(STRUCTURED_OUTPUT)}"
         return problems
@@ -105,6 +105,12 @@ class OpenAIEngine(Engine):
                 return ContextTooLong(message, engine=self.name)
             return EngineBadRequest(f"{exc.status_code}: {message}", engine=self.name)
         return EngineError(message, engine=self.name)
+
+    def _malformed(self, exc: Exception) -> EngineUnavailable:
+        detail = self._redact(f"{type(exc).__name__}: {exc}")[:300]
+        return EngineUnavailable(
+            f"the reply from {self.base_url or 'the API'} is not a chat completion ({detail})", engine=self.name
+        )
 
     def _redact(self, text: str) -> str:
         """``text`` without the key: some servers quote the Authorization header in their error messages, and
@@ -145,22 +151,32 @@ class OpenAIEngine(Engine):
         except openai.OpenAIError as exc:
             # Not chained: the client's exception may quote the key, and a logged traceback would print it.
             raise self._error(exc) from None
-        choice = response.choices[0]
-        usage = response.usage
-        calls = choice.message.tool_calls or []
-        return ChatResult(
-            text=choice.message.content or "",
-            model=response.model or self.model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            latency_s=time.perf_counter() - started,
-            finish_reason=choice.finish_reason,
-            tool_calls=tuple(
-                tool_call(call.id, call.function.name, call.function.arguments)
-                for call in calls
-                if getattr(call, "function", None) is not None
-            ),
-        )
+        except _MALFORMED as exc:  # the client could not parse the body (truncated JSON, say)
+            raise self._malformed(exc) from None
+        try:
+            choice = response.choices[0]
+            usage = response.usage
+            calls = choice.message.tool_calls or []
+            text = choice.message.content or ""
+            if not isinstance(text, str):
+                raise TypeError(f"content is a {type(text).__name__}")
+            return ChatResult(
+                text=text,
+                model=response.model or self.model,
+                prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),
+                completion_tokens=_count(getattr(usage, "completion_tokens", 0)),
+                latency_s=time.perf_counter() - started,
+                finish_reason=choice.finish_reason,
+                tool_calls=tuple(
+                    tool_call(call.id, call.function.name, call.function.arguments)
+                    for call in calls
+                    if getattr(call, "function", None) is not None
+                ),
+            )
+        except _MALFORMED as exc:
+            # A 200 that is not a chat completion (an HTML page, an error object, no choices): the LLM's
+            # server is at fault, and the balancer counts it and fails over, as for a 5xx.
+            raise self._malformed(exc) from None
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
@@ -171,12 +187,14 @@ class OpenAIEngine(Engine):
         model = self.model
         usage = None
         calls: dict[int, dict[str, str]] = {}  # the tool calls' deltas, joined by index
+        received = False
         try:
             chunks = self.client.chat.completions.create(
                 **self._request(messages, options), stream=True, stream_options={"include_usage": True}
             )
             with chunks:
                 for chunk in chunks:
+                    received = True
                     model = chunk.model or model
                     usage = chunk.usage or usage
                     if not chunk.choices:
@@ -193,6 +211,8 @@ class OpenAIEngine(Engine):
                             call["name"] = call["name"] or delta.function.name or ""
                             call["arguments"] += delta.function.arguments or ""
                     if text:
+                        if not isinstance(text, str):
+                            raise TypeError(f"content is a {type(text).__name__}")
                         if first_at is None:
                             first_at = time.perf_counter()
                         parts.append(text)
@@ -202,17 +222,25 @@ class OpenAIEngine(Engine):
             raise self._error(exc) from None
         except httpx.TimeoutException:
             raise EngineTimeout(f"the stream from {self.base_url or 'the API'} stalled", engine=self.name) from None
-        except (httpx.HTTPError, ValueError) as exc:
-            # The connection broke mid-stream, or the server sent something that is not a chunk.
+        except httpx.HTTPError as exc:
+            # The connection broke mid-stream.
             message = self._redact(f"the stream from {self.base_url or 'the API'} broke: {type(exc).__name__}: {exc}")
             raise EngineUnavailable(message, engine=self.name) from None
+        except _MALFORMED as exc:
+            # The server sent something that is not a chunk.
+            message = self._redact(f"the stream from {self.base_url or 'the API'} broke: {type(exc).__name__}: {exc}")
+            raise EngineUnavailable(message[:500], engine=self.name) from None
+        if not received:  # a 200 with no event in it (an HTML page, say): not an empty answer
+            raise EngineUnavailable(
+                f"the stream from {self.base_url or 'the API'} held no chat completion chunk", engine=self.name
+            )
         yield ChatChunk(
             text="",
             result=ChatResult(
                 text="".join(parts),
                 model=model,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else len(parts),
+                prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),
+                completion_tokens=_count(getattr(usage, "completion_tokens", None), default=len(parts)),
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=None if first_at is None else first_at - started,
                 finish_reason=finish_reason,
@@ -235,3 +263,13 @@ class OpenAIEngine(Engine):
         if self.model not in served:
             return Health(False, f"model {self.model} is not served (served: {', '.join(served[:10])})", elapsed)
         return Health(True, f"{self.model} served", elapsed)
+
+
+# What parsing a reply that is not the shape it should be raises (the client hands over what the server sent).
+_MALFORMED = (AttributeError, TypeError, IndexError, KeyError, ValueError)
+
+
+def _count(value: Any, default: int = 0) -> int:
+    """A token count from the reply: a whole number of at least 0, or ``default`` (a server that sends none,
+    null or text)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default

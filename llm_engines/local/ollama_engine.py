@@ -7,9 +7,11 @@ passed to Ollama as base64 in the message's ``images``.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,10 +29,15 @@ from llm_engines.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from llm_engines.http import base_url_problems, retry_after_seconds
+from llm_engines.http import base_url_problems, retry_after_seconds, timeout_problems
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
-TIMEOUT_STEPS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# The ollama client takes its timeout once, at creation: one client per timeout in whole seconds (rounded
+# up, so a call may run at most a second past its deadline), the most recently used ones kept.
+MAX_CLIENTS = 32
+# What reading a reply that is not the shape it should be raises: a body that is not JSON (ValueError), a JSON
+# list where the client expects an object (TypeError), a missing part (AttributeError, KeyError).
+_MALFORMED = (ValueError, TypeError, AttributeError, KeyError)
 
 
 def _arguments(text: str) -> dict[str, Any]:
@@ -115,28 +122,37 @@ class OllamaEngine(Engine):
         self.context_length = context_length
         self.request_timeout = request_timeout
         self.keep_alive = keep_alive
-        self._clients: dict[float, ollama.Client] = {}
+        self._clients: OrderedDict[float, ollama.Client] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
-        return {**super().validate_settings(settings), **base_url_problems(settings)}
+        return {**super().validate_settings(settings), **base_url_problems(settings), **timeout_problems(settings)}
 
     def _client(self, timeout: float | None) -> ollama.Client:
-        """The client for a timeout: the ollama client sets its timeout once, at creation, so
-        timeouts are rounded up to a few steps and one client serves each step."""
-        wanted = float(timeout or self.request_timeout)
-        key = next((step for step in TIMEOUT_STEPS if step >= wanted), wanted)
+        """The client for a timeout (``MAX_CLIENTS``). Rounded up to the second, not to a coarse step: a
+        call with 61 s left before its deadline was given 120 s. A client dropped from the cache is not
+        closed, as a call of another thread may still use it; its connections go with it."""
+        key = float(max(1, math.ceil(timeout or self.request_timeout)))
         with self._lock:
-            if key not in self._clients:
+            if key in self._clients:
+                self._clients.move_to_end(key)
+            else:
                 self._clients[key] = ollama.Client(host=self.base_url, timeout=key)
+                if len(self._clients) > MAX_CLIENTS:
+                    self._clients.popitem(last=False)
             return self._clients[key]
 
     def _error(self, exc: Exception) -> EngineError:
-        if isinstance(exc, pydantic.ValidationError):
+        if isinstance(exc, pydantic.ValidationError) and not exc.title.endswith("Response"):
             # The client refused to build the request (a tool's schema, a message it cannot take).
             reason = exc.errors()[0]["msg"]
             return EngineBadRequest(f"the ollama client refused the request: {reason}", engine=self.name)
+        if isinstance(exc, _MALFORMED):
+            # A reply that is not one (not JSON, a list, a field of the wrong type): the server is at fault,
+            # and the balancer counts it and fails over, as for a 5xx.
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            return EngineUnavailable(f"the reply from {self.base_url} is not a chat reply ({detail})", engine=self.name)
         if isinstance(exc, httpx.TimeoutException):
             return EngineTimeout(f"no answer in time from {self.base_url}", engine=self.name)
         if isinstance(exc, (ConnectionError, httpx.TransportError)):
@@ -149,7 +165,8 @@ class OllamaEngine(Engine):
                 return EngineRateLimited(
                     f"rate limited: {message}", engine=self.name, retry_after=retry_after_seconds(headers)
                 )
-            if status >= 500:
+            if status >= 500 or status < 0:
+                # Below 0: an error line in the middle of a streamed reply (the model's runner died, say).
                 return EngineUnavailable(f"server error {status}: {message}", engine=self.name)
             if status == 404:
                 return EngineConfigurationError(
@@ -205,9 +222,9 @@ class OllamaEngine(Engine):
         started = time.perf_counter()
         try:
             response = self._client(options.timeout).chat(**request, stream=False)
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError) as exc:
+            return self._result(response, response.message.content or "", started, None, tool_calls(response.message))
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError, *_MALFORMED) as exc:
             raise self._error(exc) from exc
-        return self._result(response, response.message.content or "", started, None, tool_calls(response.message))
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
@@ -227,7 +244,7 @@ class OllamaEngine(Engine):
                         first_at = time.perf_counter()
                     parts.append(text)
                     yield ChatChunk(text=text)
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError) as exc:
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError, *_MALFORMED) as exc:
             raise self._error(exc) from exc
         if last is None or not last.done:
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)

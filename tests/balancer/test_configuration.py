@@ -150,3 +150,29 @@ def test_the_tools_capability_needs_an_engine_that_calls_tools(raw):
     raw["llms"][0]["capabilities"] = ["chat"]
     raw["llms"].append({"id": "api", "engine": "openai", "source": "api", "model": "m", "capabilities": ["tools"]})
     assert parse_configuration(raw, known_agents=AGENTS.names()).llms["api"].capabilities == {"tools"}
+
+
+def test_engine_options_names_and_sizes_that_would_break_later_are_refused_at_load(raw):
+    """Each of these loaded before, and failed later: at every call (an engine that cannot be built, a
+    timeout of null meaning none), in the admin (an integer too large for the database), or as a name
+    with a newline in it."""
+    raw["llms"].append(
+        {"id": "remote", "engine": "openai", "source": "api", "model": "gpt", "base_url": "http://127.0.0.1:9/v1",
+         "options": {"request_timeout": "abc", "model": "other", "structured_output": "json_schema"}}
+    )  # fmt: skip
+    raw["llms"].append(
+        {"id": "pot", "engine": "ollama", "source": "local", "model": "m", "base_url": "http://127.0.0.1:9",
+         "options": {"request_timeout": -5, "keep_alive": "5m"}}
+    )  # fmt: skip
+    raw["llms"].append({"id": "nl\n", "engine": "instant", "source": "local", "model": "m", "context_length": 10**30})
+    raw["profiles"]["developer"]["roles"]["qa"]["max_tokens"] = 10**12
+    found = problems(raw)
+    assert "must be a number" in found["llms[1].options.request_timeout"]
+    assert "field of the LLM itself" in found["llms[1].options.model"]
+    assert "more than 0 seconds" in found["llms[2].options.request_timeout"]
+    assert "llms[2].options.keep_alive" not in found
+    assert "llms[3].id" in found
+    assert "at most" in found["llms[3].context_length"]
+    assert "at most" in found["profiles.developer.roles.qa.max_tokens"]
+    raw["llms"][1]["options"] = {"request_timeout": None}
+    assert "must be a number" in problems(raw)["llms[1].options.request_timeout"]

@@ -23,6 +23,16 @@ class _FaultHandler(BaseHTTPRequestHandler):
         pass
 
     def _answer(self) -> None:
+        if self.mode == "canned":
+            status, content_type, body = self.canned
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in self.headers_out:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.mode == "badstream":
             self._bad_stream()
             return
@@ -64,11 +74,12 @@ class _QuietServer(ThreadingHTTPServer):
 def fault_server() -> Iterator[callable]:
     """A real HTTP server on loopback that answers 429 with Retry-After: 7 (or 404 for an unknown
     model, in mode "notfound"), in mode "hang" after 3 s; in mode "badstream" a chat stream that breaks
-    after two chunks."""
+    after two chunks; in mode "canned" every request with ``canned`` (status, content type, body) and
+    ``headers``."""
     servers = []
 
-    def start(mode: str) -> str:
-        handler = type("Handler", (_FaultHandler,), {"mode": mode})
+    def start(mode: str, canned: tuple[int, str, bytes] | None = None, headers: tuple = ()) -> str:
+        handler = type("Handler", (_FaultHandler,), {"mode": mode, "canned": canned, "headers_out": headers})
         server = _QuietServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

@@ -145,3 +145,36 @@ def test_a_tool_the_ollama_client_refuses_is_a_bad_request(closed_url):
     tool = {"type": "function", "function": {"name": "f", "description": {"x": 1}}}
     with pytest.raises(EngineBadRequest, match="refused the request"):
         engine.chat([{"role": "user", "content": "hi"}], ChatOptions(tools=(tool,)))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><body>Welcome to nginx!</body></html>"),
+        ("application/json", b"[1, 2]"),
+        ("application/json", json.dumps({"model": "m", "message": None, "done": True}).encode()),
+    ],
+)
+def test_a_reply_that_is_not_a_chat_reply_is_an_unavailable_engine(fault_server, content_type, body):
+    """The server is at fault (the balancer counts it and fails over), not the request."""
+    engine = OllamaEngine(model="m", base_url=fault_server("canned", (200, content_type, body)))
+    with pytest.raises(EngineUnavailable) as error:
+        engine.chat(HELLO)
+    assert error.value.transient
+
+
+def test_an_error_line_in_the_middle_of_a_stream_is_an_unavailable_engine(fault_server):
+    """The model's runner died mid-reply: Ollama's client reports it with status -1, which is not the
+    request's fault (a bad request would neither fail over nor count against the LLM)."""
+    lines = [{"model": "m", "message": {"role": "assistant", "content": "Pe"}, "done": False},
+             {"error": "llama runner process has terminated"}]  # fmt: skip
+    body = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    engine = OllamaEngine(model="m", base_url=fault_server("canned", (200, "application/x-ndjson", body)))
+    with pytest.raises(EngineUnavailable, match="runner process has terminated"):
+        list(engine.stream(HELLO))
+
+
+def test_a_timeout_is_kept_to_the_second_not_rounded_to_a_coarse_step():
+    engine = OllamaEngine(model="m", base_url="http://127.0.0.1:9")
+    assert engine._client(61.2)._client.timeout.read == 62.0
+    assert engine._client(0.3)._client.timeout.read == 1.0

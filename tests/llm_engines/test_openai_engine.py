@@ -1,5 +1,7 @@
 """The openai engine with the official client against ``python -m llama_cpp.server`` (SmolLM2)."""
 
+import json
+
 import pytest
 
 from llm_engines.api.openai_engine import OpenAIEngine
@@ -73,3 +75,55 @@ def test_a_stream_that_breaks_midway_is_an_unavailable_engine(fault_server):
     assert [next(chunks).text, next(chunks).text] == ["tok", "tok"]
     with pytest.raises(EngineUnavailable, match="broke"):
         next(chunks)
+
+
+COMPLETION = {
+    "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Pear."}, "finish_reason": "stop"}],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body"),
+    [
+        (200, "text/html", b"<html><body>Welcome to nginx!</body></html>"),
+        (200, "application/json", json.dumps({"error": {"message": "overloaded"}}).encode()),
+        (200, "application/json", json.dumps({**COMPLETION, "choices": []}).encode()),
+        (200, "application/json", json.dumps({**COMPLETION, "choices": None}).encode()),
+        (200, "application/json", b'{"id": "c", "choi'),
+        (200, "application/json", b"[1, 2]"),
+    ],
+)
+def test_a_reply_that_is_not_a_chat_completion_is_an_unavailable_engine(fault_server, status, content_type, body):
+    """The server is at fault: an EngineError the balancer counts against the LLM and fails over from,
+    not an IndexError or AttributeError that it would only pass on."""
+    engine = OpenAIEngine(model="m", base_url=f"{fault_server('canned', (status, content_type, body))}/v1")
+    with pytest.raises(EngineUnavailable, match="not a chat completion") as error:
+        engine.chat(HELLO)
+    assert error.value.transient
+
+
+def test_a_stream_with_no_chunk_is_an_unavailable_engine_not_an_empty_answer(fault_server):
+    engine = OpenAIEngine(model="m", base_url=f"{fault_server('canned', (200, 'text/html', b'<html></html>'))}/v1")
+    with pytest.raises(EngineUnavailable, match="no chat completion chunk"):
+        list(engine.stream(HELLO))
+
+
+def test_token_counts_that_are_not_numbers_count_as_none(fault_server):
+    reply = {**COMPLETION, "usage": {"prompt_tokens": None, "completion_tokens": "7", "total_tokens": None}}
+    engine = OpenAIEngine(
+        model="m", base_url=f"{fault_server('canned', (200, 'application/json', json.dumps(reply).encode()))}/v1"
+    )
+    result = engine.chat(HELLO)
+    assert (result.text, result.prompt_tokens, result.completion_tokens) == ("Pear.", 0, 0)
+
+
+@pytest.mark.parametrize("value", ["1e12", "inf", "nan"])
+def test_a_retry_after_beyond_any_real_one_is_capped(fault_server, value):
+    """The balancer cools the LLM down that long: 1e12 s disabled it for ever, and its cooldown's date
+    then broke every selection that wrote it."""
+    body = json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode()
+    url = fault_server("canned", (429, "application/json", body), headers=(("Retry-After", value),))
+    with pytest.raises(EngineRateLimited) as error:
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+    assert error.value.retry_after in (None, 3600.0)
