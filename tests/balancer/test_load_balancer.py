@@ -682,3 +682,12 @@ def test_a_call_is_recorded_spent_and_observed_in_one_round_trip_and_a_failing_o
     # The spending's commands come before the outcome's: record still answers with the breaker's state.
     decision = take(lb, config)
     assert lb.record(decision, result=reply(prompt=10, tokens=10), role=role) == "closed"
+
+
+def test_a_cooldown_past_what_a_date_can_hold_is_written_not_raised():
+    """A breaker opened by a Retry-After of 1e12 s before it was capped: selections and the LLM list
+    write its cooldown's date, which must not raise."""
+    from balancer.load_balancer import _iso
+
+    assert _iso(1e12).startswith("9999-12-31")
+    assert _iso(0) == "1970-01-01T00:00:00Z"
