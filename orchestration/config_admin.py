@@ -30,15 +30,29 @@ def _path() -> Path:
     return Path(settings.AIAGENT_CONFIG)
 
 
+def _synced_stamp() -> str | None:
+    return ConfigurationFile.objects.filter(path=str(_path())).values_list("stamp", flat=True).first()
+
+
 class ConfigurationForm(forms.ModelForm):
     """Validates the whole configuration as it would be with this form's change."""
+
+    # The file's stamp when the page was loaded, sent back with the form: a save compares it with the file
+    # as it is, so that it cannot overwrite an edit made meanwhile, in the admin (which updates the rows'
+    # stamp too) or by hand.
+    loaded_stamp = forms.CharField(widget=forms.HiddenInput, required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["loaded_stamp"].initial = _synced_stamp()
 
     def clean(self):
         cleaned = super().clean()
         if self.errors:
             return cleaned
-        synced = ConfigurationFile.objects.filter(path=str(_path())).values_list("stamp", flat=True).first()
-        if synced != file_stamp(_path()):
+        # A form posted without the stamp (a client of its own) is held to the rows' last synchronisation.
+        loaded = cleaned.get("loaded_stamp") or _synced_stamp()
+        if loaded != file_stamp(_path()):
             # Saving these rows would overwrite an edit made to the file since the page was loaded.
             raise forms.ValidationError(
                 f"{_path()} has changed since this page was loaded; nothing was saved. "
@@ -87,6 +101,9 @@ class ConfigurationAdmin(admin.ModelAdmin):
     def delete_view(self, request, object_id, extra_context=None):
         obj = self.get_object(request, object_id)
         if request.method == "POST" and obj is not None:
+            if _synced_stamp() != file_stamp(_path()):
+                messages.error(request, f"{obj} was not deleted: {_path()} has changed since the rows were loaded.")
+                return HttpResponseRedirect(request.path.rsplit("/delete/", 1)[0] + "/change/")
             try:
                 config_store.check_rows(known_agents=AGENTS.names(), remove=obj)
             except ConfigurationError as exc:

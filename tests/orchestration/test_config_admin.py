@@ -151,6 +151,26 @@ def test_a_save_does_not_overwrite_a_hand_edit_made_meanwhile(admin_client, conf
     assert config_file.read_text() == edited
 
 
+def test_a_save_from_a_page_loaded_before_another_save_is_refused(admin_client, config_file, edit_config):
+    """Two people open the add page; the first saves. The second's form, from the file as it was, must not
+    overwrite the first's edit (the rows' stamp was updated by that save, so it alone did not tell)."""
+    import re
+
+    page = admin_client.get(f"{LLM_LIST}add/").content.decode()
+    stamp = re.search(r'name="loaded_stamp" value="([^"]*)"', page).group(1)
+    assert stamp
+    assert admin_client.post(f"{LLM_LIST}add/", llm_form(loaded_stamp=stamp)).status_code == 302
+    edited = config_file.read_text()
+    response = admin_client.post(f"{LLM_LIST}add/", llm_form(llm_id="other", loaded_stamp=stamp))
+    assert response.status_code == 200
+    assert "has changed since this page was loaded" in response.content.decode()
+    assert config_file.read_text() == edited
+    fresh = re.search(r'name="loaded_stamp" value="([^"]*)"', admin_client.get(f"{LLM_LIST}add/").content.decode())
+    assert (
+        admin_client.post(f"{LLM_LIST}add/", llm_form(llm_id="other", loaded_stamp=fresh.group(1))).status_code == 302
+    )
+
+
 def test_a_key_in_the_environment_never_reaches_the_file_the_api_or_the_admin(
     admin_client, api, config_file, edit_config, monkeypatch
 ):
