@@ -20,6 +20,7 @@ from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
 from balancer.load_balancer import LoadBalancer, estimate_tokens
+from balancer.safe_json import UnsafeJSON, check_json
 from llm_engines.base import ChatOptions, ChatResult, Message
 from llm_engines.registry import get_engine
 
@@ -110,6 +111,24 @@ def obj(properties: dict[str, Any], *, required: tuple[str, ...] | None = None) 
 PAYLOAD_TEXT = text(100_000)
 FILE_PATH = {"type": "string", "pattern": r"^(?!/)(?!.*\.\.)[A-Za-z0-9_./-]{1,100}$"}
 FILES = array(obj({"path": FILE_PATH, "content": text(200_000, min_length=0)}), max_items=20)
+# The files QA writes beside the project's in the sandbox (agents/developer/qa_agent.py).
+QA_OWN_FILES = frozenset({"test_qa.py", "_qa_runner.py"})
+
+
+def path_problem(paths: list[str], others: tuple[str, ...] = ()) -> tuple[int, str] | None:
+    """The index in ``paths`` and the problem of the first file path that the sandbox or the static check
+    could not write, which the schema's pattern lets through: an empty, "." or ".." part ("./x.py",
+    "a//b.py", "a/"), a trailing newline, a name QA gives its own files, or a path that is another file's
+    directory ("solution.py" and "solution.py/x.py", among ``paths`` and ``others``)."""
+    every = [*paths, *others]
+    for index, path in enumerate(paths):
+        if path != path.strip() or any(part in ("", ".", "..") for part in path.split("/")):
+            return index, "must be a relative path of named parts: no empty, '.' or '..' part, no spaces around it"
+        if path in QA_OWN_FILES:
+            return index, f"is a name QA gives its own files ({', '.join(sorted(QA_OWN_FILES))})"
+        if any(other.startswith(path + "/") for other in every):
+            return index, "is a file, and another file's directory too"
+    return None
 
 
 # Characters a reply token is counted as, low: a grammar-driven model that repeats itself fills a
@@ -226,7 +245,12 @@ class Agent:
 
     @classmethod
     def check_payload(cls, payload: dict[str, Any]) -> None:
-        """Checks the schema cannot state; ``PayloadError`` naming the field."""
+        """Checks the schema cannot state; ``PayloadError`` naming the field. The base checks the paths of
+        a payload's ``files`` (``path_problem``); an agent that adds checks calls it too."""
+        files = payload.get("files")
+        if isinstance(files, list) and (found := path_problem([item["path"] for item in files])):
+            index, problem = found
+            raise PayloadError(f"payload.files[{index}].path", problem)
 
     @classmethod
     def payload_from_text(cls, text_value: str) -> dict[str, Any]:
@@ -349,6 +373,16 @@ class Agent:
         except json.JSONDecodeError as exc:
             cut = " (the reply was cut off: it reached max_tokens)" if exc.pos >= len(reply_text) - 1 else ""
             raise ReplyProblem(f"it is not valid JSON: {exc.msg} at character {exc.pos}{cut}") from None
+        except (ValueError, RecursionError) as exc:
+            # An integer past Python's digit limit, or arrays nested past its recursion limit: not a crash
+            # of the step, a reply to ask again for.
+            raise ReplyProblem(f"it is not JSON the server can read: {type(exc).__name__}: {str(exc)[:100]}") from None
+        try:
+            # Text that cannot be stored (an unpaired surrogate does not encode as UTF-8 in the state file;
+            # a NUL breaks the PostgreSQL mirror), or nesting deeper than any result needs.
+            check_json(data)
+        except UnsafeJSON as exc:
+            raise ReplyProblem(f"it is not JSON the server can store: {exc}") from None
         error = first_problem(schema, data)
         if error is not None:
             raise ReplyProblem(" ".join(schema_problem(error, "reply")))

@@ -35,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from balancer.load_balancer import CallSample
-from orchestration.safe_json import check_json
+from balancer.safe_json import check_json
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""The REST API's JSON parser: DRF's, refusing what orchestration/safe_json.py refuses (the reasons are there)."""
+"""The REST API's JSON parser: DRF's, refusing what balancer/safe_json.py refuses (the reasons are there)."""
 
 from __future__ import annotations
 
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError, ValidationError
 
-from orchestration.safe_json import MAX_JSON_DEPTH, UnsafeJSON, check_json
+from balancer.safe_json import MAX_JSON_DEPTH, UnsafeJSON, check_json
 
 
 class JSONParser(parsers.JSONParser):

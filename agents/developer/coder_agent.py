@@ -10,7 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agents.base import FILES, LOOP, PAYLOAD_TEXT, Agent, ReplyProblem, array, long_text, obj, render_files, text
+from agents.base import (
+    FILES,
+    LOOP,
+    PAYLOAD_TEXT,
+    Agent,
+    ReplyProblem,
+    array,
+    long_text,
+    obj,
+    path_problem,
+    render_files,
+    text,
+)
 from balancer.configuration import Configuration, RoleConfig
 from llm_engines.base import Message
 
@@ -70,9 +82,10 @@ class CoderAgent(Agent):
         return [self.system_message(role), {"role": "user", "content": "\n\n".join(parts)}]
 
     def parse_result(self, data: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
-        for index, file in enumerate(data["files"]):
-            if ".." in file["path"].split("/") or file["path"].endswith("/"):
-                raise ReplyProblem(f"files[{index}].path {file['path']!r} must be a file inside the project")
+        given = tuple(item["path"] for item in payload.get("files") or [])
+        if found := path_problem([item["path"] for item in data["files"]], others=given):
+            index, problem = found
+            raise ReplyProblem(f"files[{index}].path {data['files'][index]['path']!r} {problem}")
         # A path given twice: the later file is the one meant, as when files are written in turn.
         return {"files": merge_files([], data["files"]), "run": data["run"], "notes": data["notes"]}
 

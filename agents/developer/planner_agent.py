@@ -88,6 +88,9 @@ class PlannerAgent(Agent):
         for index, step in enumerate(data["steps"]):
             if step["id"] in seen:
                 raise ReplyProblem(f"steps[{index}].id {step['id']!r} is used twice")
+            if not step["input"].strip():
+                # The step's role would refuse it when the plan starts it, failing the whole plan then.
+                raise ReplyProblem(f"steps[{index}].input is blank: say what the step is to do")
             for dependency in step["depends_on"]:
                 if dependency not in seen:
                     raise ReplyProblem(

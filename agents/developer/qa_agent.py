@@ -21,7 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from agents import sandbox
-from agents.base import CHECKS, FILES, PAYLOAD_TEXT, Agent, AgentOutcome, array, long_text, obj, render_files, text
+from agents.base import (
+    CHECKS,
+    FILES,
+    PAYLOAD_TEXT,
+    QA_OWN_FILES,
+    Agent,
+    AgentOutcome,
+    array,
+    long_text,
+    obj,
+    render_files,
+    text,
+)
 from agents.developer.coder_agent import LANGUAGES
 from balancer.configuration import Configuration, RoleConfig
 from llm_engines.base import Message
@@ -29,6 +41,7 @@ from llm_engines.base import Message
 CHECK_NAMES = ("tests", "static", "review")
 TEST_MODULE = "test_qa.py"
 RUNNER = "_qa_runner.py"
+assert {TEST_MODULE, RUNNER} == QA_OWN_FILES  # the names a project's files may not take (agents/base.py)
 REPORT_MARKER = "QA-REPORT"
 OUTPUT_CHARS = 4000
 # Lint only for what is a bug (the flake8 projects' own CI selection): syntax errors, undefined names,
@@ -121,6 +134,9 @@ def static_check(files: list[Mapping[str, str]]) -> dict[str, Any]:
         except (SyntaxError, ValueError) as exc:
             line = getattr(exc, "lineno", None)
             problems.append(f"{item['path']}:{line}: {getattr(exc, 'msg', str(exc))}")
+        except (RecursionError, MemoryError):
+            # An expression nested past what the compiler takes ("1+" * 3000): the code's fault, not the check's.
+            problems.append(f"{item['path']}: too deeply nested for Python's compiler")
     if problems:
         return check_result("static", False, "syntax errors:\n" + "\n".join(problems))
     ruff = _ruff()
@@ -132,9 +148,12 @@ def static_check(files: list[Mapping[str, str]]) -> dict[str, Any]:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(item["content"], encoding="utf-8")
         command = [ruff, "check", "--isolated", "--no-cache", "--select", LINT_RULES, "--output-format", "concise"]
-        completed = subprocess.run(
-            [*command, "."], cwd=directory, capture_output=True, text=True, timeout=60, check=False
-        )
+        try:
+            completed = subprocess.run(
+                [*command, "."], cwd=directory, capture_output=True, text=True, timeout=60, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return check_result("static", False, "ruff did not finish within 60 s", error=True)
     if completed.returncode == 0:
         return check_result("static", True, f"compiled; ruff found no error ({LINT_RULES})")
     if completed.returncode == 1:

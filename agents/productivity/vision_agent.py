@@ -12,6 +12,13 @@ from balancer.configuration import Configuration, RoleConfig
 from llm_engines.base import Message
 
 IMAGE_URL = {"type": "string", "pattern": r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]+$"}
+# How each type's bytes start (its signature): what tells an image from bytes that only say they are one.
+_MAGIC = {
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "jpeg": (b"\xff\xd8\xff",),
+    "gif": (b"GIF87a", b"GIF89a"),
+    "webp": (b"RIFF",),
+}
 
 
 class VisionAgent(Agent):
@@ -21,10 +28,18 @@ class VisionAgent(Agent):
 
     @classmethod
     def check_payload(cls, payload: dict[str, Any]) -> None:
+        super().check_payload(payload)
+        header, encoded = payload["image"].split(",", 1)
         try:
-            base64.b64decode(payload["image"].split(",", 1)[1], validate=False)
+            image = base64.b64decode(encoded, validate=False)
         except (binascii.Error, ValueError):
             raise PayloadError("payload.image", "is not valid base64") from None
+        kind = header.removeprefix("data:image/").removesuffix(";base64")
+        if not any(image.startswith(magic) for magic in _MAGIC[kind]):
+            # Empty, or not the image the URL says (an engine would refuse it only after the task was queued).
+            raise PayloadError("payload.image", f"is not a {kind} image: its bytes do not start as one does")
+        if not payload["question"].strip():
+            raise PayloadError("payload.question", "must not be blank")
 
     def output_schema(self, role: RoleConfig, config: Configuration) -> dict[str, Any]:
         return obj({"answer": text(400)})

@@ -42,6 +42,22 @@ FILES = [{"path": "solution.py", "content": "def add(a, b):\n    return a + b\n"
         ("vision", {"question": "what?"}, "payload.image"),
         ("vision", {"image": "http://example.com/a.png", "question": "what?"}, "payload.image"),
         ("vision", {"image": PNG}, "payload.question"),
+        # Found by review: each of these was accepted, and failed the task later (the sandbox or the
+        # static check refused the path; the engine the image).
+        ("coder", {"instruction": "x", "files": [{"path": "./x.py", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "a//b.py", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "a/", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "x.py\n", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "test_qa.py", "content": ""}]}, "payload.files[0].path"),
+        ("qa", {"files": [*FILES, {"path": "solution.py/x.py", "content": ""}]}, "payload.files[0].path"),
+        ("vision", {"image": "data:image/png;base64,\n", "question": "what?"}, "payload.image"),
+        ("vision", {"image": "data:image/png;base64,====", "question": "what?"}, "payload.image"),
+        (
+            "vision",
+            {"image": "data:image/jpeg;base64," + base64.b64encode(b"not a jpeg").decode(), "question": "what?"},
+            "payload.image",
+        ),
+        ("vision", {"image": PNG, "question": "   "}, "payload.question"),
         ("summarizer", {"text": "x", "max_words": 5}, "payload.max_words"),
         ("writer", {"brief": "x", "tone": ""}, "payload.tone"),
         ("translator", {"text": "x", "target_language": 7}, "payload.target_language"),
@@ -142,3 +158,46 @@ def test_vision_without_a_vision_llm_is_refused_before_any_call():
     config = configuration()
     with pytest.raises(NoCandidate, match="vision"):
         check_servable(config, config.role("productivity", "vision"))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"summary": "a\\ud800", "key_points": []}',  # not text: the state file cannot encode it
+        '{"summary": "a\\u0000", "key_points": []}',  # the PostgreSQL mirror cannot store it
+        '{"summary": "a", "key_points": [], "n": ' + "1" * 5000 + "}",  # past Python's digit limit
+        "[" * 100_000,  # past its recursion limit
+    ],
+)
+def test_a_reply_the_server_cannot_read_or_store_is_asked_again_not_a_crash(reply):
+    """A ReplyProblem (the step asks the model again), not a UnicodeEncodeError, ValueError or
+    RecursionError that failed the task as an internal error."""
+    from agents.base import Agent, ReplyProblem
+
+    schema = {"type": "object"}
+    with pytest.raises(ReplyProblem):
+        Agent._parse(reply, schema, lambda data: data)
+
+
+def test_a_plan_step_with_a_blank_input_is_asked_again():
+    from agents.base import ReplyProblem
+
+    planner = agent_class("planner")()
+    reply = {"steps": [{"id": "s1", "role": "fast_coder", "input": "   ", "depends_on": []}]}
+    with pytest.raises(ReplyProblem, match="blank"):
+        planner.parse_result(reply, {"goal": "x"})
+
+
+@pytest.mark.parametrize("paths", [["a/./b.py"], ["a//b.py"], ["solution.py", "solution.py/x.py"], ["_qa_runner.py"]])
+def test_a_coders_file_path_the_sandbox_cannot_write_is_asked_again(paths):
+    from agents.base import ReplyProblem
+
+    coder = agent_class("coder")()
+    reply = {"files": [{"path": path, "content": "x = 1\n"} for path in paths], "run": "r", "notes": ""}
+    with pytest.raises(ReplyProblem, match="path"):
+        coder.parse_result(reply, {"instruction": "x"})
+
+
+def test_code_nested_past_the_compilers_limit_fails_the_static_check_not_the_step():
+    result = qa_agent.static_check([{"path": "deep.py", "content": "x = " + "1+" * 3000 + "1\n"}])
+    assert result["passed"] is False and "too deeply nested" in result["output"]

@@ -1,5 +1,6 @@
-"""JSON from outside, checked before anything uses it: the REST API's parser (orchestration/parsers.py) and
-the MCP channels check what they parsed here.
+"""JSON from outside, checked before anything uses it: the REST API's parser (orchestration/parsers.py), the MCP
+channels and the agents' reading of a model's reply check what they parsed here. In the balancer package as the
+state store's atomic_write is (balancer/files.py): the lowest layer that every one of them may import.
 
 Three things that JSON admits break the server later, so they are refused as bad requests at once:
 
