@@ -51,9 +51,15 @@ LINT_RULES = "E9,F63,F7,F82"
 # Runs inside the sandbox: imports the tests (module-level asserts run then) and calls every test_*
 # function, with each one's output captured, then prints one report line tagged with the run's nonce.
 RUNNER_SOURCE = r"""
-import contextlib, importlib, io, json, os, sys, traceback
+import sys
+
+# The script's directory (the project's) comes off the path until the runner's own modules are imported: a
+# project file named json.py or io.py would stand in for them and break the run.
+sys.path.pop(0)
+import contextlib, importlib, io, json, os, traceback
 
 nonce = sys.argv[1]
+del sys.argv[1:]  # out of plain sight of the code under test (which could still look for it: the review stays)
 sys.path.insert(0, os.getcwd())
 results = []
 captured = io.StringIO()

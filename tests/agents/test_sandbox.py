@@ -356,3 +356,18 @@ def test_unsandboxed_runs_are_held_to_the_process_limit(no_bwrap, settings):
     count, error = result.stdout.split()
     assert error == "BlockingIOError"
     assert int(count) < 20
+
+
+def test_a_project_file_named_like_a_standard_module_does_not_break_qas_runner(bwrap):
+    """A project's json.py stood in for the runner's own json module: the run ended without a report,
+    and Debug was sent after a bug that was not in the project's code."""
+    from agents.developer import qa_agent
+
+    files = [
+        {"path": "json.py", "content": "def dumps(value):\n    return 'not json'\n"},
+        {"path": "solution.py", "content": "def add(a, b):\n    return a + b\n"},
+    ]
+    tests = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    result = qa_agent.run_tests(files, tests, limits=FAST)
+    assert result["passed"], result["output"]
+    assert [test["name"] for test in result["tests"]] == ["test_add"]
