@@ -64,6 +64,7 @@ class LoopState:
     feedback: str | None = None
     feedback_iteration: int = 0
     llm: str | None = None
+    code_role: str | None = None  # the coder role that wrote ``files`` (and whose LLM ``llm`` is)
 
 
 def loop_state(packet: Mapping[str, Any]) -> LoopState:
@@ -91,7 +92,7 @@ def loop_state(packet: Mapping[str, Any]) -> LoopState:
             state.iteration = parse_step(step)[0]
             state.files = detail["files"]
             state.run, state.notes = result["run"], result["notes"]
-            state.llm = event["llm"]
+            state.llm, state.code_role = event["llm"], state.coder_role
         elif kind == "step" and step.endswith(".debug"):
             state.debug, state.debug_iteration = detail["result"], parse_step(step)[0]
         elif kind == "check" and detail["check"] == "tests" and detail.get("test_code") is not None:
@@ -108,10 +109,13 @@ def loop_state(packet: Mapping[str, Any]) -> LoopState:
 def keeps_code(state: LoopState) -> bool:
     """After Debug's step: whether the code stands and QA writes new tests, rather than the coder
     fixing the code. Debug must have blamed QA's own tests (given tests it blames wait for a person),
-    and no check that does not run the tests may have failed: a static check's failure is the code's,
-    whatever Debug says about the tests."""
+    no check that does not run the tests may have failed (a static check's failure is the code's,
+    whatever Debug says about the tests), and the code must be the current coder's: after an
+    escalation the role escalated to writes the code first, or its rounds would be spent on checks of
+    the code it was called in to replace."""
     return (
-        bool(state.debug)
+        state.code_role == state.coder_role
+        and bool(state.debug)
         and state.debug["wrong"] == "test"
         and state.tests_source == "written"
         and not any(check["check"] == "static" and not check["passed"] for check in state.last_checks)

@@ -296,8 +296,9 @@ def _coder_step(task_id: str, step: str, *, job_id: str) -> str:
             context["debug"] = state.debug
         if state.feedback and state.feedback_iteration == iteration:
             context["feedback"] = state.feedback
-    # Rule 8 of the balancer: a loop keeps its coder LLM across rounds unless it escalated.
-    sticky = state.llm if iteration > 1 and not _escalated_at(packet, iteration) else None
+    # Rule 8 of the balancer: a loop keeps its coder LLM across rounds, while the coder role that used it is
+    # still the loop's (not after an escalation, however many rounds ago it wrote the code).
+    sticky = state.llm if iteration > 1 and state.code_role == state.coder_role else None
     outcome = _run_agent(agent, payload=payload, role=role, config=config, context=context, sticky=sticky)
     files = merge_files(payload.get("files", []), outcome.result["files"])
     packet = _record(
@@ -554,14 +555,6 @@ def _escalation_role(config: Configuration, profile: str, current: str) -> str |
     if target is None or current == loop.ESCALATION_ROLE or target.agent != "coder":
         return None
     return target.name
-
-
-def _escalated_at(packet: dict[str, Any], iteration: int) -> bool:
-    """Whether the coder changed since the previous round (so its LLM is not kept)."""
-    return any(
-        event["event"] == "escalated" and loop.parse_step(event["detail"]["step"])[0] == iteration - 1
-        for event in loop.current_run(packet["history"])
-    )
 
 
 # -- scheduling -----------------------------------------------------------------------------------

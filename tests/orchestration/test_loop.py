@@ -92,3 +92,31 @@ def test_what_follows_a_step_is_decided_within_the_current_run():
     assert orchestration_engine._last_step({"history": history}) is None
     assert orchestration_engine._last_step({"history": [*history, event("step", step="1.coder")]}) == "1.coder"
     assert orchestration_engine._last_step({"history": history[:2]}) == "1.verdict"
+
+
+def test_after_an_escalation_the_new_coder_writes_the_code_before_debug_may_keep_it():
+    """Debug blaming QA's own tests keeps the code, unless the coder escalated since it was written: then
+    the role escalated to must write first (its rounds were spent re-checking the old coder's code, and
+    its first step was handed the old coder's LLM as sticky)."""
+
+    def event(kind, llm="m", **detail):
+        return {"event": kind, "llm": llm, "detail": detail}
+
+    files = [{"path": "solution.py", "content": "x"}]
+    history = [
+        event("step", llm="small", step="1.coder", files=files, result={"run": "r", "notes": "n"}),
+        event("check", step="1.tests", check="tests", passed=False, output="", test_code="def test(): ..."),
+        event("verdict", step="1.verdict", signature="s1", checks=FAIL_A),
+        event("step", step="2.debug", result={"wrong": "test", "diagnosis": "d"}),
+    ]
+    packet = {"role": "fast_coder", "payload": {"instruction": "i"}, "history": history}
+    state = loop.loop_state(packet)
+    assert loop.keeps_code(state) and state.code_role == state.coder_role == "fast_coder"
+    escalated = [*history[:3], event("escalated", step="1.verdict", to="deep_coder"), history[3]]
+    state = loop.loop_state({**packet, "history": escalated})
+    assert state.coder_role == "deep_coder" and state.code_role == "fast_coder"
+    assert not loop.keeps_code(state)
+    rewritten = [*escalated, event("step", llm="big", step="2.coder", files=files, result={"run": "r", "notes": "n"}),
+                 event("step", step="3.debug", result={"wrong": "test", "diagnosis": "d"})]  # fmt: skip
+    state = loop.loop_state({**packet, "history": rewritten})
+    assert loop.keeps_code(state) and (state.llm, state.code_role) == ("big", "deep_coder")
