@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import redis
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
@@ -128,7 +129,11 @@ def prometheus_text() -> bytes:
     every web process serves the same numbers whichever processes made the calls."""
     client = mcp_handler.client()
     status = status_part(client, llms_or_empty())
-    totals = aggregates(client)[1] if status["redis"]["status"] == "ok" else {}
+    try:
+        totals = aggregates(client)[1] if status["redis"]["status"] == "ok" else {}
+    except redis.RedisError:  # gone since the status's ping: the page still comes, saying so
+        status["redis"] = {**status["redis"], "status": "unavailable"}
+        totals = {}
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot({"status": status, "totals": totals, "usage": usage_part(totals)}))
     return generate_latest(registry)

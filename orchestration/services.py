@@ -248,7 +248,17 @@ def task_feedback(
 
         def undo(current: dict[str, Any]) -> bool:
             # The round was not queued: the task goes back to where it was, so that the same
-            # feedback can be posted again once Redis is back.
+            # feedback can be posted again once Redis is back. Not if it moved on meanwhile (cancelled
+            # while the broker kept this request waiting, or a job of the round ran): that stands.
+            events = [event["event"] for event in current["history"]]
+            since = len(events) - 1 - events[::-1].index("feedback") if "feedback" in events else None
+            if (
+                current["status"] != RUNNING
+                or since is None
+                or current["history"][since]["detail"].get("step") != step[0]
+                or any(event != "scheduled" for event in events[since + 1 :])
+            ):
+                return False
             current["status"] = previous[0]
             detail = {"error": error, **({"message_id": message_id} if message_id else {})}
             current["history"].append(history_event("enqueue_failed", status=previous[0], detail=detail))

@@ -245,6 +245,31 @@ def test_feedback_on_a_finished_task_routes_back_into_the_loop(api, celery_worke
     assert rounds(done)[-1] == (2, "fast_coder", "done")
 
 
+def test_feedback_whose_round_cannot_be_queued_leaves_a_cancel_made_meanwhile(api, celery_worker, script, monkeypatch):
+    """The broker kept the feedback's request waiting, and the task was cancelled meanwhile: the feedback's
+    undo put it back to where it was before the feedback, and the cancel was lost."""
+    from kombu.exceptions import OperationalError
+
+    from orchestration import orchestration_engine, services
+
+    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
+    task_id = submit(api, "fast_coder", {"instruction": "add", "tests": TESTS})["task_id"]
+    assert wait_for(task_id, timeout=60)["status"] == "succeeded"
+
+    def cancelled_meanwhile(*, packet, step):
+        services.task_cancel(task_id=packet["task_id"], reason="a person cancelled it meanwhile")
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(orchestration_engine, "loop_continue", cancelled_meanwhile)
+    response = api.post(
+        f"/api/v1/tasks/{task_id}/feedback", data=json.dumps({"feedback": "more"}), content_type="application/json"
+    )
+    assert response.status_code == 503 and response.json()["code"] == "queue_unavailable"
+    after = api.get(f"/api/v1/tasks/{task_id}").json()
+    assert after["status"] == "cancelled"
+    assert [e["event"] for e in after["history"]][-2:] == ["feedback", "cancelled"]
+
+
 def test_feedback_is_refused_where_there_is_no_loop_or_the_task_runs(api, celery_worker, script):
     script([{"match": r'\{"components"', "reply": {"components": [{"name": "a", "responsibility": "b"}],
             "interfaces": [], "data_flow": [], "risks": []}}])  # fmt: skip

@@ -177,3 +177,19 @@ def test_a_bad_sample_is_refused_naming_its_field(change, field):
     metrics.check_sample(sample)
     with pytest.raises(ValueError, match=f"^{field}: "):
         metrics.check_sample({**sample, **change})
+
+
+@pytest.mark.django_db
+def test_redis_going_away_between_the_ping_and_the_counters_still_serves_the_metrics_page(api, monkeypatch):
+    """It answered a 500; the page says instead that Redis is down."""
+    import redis as redis_py
+
+    from orchestration import prometheus
+
+    def gone(_client):
+        raise redis_py.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(prometheus, "aggregates", gone)
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    assert 'aiagent_up{component="redis"} 0.0' in response.content.decode()
