@@ -495,8 +495,10 @@ class Stream:
     answer with its own status. ``rest()`` yields the events after it; closing it (the client left)
     stops the generation."""
 
-    def __init__(self, request: ChatRequest) -> None:
+    def __init__(self, request: ChatRequest, on_end: Callable[[], None] | None = None) -> None:
+        """``on_end`` is called by the stream's thread once its generation has ended, however it ends."""
         self.request = request
+        self.on_end = on_end
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.stop = threading.Event()
         self.balancer = load_balancer()
@@ -535,6 +537,13 @@ class Stream:
             self.events.put(("error", exc))
         else:
             self.events.put(("done", (result, decision)))
+        finally:
+            if self.on_end is not None:
+                self.on_end()
+
+    @property
+    def started(self) -> bool:
+        return self.thread.ident is not None
 
     def _next(self) -> tuple[str, Any]:
         # The thread always ends with "done" or "error" before the deadline; the margin covers the

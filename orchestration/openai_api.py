@@ -169,12 +169,12 @@ class _Released:
 
 class _StreamBody:
     """The stream's events as a response body whose ``close()`` (the server calls it however the
-    response ends, even before the first event was read) stops the generation and gives the call back."""
+    response ends, even before the first event was read) stops the generation; the stream's thread gives
+    the call back once the generation has stopped (at its next token, or at the engine's timeout)."""
 
-    def __init__(self, events: Iterator[bytes], stream: Stream, release: _Released) -> None:
+    def __init__(self, events: Iterator[bytes], stream: Stream) -> None:
         self.events = events
         self.stream = stream
-        self.release = release
 
     def __iter__(self) -> _StreamBody:
         return self
@@ -187,7 +187,6 @@ class _StreamBody:
             self.events.close()
         finally:
             self.stream.stop.set()
-            self.release()
 
 
 class ChatCompletionsApi(OpenAIView):
@@ -205,14 +204,7 @@ class ChatCompletionsApi(OpenAIView):
                 return self._whole(chat)
             finally:
                 release()
-        try:
-            response = self._stream(chat, release)
-        except BaseException:
-            release()
-            raise
-        if not response.streaming:  # the call failed before its first text: answered whole
-            release()
-        return response
+        return self._stream(chat, release)
 
     def _whole(self, chat: ChatRequest) -> HttpResponse:
         result, decision = complete(chat)
@@ -234,12 +226,20 @@ class ChatCompletionsApi(OpenAIView):
         return response
 
     def _stream(self, chat: ChatRequest, release: _Released) -> HttpResponse:
-        stream = Stream(chat)
-        kind, value = stream.first()
-        if kind == "error":
+        """The streamed answer. The call is given back by the stream's thread when its generation has ended
+        (a client that leaves does not free it while the engine still works), or here if it never started."""
+        stream = None
+        try:
+            stream = Stream(chat, on_end=release)
+            kind, value = stream.first()
+        except BaseException:
+            if stream is None or not stream.started:
+                release()
+            raise
+        if kind == "error":  # before its first text: answered whole (the thread has ended, or will)
             return error_response(engine_error(value))
         llm = value[0] if kind == "text" else value[1].llm.id
-        body = _StreamBody(self._events(chat, stream, kind, value), stream, release)
+        body = _StreamBody(self._events(chat, stream, kind, value), stream)
         response = StreamingHttpResponse(body, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the tokens back

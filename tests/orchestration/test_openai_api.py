@@ -453,3 +453,28 @@ def test_calls_are_counted_in_the_metrics(client, api, mcp_consumer):
             break
         time.sleep(0.2)
     assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+def test_a_streams_completion_is_given_back_when_its_generation_has_stopped_not_when_the_client_left(monkeypatch):
+    """The process's permit (OPENAI_API_MAX_CALLS) came back when the client left, while the engine still
+    worked (reading a long prompt, say): one process then ran more generations than its bound."""
+    from types import SimpleNamespace
+
+    from orchestration import chat
+
+    working = threading.Event()
+
+    def balanced(request, balancer, deadline, call):
+        call.__self__.events.put(("text", ("m", "Once")))
+        working.wait(10)  # the engine, busy until its next token
+        raise chat.ClientGone()
+
+    monkeypatch.setattr(chat, "_balanced", balanced)
+    ended = threading.Event()
+    stream = chat.Stream(SimpleNamespace(deadline_s=30), on_end=ended.set)
+    assert stream.first() == ("text", ("m", "Once"))
+    stream.stop.set()  # the client left
+    assert not ended.wait(0.3), "given back while the generation went on"
+    working.set()
+    assert ended.wait(5)
+    assert stream._next()[0] == "error"
