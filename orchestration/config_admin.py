@@ -40,11 +40,8 @@ class ConfigurationForm(forms.ModelForm):
     # The file's stamp when the page was loaded, sent back with the form: a save compares it with the file
     # as it is, so that it cannot overwrite an edit made meanwhile, in the admin (which updates the rows'
     # stamp too) or by hand.
-    loaded_stamp = forms.CharField(widget=forms.HiddenInput, required=False)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fields["loaded_stamp"].initial = _synced_stamp()
+    # Its initial value is read when the page is rendered (after the page's refresh from the file), once.
+    loaded_stamp = forms.CharField(widget=forms.HiddenInput, required=False, initial=_synced_stamp)
 
     def clean(self):
         cleaned = super().clean()
@@ -67,6 +64,10 @@ class ConfigurationForm(forms.ModelForm):
         return cleaned
 
 
+class ChangelistForm(ConfigurationForm):
+    loaded_stamp = None
+
+
 class ConfigurationAdmin(admin.ModelAdmin):
     form = ConfigurationForm
 
@@ -85,8 +86,9 @@ class ConfigurationAdmin(admin.ModelAdmin):
         return super().changeform_view(request, object_id, form_url, extra_context)
 
     def get_changelist_form(self, request, **kwargs):
-        # The list's editable columns (toggle, locked) validate the same way as the form.
-        return super().get_changelist_form(request, form=self.form, **kwargs)
+        # The list's editable columns (toggle, locked) validate the same way as the form; its rows carry no
+        # stamp of their own (one query a row), and are held to the rows' last synchronisation.
+        return super().get_changelist_form(request, form=ChangelistForm, **kwargs)
 
     def get_actions(self, request):
         actions = super().get_actions(request)

@@ -70,20 +70,17 @@ def _number(
     value = data.get(field)
     if value is None and optional:
         return None
-    if integer:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 <= value <= maximum
-            or value != int(value)
-        ):
-            raise SampleError(f"{field}: must be a whole number from 0 to {maximum:.0f}")
-        return value
     # Compared, not passed to math.isfinite, which raises on an integer too large for a float; NaN and
     # the infinities fail the comparison.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= maximum:
-        raise SampleError(f"{field}: must be a number from 0 to {maximum:g}")
-    return float(value)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= maximum
+        or (integer and value != int(value))
+    ):
+        kind = "a whole number" if integer else "a number"
+        raise SampleError(f"{field}: must be {kind} from 0 to {maximum:,.0f}")
+    return value if integer else float(value)
 
 
 class SampleError(ValueError):

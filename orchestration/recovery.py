@@ -17,6 +17,7 @@ worker at a time (a Redis lock); ``manage.py recover_tasks`` runs it once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -98,10 +99,10 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
         .order_by("updated_at")
         .values_list("task_id", flat=True)[:BATCH]
     )
-    found: dict[str, set[str]] = {}  # the jobs on the queues and those the workers hold, asked once a sweep
+    sweeping = _Sweep(cutoff, retries, inspect_timeout_s, report)
     for candidate in candidates:
         try:
-            _look_at(str(candidate), cutoff, retries, inspect_timeout_s, found, report)
+            sweeping.look_at(str(candidate))
         except (redis.RedisError, DatabaseError, OperationalError):
             raise  # Redis, the broker or the database away: the whole sweep is tried again later
         except Exception:
@@ -111,50 +112,57 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
     return report
 
 
-def _look_at(
-    task_id: str,
-    cutoff: datetime,
-    retries: int,
-    inspect_timeout_s: float,
-    found: dict[str, set[str]],
-    report: SweepReport,
-) -> None:
-    """Recover ``task_id`` if nothing moves it on; ``found`` keeps what the sweep asked Redis and the workers."""
-    try:
-        packet = task_store().read(task_id)
-    except (TaskNotFound, CorruptState) as exc:
-        logger.error("recovery: %s", exc)
-        return
-    if packet["status"] not in (QUEUED, RUNNING):
-        # Its row is behind its file, with no mark left to say so: made to match (the guarded write, which
-        # never takes a row back), so that it does not come back among the oldest candidates at every sweep.
-        mirror_packet(packet)
-        return
-    if parse_datetime(packet["updated_at"]) > cutoff:
-        return  # it moved since the mirror was read
-    report.looked_at += 1
-    waiting = orchestration_engine.task_waiting(packet)
-    if waiting.children:
-        if any(_status(child) not in FINISHED for child in waiting.children):
-            return  # its children move it on
-        reason = "its plan's children have finished, but the plan did not go on"
-    else:
-        if leases_held(waiting.leases):
+@dataclass
+class _Sweep:
+    """One sweep's look at its candidates; the jobs on the queues and those the workers hold are asked
+    for once a sweep, when a candidate first needs them."""
+
+    cutoff: datetime
+    retries: int
+    inspect_timeout_s: float
+    report: SweepReport
+
+    @functools.cached_property
+    def queued(self) -> set[str]:
+        return queued_jobs(_redis(), [*configuration().queues(), settings.CELERY_TASK_DEFAULT_QUEUE])
+
+    @functools.cached_property
+    def held(self) -> set[str]:
+        return held_jobs(self.inspect_timeout_s)
+
+    def look_at(self, task_id: str) -> None:
+        """Recover ``task_id`` if nothing moves it on."""
+        try:
+            packet = task_store().read(task_id)
+        except (TaskNotFound, CorruptState) as exc:
+            logger.error("recovery: %s", exc)
             return
-        if "queued" not in found:
-            found["queued"] = queued_jobs(_redis(), [*configuration().queues(), settings.CELERY_TASK_DEFAULT_QUEUE])
-        if any(job in found["queued"] for job in waiting.jobs):
+        if packet["status"] not in (QUEUED, RUNNING):
+            # Its row is behind its file, with no mark left to say so: made to match (the guarded write, which
+            # never takes a row back), so that it does not come back among the oldest candidates at every sweep.
+            mirror_packet(packet)
             return
-        if "held" not in found:
-            found["held"] = held_jobs(inspect_timeout_s)
-        if any(job in found["held"] for job in waiting.jobs):
-            return
-        reason = "its jobs were lost: none is on a queue or held by a live worker, and no step runs"
-    outcome = orchestration_engine.task_recover(packet=packet, reason=reason, retries=retries)
-    if outcome == "recovered":
-        report.recovered.append(packet["task_id"])
-    elif outcome == "failed":
-        report.failed.append(packet["task_id"])
+        if parse_datetime(packet["updated_at"]) > self.cutoff:
+            return  # it moved since the mirror was read
+        self.report.looked_at += 1
+        waiting = orchestration_engine.task_waiting(packet)
+        if waiting.children:
+            if any(_status(child) not in FINISHED for child in waiting.children):
+                return  # its children move it on
+            reason = "its plan's children have finished, but the plan did not go on"
+        else:
+            if (
+                leases_held(waiting.leases)
+                or any(job in self.queued for job in waiting.jobs)
+                or any(job in self.held for job in waiting.jobs)  # asked of the workers only when needed
+            ):
+                return
+            reason = "its jobs were lost: none is on a queue or held by a live worker, and no step runs"
+        outcome = orchestration_engine.task_recover(packet=packet, reason=reason, retries=self.retries)
+        if outcome == "recovered":
+            self.report.recovered.append(packet["task_id"])
+        elif outcome == "failed":
+            self.report.failed.append(packet["task_id"])
 
 
 def sweep_once_among_workers(**options) -> SweepReport | None:

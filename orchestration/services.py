@@ -250,13 +250,14 @@ def task_feedback(
             # The round was not queued: the task goes back to where it was, so that the same
             # feedback can be posted again once Redis is back. Not if it moved on meanwhile (cancelled
             # while the broker kept this request waiting, or a job of the round ran): that stands.
-            events = [event["event"] for event in current["history"]]
-            since = len(events) - 1 - events[::-1].index("feedback") if "feedback" in events else None
+            history = current["history"]
+            # Since this feedback, at most the note of the round's jobs (written before their send failed).
+            since = next((i for i in range(len(history) - 1, -1, -1) if history[i]["event"] != "scheduled"), None)
             if (
                 current["status"] != RUNNING
                 or since is None
-                or current["history"][since]["detail"].get("step") != step[0]
-                or any(event != "scheduled" for event in events[since + 1 :])
+                or history[since]["event"] != "feedback"
+                or history[since]["detail"].get("step") != step[0]
             ):
                 return False
             current["status"] = previous[0]

@@ -74,12 +74,7 @@ class TaskStore:
 
     @contextlib.contextmanager
     def _locked(self, task_id: str) -> Iterator[None]:
-        path = self._locks / f"{parse_task_id(task_id)}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the first write of all, or the directories were removed: made when missing
-            self._locks.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_creating(self._locks / f"{parse_task_id(task_id)}.lock", os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -168,12 +163,7 @@ class TaskStore:
 
     def _mark(self, task_id: str) -> Path:
         marker = self._unmirrored / task_id
-        try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the first mark of all: the directory is made when missing
-            self._unmirrored.mkdir(parents=True, exist_ok=True)
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.close(fd)
+        os.close(_open_creating(marker, os.O_WRONLY))
         return marker
 
     def restore_row(self, task_id: str) -> None:
@@ -233,6 +223,16 @@ class TaskStore:
                 yield self.read(parse_task_id(path.stem))
             except (OSError, ValueError, CorruptState, TaskNotFound) as exc:
                 logger.error("skipping state file %s: %s", path, exc)
+
+
+def _open_creating(path: Path, flags: int) -> int:
+    """A descriptor of ``path``, created if missing, and its directory too: made only when the open finds
+    it missing (the store's first write, or after it was removed), not checked at every write."""
+    try:
+        return os.open(path, flags | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags | os.O_CREAT, 0o644)
 
 
 # The row's fields but its key, in the order of the mirror's INSERT.

@@ -27,7 +27,7 @@ from llm_engines.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from llm_engines.http import base_url_problems, retry_after_seconds, timeout_problems
+from llm_engines.http import MALFORMED_REPLY, base_url_problems, retry_after_seconds, timeout_problems
 
 # Words with which OpenAI-compatible servers say a prompt does not fit.
 _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
@@ -148,12 +148,6 @@ class OpenAIEngine(Engine):
         started = time.perf_counter()
         try:
             response = self.client.chat.completions.create(**self._request(messages, options))
-        except openai.OpenAIError as exc:
-            # Not chained: the client's exception may quote the key, and a logged traceback would print it.
-            raise self._error(exc) from None
-        except _MALFORMED as exc:  # the client could not parse the body (truncated JSON, say)
-            raise self._malformed(exc) from None
-        try:
             choice = response.choices[0]
             usage = response.usage
             calls = choice.message.tool_calls or []
@@ -173,9 +167,12 @@ class OpenAIEngine(Engine):
                     if getattr(call, "function", None) is not None
                 ),
             )
-        except _MALFORMED as exc:
-            # A 200 that is not a chat completion (an HTML page, an error object, no choices): the LLM's
-            # server is at fault, and the balancer counts it and fails over, as for a 5xx.
+        except openai.OpenAIError as exc:
+            # Not chained: the client's exception may quote the key, and a logged traceback would print it.
+            raise self._error(exc) from None
+        except MALFORMED_REPLY as exc:
+            # A 200 that is not a chat completion (truncated JSON, an HTML page, an error object, no choices):
+            # the LLM's server is at fault, and the balancer counts it and fails over, as for a 5xx.
             raise self._malformed(exc) from None
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
@@ -222,12 +219,8 @@ class OpenAIEngine(Engine):
             raise self._error(exc) from None
         except httpx.TimeoutException:
             raise EngineTimeout(f"the stream from {self.base_url or 'the API'} stalled", engine=self.name) from None
-        except httpx.HTTPError as exc:
-            # The connection broke mid-stream.
-            message = self._redact(f"the stream from {self.base_url or 'the API'} broke: {type(exc).__name__}: {exc}")
-            raise EngineUnavailable(message, engine=self.name) from None
-        except _MALFORMED as exc:
-            # The server sent something that is not a chunk.
+        except (httpx.HTTPError, *MALFORMED_REPLY) as exc:
+            # The connection broke mid-stream, or the server sent something that is not a chunk.
             message = self._redact(f"the stream from {self.base_url or 'the API'} broke: {type(exc).__name__}: {exc}")
             raise EngineUnavailable(message[:500], engine=self.name) from None
         if not received:  # a 200 with no event in it (an HTML page, say): not an empty answer
@@ -263,10 +256,6 @@ class OpenAIEngine(Engine):
         if self.model not in served:
             return Health(False, f"model {self.model} is not served (served: {', '.join(served[:10])})", elapsed)
         return Health(True, f"{self.model} served", elapsed)
-
-
-# What parsing a reply that is not the shape it should be raises (the client hands over what the server sent).
-_MALFORMED = (AttributeError, TypeError, IndexError, KeyError, ValueError)
 
 
 def _count(value: Any, default: int = 0) -> int:

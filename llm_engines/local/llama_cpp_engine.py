@@ -414,8 +414,4 @@ def _image_urls(messages: Sequence[Message]) -> Iterator[str]:
 
 
 def _has_images(messages: Sequence[Message]) -> bool:
-    return any(
-        isinstance(message.get("content"), list)
-        and any(isinstance(part, Mapping) and part.get("type") == "image_url" for part in message["content"])
-        for message in messages
-    )
+    return next(_image_urls(messages), None) is not None

@@ -29,15 +29,14 @@ from llm_engines.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from llm_engines.http import base_url_problems, retry_after_seconds, timeout_problems
+from llm_engines.http import MALFORMED_REPLY, base_url_problems, retry_after_seconds, timeout_problems
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
+# What a call to the ollama client raises that ``OllamaEngine._error`` turns into an engine error.
+_FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError, *MALFORMED_REPLY)
 # The ollama client takes its timeout once, at creation: one client per timeout in whole seconds (rounded
 # up, so a call may run at most a second past its deadline), the most recently used ones kept.
 MAX_CLIENTS = 32
-# What reading a reply that is not the shape it should be raises: a body that is not JSON (ValueError), a JSON
-# list where the client expects an object (TypeError), a missing part (AttributeError, KeyError).
-_MALFORMED = (ValueError, TypeError, AttributeError, KeyError)
 
 
 def _arguments(text: str) -> dict[str, Any]:
@@ -148,7 +147,7 @@ class OllamaEngine(Engine):
             # The client refused to build the request (a tool's schema, a message it cannot take).
             reason = exc.errors()[0]["msg"]
             return EngineBadRequest(f"the ollama client refused the request: {reason}", engine=self.name)
-        if isinstance(exc, _MALFORMED):
+        if isinstance(exc, MALFORMED_REPLY):
             # A reply that is not one (not JSON, a list, a field of the wrong type): the server is at fault,
             # and the balancer counts it and fails over, as for a 5xx.
             detail = f"{type(exc).__name__}: {exc}"[:300]
@@ -223,7 +222,7 @@ class OllamaEngine(Engine):
         try:
             response = self._client(options.timeout).chat(**request, stream=False)
             return self._result(response, response.message.content or "", started, None, tool_calls(response.message))
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError, *_MALFORMED) as exc:
+        except _FAILURES as exc:
             raise self._error(exc) from exc
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
@@ -244,7 +243,7 @@ class OllamaEngine(Engine):
                         first_at = time.perf_counter()
                     parts.append(text)
                     yield ChatChunk(text=text)
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError, *_MALFORMED) as exc:
+        except _FAILURES as exc:
             raise self._error(exc) from exc
         if last is None or not last.done:
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)

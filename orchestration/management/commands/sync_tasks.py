@@ -42,16 +42,17 @@ class Command(BaseCommand):
                         ahead.append(packet["task_id"])
         # A row ahead of its file, or holding another write of the same version (after a power loss): made
         # what the file says under the task's lock, which no write of it holds meanwhile.
-        for task_id in list(ahead):
+        restored = 0
+        for task_id in ahead:
             try:
                 store.restore_row(task_id)
+                restored += 1
             except (TaskNotFound, CorruptState) as exc:  # removed or broken since it was read
                 self.stderr.write(f"not restored: {exc}")
-                ahead.remove(task_id)
         orphans = [task_id for task_id in current if task_id not in seen]
         for start in range(0, len(orphans), 500):
             Task.objects.filter(task_id__in=orphans[start : start + 500]).delete()
         self.stdout.write(
-            f"{len(seen)} state files; {written + len(ahead)} rows written ({len(ahead)} of them were ahead of "
+            f"{len(seen)} state files; {written + restored} rows written ({restored} of them were ahead of "
             f"their file, or held another write of its version); {len(orphans)} orphan rows removed"
         )
