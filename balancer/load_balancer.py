@@ -57,6 +57,16 @@ class NoCandidate(LookupError):
         self.reasons = dict(reasons or {})
 
 
+class CallStopped(Exception):
+    """Raised by a call that its caller stopped before the LLM finished (a client that left its stream).
+    ``partial`` is what the LLM had produced until then, as far as the caller knows it: the balancer
+    counts its tokens and their cost (rule 7) and records the call as ``cancelled``."""
+
+    def __init__(self, message: str = "the call was stopped by its caller", partial: ChatResult | None = None):
+        super().__init__(message)
+        self.partial = partial
+
+
 class NoCapacity(EngineUnavailable):
     """Every candidate stayed full or cooling down until the step's deadline (transient)."""
 
@@ -244,7 +254,11 @@ class Decision:
 
 
 # What a call's outcome is called in the metrics: a fixed set, so that metric labels stay bounded.
-OUTCOMES = ("ok", "unavailable", "timeout", "rate_limited", "bad_request", "auth", "configuration", "error")
+# "cancelled": the call was stopped by its caller (a client that left, a task cancelled or out of time);
+# neither the LLM's success nor its failure.
+OUTCOMES = (
+    "ok", "unavailable", "timeout", "rate_limited", "bad_request", "auth", "configuration", "error", "cancelled",
+)  # fmt: skip
 
 
 def outcome_of(error: EngineError | None) -> str:
@@ -774,22 +788,29 @@ class LoadBalancer:
         result: ChatResult | None = None,
         error: EngineError | None = None,
         role: RoleConfig | None = None,
+        stopped: bool = False,
     ) -> str:
         """Free the slot and record the outcome (rules 3 and 5). With ``role``, the call was made for
         it by ``run``: its cost is added to the profile's spending today (rule 7) and its sample handed
-        to ``on_call``. All of it goes to Redis in one round trip. Returns the breaker's state after it."""
+        to ``on_call``. ``stopped``: its caller stopped it, and ``result`` (if any) is what it had
+        produced by then. All of it goes to Redis in one round trip. Returns the breaker's state after it."""
         llm = decision.llm
         policy = self.policy
         now = self.clock()
         cost = _cost(llm, result) if result is not None else 0.0
         observed = role is not None and self.on_call is not None
-        sample = self._sample_of(role, decision, result=result, error=error, cost=cost) if observed else None
+        sample = (
+            self._sample_of(role, decision, result=result, error=error, cost=cost, stopped=stopped)
+            if observed
+            else None
+        )
         commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
         if cost and role is not None:
             key = self._spend_key(role.profile)
             commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
-        if error is not None and isinstance(error, EngineBadRequest):
-            # The request was wrong, not the LLM: no sample either way; a probe is let go.
+        if stopped or isinstance(error, EngineBadRequest):
+            # Neither the LLM's success nor its failure (the request was wrong, or its caller stopped the
+            # call): nothing for rules 3 and 5 to learn from; a probe is let go.
             if decision.probe:
                 commands.append(("HSET", [self._key("breaker", llm.id), "probe_until", now], None))
             self._in_one_round_trip(commands, sample)
@@ -854,8 +875,14 @@ class LoadBalancer:
                 failed[decision.llm.id] = f"rule 6: failed in this step: {exc}"
                 attempts.append({"llm": decision.llm.id, "error": str(exc)})
                 continue
-            except BaseException:
-                self._release(decision.llm.id, decision.slot)  # cancelled or interrupted: the slot comes back
+            except BaseException as exc:
+                # Stopped by its caller (a client that left, a cancelled task, a time limit, a signal): the
+                # slot comes back and the call is counted, with what it produced if the caller knows it.
+                partial = exc.partial if isinstance(exc, CallStopped) else None
+                try:
+                    self.record(decision, result=partial, role=role, stopped=True)
+                except Exception:
+                    logger.warning("could not record the stopped call to %s", decision.llm.id, exc_info=True)
                 raise
             self.record(decision, result=result, role=role)
             return result, decision
@@ -870,6 +897,7 @@ class LoadBalancer:
         result: ChatResult | None = None,
         error: EngineError | None = None,
         cost: float = 0.0,
+        stopped: bool = False,
     ) -> CallSample:
         """The call as the metrics count it."""
         now = self.clock()
@@ -877,7 +905,7 @@ class LoadBalancer:
             llm=decision.llm.id,
             profile=role.profile,
             role=role.name,
-            outcome=outcome_of(error),
+            outcome="cancelled" if stopped else outcome_of(error),
             latency_s=result.latency_s if result is not None else max(now - (decision.started or now), 0.0),
             time_to_first_token_s=result.time_to_first_token_s if result is not None else None,
             prompt_tokens=result.prompt_tokens if result is not None else 0,

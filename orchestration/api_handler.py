@@ -868,12 +868,13 @@ class CallFiguresSerializer(serializers.Serializer):
     """Engine calls counted over a period. Percentiles are estimated from histogram buckets (each √2 wide)."""
 
     requests = serializers.IntegerField()
-    errors = serializers.IntegerField()
+    errors = serializers.IntegerField(help_text="Calls that neither succeeded nor were cancelled.")
     error_rate = serializers.FloatField(allow_null=True, help_text="errors / requests; null without requests.")
     outcomes = serializers.DictField(
         child=serializers.IntegerField(),
         help_text="Calls by outcome: `ok`, `unavailable`, `timeout`, `rate_limited`, `bad_request`, `auth`, "
-        "`configuration`, `error`.",
+        "`configuration`, `error`, `cancelled` (stopped by their caller: a client that left its stream, a task "
+        "cancelled or out of time).",
     )
     latency_ms = PercentilesSerializer(help_text="Of the successful calls, from request to last token.")
     time_to_first_token_ms = PercentilesSerializer()

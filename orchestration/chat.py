@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
-from balancer.load_balancer import Decision, LoadBalancer, candidates, direct_call, estimate_tokens
+from balancer.load_balancer import CallStopped, Decision, LoadBalancer, candidates, direct_call, estimate_tokens
 from llm_engines.base import ChatOptions, ChatResult, Engine
 from llm_engines.errors import EngineError, EngineTimeout
 from llm_engines.registry import get_engine
@@ -483,8 +483,9 @@ def complete(request: ChatRequest) -> tuple[ChatResult, Decision]:
     return _balanced(request, balancer, deadline, call)
 
 
-class ClientGone(Exception):
-    """The client stopped reading a stream: the generation ends, and its slot comes back."""
+class ClientGone(CallStopped):
+    """The client stopped reading a stream: the generation ends, and its slot comes back; the balancer
+    counts the call as cancelled, with what it had streamed."""
 
 
 class Stream:
@@ -507,20 +508,36 @@ class Stream:
 
     def _call(self, llm: LLMConfig) -> ChatResult:
         engine, options = _engine(self.request, llm, self.balancer, self.deadline)
-        sent = False
+        started = time.monotonic()
+        first_at: float | None = None
+        pieces: list[str] = []
         result = None
         chunks = engine.stream(self.request.messages, options)
         try:
             for chunk in chunks:
                 if self.stop.is_set():
-                    raise ClientGone()
+                    # What the LLM produced until now, for its cost and the metrics: engines stream a
+                    # token a piece, and the prompt is counted as the balancer estimated it.
+                    raise ClientGone(
+                        "the client left the stream",
+                        partial=ChatResult(
+                            text="".join(pieces),
+                            model=llm.model,
+                            prompt_tokens=estimate_tokens(self.request.messages),
+                            completion_tokens=len(pieces) + bool(chunk.text),
+                            latency_s=time.monotonic() - started,
+                            time_to_first_token_s=None if first_at is None else first_at - started,
+                        ),
+                    )
                 if chunk.result is not None:
                     result = chunk.result
                 elif chunk.text:
                     self.events.put(("text", (llm.id, chunk.text)))
-                    sent = True
+                    if first_at is None:
+                        first_at = time.monotonic()
+                    pieces.append(chunk.text)
         except EngineError as exc:
-            if sent:
+            if pieces:
                 # The client has this LLM's text: another LLM cannot take over the reply.
                 exc.transient = exc.llm_at_fault = False
             raise

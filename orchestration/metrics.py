@@ -204,11 +204,12 @@ def summary(counts: Mapping[str, float]) -> dict[str, Any]:
     """What a set of counted calls shows: requests, errors, latency, time to first token, speed."""
     requests = int(counts.get("n", 0))
     succeeded = int(counts.get("okn", 0))
+    errors = requests - succeeded - int(counts.get("o:cancelled", 0))  # a call its caller stopped did not fail
     ttft_count = counts.get("ttftn", 0)
     return {
         "requests": requests,
-        "errors": requests - succeeded,
-        "error_rate": round((requests - succeeded) / requests, 4) if requests else None,
+        "errors": errors,
+        "error_rate": round(errors / requests, 4) if requests else None,
         "outcomes": {o: int(counts[f"o:{o}"]) for o in OUTCOMES if counts.get(f"o:{o}")},
         "latency_ms": {
             "p50": _ms(quantile(counts, "L", 0.50)),

@@ -12,7 +12,16 @@ import pytest
 import redis
 
 from balancer.configuration import parse_configuration
-from balancer.load_balancer import Decision, LoadBalancer, NoCandidate, NoCapacity, Policy, Wait, candidates
+from balancer.load_balancer import (
+    CallStopped,
+    Decision,
+    LoadBalancer,
+    NoCandidate,
+    NoCapacity,
+    Policy,
+    Wait,
+    candidates,
+)
 from llm_engines.base import ChatResult
 from llm_engines.errors import EngineBadRequest, EngineRateLimited, EngineUnavailable
 
@@ -278,6 +287,58 @@ def test_rule_4_a_cancelled_call_gives_its_slot_back(lb):
     with pytest.raises(KeyboardInterrupt):
         lb.run(config, config.role("tp", "r"), interrupted)
     assert lb.states(config)["t-a"]["in_flight"] == 0
+
+
+def test_rule_4_a_stopped_call_is_counted_cancelled_with_its_cost_and_lets_its_probe_go(client, clock):
+    """A call its caller stopped (a client that left its stream) only gave its slot back: its tokens were
+    not added to the day's spending, no sample reached the metrics, and a probe it was held the LLM's
+    half-open breaker for a minute."""
+    samples = []
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7),
+                      on_call=lambda sample, pipe: samples.append(sample))  # fmt: skip
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0}}], daily_budget=10.0
+    )
+    role = config.role("tp", "r")
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    clock.now += 10  # cooled down: the next call is the probe
+
+    def left(llm):
+        clock.now += 3
+        raise CallStopped("the client left", partial=reply(latency=3.0, ttft=0.5, tokens=20, prompt=100))
+
+    with pytest.raises(CallStopped):
+        lb.run(config, role, left, budget=10.0)
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.14)  # 100 x 1.0 + 20 x 2.0 per 1k
+    [sample] = samples
+    assert (sample.llm, sample.outcome) == ("t-api", "cancelled")
+    assert (sample.prompt_tokens, sample.completion_tokens) == (100, 20)
+    assert (sample.cost, sample.latency_s) == (pytest.approx(0.14), 3.0)
+    state = lb.states(config)["t-api"]
+    assert (state["in_flight"], state["breaker"]) == (0, "half_open")
+    assert take(lb, config, budget=10.0).probe  # the next call probes at once, not a minute later
+
+    def interrupted(llm):  # a signal or a time limit: nothing is known of what the LLM produced
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lb.run(config, role, interrupted, budget=10.0)
+    assert samples[-1].outcome == "cancelled" and samples[-1].completion_tokens == 0
+
+
+def test_rule_4_a_stopped_call_that_cannot_be_recorded_still_raises_what_stopped_it(lb, client, monkeypatch):
+    config = config_with([{"id": "t-a"}])
+
+    def gone(*args, **kwargs):
+        raise redis.ConnectionError("Redis went away")
+
+    def interrupted(llm):
+        monkeypatch.setattr(lb, "_in_one_round_trip", gone)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lb.run(config, config.role("tp", "r"), interrupted)
 
 
 def test_rule_4_when_every_candidate_is_full_the_call_waits_up_to_the_deadline(lb, clock):

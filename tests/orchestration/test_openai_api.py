@@ -202,7 +202,15 @@ def test_the_real_model_streams_token_by_token(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(texts)
 
 
-def test_a_client_that_leaves_a_stream_gives_the_llms_slot_back(client):
+def test_a_client_that_leaves_a_stream_gives_the_llms_slot_back_and_the_call_counts_as_cancelled(
+    client, api, mcp_consumer
+):
+    def cancelled() -> tuple[int, int, int]:
+        performance = api.get("/api/v1/metrics").json()["performance"]
+        figures = performance["llms"].get("smollm2-135m", {}).get("since_start", {})
+        return figures.get("outcomes", {}).get("cancelled", 0), figures.get("errors", 0), figures.get("requests", 0)
+
+    before = cancelled()
     stream = client.chat.completions.create(
         model="smollm2-135m",
         messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
@@ -216,6 +224,10 @@ def test_a_client_that_leaves_a_stream_gives_the_llms_slot_back(client):
     while slots.zcard("aiagent:lb:slots:smollm2-135m") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert slots.zcard("aiagent:lb:slots:smollm2-135m") == 0, "the generation went on after the client left"
+    deadline = time.monotonic() + 20
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == (before[0] + 1, before[1], before[2] + 1), "counted as cancelled, not as an error"
 
 
 def test_a_roles_model_puts_the_roles_prompt_first_and_the_balancer_picks(client):
