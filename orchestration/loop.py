@@ -34,6 +34,17 @@ def current_run(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return history
 
 
+def jobs_run(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history since the task's current jobs were started: since it was last retried or took
+    feedback. Jobs noted before are no longer the task's: feedback comes only to a task that awaits it
+    or has finished, and a job of the round before it (a check still running when its task failed)
+    must neither record into the feedback's round nor fail it."""
+    for index in range(len(history) - 1, -1, -1):
+        if history[index]["event"] in ("retried", "feedback"):
+            return history[index:]
+    return history
+
+
 def step_key(iteration: int, kind: str) -> str:
     return f"{iteration}.{kind}"
 

@@ -726,10 +726,10 @@ def _add_note(
 
 
 def _expects(packet: dict[str, Any], job_id: str) -> bool:
-    """Whether the job was noted for the task's current run (a job of a run before a retry is not)."""
+    """Whether the job was noted for the task's current jobs (one noted before a retry or a feedback is not)."""
     return any(
         event["event"] == "scheduled" and job_id in event["detail"]["job_ids"]
-        for event in loop.current_run(packet["history"])
+        for event in loop.jobs_run(packet["history"])
     )
 
 
@@ -1084,7 +1084,10 @@ def task_waiting(packet: dict[str, Any]) -> Waiting:
         return Waiting(jobs=(_job_of(packet),), leases=(task_id,))
     if _delegated(packet):
         return Waiting(jobs=(), leases=(task_id,), children=tuple(packet["children"]))
-    scheduled = [e["detail"] for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"]
+    jobs_run = loop.jobs_run(packet["history"])
+    scheduled = [e["detail"] for e in jobs_run if e["event"] == "scheduled"]
+    if not scheduled and _feedback_run(jobs_run):
+        return Waiting(jobs=(), leases=(task_id,))  # the round the feedback asked for was never queued
     if not scheduled:  # the first step, under its claim
         return Waiting(jobs=(_claimed_by(packet),), leases=(task_id,))
     pending = [
@@ -1130,16 +1133,23 @@ def task_recover(*, packet: dict[str, Any], reason: str, retries: int) -> str:
         _finished(updated)
         return "failed"
     logger.warning("task %s recovered: %s", task_id, reason)
-    scheduled = [e["detail"] for e in loop.current_run(updated["history"]) if e["event"] == "scheduled"]
+    jobs_run = loop.jobs_run(updated["history"])
+    scheduled = [e["detail"] for e in jobs_run if e["event"] == "scheduled"]
     if _delegated(updated):
         plan_advance(parent_id=task_id)
-    elif updated["status"] == QUEUED or not scheduled:
+    elif updated["status"] == QUEUED or not (scheduled or _feedback_run(jobs_run)):
         queue_job(run_task, [task_id], role, task_waiting(updated).jobs[0])
     else:
-        _after_step(updated, _last_step(updated))  # what the last step's worker died before queueing
-        if task_store().read(task_id)["version"] == updated["version"]:
+        # What the last step's worker (or the feedback's request) died before queueing.
+        _after_step(updated, _last_step(updated))
+        if scheduled and task_store().read(task_id)["version"] == updated["version"]:
             _schedule(updated, scheduled[-1]["after"], [], republish=True)
     return "recovered"
+
+
+def _feedback_run(jobs_run: list[dict[str, Any]]) -> bool:
+    """Whether the task's current jobs were started by a feedback (``loop.jobs_run``)."""
+    return bool(jobs_run) and jobs_run[0]["event"] == "feedback"
 
 
 def _claimed_by(packet: dict[str, Any]) -> str | None:

@@ -476,3 +476,35 @@ def test_a_last_check_delivered_again_queues_what_its_verdict_noted(here, script
     last_step, last_job = checks[-1]
     later_step(task_id=task_id, step=last_step, job_id=last_job)
     assert recovery.queued_jobs(broker, [f"{profile}.debug"]) == set(debug_job)
+
+
+def test_a_check_of_the_round_before_a_feedback_neither_records_into_its_round_nor_fails_it(here, script):
+    """A task failed while one of its checks was still running (another delivery of the check's job was
+    killed by the hard time limit), and a person's feedback came: the check then recorded into the
+    feedback's round, and its verdict finished the task while the feedback's round ran; killed again,
+    it failed the feedback's round."""
+    from orchestration import recovery
+    from orchestration.orchestration_engine import task_abandoned, task_waiting
+    from orchestration.runtime import task_store
+    from orchestration.services import task_feedback
+
+    profile, broker, first_round = here
+    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
+
+    def failed_then_feedback(task_id):
+        history = task_store().read(task_id)["history"]
+        noted = next(e["detail"] for e in reversed(history) if e["event"] == "scheduled")
+        killed = noted["job_ids"][2]  # the review's, the last check
+        assert task_abandoned(task_id=task_id, job_id=killed, reason="the job was killed") == "failed"
+        assert task_feedback(task_id=task_id, feedback="say what it does", route="coder")["status"] == "running"
+
+    task_id, checks, _ = first_round(failed_then_feedback)
+    packet = task_store().read(task_id)
+    assert packet["status"] == "running" and packet["iteration"] == 2
+    assert steps(packet) == ["1.coder", "1.tests", "1.static"]  # no 1.review, no 1.verdict
+    noted = packet["history"][-1]["detail"]
+    assert (noted["after"], noted["steps"]) == ("2.feedback", ["2.coder"])
+    assert task_waiting(packet).jobs == tuple(noted["job_ids"])  # not the round before's
+    assert set(noted["job_ids"]) <= recovery.queued_jobs(broker, [f"{profile}.fast_coder"])
+    assert task_abandoned(task_id=task_id, job_id=checks[-1][1], reason="killed again") == "running"
+    assert task_store().read(task_id)["version"] == packet["version"]
