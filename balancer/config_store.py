@@ -9,9 +9,12 @@ process picks the new file up at its next use of the configuration.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
-from collections.abc import Collection
+import os
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,20 @@ def check_rows(
     raw = raw_from_rows(replace=replace, remove=remove)
     parse_configuration(raw, source="the configuration with this change", known_agents=known_agents)
     return raw
+
+
+@contextlib.contextmanager
+def editing(path: Path) -> Iterator[None]:
+    """The configuration's edit lock, shared by every process on the machine (a lock file beside the file,
+    ``.<name>.lock``): held while a change is checked against the file and written to it, so that two
+    changes made at once go one after the other, and the second is checked against the file as the
+    first left it. Not reentrant: the holder must not take it again."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_file(path: Path, raw: dict[str, Any]) -> None:

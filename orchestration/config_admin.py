@@ -76,14 +76,21 @@ class ConfigurationAdmin(admin.ModelAdmin):
         if error:
             messages.error(request, f"{_path()} was not loaded; the server keeps its previous configuration. {error}")
 
+    # Each page runs under the configuration's edit lock, its refresh from the file and the handling of
+    # its form alike: two saves posted at once are each checked against the file as the other left it
+    # (the second is refused as made on a page loaded before the first), rather than both checked
+    # against the file as it was and both written.
+
     def changelist_view(self, request, extra_context=None):
-        self._sync(request)
-        return super().changelist_view(request, extra_context)
+        with config_store.editing(_path()):
+            self._sync(request)
+            return super().changelist_view(request, extra_context)
 
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
-        if request.method == "GET":
-            self._sync(request)
-        return super().changeform_view(request, object_id, form_url, extra_context)
+        with config_store.editing(_path()):
+            if request.method == "GET":
+                self._sync(request)
+            return super().changeform_view(request, object_id, form_url, extra_context)
 
     def get_changelist_form(self, request, **kwargs):
         # The list's editable columns (toggle, locked) validate the same way as the form; its rows carry no
@@ -101,6 +108,10 @@ class ConfigurationAdmin(admin.ModelAdmin):
             config_store.save_rows_to_file(_path(), known_agents=AGENTS.names())
 
     def delete_view(self, request, object_id, extra_context=None):
+        with config_store.editing(_path()):
+            return self._delete_view(request, object_id, extra_context)
+
+    def _delete_view(self, request, object_id, extra_context=None):
         obj = self.get_object(request, object_id)
         if request.method == "POST" and obj is not None:
             if _synced_stamp() != file_stamp(_path()):

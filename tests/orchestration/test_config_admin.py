@@ -206,3 +206,43 @@ def test_api_key_env_must_name_a_key_variable_and_base_url_must_carry_no_credent
         form = llm_form(llm_id="remote", engine="openai", source="api", model="gpt", **overrides)
         page = admin_client.post(f"{LLM_LIST}add/", form).content.decode()
         assert needle in page, overrides
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_waits_for_the_edit_in_progress_and_is_then_checked_against_its_file(
+    admin_client, config_file, edit_config
+):
+    """A save is checked against the file and written under the configuration's edit lock, so a save
+    posted while another is being made waits for it, and is then refused as made on a page loaded
+    before it. With SQLite the database's write lock queued them as well (its transactions begin
+    IMMEDIATE); with PostgreSQL nothing did: both were checked against the file as it was before
+    either wrote, and the second overwrote the first."""
+    import re
+    import threading
+
+    from django.db import connection
+
+    from balancer import config_store
+
+    admin_client.get("/admin/balancer/role/")  # the rows from the file
+    role = Role.objects.get(profile__name="developer", name="planner")
+    url = f"/admin/balancer/role/{role.pk}/change/"
+    stamp = re.search(r'name="loaded_stamp" value="([^"]*)"', admin_client.get(url).content.decode()).group(1)
+    answers = []
+
+    def save():
+        try:
+            answers.append(admin_client.post(url, role_form(role, max_tokens=88, loaded_stamp=stamp)))
+        finally:
+            connection.close()
+
+    saving = threading.Thread(target=save)
+    with config_store.editing(config_file):  # another save, in another process, is being made
+        saving.start()
+        saving.join(1.0)
+        assert saving.is_alive(), "the save did not wait for the edit in progress"
+        edit_config(lambda raw: raw["profiles"]["developer"]["roles"]["planner"].update(max_tokens=77))
+    saving.join(30)
+    assert answers[0].status_code == 200
+    assert "has changed since this page was loaded" in answers[0].content.decode()
+    assert json.loads(config_file.read_text())["profiles"]["developer"]["roles"]["planner"]["max_tokens"] == 77
