@@ -86,6 +86,10 @@ class StepLease:
     def __exit__(self, *exc_info: object) -> None:
         if self._renewal is not None:
             renewer.remove(self._renewal)
+        self.release()
+
+    def release(self) -> None:
+        """Give the lease up if it is still ours (one that expired and was taken by another stays theirs)."""
         try:
             self._release(keys=[self.key], args=[self.holder])
         except redis.RedisError as exc:

@@ -12,7 +12,7 @@ twice finds its step done), or fails it after ``RECOVERY_RETRIES`` recoveries in
 
 It also writes the database rows that a locked or unreachable database did not take (the state
 files are the truth). Every worker runs it at start and then every ``RECOVERY_SWEEP_SECONDS``, one
-worker at a time (a Redis lock); ``manage.py recover_tasks`` runs it once.
+worker at a time (a Redis lease); ``manage.py recover_tasks`` runs it once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from django.utils.dateparse import parse_datetime
 from kombu.exceptions import OperationalError
 
 from orchestration import mcp_handler, metrics, orchestration_engine
-from orchestration.leases import leases_held
+from orchestration.leases import StepLease, leases_held
 from orchestration.models import Task
 from orchestration.packets import FINISHED, QUEUED, RUNNING
 from orchestration.runtime import configuration, task_store
@@ -40,7 +40,7 @@ from orchestration.state_store import CorruptState, TaskNotFound, mirror_packet
 
 logger = logging.getLogger(__name__)
 
-LOCK = "aiagent:recovery:lock"
+SWEEP_LEASE = "recovery-sweep"  # the lease (aiagent:lease:recovery-sweep) of the process that sweeps
 BATCH = 1000
 
 
@@ -167,13 +167,16 @@ class _Sweep:
 
 def sweep_once_among_workers(**options) -> SweepReport | None:
     """``sweep`` if no other process is sweeping (a Redis lock); None when one is."""
-    client = _redis()
-    if not client.set(LOCK, "1", nx=True, ex=max(settings.RECOVERY_SWEEP_SECONDS, 10)):
+    # Not renewed: a sweep that hangs lets the next one in once the lease expires (a task is recovered only
+    # if it did not change since it was read, so two sweeps at once do no harm); ended, it gives the lease
+    # up only if it is still its own.
+    lease = StepLease(SWEEP_LEASE, "sweep", ttl_s=max(settings.RECOVERY_SWEEP_SECONDS, 10))
+    if not lease.acquire():
         return None
     try:
         return sweep(**options)
     finally:
-        client.delete(LOCK)
+        lease.release()
 
 
 def _status(task_id: str) -> str | None:

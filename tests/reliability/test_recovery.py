@@ -277,6 +277,29 @@ def test_a_task_that_cannot_be_looked_at_does_not_stop_the_sweep_for_the_others(
             store.path(task_id).unlink(missing_ok=True)
 
 
+def test_a_sweep_that_outlived_its_lease_leaves_the_next_sweeps_lease_alone(redis_url, monkeypatch):
+    """One sweep at a time among the workers: a sweep that took longer than its lease deleted the lease of
+    the sweep that had taken it over since, letting a third one in."""
+    from orchestration.leases import PREFIX
+
+    client = redis.Redis.from_url(redis_url)
+    key = f"{PREFIX}{recovery.SWEEP_LEASE}"
+    client.delete(key)
+
+    def slow_sweep(**options):
+        assert client.get(key) is not None  # this sweep's
+        client.set(key, "the next sweep", px=60_000)  # this one's expired, and another took the lease
+        return recovery.SweepReport()
+
+    monkeypatch.setattr(recovery, "sweep", slow_sweep)
+    try:
+        assert recovery.sweep_once_among_workers() == recovery.SweepReport()
+        assert client.get(key) == b"the next sweep"
+        assert recovery.sweep_once_among_workers() is None  # the next sweep's lease holds
+    finally:
+        client.delete(key)
+
+
 @pytest.mark.django_db
 def test_a_row_behind_its_finished_task_is_brought_up_to_date_by_the_sweep(redis_url):
     """A row that says running while the file says succeeded (its write's row was lost, with no mark left)
