@@ -9,8 +9,9 @@ temporary directory and runs a command there under bubblewrap (``bwrap``):
   on; not the project directory, not ``/root`` or anyone's home, not the task state directory;
 - an empty environment apart from ``PATH``, ``HOME`` and ``LANG``, so no API key of the worker
   reaches the code;
-- the working directory ``/work`` (the temporary directory, read-write, removed afterwards), and
-  small size-limited tmpfs mounts on ``/tmp`` and ``/dev/shm``; everything else is read-only;
+- the working directory ``/work``, a size-limited tmpfs into which the wrapper copies the files
+  (from the temporary directory, mounted read-only and removed afterwards), and size-limited tmpfs
+  mounts on ``/tmp`` and ``/dev/shm``; everything else is read-only;
 - rlimits on CPU time, address space, file size and processes, set by a small wrapper *inside* the
   new user namespace, and a wall-clock timeout that kills the whole namespace;
 - stdout and stderr read as they come and kept up to a limit each, the rest discarded.
@@ -55,6 +56,8 @@ MAX_FILES_BYTES = 8 * 2**20
 # The unprivileged uid/gid the code runs as when the worker is root ("nobody" on Debian).
 SANDBOX_UID = 65534
 WORKDIR = "/work"
+SOURCE_DIR = "/.source"  # the files to copy into /work, read-only
+_PAGE = 4096
 # How long the output may stay open once the command has ended or been killed.
 _GRACE_S = 2.0
 INSTALL_HINT = "install it with: sudo apt-get install bubblewrap"
@@ -62,15 +65,22 @@ INSTALL_HINT = "install it with: sudo apt-get install bubblewrap"
 _MEMORY_ERROR = "MemoryError"
 _FORK_REFUSED = "[Errno 11] Resource temporarily unavailable"
 _FILE_TOO_LARGE = "[Errno 27] File too large"
+_DISK_FULL = "[Errno 28] No space left on device"
 
 # Runs inside the sandbox under its Python (-I -S: no site, no environment), before the command:
 # the rlimits must be set after bubblewrap has made the user namespace, so that the process limit
 # counts the sandbox's processes only, and the "ready" byte tells a sandbox that could not be set
 # up apart from a command that failed.
+# In the sandbox the working directory is a size-limited tmpfs: the wrapper first copies the files
+# into it from their read-only mount (SOURCE_DIR).
 _WRAPPER = """\
 import os, resource, sys
 ready, cpu, memory, nproc, fsize = (int(v) for v in sys.argv[1:6])
-argv = sys.argv[7:]
+source = sys.argv[6]
+argv = sys.argv[8:]
+if source:
+    import shutil
+    shutil.copytree(source, ".", dirs_exist_ok=True)
 wanted = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
           (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_FSIZE, fsize, fsize),
           (resource.RLIMIT_CORE, 0, 0)]
@@ -275,6 +285,11 @@ def _bwrap_argv(bwrap: str, root: Path, python: str, prefix: str, limits: Limits
             f"{bwrap} is too old to limit the size of a tmpfs (--size): bubblewrap 0.6 or later is needed"
         )
     tmpfs_bytes = str(limits.file_size_mb * 2**20)
+    # /work: the files given (each takes whole pages, and each may need a directory of its own) and what
+    # the run may write besides, as much as /tmp holds. A bind of the host's directory took writes
+    # without bound (files each under the size limit, as many as the run had time for).
+    given_pages = sum(-(-path.stat().st_size // _PAGE) + 1 for path in (root / "work").rglob("*"))
+    work_bytes = str(given_pages * _PAGE + limits.file_size_mb * 2**20)
     argv = [
         bwrap,
         "--unshare-all",
@@ -305,7 +320,8 @@ def _bwrap_argv(bwrap: str, root: Path, python: str, prefix: str, limits: Limits
         "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
         "--remount-ro", "/dev",
         "--size", tmpfs_bytes, "--tmpfs", "/tmp",
-        "--bind", str(root / "work"), WORKDIR,
+        "--ro-bind", str(root / "work"), SOURCE_DIR,
+        "--size", work_bytes, "--tmpfs", WORKDIR,
         "--chdir", WORKDIR,
         # Last: bubblewrap's own root is a tmpfs that would otherwise take writes without bound.
         "--remount-ro", "/",
@@ -338,7 +354,8 @@ def _execute(root: Path, argv: list[str], limits: Limits, *, bwrap: str | None, 
         command = _bwrap_argv(bwrap, root, python, prefix, limits)
         env = {"PATH": "/usr/bin:/bin"}  # bubblewrap itself needs none of the worker's variables either
     numbers = [ready_w, limits.cpu_s, limits.memory_mb * 2**20, nproc, limits.file_size_mb * 2**20]
-    command += ["-I", "-S", "-c", _WRAPPER, *map(str, numbers), "--", *argv]
+    source = "" if bwrap is None else SOURCE_DIR
+    command += ["-I", "-S", "-c", _WRAPPER, *map(str, numbers), source, "--", *argv]
     identity = {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []} if drop_root else {}
     try:
         started = time.monotonic()
@@ -500,6 +517,8 @@ def _limit_reached(exit_code: int | None, timed_out: bool, cpu_used: float, stde
         return f"process limit of {limits.processes}"
     if _FILE_TOO_LARGE in stderr:
         return f"file size limit of {limits.file_size_mb} MB"
+    if _DISK_FULL in stderr:
+        return f"space limit of {limits.file_size_mb} MB written to /work, /tmp or /dev/shm"
     return None
 
 

@@ -238,6 +238,29 @@ print(os.getcwd(), sorted(os.listdir(".")))
     assert left == [], "the working directory was not removed"
 
 
+def test_the_working_directory_holds_the_files_and_a_bounded_amount_more(bwrap):
+    """Each file was bounded in size, but not their number: a run could fill the worker's disk (where the
+    task state files may live) with files under the size limit. The given files stay writable."""
+    code = """
+import os
+open("main.py", "a").write("# changed by the run\\n")
+os.makedirs("pkg/sub", exist_ok=True)
+n = 0
+while True:
+    with open(f"pkg/sub/f{n}", "wb") as handle:
+        handle.write(b"x" * 2**20)
+    n += 1
+"""
+    result = run_python(code, Limits(wall_s=20, cpu_s=10, file_size_mb=4), **{"data/input.txt": "given"})
+    assert result.exit_code == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert result.limit == "space limit of 4 MB written to /work, /tmp or /dev/shm"
+    listing = run_python(
+        "import os\nprint(open('data/input.txt').read(), sorted(os.listdir('.')))", **{"data/input.txt": "given"}
+    )
+    assert listing.stdout == "given ['data', 'main.py']\n", listing.stderr
+
+
 def test_output_is_truncated_at_the_limit_while_the_flood_is_drained(bwrap):
     flood = "import sys\nsys.stderr.write('e' * 10000)\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
     result = run_python(flood, Limits(wall_s=10, cpu_s=1, output_bytes=1000))
