@@ -95,16 +95,41 @@ class Policy:
 DEFAULT_POLICY = Policy()
 PREFIX = "aiagent:lb:"
 
-# Rule 4. KEYS[1] the LLM's slots (token -> lease expiry), KEYS[2] the role's waiting calls; ARGV now,
-# expiry, token, limit, and the call's waiter id if it has one: a call that gets its slot no longer waits.
+# Rules 4 and 7. KEYS[1] the LLM's slots (token -> lease expiry), KEYS[2] the role's waiting calls; ARGV now,
+# expiry, token, limit, and the call's waiter id or '' (a call that gets its slot no longer waits). With a
+# budget, KEYS[3] the profile's spending today, KEYS[4] its calls' holds (token -> worst cost), KEYS[5]
+# when each hold expires (with its slot's lease); ARGV[6] the call's worst cost, ARGV[7] the budget.
+# Returns 1 (taken, with the hold), 0 (full), -1 (the worst cost does not fit in the budget beside
+# what is spent and what the calls in flight hold).
 _ACQUIRE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  if ARGV[5] then redis.call('ZREM', KEYS[2], ARGV[5]) end
-  return 1
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
 end
-return 0
+if KEYS[3] then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[1])
+  for _, token in ipairs(expired) do
+    redis.call('HDEL', KEYS[4], token)
+    redis.call('ZREM', KEYS[5], token)
+  end
+  local held = 0
+  for _, cost in ipairs(redis.call('HVALS', KEYS[4])) do
+    held = held + tonumber(cost)
+  end
+  local spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if spent + held + tonumber(ARGV[6]) > tonumber(ARGV[7]) * (1 + 1e-9) then
+    return -1
+  end
+  redis.call('HSET', KEYS[4], ARGV[3], ARGV[6])
+  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[4], 259200)
+  redis.call('EXPIRE', KEYS[5], 259200)
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[5])
+end
+return 1
 """
 # Everything a decision reads, in one round trip: for each LLM id (ARGV[3:]) the fields of its
 # breaker and stats that a decision (or ``states``) uses and its live slots; then the profile's
@@ -126,10 +151,14 @@ return cjson.encode({out, redis.call('GET', KEYS[1])})
 """
 _BREAKER_FIELDS = ("state", "open_until", "probe_until", "hold_until", "consecutive", "trips")
 _STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate", "fail_ms")
-# Rule 4. Renew a slot that is still held: KEYS[1] the slots; ARGV token, new expiry.
+# Rule 4. Renew a slot that is still held: KEYS[1] the slots, KEYS[2] (if any) its budget hold's expiries
+# (rule 7); ARGV token, new expiry.
 _RENEW_SLOT = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+  if KEYS[2] then
+    redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
+  end
   return 1
 end
 return 0
@@ -237,6 +266,7 @@ class Decision:
     probe: bool = False
     last_resort: bool = False
     started: float = 0.0
+    held_by: str = ""  # rule 7: the profile whose budget holds the call's worst cost, if one does
 
     def as_detail(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -441,6 +471,12 @@ class LoadBalancer:
         day = datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%d")
         return f"{PREFIX}spend:{profile}:{day}"
 
+    @staticmethod
+    def _hold_keys(profile: str) -> list[str]:
+        """Rule 7: the profile's holds on its budget (call token -> worst cost) and when each expires. Not
+        by day: a call that ends after midnight spends on the day it ends."""
+        return [f"{PREFIX}held:{profile}", f"{PREFIX}held_until:{profile}"]
+
     # --- reading the shared state -----------------------------------------------------------
 
     def _snapshot(self, llms: list[LLMConfig], profile: str) -> tuple[dict[str, dict], dict[str, dict], int, float]:
@@ -501,10 +537,19 @@ class LoadBalancer:
         if not ranked:
             raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()) or "no LLM is configured", excluded)
         breakers, stats, in_flight, spent = self._snapshot(ranked, role.profile)
-        if budget is not None and spent >= budget:
+        worst: dict[str, float] = {}  # rule 7: the worst cost of the call on each LLM the budget applies to
+        if budget is not None:
             for llm in ranked:
-                if llm.source == "api" and llm.cost_per_1k_tokens:
+                if not (llm.source == "api" and llm.cost_per_1k_tokens):
+                    continue
+                worst[llm.id] = _worst_cost(llm, prompt_tokens, role.max_tokens)
+                if spent >= budget:
                     excluded[llm.id] = f"rule 7: the daily budget of {budget:g} for {role.profile} is spent"
+                elif spent + worst[llm.id] > budget * (1 + 1e-9):
+                    excluded[llm.id] = (
+                        f"rule 7: the call may cost up to {worst[llm.id]:g}, more than is left of the daily budget "
+                        f"of {budget:g} for {role.profile} ({max(budget - spent, 0):g})"
+                    )
         for llm_id, reason in (exclude or {}).items():
             excluded[llm_id] = reason
         live = [llm for llm in ranked if llm.id not in excluded]
@@ -558,17 +603,27 @@ class LoadBalancer:
                     resorted.add(llm.id)
         names = tuple(llm.id for llm in tries)
         lease = now + policy.slot_lease_s
+        held_back: dict[str, str] = {}
         for llm in tries:
             token = uuid.uuid4().hex
-            args = [now, lease, token, llm.max_concurrency, *([waiter] if waiter is not None else [])]
-            if not self._acquire_slot(keys=[self._key("slots", llm.id), waiting_key], args=args):
+            keys = [self._key("slots", llm.id), waiting_key]
+            args = [now, lease, token, llm.max_concurrency, waiter or ""]
+            if llm.id in worst:
+                keys += [self._spend_key(role.profile), *self._hold_keys(role.profile)]
+                args += [worst[llm.id], budget]
+            taken = self._acquire_slot(keys=keys, args=args)
+            if taken == -1:
+                rest = f"what is left of the daily budget of {budget:g} for {role.profile}"
+                held_back[llm.id] = f"rule 7: the calls in flight hold {rest}"
+            if taken != 1:
                 continue
+            held_by = role.profile if llm.id in worst else ""
             if llm.id in probes:
                 probe_until = now + policy.probe_lease_s
                 if not self._try_probe(keys=[self._key("breaker", llm.id)], args=[now, token, probe_until]):
-                    self._release(llm.id, token)  # another caller won the probe
+                    self._release(llm.id, token, held_by)  # another caller won the probe
                     continue
-            others = {k: v for k, v in excluded.items() if k != llm.id}
+            others = {k: v for k, v in {**excluded, **held_back}.items() if k != llm.id}
             for other in ordered:
                 if (
                     other.id != llm.id
@@ -584,9 +639,12 @@ class LoadBalancer:
                 probe=llm.id in probes,
                 last_resort=llm.id in resorted,
                 started=now,
+                held_by=held_by,
             )
         full = {llm.id: f"rule 4: all {llm.max_concurrency} slots in use" for llm in ordered}
-        return self._wait(waiting_key, waiter, Wait(until=wake, candidates=names, excluded={**excluded, **full}))
+        return self._wait(
+            waiting_key, waiter, Wait(until=wake, candidates=names, excluded={**excluded, **full, **held_back})
+        )
 
     def _failing_not_dead(self, breaker: dict, stats: dict, now: float) -> bool:
         """Rule 3: whether a tripped LLM is a candidate of last resort: it answered a call recently, it
@@ -715,8 +773,14 @@ class LoadBalancer:
 
     # --- after the call ---------------------------------------------------------------------
 
-    def _release(self, llm_id: str, token: str) -> None:
-        self.redis.zrem(self._key("slots", llm_id), token)
+    def _release(self, llm_id: str, token: str, held_by: str = "") -> None:
+        """Free the slot, and the budget's hold on the call's worst cost (rule 7) if ``held_by`` names a profile."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self._key("slots", llm_id), token)
+        if held_by:
+            held, until = self._hold_keys(held_by)
+            pipe.hdel(held, token).zrem(until, token)
+        pipe.execute()
 
     def _outcome_call(
         self, llm_id: str, *, ok: bool, retry_after: float = 0, probe: bool = False, took_s: float | None = None
@@ -805,6 +869,9 @@ class LoadBalancer:
             else None
         )
         commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
+        if decision.held_by:
+            held, until = self._hold_keys(decision.held_by)
+            commands += [("HDEL", [held, decision.slot], None), ("ZREM", [until, decision.slot], None)]
         if cost and role is not None:
             key = self._spend_key(role.profile)
             commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
@@ -916,8 +983,10 @@ class LoadBalancer:
 
     def renew_slot(self, decision: Decision) -> bool:
         """Extend a held slot's lease (rule 4); False when it was no longer held."""
-        key = self._key("slots", decision.llm.id)
-        return bool(self._renew_slot(keys=[key], args=[decision.slot, self.clock() + self.policy.slot_lease_s]))
+        keys = [self._key("slots", decision.llm.id)]
+        if decision.held_by:
+            keys.append(self._hold_keys(decision.held_by)[1])
+        return bool(self._renew_slot(keys=keys, args=[decision.slot, self.clock() + self.policy.slot_lease_s]))
 
     @contextlib.contextmanager
     def _holding(self, decision: Decision) -> Iterator[None]:
@@ -1000,6 +1069,12 @@ def _iso(moment: float) -> str:
     except (OverflowError, OSError, ValueError):  # a time past what Python can write (a bad Retry-After, before)
         when = datetime.max.replace(tzinfo=UTC)
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _worst_cost(llm: LLMConfig, prompt_tokens: int, max_tokens: int) -> float:
+    """Rule 7: what a call may cost at most: its prompt (as estimated) and ``max_tokens`` at the LLM's prices."""
+    prices = llm.cost_per_1k_tokens
+    return (prompt_tokens * prices.get("prompt", 0.0) + max_tokens * prices.get("completion", 0.0)) / 1000
 
 
 def _cost(llm: LLMConfig, result: ChatResult) -> float:

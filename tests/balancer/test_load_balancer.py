@@ -42,7 +42,7 @@ class FakeClock:
 @pytest.fixture
 def client(redis_url):
     client = redis.Redis.from_url(redis_url)
-    for pattern in ("aiagent:lb:*:t-*", "aiagent:lb:spend:tp:*", "aiagent:lb:waiting:tp.*"):
+    for pattern in ("aiagent:lb:*:t-*", "aiagent:lb:spend:tp:*", "aiagent:lb:waiting:tp.*", "aiagent:lb:held*:tp"):
         for key in client.scan_iter(pattern):
             client.delete(key)
     return client
@@ -452,18 +452,64 @@ def test_rule_6_a_permanent_error_fails_the_step_and_attempts_are_bounded(lb):
 def test_rule_7_past_the_daily_budget_only_local_llms_are_candidates(lb, clock):
     config = config_with(
         [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0}}, {"id": "t-local"}],
-        {"preferred_llms": ["t-api"]},
+        {"preferred_llms": ["t-api"], "max_tokens": 10},
         daily_budget=0.05,
     )
     role = config.role("tp", "r")
     _, decision = lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=0.05)
     assert decision.llm.id == "t-api"  # spent 0.03
-    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=0.05)  # spent 0.06
+    # Its worst cost (no prompt counted, 10 completion tokens: 0.02) still fits; it costs 0.03: spent 0.06.
+    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=0.05)
     _, decision = lb.run(config, role, lambda llm: reply(), budget=0.05)
     assert decision.llm.id == "t-local"
     assert decision.excluded["t-api"] == "rule 7: the daily budget of 0.05 for tp is spent"
     clock.now += 86400  # a new day
     assert take(lb, config, budget=0.05).llm.id == "t-api"
+
+
+def test_rule_7_each_call_holds_its_worst_cost_so_calls_in_flight_cannot_overrun_the_budget(lb, client, clock):
+    """The spending was checked when a call was placed and added when it ended: calls placed together
+    could each see the budget unspent, and the day ended over it by what they cost."""
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0},
+          "max_concurrency": 8}, {"id": "t-local", "max_concurrency": 8}],
+        {"preferred_llms": ["t-api"], "max_tokens": 10},
+        daily_budget=0.11,
+    )  # fmt: skip
+    role = config.role("tp", "r")
+    # A call of 20 prompt tokens may cost 0.02 + 10 x 0.002 = 0.04: two fit in 0.11, a third does not.
+    first, second = take(lb, config, prompt_tokens=20, budget=0.11), take(lb, config, prompt_tokens=20, budget=0.11)
+    assert (first.llm.id, second.llm.id) == ("t-api", "t-api")
+    third = take(lb, config, prompt_tokens=20, budget=0.11)
+    assert third.llm.id == "t-local"
+    assert third.excluded["t-api"] == "rule 7: the calls in flight hold what is left of the daily budget of 0.11 for tp"
+    lb.record(first, result=reply(prompt=20, tokens=2), role=role)  # cost 0.024: its hold gives back 0.016
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.024)
+    assert take(lb, config, prompt_tokens=20, budget=0.11).llm.id == "t-api"  # 0.024 + 0.04 + 0.04 <= 0.11
+    # A call whose worst cost is more than is left goes elsewhere at once, whatever is in flight.
+    big = take(lb, config, prompt_tokens=100, budget=0.11)
+    assert big.llm.id == "t-local"
+    assert big.excluded["t-api"] == (
+        "rule 7: the call may cost up to 0.12, more than is left of the daily budget of 0.11 for tp (0.086)"
+    )
+
+
+def test_rule_7_a_dead_callers_hold_expires_with_its_slot_and_a_live_one_is_renewed(lb, client, clock):
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"completion": 1.0}, "max_concurrency": 8},
+         {"id": "t-local"}],
+        {"preferred_llms": ["t-api"], "max_tokens": 100},
+    )  # fmt: skip
+    live = take(lb, config, budget=0.2)  # holds 0.1
+    take(lb, config, budget=0.2)  # holds 0.1: its caller dies
+    assert take(lb, config, budget=0.2).llm.id == "t-local"
+    clock.now += lb.policy.slot_lease_s * 0.6
+    assert lb.renew_slot(live)
+    clock.now += lb.policy.slot_lease_s * 0.6  # the dead caller's lease has run out, the live one's not
+    assert take(lb, config, budget=0.2).llm.id == "t-api"
+    assert take(lb, config, budget=0.2).llm.id == "t-local"  # the live call still holds its 0.1
+    held, _ = lb._hold_keys("tp")
+    assert client.hlen(held) == 2
 
 
 # --- rule 8 -----------------------------------------------------------------------------------
