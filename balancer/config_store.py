@@ -93,8 +93,16 @@ def editing(path: Path) -> Iterator[None]:
     """The configuration's edit lock, shared by every process on the machine (a lock file beside the file,
     ``.<name>.lock``): held while a change is checked against the file and written to it, so that two
     changes made at once go one after the other, and the second is checked against the file as the
-    first left it. Not reentrant: the holder must not take it again."""
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    first left it. Not reentrant: the holder must not take it again. Where the lock file cannot be
+    opened (a directory this process may not write, where no save could write the file either), the
+    pages go on without it."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+    except OSError as exc:
+        logger.warning("the configuration's edit lock %s cannot be opened (%s); going on without it", lock, exc)
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

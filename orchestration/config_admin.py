@@ -17,7 +17,7 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.db import transaction
 from django.forms.models import construct_instance
-from django.http import HttpRequest, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
 from agents.registry import AGENTS
 from balancer import config_store
@@ -32,6 +32,13 @@ def _path() -> Path:
 
 def _synced_stamp() -> str | None:
     return ConfigurationFile.objects.filter(path=str(_path())).values_list("stamp", flat=True).first()
+
+
+def _rendered(response: HttpResponse) -> HttpResponse:
+    """The response with its template rendered now (a ``TemplateResponse`` renders after the view returns)."""
+    if hasattr(response, "render"):
+        response.render()
+    return response
 
 
 class ConfigurationForm(forms.ModelForm):
@@ -76,21 +83,22 @@ class ConfigurationAdmin(admin.ModelAdmin):
         if error:
             messages.error(request, f"{_path()} was not loaded; the server keeps its previous configuration. {error}")
 
-    # Each page runs under the configuration's edit lock, its refresh from the file and the handling of
-    # its form alike: two saves posted at once are each checked against the file as the other left it
-    # (the second is refused as made on a page loaded before the first), rather than both checked
-    # against the file as it was and both written.
+    # Each page runs under the configuration's edit lock, its refresh from the file, the handling of its
+    # form and its rendering alike: two saves posted at once are each checked against the file as the
+    # other left it (the second is refused as made on a page loaded before the first), rather than both
+    # checked against the file as it was and both written; and a page shows the rows and the stamp of
+    # the same moment (its stamp is read as it renders).
 
     def changelist_view(self, request, extra_context=None):
         with config_store.editing(_path()):
             self._sync(request)
-            return super().changelist_view(request, extra_context)
+            return _rendered(super().changelist_view(request, extra_context))
 
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         with config_store.editing(_path()):
             if request.method == "GET":
                 self._sync(request)
-            return super().changeform_view(request, object_id, form_url, extra_context)
+            return _rendered(super().changeform_view(request, object_id, form_url, extra_context))
 
     def get_changelist_form(self, request, **kwargs):
         # The list's editable columns (toggle, locked) validate the same way as the form; its rows carry no
@@ -109,9 +117,9 @@ class ConfigurationAdmin(admin.ModelAdmin):
 
     def delete_view(self, request, object_id, extra_context=None):
         with config_store.editing(_path()):
-            return self._delete_view(request, object_id, extra_context)
+            return _rendered(self._checked_delete_view(request, object_id, extra_context))
 
-    def _delete_view(self, request, object_id, extra_context=None):
+    def _checked_delete_view(self, request, object_id, extra_context=None):
         obj = self.get_object(request, object_id)
         if request.method == "POST" and obj is not None:
             if _synced_stamp() != file_stamp(_path()):

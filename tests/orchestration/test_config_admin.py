@@ -94,6 +94,17 @@ def test_deleting_an_llm_that_roles_name_is_refused(admin_client, config_file, e
     assert config_file.read_text() == before
 
 
+def test_an_llm_no_role_names_is_deleted_from_the_rows_and_the_file(admin_client, config_file, edit_config):
+    """The delete page recursed until Python's limit (a 500) once it ran under the edit lock."""
+    admin_client.get(LLM_LIST)
+    assert admin_client.post(f"{LLM_LIST}add/", llm_form()).status_code == 302
+    llm = LLM.objects.get(llm_id="extra")
+    assert admin_client.get(f"{LLM_LIST}{llm.pk}/delete/").status_code == 200
+    assert admin_client.post(f"{LLM_LIST}{llm.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not LLM.objects.filter(pk=llm.pk).exists()
+    assert [item["id"] for item in json.loads(config_file.read_text())["llms"]] == ["smollm2-135m"]
+
+
 def test_a_hand_edit_is_picked_up_and_a_broken_one_is_not(admin_client, api, config_file, edit_config):
     assert configuration().profiles["developer"].roles["planner"].max_tokens == 832
     admin_client.get(LLM_LIST)
