@@ -8,7 +8,9 @@ is part of the default configuration.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -84,7 +86,8 @@ class ScriptedEngine(Engine):
     The first rule whose regex matches the conversation (every message's text, joined) gives the
     reply; a JSON value is sent as JSON text, and a text reply may use the match's groups as
     ``\\1``; ``"delay_s"`` makes the reply wait (a slow model; past the call's timeout it is an
-    engine timeout), and ``"error": "unavailable"`` makes the call fail as an engine that is down.
+    engine timeout), ``"error": "unavailable"`` makes the call fail as an engine that is down, and
+    ``"error": "crash"`` kills the process that called it (an engine that crashes its process).
     The file is read on every call, so a test can change the script between tasks. No rule
     matching is a bad request: the step fails and says so.
     """
@@ -121,6 +124,8 @@ class ScriptedEngine(Engine):
                 raise EngineTimeout(f"no reply within {timeout:g}s", engine=self.name)
         if error == "unavailable":
             raise EngineUnavailable("the scripted engine is down", engine=self.name)
+        if error == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
         yield from _reply_chunks(text, messages, self.model, started)
 
     def health(self) -> Health:

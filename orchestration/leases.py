@@ -42,6 +42,34 @@ return 0
 """
 
 
+# A job's runs: KEYS[1] the job's hash; ARGV[1] its expiry in seconds. A run that finds the previous run
+# still marked running counts it as a death (its process was killed before the run ended).
+_JOB_STARTED = """
+local deaths
+if redis.call('HGET', KEYS[1], 'running') == '1' then
+  deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
+else
+  deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
+end
+redis.call('HSET', KEYS[1], 'running', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return deaths
+"""
+JOB_PREFIX = "aiagent:job:"
+JOB_MEMORY_S = 2 * 86400  # longer than a message stays unacknowledged before the broker delivers it again
+
+
+def job_started(job_id: str) -> int:
+    """Mark a run of the job as started; returns how many of its runs so far died before they ended
+    (their process was killed: out of memory, a crash in an engine), as ``job_ended`` tells."""
+    return int(_scripts(settings.REDIS_URL)[2](keys=[f"{JOB_PREFIX}{job_id}"], args=[JOB_MEMORY_S]))
+
+
+def job_ended(job_id: str) -> None:
+    """Mark the job's run as ended, whatever its outcome (a retry's next run starts afresh)."""
+    _client(settings.REDIS_URL).hset(f"{JOB_PREFIX}{job_id}", "running", "0")
+
+
 @cache
 def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
@@ -50,7 +78,7 @@ def _client(url: str) -> redis.Redis:
 @cache
 def _scripts(url: str) -> tuple:
     client = _client(url)
-    return client.register_script(_TAKE), client.register_script(_RELEASE)
+    return client.register_script(_TAKE), client.register_script(_RELEASE), client.register_script(_JOB_STARTED)
 
 
 PREFIX = "aiagent:lease:"
@@ -68,7 +96,7 @@ class StepLease:
         self.holder = f"{job_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = int((ttl_s or settings.TASK_LEASE_SECONDS) * 1000)
         self._redis = _client(settings.REDIS_URL)
-        self._take, self._release = _scripts(settings.REDIS_URL)
+        self._take, self._release, _ = _scripts(settings.REDIS_URL)
         self._renewal: int | None = None
 
     def acquire(self) -> bool:

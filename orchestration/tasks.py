@@ -6,6 +6,7 @@ import threading
 import time
 from functools import partial
 
+import redis
 from celery import Task, shared_task
 from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from django.conf import settings
@@ -113,13 +114,49 @@ def stop_heartbeat(sender=None, **_kwargs) -> None:
 
 
 class StepJob(Task):
-    """Celery's hard time limit kills a step without letting it record anything; this hook, called in
-    the worker's main process, fails the task so that it does not stay "running" for ever."""
+    """A job of a task's step, run so that the task cannot stay "running" for ever.
+
+    Celery's hard time limit kills a step without letting it record anything: ``on_failure``, called
+    in the worker's main process, fails the task. A job whose process dies (killed, out of memory, a
+    crash in an engine) is delivered again (``reject_on_worker_lost``), and Celery calls no hook: each
+    run marks the job running in Redis and ends the mark when it ends, so that a run finding the mark
+    left knows the one before died; after ``RECOVERY_RETRIES`` such deaths the task fails, rather
+    than the job going round for ever."""
+
+    def _task_id(self, args) -> str:
+        return args[1] if self.name == "orchestration.run_verdict" else args[0]
+
+    def __call__(self, *args, **kwargs):
+        from orchestration.leases import job_ended, job_started
+
+        job_id = self.request.id
+        if self.request.is_eager or job_id is None:
+            return self.run(*args, **kwargs)
+        try:
+            deaths = job_started(job_id)
+        except redis.RedisError as exc:  # the step itself will meet the outage and end the job
+            logger.warning("job %s: its runs cannot be counted: %s", job_id, exc)
+            deaths = 0
+        if deaths > settings.RECOVERY_RETRIES:
+            reason = (
+                f"the worker process running its job died {deaths} times (killed, out of memory, or a crash in "
+                "the engine)"
+            )
+            orchestration_engine.task_abandoned(task_id=self._task_id(args), job_id=job_id, reason=reason)
+            job_ended(job_id)
+            return {"skipped": reason}
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            try:
+                job_ended(job_id)
+            except redis.RedisError:
+                logger.warning("job %s: its run's end was not marked", job_id, exc_info=True)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         if isinstance(exc, orchestration_engine.StepRetry):
             return
-        task = args[1] if self.name == "orchestration.run_verdict" else args[0]
+        task = self._task_id(args)
         if isinstance(exc, orchestration_engine.OUTAGES):
             # Redis or the broker did not answer (the step's lease, a check's verdict queued): the task
             # is not failed for it; the recovery sweep moves it on once they answer again.

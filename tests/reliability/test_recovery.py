@@ -217,6 +217,19 @@ def test_a_worker_killed_whole_mid_step_leaves_a_task_the_sweep_hands_to_another
     assert sum(event["event"] == "step" for event in done["history"]) == 1
 
 
+def test_a_job_whose_worker_process_dies_each_time_fails_its_task_after_the_retries(api, celery_worker, script):
+    """An engine that kills its process (llama.cpp crashing on an input, the kernel's OOM killer): the job
+    came back after each death (reject_on_worker_lost) and was reclaimed for ever, its task "running"."""
+    script([{**SUMMARY, "error": "crash"}])
+    packet = submit(api)
+    done = wait_for(packet["task_id"], timeout=120)
+    assert done["status"] == "failed", events(done)
+    assert events(done) == ["submitted", "claimed", "reclaimed", "reclaimed", "reclaimed", "failed"]
+    assert done["history"][-1]["detail"]["reason"] == (
+        "the worker process running its job died 4 times (killed, out of memory, or a crash in the engine)"
+    )
+
+
 def test_a_round_whose_verdict_never_came_is_recovered(api, celery_worker, script):
     """A chord whose callback is lost (django-celery-results counts a check job delivered twice as two):
     the round's checks are all recorded, no verdict follows. The state is built from a real run."""
