@@ -178,6 +178,14 @@ if state == 'half_open' and now >= tonumber(redis.call('HGET', KEYS[1], 'probe_u
 end
 return 0
 """
+# Rule 3. A probe that ended telling nothing (a bad request, a call its caller stopped) lets the next call
+# probe at once, if it is still the probe: KEYS[1] the breaker hash; ARGV the probe's token, now.
+_LET_PROBE_GO = """
+if redis.call('HGET', KEYS[1], 'probe') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'probe_until', ARGV[2])
+end
+return 0
+"""
 # Rules 3 and 5. KEYS[1] recent outcomes (list), KEYS[2] the breaker hash, KEYS[3] the stats hash.
 # ARGV ok, now, window, min_calls, share, consecutive, base, max, forget_after, retry_after, alpha,
 # whether the call was the half-open probe, how long a failed call took in ms ('' when not timed).
@@ -284,7 +292,7 @@ class Decision:
 
 
 # What a call's outcome is called in the metrics: a fixed set, so that metric labels stay bounded.
-# "cancelled": the call was stopped by its caller (a client that left, a task cancelled or out of time);
+# "cancelled": the call was stopped by its caller (a client that left, a step out of time, a signal);
 # neither the LLM's success nor its failure.
 OUTCOMES = (
     "ok", "unavailable", "timeout", "rate_limited", "bad_request", "auth", "configuration", "error", "cancelled",
@@ -444,8 +452,12 @@ class LoadBalancer:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         on_call: Callable[[CallSample, Pipeline], None] | None = None,
+        stopped_by: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.redis = client
+        # What a call raises when its caller stopped it, besides ``CallStopped`` and what is not an
+        # ``Exception`` (KeyboardInterrupt, SystemExit): a worker's soft time limit, say.
+        self.stopped_by = stopped_by
         # Told of every engine call that ``run`` made, whatever its outcome (the metrics channel), with
         # the pipeline that records the call: what the observer adds to it is sent in the same round
         # trip, to the balancer's Redis, and a command of its that fails fails no call.
@@ -458,6 +470,7 @@ class LoadBalancer:
         self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
         self._renew_slot = client.register_script(_RENEW_SLOT)
         self._try_probe = client.register_script(_TRY_PROBE)
+        self._let_probe_go = client.register_script(_LET_PROBE_GO)
         self._record = client.register_script(_RECORD)
         self._sample = client.register_script(_SAMPLE)
 
@@ -879,7 +892,7 @@ class LoadBalancer:
             # Neither the LLM's success nor its failure (the request was wrong, or its caller stopped the
             # call): nothing for rules 3 and 5 to learn from; a probe is let go.
             if decision.probe:
-                commands.append(("HSET", [self._key("breaker", llm.id), "probe_until", now], None))
+                commands.append((self._let_probe_go, [self._key("breaker", llm.id)], [decision.slot, now]))
             self._in_one_round_trip(commands, sample)
             return "closed"
         retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
@@ -943,13 +956,18 @@ class LoadBalancer:
                 attempts.append({"llm": decision.llm.id, "error": str(exc)})
                 continue
             except BaseException as exc:
-                # Stopped by its caller (a client that left, a cancelled task, a time limit, a signal): the
-                # slot comes back and the call is counted, with what it produced if the caller knows it.
-                partial = exc.partial if isinstance(exc, CallStopped) else None
+                # Stopped by its caller (a client that left, a time limit, a signal): the slot comes back and
+                # the call is counted, with what it produced if the caller knows it. Anything else that the
+                # call raised is the engine's failure, counted as an error.
+                stopped = isinstance(exc, (CallStopped, *self.stopped_by)) or not isinstance(exc, Exception)
                 try:
-                    self.record(decision, result=partial, role=role, stopped=True)
+                    if stopped:
+                        partial = exc.partial if isinstance(exc, CallStopped) else None
+                        self.record(decision, result=partial, role=role, stopped=True)
+                    else:
+                        self.record(decision, error=EngineError(f"{type(exc).__name__}: {exc}"), role=role)
                 except Exception:
-                    logger.warning("could not record the stopped call to %s", decision.llm.id, exc_info=True)
+                    logger.warning("could not record the call to %s", decision.llm.id, exc_info=True)
                 raise
             self.record(decision, result=result, role=role)
             return result, decision

@@ -873,8 +873,8 @@ class CallFiguresSerializer(serializers.Serializer):
     outcomes = serializers.DictField(
         child=serializers.IntegerField(),
         help_text="Calls by outcome: `ok`, `unavailable`, `timeout`, `rate_limited`, `bad_request`, `auth`, "
-        "`configuration`, `error`, `cancelled` (stopped by their caller: a client that left its stream, a task "
-        "cancelled or out of time).",
+        "`configuration`, `error`, `cancelled` (stopped by their caller: a client that left its stream, a step "
+        "out of time, a worker stopping).",
     )
     latency_ms = PercentilesSerializer(help_text="Of the successful calls, from request to last token.")
     time_to_first_token_ms = PercentilesSerializer()

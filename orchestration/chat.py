@@ -502,6 +502,7 @@ class Stream:
         self.on_end = on_end
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.stop = threading.Event()
+        self.timed_out = threading.Event()  # set with ``stop`` when the reader gave up waiting
         self.balancer = load_balancer()
         self.deadline = self.balancer.clock() + request.deadline_s
         self.thread = threading.Thread(target=self._run, name="chat-stream", daemon=True)
@@ -515,6 +516,13 @@ class Stream:
         chunks = engine.stream(self.request.messages, options)
         try:
             for chunk in chunks:
+                if chunk.result is not None:  # the generation ended: what it produced is known
+                    result = chunk.result
+                    continue
+                if self.timed_out.is_set():
+                    timeout = EngineTimeout("the LLM neither answered nor failed in time", engine=engine.name)
+                    timeout.transient = False  # the reader has answered the client: nothing can take over
+                    raise timeout
                 if self.stop.is_set():
                     # What the LLM produced until now, for its cost and the metrics: engines stream a
                     # token a piece, and the prompt is counted as the balancer estimated it.
@@ -529,9 +537,7 @@ class Stream:
                             time_to_first_token_s=None if first_at is None else first_at - started,
                         ),
                     )
-                if chunk.result is not None:
-                    result = chunk.result
-                elif chunk.text:
+                if chunk.text:
                     self.events.put(("text", (llm.id, chunk.text)))
                     if first_at is None:
                         first_at = time.monotonic()
@@ -568,6 +574,7 @@ class Stream:
         try:
             return self.events.get(timeout=max(self.deadline - self.balancer.clock(), 0) + 30)
         except queue.Empty:
+            self.timed_out.set()
             self.stop.set()
             return "error", EngineTimeout("the LLM neither answered nor failed in time")
 

@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from agents.registry import AGENTS
@@ -44,7 +45,12 @@ def task_store() -> TaskStore:
 @cache
 def _balancer(url: str, slot_lease_s: float) -> LoadBalancer:
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    return LoadBalancer(client, policy=Policy(slot_lease_s=slot_lease_s), on_call=mcp_handler.publish_llm_call)
+    return LoadBalancer(
+        client,
+        policy=Policy(slot_lease_s=slot_lease_s),
+        on_call=mcp_handler.publish_llm_call,
+        stopped_by=(SoftTimeLimitExceeded,),  # a step out of time stopped the call
+    )
 
 
 def load_balancer() -> LoadBalancer:

@@ -327,6 +327,54 @@ def test_rule_4_a_stopped_call_is_counted_cancelled_with_its_cost_and_lets_its_p
     assert samples[-1].outcome == "cancelled" and samples[-1].completion_tokens == 0
 
 
+def test_rule_4_only_a_caller_stopping_the_call_counts_as_cancelled_anything_else_as_an_error(client, clock):
+    """Any exception but an engine's was counted as a stopped call: an engine's bug or a stream that ended
+    without its result left the error counts, and let a failing probe go as if it told nothing."""
+
+    class TimeLimit(Exception):
+        pass
+
+    samples = []
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), stopped_by=(TimeLimit,),
+                      on_call=lambda sample, pipe: samples.append(sample))  # fmt: skip
+    config = config_with([{"id": "t-a", "max_concurrency": 4}])
+    role = config.role("tp", "r")
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    clock.now += 10
+
+    def broken(llm):
+        raise RuntimeError("the stream ended without a result")
+
+    with pytest.raises(RuntimeError):
+        lb.run(config, role, broken)  # the probe, failed
+    assert samples[-1].outcome == "error"
+    assert lb.states(config)["t-a"]["breaker"] == "open"  # opened again, not let go
+
+    def out_of_time(llm):
+        raise TimeLimit()
+
+    clock.now += 25
+    with pytest.raises(TimeLimit):
+        lb.run(config, role, out_of_time)
+    assert samples[-1].outcome == "cancelled"
+
+
+def test_rule_3_a_probe_that_lost_its_lease_does_not_let_the_next_probe_go(lb, clock):
+    config = config_with([{"id": "t-a", "max_concurrency": 4}, {"id": "t-b", "max_concurrency": 4}],
+                         {"preferred_llms": ["t-a"]})  # fmt: skip
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    clock.now += 10
+    slow = take(lb, config)
+    assert slow.probe
+    clock.now += lb.policy.probe_lease_s + 1  # the slow probe runs on; another call probes
+    second = take(lb, config)
+    assert second.probe and second.llm.id == "t-a"
+    lb.record(slow, stopped=True)
+    assert take(lb, config).llm.id == "t-b"  # the second probe still tests t-a alone
+
+
 def test_rule_4_a_stopped_call_that_cannot_be_recorded_still_raises_what_stopped_it(lb, client, monkeypatch):
     config = config_with([{"id": "t-a"}])
 
