@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -57,7 +58,7 @@ MAX_FILES_BYTES = 8 * 2**20
 SANDBOX_UID = 65534
 WORKDIR = "/work"
 SOURCE_DIR = "/.source"  # the files to copy into /work, read-only
-_PAGE = 4096
+_PAGE = resource.getpagesize()  # what a tmpfs allocates by
 # How long the output may stay open once the command has ended or been killed.
 _GRACE_S = 2.0
 INSTALL_HINT = "install it with: sudo apt-get install bubblewrap"
@@ -72,15 +73,20 @@ _DISK_FULL = "[Errno 28] No space left on device"
 # counts the sandbox's processes only, and the "ready" byte tells a sandbox that could not be set
 # up apart from a command that failed.
 # In the sandbox the working directory is a size-limited tmpfs: the wrapper first copies the files
-# into it from their read-only mount (SOURCE_DIR).
+# into it from their read-only mount (SOURCE_DIR), their bytes only (copying extended attributes can be
+# refused, by SELinux say).
 _WRAPPER = """\
 import os, resource, sys
 ready, cpu, memory, nproc, fsize = (int(v) for v in sys.argv[1:6])
 source = sys.argv[6]
 argv = sys.argv[8:]
-if source:
-    import shutil
-    shutil.copytree(source, ".", dirs_exist_ok=True)
+for top, dirs, names in os.walk(source) if source else ():
+    here = os.path.relpath(top, source)
+    for name in dirs:
+        os.mkdir(os.path.join(here, name))
+    for name in names:
+        with open(os.path.join(top, name), "rb") as given, open(os.path.join(here, name), "wb") as copy:
+            copy.write(given.read())
 wanted = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
           (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_FSIZE, fsize, fsize),
           (resource.RLIMIT_CORE, 0, 0)]

@@ -1106,7 +1106,7 @@ def task_recover(*, packet: dict[str, Any], reason: str, retries: int) -> str:
     from orchestration.tasks import run_task
 
     task_id, version = packet["task_id"], packet["version"]
-    times = sum(1 for e in loop.current_run(packet["history"]) if e["event"] == "recovered")
+    times = sum(1 for e in loop.jobs_run(packet["history"]) if e["event"] == "recovered")
     role = _role_or_none(packet)
     give_up = None
     if role is None:
