@@ -57,7 +57,7 @@ from orchestration.packets import (
     new_packet,
 )
 from orchestration.runtime import configuration, load_balancer, task_store
-from orchestration.state_store import TaskExists
+from orchestration.state_store import TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -803,13 +803,21 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
 
     def advance(parent: dict[str, Any]) -> bool:
         created.clear()
+        to_cancel.clear()
         if parent["status"] != RUNNING:
             return False
         delegated = next((e for e in reversed(loop.current_run(parent["history"])) if e["event"] == "delegated"), None)
         if delegated is None:
             return False
         plan, ids = delegated["detail"]["plan"], delegated["detail"]["children"]
-        statuses = {step_id: _status_of(task_id) for step_id, task_id in ids.items()}
+        children = {step_id: _packet_or_none(task_id) for step_id, task_id in ids.items()}
+        statuses = {step_id: child and child["status"] for step_id, child in children.items()}
+        for step_id, child in children.items():
+            if child is not None and child["parent_id"] != parent["task_id"]:
+                # A task that took the step's id (child ids can be worked out): not the step's, nor cancelled.
+                del statuses[step_id]
+                why = f"step {step_id} cannot start: a task {ids[step_id]} that is not this plan's step already exists"
+                return fail_plan(parent, statuses, ids, why)
         results: dict[str, Any] = {}
         for step in plan:
             status = statuses[step["id"]]
@@ -843,7 +851,9 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
             try:
                 child, role = _create_child(parent, step, child_id, {d: results[d] for d in step["depends_on"]}, config)
             except (LookupError, PayloadError) as exc:
-                # The role left the configuration, or its agent cannot take the step's input.
+                # The role left the configuration, or its agent cannot take the step's input: the steps
+                # created before it in this pass are cancelled with the others, not left queued.
+                to_cancel.extend(child["task_id"] for child, _, _ in created)
                 created.clear()
                 return fail_plan(parent, statuses, ids, f"step {step['id']} cannot start: {exc}")
             created.append((child, role, _job_of(child)))
@@ -854,7 +864,7 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
     parent, written = task_store().update(parent_id, advance)
     if written and parent["status"] in FINISHED:
         for child_id in to_cancel:
-            _cancel_child(child_id)
+            _cancel_child(child_id, parent_id)
         _finished(parent)
     if created:
         group(
@@ -883,7 +893,13 @@ def _create_child(
     try:
         return task_store().create(child), role
     except TaskExists as exists:
-        return exists.packet, role
+        # Created by an earlier pass. Not any task with its id: a client may submit one (the ids can be
+        # worked out), and its result would then be taken as the step's.
+        found = exists.packet
+        expected = (parent["task_id"], parent["profile"], step["role"])
+        if (found["parent_id"], found["profile"], found["role"]) != expected:
+            raise LookupError(f"a task {child_id} that is not this plan's step already exists") from None
+        return found, role
 
 
 def _short(result: Any, limit: int = 1500) -> str:
@@ -895,16 +911,25 @@ def _status_of(task_id: str) -> str | None:
     return task_store().read(task_id)["status"] if task_store().exists(task_id) else None
 
 
+def _packet_or_none(task_id: str) -> dict[str, Any] | None:
+    try:
+        return task_store().read(task_id)
+    except TaskNotFound:
+        return None
+
+
 def _job_of(packet: dict[str, Any]) -> str:
     from orchestration.selectors import task_job_id
 
     return task_job_id(packet)
 
 
-def _cancel_child(task_id: str) -> None:
+def _cancel_child(task_id: str, parent_id: str) -> None:
     from orchestration.services import task_cancel
 
     try:
+        if task_store().read(task_id)["parent_id"] != parent_id:
+            return  # not this plan's: a task that took the step's id (the plan failed for it)
         task_cancel(task_id=task_id, reason="the parent task failed")
     except Exception as exc:  # a child that finished meanwhile cannot be cancelled; nothing to do
         logger.info("child %s not cancelled: %s", task_id, exc)
@@ -1046,9 +1071,20 @@ def _fail(task_id: str, guard: Callable[[dict[str, Any]], bool], reason: str, *,
 
 
 def _finished(packet: dict[str, Any]) -> None:
-    """A task finished: its parent's plan may go on."""
+    """A task finished: its plan's unfinished steps are cancelled if it failed (however it failed: a
+    time limit, an internal error, its recovery given up), and its parent's plan may go on."""
+    if packet["status"] in (FAILED, CANCELLED):
+        for child_id in _plan_children(packet):
+            if _status_of(child_id) in (QUEUED, RUNNING, AWAITING_FEEDBACK):
+                _cancel_child(child_id, packet["task_id"])
     if packet["parent_id"]:
         plan_advance(parent_id=packet["parent_id"])
+
+
+def _plan_children(packet: dict[str, Any]) -> tuple[str, ...]:
+    """The child task ids of the plan the task delegated in its current run (none if it did not)."""
+    delegated = next((e for e in reversed(loop.current_run(packet["history"])) if e["event"] == "delegated"), None)
+    return tuple(delegated["detail"]["children"].values()) if delegated else ()
 
 
 def loop_continue(*, packet: dict[str, Any], step: str) -> None:
@@ -1083,7 +1119,7 @@ def task_waiting(packet: dict[str, Any]) -> Waiting:
     if packet["status"] == QUEUED:
         return Waiting(jobs=(_job_of(packet),), leases=(task_id,))
     if _delegated(packet):
-        return Waiting(jobs=(), leases=(task_id,), children=tuple(packet["children"]))
+        return Waiting(jobs=(), leases=(task_id,), children=_plan_children(packet))
     jobs_run = loop.jobs_run(packet["history"])
     scheduled = [e["detail"] for e in jobs_run if e["event"] == "scheduled"]
     if not scheduled and _feedback_run(jobs_run):

@@ -147,9 +147,12 @@ class _Sweep:
         self.report.looked_at += 1
         waiting = orchestration_engine.task_waiting(packet)
         if waiting.children:
-            if any(_status(child) not in FINISHED for child in waiting.children):
+            statuses = [_status(child) for child in waiting.children]
+            if any(status is not None and status not in FINISHED for status in statuses):
                 return  # its children move it on
-            reason = "its plan's children have finished, but the plan did not go on"
+            # Each child has finished, or is missing (its file lost, or never written): the plan goes on,
+            # creating the missing ones whose steps can start.
+            reason = "its plan's children have finished or are missing, but the plan did not go on"
         else:
             if (
                 leases_held(waiting.leases)

@@ -136,3 +136,97 @@ def test_a_planner_job_delivered_again_before_it_delegated_delegates(state_dir):
     assert len(resumed["children"]) == 2  # s1 and s2 are ready; s3 waits for them
     task_cancel(task_id=packet["task_id"])
     assert all(task_store().read(child)["status"] == "cancelled" for child in resumed["children"])
+
+
+def delegated_parent(steps):
+    """A running planner task whose plan of ``steps`` was recorded and delegated (no child made yet)."""
+    from orchestration.orchestration_engine import _child_ids
+    from orchestration.packets import history_event, new_packet
+    from orchestration.runtime import task_store
+
+    packet = new_packet(
+        task_id=str(uuid.uuid4()), profile="developer", role="planner", payload={"goal": "x", "execute": True}
+    )
+    packet["status"], packet["result"] = "running", {"steps": steps}
+    ids = _child_ids(packet, steps)
+    packet["history"] = [
+        history_event("claimed", status="running", detail={"worker": "w", "job_id": "job-1"}),
+        history_event("step", status="running", agent="planner", detail={"step": "main"}),
+        history_event(
+            "delegated", status="running", agent="planner", detail={"step": "delegated", "plan": steps, "children": ids}
+        ),
+    ]
+    task_store().create(packet)
+    return packet["task_id"], ids
+
+
+def step(step_id, role="architect", depends_on=()):
+    return {"id": step_id, "role": role, "input": f"Do {step_id}.", "depends_on": list(depends_on)}
+
+
+def test_a_step_that_cannot_start_cancels_the_steps_made_before_it_in_the_same_pass(state_dir):
+    """s1 was created, then s2's role was gone: the plan failed, and s1 stayed queued with no job, for the
+    recovery sweep to queue and run for a failed plan."""
+    from orchestration.orchestration_engine import plan_advance
+    from orchestration.runtime import task_store
+
+    parent_id, ids = delegated_parent([step("s1"), step("s2", role="gone")])
+    plan_advance(parent_id=parent_id)
+    parent = task_store().read(parent_id)
+    assert parent["status"] == "failed"
+    assert parent["history"][-1]["detail"]["reason"].startswith("step s2 cannot start: ")
+    assert task_store().read(ids["s1"])["status"] == "cancelled"
+
+
+def test_a_task_that_took_a_steps_id_is_not_adopted_as_the_step_nor_cancelled(state_dir):
+    """Child ids can be worked out from the parent's: a task submitted under one was taken as the step,
+    its result fed to the steps after it."""
+    from orchestration.orchestration_engine import plan_advance
+    from orchestration.packets import new_packet
+    from orchestration.runtime import task_store
+
+    parent_id, ids = delegated_parent([step("s1")])
+    foreign = new_packet(task_id=ids["s1"], profile="developer", role="architect", payload={"input": "mine"})
+    task_store().create(foreign)
+    plan_advance(parent_id=parent_id)
+    parent = task_store().read(parent_id)
+    assert parent["status"] == "failed"
+    assert parent["history"][-1]["detail"]["reason"] == (
+        f"step s1 cannot start: a task {ids['s1']} that is not this plan's step already exists"
+    )
+    assert task_store().read(ids["s1"])["status"] == "queued"  # the client's own task is left alone
+
+
+def test_a_plan_that_fails_by_its_time_limit_cancels_its_children(state_dir):
+    """Only a failed step (fail_plan) or a cancel cancelled the children: a parent failed any other way (its
+    step's time limit during the delegation, an internal error, its recovery given up) left them to run."""
+    from orchestration.orchestration_engine import _fail
+    from orchestration.packets import history_event, new_packet
+    from orchestration.runtime import task_store
+
+    parent_id, ids = delegated_parent([step("s1"), step("s2")])
+    for step_id in ("s1", "s2"):
+        child = new_packet(task_id=ids[step_id], profile="developer", role="architect", payload={"input": "x"})
+        child["parent_id"] = parent_id
+        child["history"].append(history_event("submitted", status="queued", detail={"job_id": str(uuid.uuid4())}))
+        task_store().create(child)
+    assert _fail(parent_id, lambda packet: True, "step main exceeded its time limit of 300s") == "failed"
+    for step_id in ("s1", "s2"):
+        child = task_store().read(ids[step_id])
+        assert child["status"] == "cancelled"
+        assert child["history"][-1]["detail"]["reason"] == "the parent task failed"
+
+
+def test_a_plan_whose_childs_file_is_missing_is_moved_on_by_the_sweep(state_dir, redis_url):
+    """A child that does not exist (its file lost, or its parent died before writing it) was taken as one
+    still running: the plan waited for it for ever."""
+    from orchestration import recovery
+    from orchestration.runtime import task_store
+    from orchestration.services import task_cancel
+
+    parent_id, ids = delegated_parent([step("s1")])
+    try:
+        assert parent_id in recovery.sweep(grace_s=0, inspect_timeout_s=0.2).recovered
+        assert task_store().read(ids["s1"])["status"] == "queued"  # made, and its job queued
+    finally:
+        task_cancel(task_id=parent_id)  # its child's job then finds it cancelled
