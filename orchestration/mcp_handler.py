@@ -340,7 +340,8 @@ class Consumer:
         try:
             return self._poll(block_ms, count)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # NOGROUP; or, from a read that was blocked when its stream was deleted, UNBLOCKED (Redis 7.0).
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
             logger.warning("the consumer group is gone (%s); making it again", exc)
             self.ensure_groups()
@@ -366,17 +367,21 @@ class Consumer:
             pending = self.redis.xpending_range(channel, GROUP, min="-", max="+", count=100, idle=self.claim_idle_ms)
             if not pending:
                 continue
-            deliveries = {text(p["message_id"]): p["times_delivered"] + 1 for p in pending}
-            # Only what is still idle is claimed (another consumer may have taken some meanwhile);
-            # a pending message that was trimmed away comes back empty (Redis 6) or not at all (7+),
-            # and Redis drops it from the pending list itself.
-            for entry_id, fields in self.redis.xclaim(channel, GROUP, self.name, self.claim_idle_ms, list(deliveries)):
-                if entry_id is None:
-                    continue
-                entry = decode(channel, entry_id, fields)
-                entry.deliveries = deliveries.get(entry.id, 1)
-                logger.info("%s: took over message %s (delivery %d)", channel, entry.id, entry.deliveries)
-                handled += self.handle(entry)
+            # One at a time, each just before it is handled: a claim counts a delivery, and a process that
+            # dies in the middle of a batch must not have counted one for the messages after it (a message
+            # that kills its consumer would take the others with it to their last delivery).
+            # Only what is still idle is claimed (another consumer may have taken it meanwhile); a pending
+            # message that was trimmed away comes back empty (Redis 6) or not at all (7+), and Redis drops
+            # it from the pending list itself.
+            for item in pending:
+                claimed = self.redis.xclaim(channel, GROUP, self.name, self.claim_idle_ms, [item["message_id"]])
+                for entry_id, fields in claimed:
+                    if entry_id is None:
+                        continue
+                    entry = decode(channel, entry_id, fields)
+                    entry.deliveries = item["times_delivered"] + 1
+                    logger.info("%s: took over message %s (delivery %d)", channel, entry.id, entry.deliveries)
+                    handled += self.handle(entry)
         return handled
 
     def handle(self, entry: Entry) -> int:

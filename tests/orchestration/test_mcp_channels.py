@@ -252,6 +252,39 @@ def test_a_message_that_keeps_failing_is_rejected_after_the_delivery_limit(chann
     assert pending(channels, mcp_handler.INBOUND, message_id) == []
 
 
+def test_a_message_that_kills_its_consumer_does_not_use_up_the_deliveries_of_those_after_it(channels):
+    """A reclaim claimed up to 100 messages at once, counting a delivery for each, and then handled them in
+    turn: a consumer killed by the first (out of memory, say) counted one for the others too, so that
+    after a few such deaths they were rejected as undeliverable without ever being handled."""
+    stream = f"test-stream-{uuid.uuid4().hex[:8]}"
+
+    class Killed(BaseException):  # not an Exception: the consumer's process dies with it
+        pass
+
+    def deadly(entry, writes):
+        if entry.data.get("deadly"):
+            raise Killed()
+        seen.append(entry.id)
+
+    seen: list[str] = []
+    mcp_handler.Consumer({stream: deadly}, name="first").ensure_groups()
+    ids = [channels.xadd(stream, mcp_handler.encode("x", {"deadly": n == 0})).decode() for n in range(4)]
+    channels.xreadgroup(mcp_handler.GROUP, "first", {stream: ">"}, count=10)  # read, then its process died
+    for n in range(3):
+        time.sleep(0.01)
+        with pytest.raises(Killed):
+            mcp_handler.Consumer({stream: deadly}, name=f"next-{n}", claim_idle_s=0.001).reclaim()
+    time.sleep(0.01)
+    survivor = mcp_handler.Consumer({stream: lambda entry, writes: seen.append(entry.id)}, name="last",
+                                    claim_idle_s=0.001, max_deliveries=3)  # fmt: skip
+    assert survivor.reclaim() == 4
+    assert seen == ids[1:]  # handled, not rejected
+    deliveries = {p["message_id"].decode(): p["times_delivered"] for p in channels.xpending_range(
+        stream, mcp_handler.GROUP, min="-", max="+", count=10)}  # fmt: skip
+    assert deliveries == {}
+    channels.delete(stream)
+
+
 def test_a_consumer_makes_its_group_again_when_redis_lost_it(channels):
     stream = f"test-stream-{uuid.uuid4().hex[:8]}"
     seen = []
@@ -262,6 +295,21 @@ def test_a_consumer_makes_its_group_again_when_redis_lost_it(channels):
     message_id = channels.xadd(stream, mcp_handler.encode("x", {})).decode()
     assert consumer.poll(block_ms=10) == 1
     assert seen == [message_id]
+    channels.delete(stream)
+
+
+def test_a_consumer_whose_stream_is_deleted_while_it_waits_makes_it_again(channels):
+    """Redis 7.0 answers a read blocked on a stream that is deleted with UNBLOCKED, not NOGROUP: it was taken
+    for Redis being away (logged, and two seconds lost) before the group was made again."""
+    import threading
+
+    stream = f"test-stream-{uuid.uuid4().hex[:8]}"
+    consumer = mcp_handler.Consumer({stream: lambda entry, writes: None}, name="c")
+    consumer.ensure_groups()
+    consumer._next_claim = float("inf")
+    threading.Timer(0.3, channels.delete, args=[stream]).start()
+    assert consumer.poll(block_ms=1500) == 0
+    assert channels.xinfo_groups(stream)[0]["name"] == mcp_handler.GROUP.encode()
     channels.delete(stream)
 
 

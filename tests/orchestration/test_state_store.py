@@ -143,6 +143,21 @@ def test_sync_tasks_rebuilds_the_mirror_from_the_files(settings, tmp_path):
 
 
 @pytest.mark.django_db
+def test_sync_tasks_keeps_the_row_of_a_task_whose_file_cannot_be_read(settings, tmp_path):
+    """A corrupt file was skipped, so its task was not seen, and its row (maybe the last good copy of the
+    task) was removed as an orphan."""
+    settings.TASKS_STATE_DIR = tmp_path / "state"
+    store = TaskStore(settings.TASKS_STATE_DIR)
+    packet = store.create(make_packet())
+    store.path(packet["task_id"]).write_text('{"task_id": "cut off')
+    out, err = io.StringIO(), io.StringIO()
+    call_command("sync_tasks", stdout=out, stderr=err)
+    assert Task.objects.get(task_id=packet["task_id"]).packet == packet
+    assert f"kept the row of task {packet['task_id']}" in err.getvalue()
+    assert "0 orphan rows removed; 1 rows kept whose file cannot be read" in out.getvalue()
+
+
+@pytest.mark.django_db
 def test_sync_tasks_brings_back_a_row_ahead_of_its_file(settings, tmp_path):
     """After a power loss the database's commit may have lasted and the file's rename not: the row is
     ahead of its file, or, once the task was written again, holds another write of the same version. The

@@ -49,10 +49,17 @@ class Command(BaseCommand):
                 restored += 1
             except (TaskNotFound, CorruptState) as exc:  # removed or broken since it was read
                 self.stderr.write(f"not restored: {exc}")
-        orphans = [task_id for task_id in current if task_id not in seen]
+        # A row whose file was not read is an orphan only if the file is gone: one that cannot be read
+        # (corrupt, unreadable) keeps its row, which may hold the task's last good copy.
+        unseen = [task_id for task_id in current if task_id not in seen]
+        kept = {task_id for task_id in unseen if store.path(str(task_id)).exists()}
+        orphans = [task_id for task_id in unseen if task_id not in kept]
         for start in range(0, len(orphans), 500):
             Task.objects.filter(task_id__in=orphans[start : start + 500]).delete()
+        for task_id in sorted(kept):
+            self.stderr.write(f"kept the row of task {task_id}: its file {store.path(str(task_id))} cannot be read")
         self.stdout.write(
             f"{len(seen)} state files; {written + restored} rows written ({restored} of them were ahead of "
-            f"their file, or held another write of its version); {len(orphans)} orphan rows removed"
+            f"their file, or held another write of its version); {len(orphans)} orphan rows removed; "
+            f"{len(kept)} rows kept whose file cannot be read"
         )
