@@ -39,8 +39,10 @@ bubblewrap:
 		fi; \
 	fi
 
+# A venv that could not be made whole is removed, so that the next make makes it again.
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"==> Python 3.11 or later is needed, and $(PYTHON) is {v.major}.{v.minor}: run make with PYTHON=python3.11 (or later)")'
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "==> $(PYTHON) -m venv failed (on Debian or Ubuntu: apt-get install python3-venv)"; exit 1; }
 
 $(STAMP): requirements.txt | $(PY)
 	@echo "==> Installing requirements.txt into $(VENV)."

@@ -13,6 +13,7 @@ Ctrl-C stops what it started and nothing else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -71,11 +72,15 @@ def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen
     args += ["--appendonly", "yes" if persist else "no", "--logfile", str(data_dir / "redis.log")]
     process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
-    while not redis_answers(url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            sys.exit(f"Redis did not start on port {port}; see {data_dir / 'redis.log'}")
-        time.sleep(0.1)
+    try:
+        while not redis_answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"Redis did not start on port {port}; see {data_dir / 'redis.log'}")
+            time.sleep(0.1)
+    except BaseException:  # it did not start, or the launcher was stopped meanwhile (``Stopped``)
+        process.kill()
+        process.wait()
+        raise
     return process
 
 
@@ -92,16 +97,43 @@ def manage(*args: str, capture: bool = False) -> str:
     return (result.stdout or "").strip()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """The launcher was told to stop (Ctrl-C, SIGTERM, its terminal closed). Not an ``Exception``, like
+    KeyboardInterrupt: no ``except Exception`` on its way may take it for an error and carry on."""
+
+
+def stop_on_signals() -> None:
+    """From now on, the first SIGINT, SIGTERM or SIGHUP raises ``Stopped`` wherever the launcher is (while it
+    migrates, waits for the worker, or runs the tests), so that its ``finally`` stops what it started;
+    the ones after it are ignored while that happens. Set explicitly: a shell that starts the launcher
+    in the background leaves SIGINT ignored, and the default action of the others would end the launcher
+    alone, leaving its processes (each in a session of its own) running."""
+
+    def handler(received: int, _frame: object) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        raise Stopped(signal.Signals(received).name)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
 def stop(processes: list[tuple[str, subprocess.Popen]]) -> None:
-    """Stop the processes in reverse order of start: TERM, then KILL after a grace period."""
+    """Stop the processes in reverse order of start: TERM to each (a Celery worker then finishes its
+    running jobs, gunicorn its requests), then, after a grace period longer than gunicorn's, KILL to it
+    and every process it started (each leads a process group of its own)."""
     for name, process in reversed(processes):
         if process.poll() is None:
             say(f"stopping {name}")
             process.terminate()
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=35)
             except subprocess.TimeoutExpired:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):  # it has just ended
+                    os.killpg(process.pid, signal.SIGKILL)  # started with start_new_session: group id = pid
                 process.wait()
 
 
@@ -111,10 +143,11 @@ def run() -> int:
     port = os.environ.get("PORT", "8000")
     flower_port = os.environ.get("FLOWER_PORT", "5555")
     started: list[tuple[str, subprocess.Popen]] = []
-    redis_process = ensure_redis(redis_url, data_dir=VAR_DIR / "redis", persist=True)
-    if redis_process is not None:
-        started.append(("redis", redis_process))
+    stop_on_signals()
     try:
+        redis_process = ensure_redis(redis_url, data_dir=VAR_DIR / "redis", persist=True)
+        if redis_process is not None:
+            started.append(("redis", redis_process))
         manage("migrate", "--noinput")
         manage("check_config")
         manage("collectstatic", "--noinput", "-v", "0")
@@ -133,7 +166,8 @@ def run() -> int:
                     "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--worker-class", "gthread",
                     "--threads", os.environ.get("WEB_THREADS", "8"), "--access-logfile", "-"],
             "worker": [sys.executable, "-m", "aiagentserver.worker", "-Q", queues,
-                       "--loglevel", "INFO", "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
+                       "--loglevel", os.environ.get("LOG_LEVEL", "INFO").strip().upper(),
+                       "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
             "mcp": [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume"],
             "flower": [sys.executable, "-m", "celery", "-A", "aiagentserver", "flower",
                        f"--address={flower_host}", f"--port={flower_port}"],
@@ -150,16 +184,21 @@ def run() -> int:
         say(f"Docs:   http://{host}:{port}/api/docs/   Metrics: http://{host}:{port}/api/v1/metrics")
         say("Ctrl-C stops everything started here.")
         return _wait(started)
+    except Stopped as stopped:
+        say(f"{stopped}: stopping")
+        return 0
     finally:
         stop(started)
 
 
 def flower_address(host: str) -> str:
     """Where Flower listens: on ``host`` when that is a loopback address or Flower has a login
-    (``FLOWER_BASIC_AUTH``, or an OAuth provider in ``FLOWER_AUTH_PROVIDER``; Flower reads both from
-    the environment), else on 127.0.0.1. Whoever reaches Flower sees every job and can revoke or
-    terminate them, and it has no login of its own."""
-    if os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH_PROVIDER"):
+    (``FLOWER_BASIC_AUTH``, or OAuth: an ``FLOWER_AUTH_PROVIDER`` with the ``FLOWER_AUTH`` pattern of
+    the accounts it lets in, without which Flower asks no one to log in; Flower reads them from the
+    environment), else on 127.0.0.1. Whoever reaches Flower sees every job and can revoke or terminate
+    them, and it has no login of its own."""
+    oauth = os.environ.get("FLOWER_AUTH_PROVIDER") and os.environ.get("FLOWER_AUTH")
+    if os.environ.get("FLOWER_BASIC_AUTH") or oauth:
         return host
     try:
         loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -181,18 +220,13 @@ def wait_for_worker(timeout_s: float = 90) -> bool:
 
 
 def _wait(started: list[tuple[str, subprocess.Popen]]) -> int:
-    """Until Ctrl-C or SIGTERM (0), or until a process exits by itself (1)."""
-    stopping: list[int] = []
-    # Set explicitly: a shell that starts us in the background leaves SIGINT ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda received, _frame: stopping.append(received))
-    while not stopping:
+    """Until a process exits by itself (1); a signal ends it with ``Stopped`` (``stop_on_signals``)."""
+    while True:
         for name, process in started:
             if process.poll() is not None:
                 say(f"{name} exited with {process.returncode}; stopping the rest")
                 return 1
         time.sleep(0.5)
-    return 0
 
 
 def test_redis_url() -> str:
@@ -208,9 +242,24 @@ def test(pytest_args: list[str]) -> int:
     url = test_redis_url()
     # The tests' settings, and the workers they start, use the test Redis.
     os.environ["TEST_REDIS_URL"] = os.environ["REDIS_URL"] = url
-    redis_process = ensure_redis(url, data_dir=VAR_DIR / "redis-test", persist=False)
+    stop_on_signals()
+    redis_process = None
     try:
-        return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=BASE_DIR)
+        redis_process = ensure_redis(url, data_dir=VAR_DIR / "redis-test", persist=False)
+        tests = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=BASE_DIR)
+        try:
+            return tests.wait()
+        except Stopped:
+            # As on Ctrl-C: pytest stops, and its fixtures stop the workers and servers they started.
+            tests.send_signal(signal.SIGINT)
+            try:
+                tests.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                tests.kill()
+            raise
+    except Stopped as stopped:
+        say(f"{stopped}: the tests were stopped")
+        return 130
     finally:
         if redis_process is not None:
             stop([("test redis", redis_process)])

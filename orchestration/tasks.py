@@ -4,7 +4,6 @@ import logging
 import os
 import threading
 import time
-from functools import partial
 
 import redis
 from celery import Task, shared_task
@@ -30,24 +29,40 @@ def close_stale_connections(sender=None, **_kwargs) -> None:
 
 
 @worker_ready.connect
-def start_health_checks(**_kwargs) -> None:
-    """Each worker checks every LLM's health now and then; a failed check counts against the LLM's
-    breaker (balancer rule 3), so that an engine that went away cools down before calls find out."""
+def start_health_checks(sender, **_kwargs) -> None:
+    """Each worker checks the LLMs' health now and then; a failed check of an LLM that may serve one of
+    the roles whose queues the worker consumes counts against the LLM's breaker (balancer rule 3), so
+    that an engine that went away cools down before calls find out. Only those: a worker of other roles,
+    on a host without that LLM's model file, key or server, would trip it for every host."""
     from balancer.health import checker
-    from orchestration.runtime import configuration, load_balancer
+    from orchestration.runtime import configuration
+
+    counted = health_failure_counter({queue.name for queue in sender.task_consumer.queues})
 
     def loop() -> None:
         while True:
             try:
-                checker.check(
-                    configuration(),
-                    on_failure=partial(load_balancer().health_failed, interval_s=settings.LLM_HEALTH_CHECK_SECONDS),
-                )
+                checker.check(configuration(), on_failure=counted)
             except Exception:  # a check must never stop the loop; the next one may succeed
                 logger.exception("LLM health check failed")
             time.sleep(settings.LLM_HEALTH_CHECK_SECONDS)
 
     threading.Thread(target=loop, name="llm-health", daemon=True).start()
+
+
+def health_failure_counter(queues: set[str]):
+    """What a worker consuming ``queues`` does with an LLM that failed its health check: count it against
+    the LLM's breaker if the LLM may serve one of the roles of those queues."""
+    from balancer.load_balancer import candidates
+    from orchestration.runtime import configuration, load_balancer
+
+    def counted(llm) -> None:
+        config = configuration()
+        roles = [role for profile in config.profiles.values() for role in profile.roles.values()]
+        if any(role.queue in queues and llm.id in {c.id for c in candidates(config, role)[0]} for role in roles):
+            load_balancer().health_failed(llm, interval_s=settings.LLM_HEALTH_CHECK_SECONDS)
+
+    return counted
 
 
 HEARTBEAT_SECONDS = 10

@@ -57,12 +57,49 @@ def test_a_remote_redis_that_does_not_answer_is_an_error(tmp_path):
         ("192.168.1.20", {}, "127.0.0.1"),
         ("agents.example.org", {}, "127.0.0.1"),
         ("0.0.0.0", {"FLOWER_BASIC_AUTH": "ops:secret"}, "0.0.0.0"),
-        ("0.0.0.0", {"FLOWER_AUTH_PROVIDER": "flower.views.auth.GithubLoginHandler"}, "0.0.0.0"),
+        # An OAuth provider asks for a login only with the pattern of the accounts it lets in.
+        ("0.0.0.0", {"FLOWER_AUTH_PROVIDER": "flower.views.auth.GithubLoginHandler"}, "127.0.0.1"),
+        (
+            "0.0.0.0",
+            {"FLOWER_AUTH_PROVIDER": "flower.views.auth.GithubLoginHandler", "FLOWER_AUTH": r".*@example\.org"},
+            "0.0.0.0",
+        ),
     ],
 )
 def test_flower_without_a_login_listens_only_on_loopback(monkeypatch, host, login, expected):
-    for name in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH_PROVIDER"):
+    for name in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH_PROVIDER", "FLOWER_AUTH"):
         monkeypatch.delenv(name, raising=False)
     for name, value in login.items():
         monkeypatch.setenv(name, value)
     assert launcher.flower_address(host) == expected
+
+
+def test_sigterm_while_starting_stops_what_was_started(tmp_path):
+    """The launcher's signal handlers were set only once everything had started: a SIGTERM (or a closed
+    terminal's SIGHUP) while it migrated or waited for the worker ended the launcher alone, and left the
+    Redis it had started (in a session of its own) running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "REDIS_URL": url, "VAR_DIR": str(tmp_path), "DEBUG": "1"}
+    env.pop("TEST_REDIS_URL", None)
+    launcher_process = subprocess.Popen(
+        [sys.executable, "-m", "aiagentserver.launcher", "run"],
+        cwd=launcher.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not launcher.redis_answers(url):
+            assert launcher_process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher_process.send_signal(signal.SIGTERM)  # while it migrates
+        output, _ = launcher_process.communicate(timeout=60)
+    finally:
+        launcher_process.kill()
+    assert launcher_process.returncode == 0, output.decode()[-2000:]
+    assert "SIGTERM: stopping" in output.decode()
+    assert not launcher.redis_answers(url), "the Redis it started is still running"

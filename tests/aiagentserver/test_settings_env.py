@@ -3,7 +3,7 @@
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from aiagentserver.env import env_bool, env_int, env_list, env_path, env_rate
+from aiagentserver.env import env_bool, env_choice, env_int, env_list, env_path, env_rate
 
 
 def test_env_bool(monkeypatch):
@@ -44,6 +44,16 @@ def test_env_rate(monkeypatch):
         monkeypatch.setenv("RATE", bad)
         with pytest.raises(ImproperlyConfigured, match="is not a rate"):
             env_rate("RATE", "1200/min")
+
+
+def test_env_choice_takes_any_case_and_names_the_choices(monkeypatch):
+    """LOG_LEVEL=debug stopped every process with "Unable to configure root logger", naming no variable."""
+    levels = ("DEBUG", "INFO", "WARNING")
+    monkeypatch.setenv("LOG_LEVEL", " debug ")
+    assert env_choice("LOG_LEVEL", "INFO", levels) == "DEBUG"
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    with pytest.raises(ImproperlyConfigured, match="LOG_LEVEL='verbose' is not one of DEBUG, INFO, WARNING"):
+        env_choice("LOG_LEVEL", "INFO", levels)
 
 
 def test_secret_key_is_required_without_debug(tmp_path):

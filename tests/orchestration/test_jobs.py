@@ -28,3 +28,26 @@ def test_a_job_run_eagerly_inside_a_transaction_leaves_its_connection_open():
         Task.objects.count()
         close_stale_connections(sender=job)
         assert Task.objects.count() == 0
+
+
+def test_a_worker_counts_failed_health_checks_only_of_the_llms_of_its_roles(edit_config, monkeypatch):
+    """Every worker counted every LLM's failed checks: one consuming only other roles' queues, on a host
+    without that LLM's model file or key, tripped its breaker for every host."""
+    from orchestration import runtime, tasks
+
+    def add_coders_llm(raw):
+        coder = raw["profiles"]["developer"]["roles"]["fast_coder"]
+        capabilities = sorted({"chat", *coder.get("capabilities", [])})
+        raw["llms"].append({"id": "coders-only", "engine": "instant", "source": "local", "model": "m", "locked": True,
+                            "capabilities": capabilities})  # fmt: skip
+        coder["preferred_llms"] = ["coders-only"]
+
+    edit_config(add_coders_llm)
+    counted = []
+    monkeypatch.setattr(runtime, "load_balancer", lambda: types.SimpleNamespace(
+        health_failed=lambda llm, interval_s: counted.append(llm.id)))  # fmt: skip
+    llm = runtime.configuration().llms["coders-only"]
+    tasks.health_failure_counter({"productivity.summarizer"})(llm)
+    assert counted == []
+    tasks.health_failure_counter({"productivity.summarizer", "developer.fast_coder"})(llm)
+    assert counted == ["coders-only"]
