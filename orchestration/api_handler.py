@@ -515,7 +515,7 @@ class TaskFeedbackApi(APIView):
             404: error("`not_found`: there is no such task, or its profile or role is no longer configured."),
             409: error(
                 "`no_feedback_loop`: the task's role is not a coder role; `not_awaiting_feedback`: the task is "
-                "queued, running or cancelled."
+                "queued, running or cancelled; `plan_running`: the task is a finished step of a plan that still runs."
             ),
             **errors(413, 500),
             503: error(

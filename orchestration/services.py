@@ -225,6 +225,14 @@ def task_feedback(
                 status_code=409,
                 code="not_awaiting_feedback",
             )
+        if packet["status"] != AWAITING_FEEDBACK and packet["parent_id"] and _status(packet["parent_id"]) == RUNNING:
+            # Its result went into the steps after it: run again, it could fail the plan they belong to.
+            raise ApplicationError(
+                f"task {packet['task_id']} is a step of the plan of task {packet['parent_id']}, which is still "
+                "running; feedback is taken once the plan has finished",
+                status_code=409,
+                code="plan_running",
+            )
         iteration = packet["iteration"] + 1
         step.append(f"{iteration}.feedback")
         previous.append(packet["status"])
@@ -276,6 +284,13 @@ def task_feedback(
     return task_get(task_id=task_id)
 
 
+def _status(task_id: str) -> str | None:
+    try:
+        return task_store().read(task_id)["status"]
+    except TaskNotFound:
+        return None
+
+
 def _feedback_taken(history: list[dict[str, Any]], message_id: str) -> bool:
     """Whether the channel message's feedback is in the history and was not undone (its round could not
     be queued: an ``enqueue_failed`` naming the message came after it)."""
@@ -302,6 +317,7 @@ def task_retry(*, task_id: str) -> dict[str, Any]:
             )
         current["status"] = QUEUED
         current["result"] = None
+        current["iteration"] = 0  # a retried task starts its rounds afresh
         current["history"].append(
             history_event("retried", status=QUEUED, detail={"queue": role_config.queue, "job_id": job_id})
         )

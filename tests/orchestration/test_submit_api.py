@@ -364,3 +364,30 @@ def test_input_serializers_copy_their_fields_for_each_instance():
     assert not bad.is_valid() and set(bad.errors) == {"extra"}
     bad = Body(data={"name": "abcdef", "tags": ["long"], "inner": {"code": "long"}})
     assert not bad.is_valid() and set(bad.errors) == {"name", "tags", "inner"}
+
+
+def stored(status, **fields):
+    from orchestration.packets import new_packet
+    from orchestration.runtime import task_store
+
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="developer", role="fast_coder", payload={"instruction": "x"})
+    return task_store().create({**packet, "status": status, **fields})
+
+
+def test_feedback_on_a_finished_step_of_a_running_plan_is_refused(api, state_dir):
+    """Its result went into the plan's later steps: run again, it could fail the plan those belong to."""
+    parent = stored("running", role="planner", payload={"goal": "x", "execute": True})
+    child = stored("succeeded", parent_id=parent["task_id"])
+    url = f"/api/v1/tasks/{child['task_id']}/feedback"
+    response = api.post(url, data=json.dumps({"feedback": "more"}), content_type="application/json")
+    assert response.status_code == 409 and response.json()["code"] == "plan_running"
+    assert parent["task_id"] in response.json()["detail"]
+
+
+def test_a_retried_task_starts_its_rounds_afresh(state_dir):
+    """The task's iteration stayed at its last run's, and the next run's rounds were shown from there. (The
+    job is queued when the transaction commits, which this test's never does.)"""
+    from orchestration.services import task_retry
+
+    failed = stored("failed", iteration=4)
+    assert task_retry(task_id=failed["task_id"])["iteration"] == 0
