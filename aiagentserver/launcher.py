@@ -176,7 +176,7 @@ def run() -> int:
             if name == "flower":
                 # Flower lists a worker's queues from what it inspects when it starts: started before
                 # the worker answers, its Broker page would show none of the role queues.
-                wait_for_worker()
+                wait_for_worker(dict(started)["worker"])
             started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
         say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
         say(f"Admin:  http://{host}:{port}/admin/")
@@ -207,11 +207,14 @@ def flower_address(host: str) -> str:
     return host if loopback else "127.0.0.1"
 
 
-def wait_for_worker(timeout_s: float = 90) -> bool:
-    """Until a Celery worker answers a ping (True), or ``timeout_s`` passed (False, said)."""
+def wait_for_worker(worker: subprocess.Popen, timeout_s: float = 90) -> bool:
+    """Until a Celery worker answers a ping (True), or ``timeout_s`` passed or ``worker`` exited (False)."""
     ping = [sys.executable, "-m", "celery", "-A", "aiagentserver", "inspect", "ping", "--timeout", "1"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            say(f"the worker exited with {worker.returncode} before it answered")
+            return False
         if subprocess.run(ping, cwd=BASE_DIR, capture_output=True, check=False).returncode == 0:
             return True
         time.sleep(0.5)

@@ -103,3 +103,16 @@ def test_sigterm_while_starting_stops_what_was_started(tmp_path):
     assert launcher_process.returncode == 0, output.decode()[-2000:]
     assert "SIGTERM: stopping" in output.decode()
     assert not launcher.redis_answers(url), "the Redis it started is still running"
+
+
+def test_waiting_for_the_worker_ends_when_it_exits():
+    """A worker that could not start (a bad WORKER_CONCURRENCY, an import error) was pinged for 90 s."""
+    import subprocess
+    import sys
+    import time
+
+    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    worker.wait()
+    started = time.monotonic()
+    assert launcher.wait_for_worker(worker, timeout_s=90) is False
+    assert time.monotonic() - started < 5
