@@ -56,6 +56,18 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value.strip().upper()
 
 
+def env_redis_url(name: str, default: str) -> str:
+    """A Redis URL (``redis://``, ``rediss://`` or ``unix://``): Celery would take an empty or other value
+    for its default broker, AMQP, and wait for it for ever."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    url = value.strip()
+    if url.split("://", 1)[0].lower() not in ("redis", "rediss", "unix") or "://" not in url:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a Redis URL (redis://host:port/db, rediss://, unix://)")
+    return url
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     value = os.environ.get(name)
     if value is None:

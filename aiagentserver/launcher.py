@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
@@ -62,13 +62,25 @@ def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen
         say(f"Redis answers at {url}")
         return None
     parts = urlsplit(url)
+    if parts.scheme != "redis":
+        sys.exit(f"REDIS_URL {url} does not answer; only a plain redis:// Redis on this machine is started here.")
     if parts.hostname not in LOCAL_HOSTS:
         sys.exit(f"REDIS_URL {url} does not answer, and it is not on this machine, so it cannot be started here.")
     port = parts.port or 6379
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = redis_server_binary()
     say(f"No Redis at {url}: starting {binary} on 127.0.0.1:{port} (files in {data_dir})")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
+    args = [binary]
+    if parts.password:
+        # The URL's password, so that what connects with it is let in; in a file of its own, not on the
+        # command line that every user of the machine can read.
+        config = data_dir / "redis-password.conf"
+        config.touch(mode=0o600)
+        config.chmod(0o600)
+        password = unquote(parts.password).replace("\\", "\\\\").replace('"', '\\"')
+        config.write_text(f'requirepass "{password}"\n')
+        args.append(str(config))
+    args += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
     args += ["--appendonly", "yes" if persist else "no", "--logfile", str(data_dir / "redis.log")]
     process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15

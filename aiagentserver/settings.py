@@ -15,7 +15,16 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from aiagentserver.env import env_bool, env_choice, env_int, env_list, env_path, env_rate, env_str
+from aiagentserver.env import (
+    env_bool,
+    env_choice,
+    env_int,
+    env_list,
+    env_path,
+    env_rate,
+    env_redis_url,
+    env_str,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = env_path("VAR_DIR", BASE_DIR / "var", base=BASE_DIR)
@@ -181,7 +190,7 @@ STATIC_ROOT = VAR_DIR / "static"
 
 # --- the agent server ---------------------------------------------------------
 
-REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")
 TASKS_STATE_DIR = env_path("TASKS_STATE_DIR", VAR_DIR / "tasks_state", base=BASE_DIR)
 AIAGENT_CONFIG = env_path("AIAGENT_CONFIG", BASE_DIR / "balancer" / "configuration.json", base=BASE_DIR)
 # A worker renews its lease on a running step every third of this; a step whose

@@ -116,3 +116,17 @@ def test_waiting_for_the_worker_ends_when_it_exits():
     started = time.monotonic()
     assert launcher.wait_for_worker(worker, timeout_s=90) is False
     assert time.monotonic() - started < 5
+
+
+def test_a_redis_started_for_a_url_with_a_password_asks_for_it(tmp_path):
+    """The Redis started for redis://:pw@... had no password: the server's AUTH was refused, and the
+    launcher said Redis did not start (killing the one it had started)."""
+    port = free_port()
+    url = f"redis://:s%22e%5Ccret@127.0.0.1:{port}/0"  # s"e\\cret
+    process = launcher.ensure_redis(url, data_dir=tmp_path / "redis", persist=False)
+    try:
+        assert launcher.redis_answers(url)
+        assert not launcher.redis_answers(f"redis://127.0.0.1:{port}/0")  # without it: refused
+        assert "cret" not in " ".join(process.args)  # not on the command line
+    finally:
+        launcher.stop([("redis", process)])

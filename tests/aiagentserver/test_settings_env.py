@@ -3,7 +3,7 @@
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from aiagentserver.env import env_bool, env_choice, env_int, env_list, env_path, env_rate
+from aiagentserver.env import env_bool, env_choice, env_int, env_list, env_path, env_rate, env_redis_url
 
 
 def test_env_bool(monkeypatch):
@@ -54,6 +54,17 @@ def test_env_choice_takes_any_case_and_names_the_choices(monkeypatch):
     monkeypatch.setenv("LOG_LEVEL", "verbose")
     with pytest.raises(ImproperlyConfigured, match="LOG_LEVEL='verbose' is not one of DEBUG, INFO, WARNING"):
         env_choice("LOG_LEVEL", "INFO", levels)
+
+
+def test_env_redis_url_refuses_what_celery_would_take_for_amqp(monkeypatch):
+    """REDIS_URL= (empty) was kept, and Celery then waited for ever for an AMQP broker on localhost."""
+    for good in ("redis://127.0.0.1:6379/0", "rediss://h:6380/1", "unix:///run/redis.sock"):
+        monkeypatch.setenv("REDIS_URL", good)
+        assert env_redis_url("REDIS_URL", "redis://x") == good
+    for bad in ("", "localhost:6379", "amqp://guest@localhost//"):
+        monkeypatch.setenv("REDIS_URL", bad)
+        with pytest.raises(ImproperlyConfigured, match="is not a Redis URL"):
+            env_redis_url("REDIS_URL", "redis://x")
 
 
 def test_secret_key_is_required_without_debug(tmp_path):
