@@ -16,8 +16,16 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.db import transaction
-from django.forms.models import construct_instance
+from django.forms.formsets import (
+    INITIAL_FORM_COUNT,
+    MAX_NUM_FORM_COUNT,
+    MIN_NUM_FORM_COUNT,
+    TOTAL_FORM_COUNT,
+    ManagementForm,
+)
+from django.forms.models import BaseModelFormSet, construct_instance
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.utils.functional import cached_property
 
 from agents.registry import AGENTS
 from balancer import config_store
@@ -72,7 +80,41 @@ class ConfigurationForm(forms.ModelForm):
 
 
 class ChangelistForm(ConfigurationForm):
-    loaded_stamp = None
+    loaded_stamp = None  # the page's is in its formset's management form (one for the page, not one a row)
+
+
+class StampedManagementForm(ManagementForm):
+    loaded_stamp = forms.CharField(widget=forms.HiddenInput, required=False)
+
+
+class ChangelistFormSet(BaseModelFormSet):
+    """The LLM list's editable columns, with the file's stamp when the page was loaded: a list loaded
+    before another edit would otherwise save its rows' old values over it."""
+
+    @cached_property
+    def management_form(self) -> ManagementForm:
+        # Django's own, with the stamp (its ManagementForm cannot be given to a formset otherwise).
+        options = {"auto_id": self.auto_id, "prefix": self.prefix, "renderer": self.renderer}
+        if self.is_bound:
+            form = StampedManagementForm(self.data, **options)
+            form.full_clean()
+            return form
+        counts = {
+            TOTAL_FORM_COUNT: self.total_form_count(),
+            INITIAL_FORM_COUNT: self.initial_form_count(),
+            MIN_NUM_FORM_COUNT: self.min_num,
+            MAX_NUM_FORM_COUNT: self.max_num,
+        }
+        return StampedManagementForm(initial={**counts, "loaded_stamp": _synced_stamp()}, **options)
+
+    def clean(self):
+        super().clean()
+        loaded = self.management_form.cleaned_data.get("loaded_stamp") or _synced_stamp()
+        if loaded != file_stamp(_path()):
+            raise forms.ValidationError(
+                f"{_path()} has changed since this page was loaded; nothing was saved. "
+                "Open the page again to see the file as it is now."
+            )
 
 
 class ConfigurationAdmin(admin.ModelAdmin):
@@ -99,6 +141,9 @@ class ConfigurationAdmin(admin.ModelAdmin):
             if request.method == "GET":
                 self._sync(request)
             return _rendered(super().changeform_view(request, object_id, form_url, extra_context))
+
+    def get_changelist_formset(self, request, **kwargs):
+        return super().get_changelist_formset(request, formset=ChangelistFormSet, **kwargs)
 
     def get_changelist_form(self, request, **kwargs):
         # The list's editable columns (toggle, locked) validate the same way as the form; its rows carry no

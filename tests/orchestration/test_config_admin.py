@@ -47,7 +47,8 @@ def test_the_admin_shows_the_file_and_adds_an_llm_to_it(admin_client, config_fil
 
 def test_toggle_and_locked_are_editable_in_the_list(admin_client, config_file, edit_config):
     listing = admin_client.get(LLM_LIST).content.decode()
-    assert "loaded_stamp" not in listing  # the rows carry no stamp of their own: no query per row
+    # One stamp for the page, in the formset's management form; the rows carry none (a query a row).
+    assert listing.count('name="loaded_stamp"') == 0 and listing.count('name="form-loaded_stamp"') == 1
     llm = LLM.objects.get(llm_id="smollm2-135m")
     response = admin_client.post(
         LLM_LIST,
@@ -61,6 +62,30 @@ def test_toggle_and_locked_are_editable_in_the_list(admin_client, config_file, e
     assert written["toggle"] is False
     assert written["locked"] is True
     assert configuration().llms["smollm2-135m"].toggle is False
+
+
+def test_a_list_loaded_before_another_edit_does_not_save_its_old_values_over_it(admin_client, config_file, edit_config):
+    """The list's rows were held to the rows' last refresh: a list page loaded before someone turned an LLM
+    off in its own page posted the LLM's old toggle back, turning it on again."""
+    import re
+
+    listing = admin_client.get(LLM_LIST).content.decode()
+    stamp = re.search(r'name="form-loaded_stamp" value="([^"]*)"', listing).group(1)
+    llm = LLM.objects.get(llm_id="smollm2-135m")
+    edit_config(lambda raw: raw["llms"][0].update(toggle=False))  # turned off meanwhile
+    admin_client.get(LLM_LIST)  # the rows follow the file (another page's refresh)
+    edited = config_file.read_text()
+    response = admin_client.post(
+        LLM_LIST,
+        {
+            "form-TOTAL_FORMS": "1", "form-INITIAL_FORMS": "1", "form-MIN_NUM_FORMS": "0",
+            "form-MAX_NUM_FORMS": "1000", "form-loaded_stamp": stamp, "form-0-id": str(llm.pk),
+            "form-0-toggle": "on", "_save": "Save",
+        },
+    )  # fmt: skip
+    assert response.status_code == 200
+    assert "has changed since this page was loaded" in response.content.decode()
+    assert config_file.read_text() == edited
 
 
 def test_an_invalid_edit_names_the_field_and_leaves_the_file(admin_client, config_file, edit_config):
