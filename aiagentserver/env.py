@@ -57,14 +57,14 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 def env_redis_url(name: str, default: str) -> str:
-    """A Redis URL (``redis://``, ``rediss://`` or ``unix://``): Celery would take an empty or other value
-    for its default broker, AMQP, and wait for it for ever."""
+    """A Redis URL, ``redis://`` or ``rediss://`` (TLS): Celery would take an empty or other value for its
+    default broker, AMQP, and wait for it for ever; and its broker has no ``unix://``."""
     value = os.environ.get(name)
     if value is None:
         return default
     url = value.strip()
-    if url.split("://", 1)[0].lower() not in ("redis", "rediss", "unix") or "://" not in url:
-        raise ImproperlyConfigured(f"{name}={value!r} is not a Redis URL (redis://host:port/db, rediss://, unix://)")
+    if "://" not in url or url.split("://", 1)[0].lower() not in ("redis", "rediss"):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a Redis URL (redis://host:port/db, or rediss:// for TLS)")
     return url
 
 

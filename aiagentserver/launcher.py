@@ -63,7 +63,7 @@ def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen
         return None
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        sys.exit(f"REDIS_URL {url} does not answer; only a plain redis:// Redis on this machine is started here.")
+        sys.exit(f"REDIS_URL {url} does not answer; only a redis:// (not TLS) Redis on this machine is started here.")
     if parts.hostname not in LOCAL_HOSTS:
         sys.exit(f"REDIS_URL {url} does not answer, and it is not on this machine, so it cannot be started here.")
     port = parts.port or 6379

@@ -93,21 +93,25 @@ def editing(path: Path) -> Iterator[None]:
     """The configuration's edit lock, shared by every process on the machine (a lock file beside the file,
     ``.<name>.lock``): held while a change is checked against the file and written to it, so that two
     changes made at once go one after the other, and the second is checked against the file as the
-    first left it. Not reentrant: the holder must not take it again. Where the lock file cannot be
-    opened (a directory this process may not write, where no save could write the file either), the
-    pages go on without it."""
+    first left it. Not reentrant: the holder must not take it again. Where the lock cannot be had (a
+    directory this process may not write, where no save could write the file either; a file system
+    that refuses the lock), the pages go on without it, and say so in the log."""
     lock = path.with_name(f".{path.name}.lock")
+    fd = None
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
-    except OSError as exc:
-        logger.warning("the configuration's edit lock %s cannot be opened (%s); going on without it", lock, exc)
-        yield
-        return
-    try:
+        try:
+            # Read-write: NFSv4 takes an exclusive flock as a write lock, refused on a read-only descriptor.
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # a lock file another user made: flock itself needs no write access
+            fd = os.open(lock, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        logger.warning("the configuration's edit lock %s cannot be taken (%s); going on without it", lock, exc)
+    try:
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_file(path: Path, raw: dict[str, Any]) -> None:

@@ -1074,14 +1074,14 @@ def _finished(packet: dict[str, Any]) -> None:
     """A task finished: its plan's unfinished steps are cancelled if it failed (however it failed: a
     time limit, an internal error, its recovery given up), and its parent's plan may go on."""
     if packet["status"] in (FAILED, CANCELLED):
-        for child_id in _plan_children(packet):
+        for child_id in plan_children(packet):
             if _status_of(child_id) in (QUEUED, RUNNING, AWAITING_FEEDBACK):
                 _cancel_child(child_id, packet["task_id"])
     if packet["parent_id"]:
         plan_advance(parent_id=packet["parent_id"])
 
 
-def _plan_children(packet: dict[str, Any]) -> tuple[str, ...]:
+def plan_children(packet: dict[str, Any]) -> tuple[str, ...]:
     """The child task ids of the plan the task delegated in its current run (none if it did not)."""
     delegated = next((e for e in reversed(loop.current_run(packet["history"])) if e["event"] == "delegated"), None)
     return tuple(delegated["detail"]["children"].values()) if delegated else ()
@@ -1119,7 +1119,7 @@ def task_waiting(packet: dict[str, Any]) -> Waiting:
     if packet["status"] == QUEUED:
         return Waiting(jobs=(_job_of(packet),), leases=(task_id,))
     if _delegated(packet):
-        return Waiting(jobs=(), leases=(task_id,), children=_plan_children(packet))
+        return Waiting(jobs=(), leases=(task_id,), children=plan_children(packet))
     jobs_run = loop.jobs_run(packet["history"])
     scheduled = [e["detail"] for e in jobs_run if e["event"] == "scheduled"]
     if not scheduled and _feedback_run(jobs_run):

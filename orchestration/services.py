@@ -225,7 +225,7 @@ def task_feedback(
                 status_code=409,
                 code="not_awaiting_feedback",
             )
-        if packet["status"] != AWAITING_FEEDBACK and packet["parent_id"] and _status(packet["parent_id"]) == RUNNING:
+        if packet["status"] != AWAITING_FEEDBACK and _in_running_plan(packet):
             # Its result went into the steps after it: run again, it could fail the plan they belong to.
             raise ApplicationError(
                 f"task {packet['task_id']} is a step of the plan of task {packet['parent_id']}, which is still "
@@ -284,11 +284,16 @@ def task_feedback(
     return task_get(task_id=task_id)
 
 
-def _status(task_id: str) -> str | None:
+def _in_running_plan(packet: dict[str, Any]) -> bool:
+    """Whether the task is a step of its parent's current plan, and the parent still runs (a child of a run
+    before the parent was retried is not)."""
+    if not packet["parent_id"]:
+        return False
     try:
-        return task_store().read(task_id)["status"]
+        parent = task_store().read(packet["parent_id"])
     except TaskNotFound:
-        return None
+        return False
+    return parent["status"] == RUNNING and packet["task_id"] in orchestration_engine.plan_children(parent)
 
 
 def _feedback_taken(history: list[dict[str, Any]], message_id: str) -> bool:

@@ -37,11 +37,11 @@ def start_health_checks(sender, **_kwargs) -> None:
     from balancer.health import checker
     from orchestration.runtime import configuration
 
-    counted = health_failure_counter({queue.name for queue in sender.task_consumer.queues})
-
     def loop() -> None:
         while True:
             try:
+                # Its queues as they are now: a role's queue may be added since (control add_consumer).
+                counted = health_failure_counter({queue.name for queue in sender.task_consumer.queues})
                 checker.check(configuration(), on_failure=counted)
             except Exception:  # a check must never stop the loop; the next one may succeed
                 logger.exception("LLM health check failed")

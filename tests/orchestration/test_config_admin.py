@@ -282,3 +282,17 @@ def test_a_save_waits_for_the_edit_in_progress_and_is_then_checked_against_its_f
     assert answers[0].status_code == 200
     assert "has changed since this page was loaded" in answers[0].content.decode()
     assert json.loads(config_file.read_text())["profiles"]["developer"]["roles"]["planner"]["max_tokens"] == 77
+
+
+def test_the_pages_still_open_where_the_edit_lock_cannot_be_taken(admin_client, config_file, edit_config, monkeypatch):
+    """A file system that refuses the lock (NFSv4 refuses an exclusive flock on a read-only descriptor) made
+    every configuration page a 500."""
+    import errno
+
+    from balancer import config_store
+
+    def refused(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(config_store.fcntl, "flock", refused)
+    assert admin_client.get(LLM_LIST).status_code == 200

@@ -375,9 +375,16 @@ def stored(status, **fields):
 
 
 def test_feedback_on_a_finished_step_of_a_running_plan_is_refused(api, state_dir):
-    """Its result went into the plan's later steps: run again, it could fail the plan those belong to."""
-    parent = stored("running", role="planner", payload={"goal": "x", "execute": True})
-    child = stored("succeeded", parent_id=parent["task_id"])
+    """Its result went into the plan's later steps: run again, it could fail the plan those belong to. A
+    child of the plan's run before a retry is not one of its steps any more."""
+    from orchestration.packets import history_event
+    from orchestration.services import _in_running_plan
+
+    step_id, old_id = str(uuid.uuid4()), str(uuid.uuid4())
+    delegated = history_event("delegated", status="running", detail={"step": "delegated", "children": {"s1": step_id}})
+    parent = stored("running", role="planner", payload={"goal": "x", "execute": True}, history=[delegated])
+    child = stored("succeeded", task_id=step_id, parent_id=parent["task_id"])
+    assert not _in_running_plan(stored("succeeded", task_id=old_id, parent_id=parent["task_id"]))
     url = f"/api/v1/tasks/{child['task_id']}/feedback"
     response = api.post(url, data=json.dumps({"feedback": "more"}), content_type="application/json")
     assert response.status_code == 409 and response.json()["code"] == "plan_running"
