@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -89,7 +90,7 @@ def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen
             if process.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"Redis did not start on port {port}; see {data_dir / 'redis.log'}")
             time.sleep(0.1)
-    except BaseException:  # it did not start, or the launcher was stopped meanwhile (``Stopped``)
+    except BaseException:  # it did not start
         process.kill()
         process.wait()
         raise
@@ -117,6 +118,14 @@ class Stopped(BaseException):
     KeyboardInterrupt: no ``except Exception`` on its way may take it for an error and carry on."""
 
 
+class _Signals:
+    """What ``stop_on_signals`` does with a stop signal: raise ``Stopped``, or, while ``deferred`` (a process
+    is being started and recorded), keep it for the end of that."""
+
+    deferring = False
+    kept: int | None = None
+
+
 def stop_on_signals() -> None:
     """From now on, the first SIGINT, SIGTERM or SIGHUP raises ``Stopped`` wherever the launcher is (while it
     migrates, waits for the worker, or runs the tests), so that its ``finally`` stops what it started;
@@ -125,12 +134,34 @@ def stop_on_signals() -> None:
     alone, leaving its processes (each in a session of its own) running."""
 
     def handler(received: int, _frame: object) -> None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
+        if _Signals.deferring:
+            _Signals.kept = received
+            return
+        ignore_stop_signals()
         raise Stopped(signal.Signals(received).name)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+
+
+def ignore_stop_signals() -> None:
+    """While the launcher stops what it started: a second Ctrl-C must not cut that short."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """A stop signal received inside comes out at its end: a process started inside is recorded (to be
+    stopped) before ``Stopped`` is raised."""
+    _Signals.deferring, _Signals.kept = True, None
+    try:
+        yield
+    finally:
+        _Signals.deferring = False
+        if _Signals.kept is not None:
+            ignore_stop_signals()
+            raise Stopped(signal.Signals(_Signals.kept).name)
 
 
 def stop(processes: list[tuple[str, subprocess.Popen]]) -> None:
@@ -157,9 +188,10 @@ def run() -> int:
     started: list[tuple[str, subprocess.Popen]] = []
     stop_on_signals()
     try:
-        redis_process = ensure_redis(redis_url, data_dir=VAR_DIR / "redis", persist=True)
-        if redis_process is not None:
-            started.append(("redis", redis_process))
+        with deferred_signals():  # a Redis started is recorded, to be stopped, before a signal stops us
+            redis_process = ensure_redis(redis_url, data_dir=VAR_DIR / "redis", persist=True)
+            if redis_process is not None:
+                started.append(("redis", redis_process))
         manage("migrate", "--noinput")
         manage("check_config")
         manage("collectstatic", "--noinput", "-v", "0")
@@ -189,7 +221,8 @@ def run() -> int:
                 # Flower lists a worker's queues from what it inspects when it starts: started before
                 # the worker answers, its Broker page would show none of the role queues.
                 wait_for_worker(dict(started)["worker"])
-            started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
+            with deferred_signals():
+                started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
         say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
         say(f"Admin:  http://{host}:{port}/admin/")
         say(f"Flower: http://{flower_host}:{flower_port}/   (queues: http://{flower_host}:{flower_port}/broker)")
@@ -200,6 +233,7 @@ def run() -> int:
         say(f"{stopped}: stopping")
         return 0
     finally:
+        ignore_stop_signals()
         stop(started)
 
 
@@ -258,24 +292,29 @@ def test(pytest_args: list[str]) -> int:
     # The tests' settings, and the workers they start, use the test Redis.
     os.environ["TEST_REDIS_URL"] = os.environ["REDIS_URL"] = url
     stop_on_signals()
-    redis_process = None
+    redis_process = tests = None
     try:
-        redis_process = ensure_redis(url, data_dir=VAR_DIR / "redis-test", persist=False)
-        tests = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=BASE_DIR)
-        try:
-            return tests.wait()
-        except Stopped:
-            # As on Ctrl-C: pytest stops, and its fixtures stop the workers and servers they started.
-            tests.send_signal(signal.SIGINT)
+        with deferred_signals():
+            redis_process = ensure_redis(url, data_dir=VAR_DIR / "redis-test", persist=False)
+        with deferred_signals():
+            tests = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=BASE_DIR)
+        return tests.wait()
+    except Stopped as stopped:
+        if tests is not None:
+            # pytest stops as on Ctrl-C, and its fixtures stop the workers and servers they started. A
+            # Ctrl-C in the terminal reached it already (it is in our process group, so that --pdb can
+            # read the terminal): a second one would cut its teardown short.
+            if str(stopped) != "SIGINT":
+                tests.send_signal(signal.SIGINT)
             try:
-                tests.wait(timeout=60)
+                tests.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 tests.kill()
-            raise
-    except Stopped as stopped:
+                tests.wait()
         say(f"{stopped}: the tests were stopped")
         return 130
     finally:
+        ignore_stop_signals()
         if redis_process is not None:
             stop([("test redis", redis_process)])
 

@@ -1,6 +1,7 @@
 """The bootstrap's Redis step: use the one that answers, otherwise start one and stop it afterwards."""
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,35 @@ def test_a_redis_started_for_a_url_with_a_password_asks_for_it(tmp_path):
         assert "cret" not in " ".join(process.args)  # not on the command line
     finally:
         launcher.stop([("redis", process)])
+
+
+def test_a_signal_while_a_process_starts_stops_it_too(tmp_path):
+    """A stop signal between a process's start and its being recorded left it running: it is kept until
+    the process is recorded, then stops the launcher, which stops the process."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "starts.py"
+    script.write_text(
+        "import os, signal, subprocess\n"
+        "from aiagentserver import launcher\n"
+        "launcher.stop_on_signals()\n"
+        "started = []\n"
+        "try:\n"
+        "    with launcher.deferred_signals():\n"
+        "        process = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "        print(process.pid, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # arrives before the process is recorded\n"
+        "        started.append(('sleep', process))\n"
+        "except launcher.Stopped as stopped:\n"
+        "    print(stopped, flush=True)\n"
+        "finally:\n"
+        "    launcher.ignore_stop_signals()\n"
+        "    launcher.stop(started)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(launcher.BASE_DIR)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    pid, said = done.stdout.split()[:2]
+    assert said == "SIGTERM", done.stderr
+    assert not Path(f"/proc/{pid}").exists(), "the process started is still running"
