@@ -275,6 +275,7 @@ class Decision:
     last_resort: bool = False
     started: float = 0.0
     held_by: str = ""  # rule 7: the profile whose budget holds the call's worst cost, if one does
+    held_cost: float = 0.0  # rule 7: that worst cost
 
     def as_detail(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -653,6 +654,7 @@ class LoadBalancer:
                 last_resort=llm.id in resorted,
                 started=now,
                 held_by=held_by,
+                held_cost=worst.get(llm.id, 0.0) if held_by else 0.0,
             )
         full = {llm.id: f"rule 4: all {llm.max_concurrency} slots in use" for llm in ordered}
         return self._wait(
@@ -875,6 +877,9 @@ class LoadBalancer:
         policy = self.policy
         now = self.clock()
         cost = _cost(llm, result) if result is not None else 0.0
+        if decision.held_by and result is None and (stopped or isinstance(error, EngineTimeout)):
+            # Rule 7: the LLM may have generated, and its provider billed, up to the call's worst cost.
+            cost = decision.held_cost
         observed = role is not None and self.on_call is not None
         sample = (
             self._sample_of(role, decision, result=result, error=error, cost=cost, stopped=stopped)
@@ -882,12 +887,12 @@ class LoadBalancer:
             else None
         )
         commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
-        if decision.held_by:
-            held, until = self._hold_keys(decision.held_by)
-            commands += [("HDEL", [held, decision.slot], None), ("ZREM", [until, decision.slot], None)]
         if cost and role is not None:
             key = self._spend_key(role.profile)
             commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
+        if decision.held_by:  # after the spending: a placement in between counts both, never neither
+            held, until = self._hold_keys(decision.held_by)
+            commands += [("HDEL", [held, decision.slot], None), ("ZREM", [until, decision.slot], None)]
         if stopped or isinstance(error, EngineBadRequest):
             # Neither the LLM's success nor its failure (the request was wrong, or its caller stopped the
             # call): nothing for rules 3 and 5 to learn from; a probe is let go.

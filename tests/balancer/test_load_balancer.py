@@ -542,6 +542,27 @@ def test_rule_7_each_call_holds_its_worst_cost_so_calls_in_flight_cannot_overrun
     )
 
 
+def test_rule_7_a_call_that_timed_out_or_was_stopped_unseen_is_charged_its_worst_cost(lb, client):
+    """It gave its hold back and cost nothing, though its provider may have generated, and billed, the whole
+    answer: every such call could go past the budget by its worst cost."""
+    from llm_engines.errors import EngineTimeout
+
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0},
+          "max_concurrency": 4}],
+        {"max_tokens": 10}, daily_budget=1.0,
+    )  # fmt: skip
+    role = config.role("tp", "r")
+    lb.record(take(lb, config, prompt_tokens=20, budget=1.0), error=EngineTimeout("no answer in 30s"), role=role)
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.04)
+    lb.record(take(lb, config, prompt_tokens=20, budget=1.0), stopped=True, role=role)
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.08)
+    lb.record(take(lb, config, prompt_tokens=20, budget=1.0), error=EngineUnavailable("refused"), role=role)
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.08)  # nothing was generated
+    held, _ = lb._hold_keys("tp")
+    assert client.hlen(held) == 0
+
+
 def test_rule_7_a_dead_callers_hold_expires_with_its_slot_and_a_live_one_is_renewed(lb, client, clock):
     config = config_with(
         [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"completion": 1.0}, "max_concurrency": 8},
