@@ -42,32 +42,82 @@ return 0
 """
 
 
-# A job's runs: KEYS[1] the job's hash; ARGV[1] its expiry in seconds. A run that finds the previous run
-# still marked running counts it as a death (its process was killed before the run ended).
+# A job's runs. KEYS[1] the job's hash (the running run's token, the deaths counted), KEYS[2] the lease of
+# its live run; ARGV the run's token, the lease in ms, how long the hash is kept in s. A run that finds the
+# mark of a run before it that no live lease holds counts that run as dead; one that finds a live run
+# (a delivery of the job while its first still runs) marks nothing and returns -1.
 _JOB_STARTED = """
-local deaths
-if redis.call('HGET', KEYS[1], 'running') == '1' then
-  deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
-else
-  deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
 end
-redis.call('HSET', KEYS[1], 'running', '1')
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+local deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
+if redis.call('HGET', KEYS[1], 'running') then
+  deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
+end
+redis.call('HSET', KEYS[1], 'running', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return deaths
+"""
+# The run ended, whatever its outcome: its mark and its lease go, if they are still its own.
+_JOB_ENDED = """
+if redis.call('HGET', KEYS[1], 'running') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'running')
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+return 0
+"""
+_JOB_ALIVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 """
 JOB_PREFIX = "aiagent:job:"
 JOB_MEMORY_S = 2 * 86400  # longer than a message stays unacknowledged before the broker delivers it again
 
 
-def job_started(job_id: str) -> int:
-    """Mark a run of the job as started; returns how many of its runs so far died before they ended
-    (their process was killed: out of memory, a crash in an engine), as ``job_ended`` tells."""
-    return int(_scripts(settings.REDIS_URL)[2](keys=[f"{JOB_PREFIX}{job_id}"], args=[JOB_MEMORY_S]))
+class JobRun:
+    """One run of a job (a Celery message, delivered again after its worker process died), marked in Redis
+    while it lives, so that a later run knows whether the runs before it died (their process was killed:
+    out of memory, a crash in an engine) rather than ended. The mark is under a lease the run renews (the
+    process's renewer thread), so that a delivery of the job while a run of it is alive counts no death."""
+
+    def __init__(self, job_id: str) -> None:
+        self.keys = [f"{JOB_PREFIX}{job_id}", f"{JOB_PREFIX}{job_id}:alive"]
+        self.token = uuid.uuid4().hex
+        self.ttl_ms = int(settings.TASK_LEASE_SECONDS * 1000)
+        self.marked = False
+        self._renewal: int | None = None
+
+    def start(self) -> int:
+        """Mark the run; returns how many runs of the job died before it (0 when another run is alive)."""
+        started, _, _ = _job_scripts(settings.REDIS_URL)
+        deaths = int(started(keys=self.keys, args=[self.token, self.ttl_ms, JOB_MEMORY_S]))
+        self.marked = deaths >= 0
+        if self.marked:
+            self._renewal = renewer.add(self._renew, self.ttl_ms / 3000)
+        return max(deaths, 0)
+
+    def end(self) -> None:
+        if self._renewal is not None:
+            renewer.remove(self._renewal)
+        if self.marked:
+            _job_scripts(settings.REDIS_URL)[1](keys=self.keys, args=[self.token])
+
+    def _renew(self) -> None:
+        try:
+            _job_scripts(settings.REDIS_URL)[2](keys=self.keys[1:], args=[self.token, self.ttl_ms])
+        except redis.RedisError as exc:
+            logger.warning("%s: could not renew (%s)", self.keys[1], exc)
 
 
-def job_ended(job_id: str) -> None:
-    """Mark the job's run as ended, whatever its outcome (a retry's next run starts afresh)."""
-    _client(settings.REDIS_URL).hset(f"{JOB_PREFIX}{job_id}", "running", "0")
+@cache
+def _job_scripts(url: str) -> tuple:
+    client = _client(url)
+    return tuple(client.register_script(script) for script in (_JOB_STARTED, _JOB_ENDED, _JOB_ALIVE))
 
 
 @cache
@@ -78,7 +128,7 @@ def _client(url: str) -> redis.Redis:
 @cache
 def _scripts(url: str) -> tuple:
     client = _client(url)
-    return client.register_script(_TAKE), client.register_script(_RELEASE), client.register_script(_JOB_STARTED)
+    return client.register_script(_TAKE), client.register_script(_RELEASE)
 
 
 PREFIX = "aiagent:lease:"
@@ -96,7 +146,7 @@ class StepLease:
         self.holder = f"{job_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = int((ttl_s or settings.TASK_LEASE_SECONDS) * 1000)
         self._redis = _client(settings.REDIS_URL)
-        self._take, self._release, _ = _scripts(settings.REDIS_URL)
+        self._take, self._release = _scripts(settings.REDIS_URL)
         self._renewal: int | None = None
 
     def acquire(self) -> bool:

@@ -142,29 +142,29 @@ class StepJob(Task):
         return args[1] if self.name == "orchestration.run_verdict" else args[0]
 
     def __call__(self, *args, **kwargs):
-        from orchestration.leases import job_ended, job_started
+        from orchestration.leases import JobRun
 
         job_id = self.request.id
         if self.request.is_eager or job_id is None:
             return self.run(*args, **kwargs)
+        run = JobRun(job_id)
         try:
-            deaths = job_started(job_id)
+            deaths = run.start()
         except redis.RedisError as exc:  # the step itself will meet the outage and end the job
             logger.warning("job %s: its runs cannot be counted: %s", job_id, exc)
             deaths = 0
-        if deaths > settings.RECOVERY_RETRIES:
-            reason = (
-                f"the worker process running its job died {deaths} times (killed, out of memory, or a crash in "
-                "the engine)"
-            )
-            orchestration_engine.task_abandoned(task_id=self._task_id(args), job_id=job_id, reason=reason)
-            job_ended(job_id)
-            return {"skipped": reason}
         try:
+            if deaths > settings.RECOVERY_RETRIES:
+                reason = (
+                    f"the worker process running its job died {deaths} times (killed, out of memory, or a crash "
+                    "in the engine)"
+                )
+                orchestration_engine.task_abandoned(task_id=self._task_id(args), job_id=job_id, reason=reason)
+                return {"skipped": reason}
             return self.run(*args, **kwargs)
         finally:
             try:
-                job_ended(job_id)
+                run.end()
             except redis.RedisError:
                 logger.warning("job %s: its run's end was not marked", job_id, exc_info=True)
 

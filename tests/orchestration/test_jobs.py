@@ -51,3 +51,29 @@ def test_a_worker_counts_failed_health_checks_only_of_the_llms_of_its_roles(edit
     assert counted == []
     tasks.health_failure_counter({"productivity.summarizer", "developer.fast_coder"})(llm)
     assert counted == ["coders-only"]
+
+
+def test_a_jobs_run_counts_the_runs_before_it_that_died_not_those_alive(redis_url, settings):
+    """A single running flag per job counted a death for a delivery that came while the first run was alive
+    (and the second's end cleared the first's mark, so that its real death went uncounted)."""
+    import time
+    import uuid
+
+    from orchestration.leases import JobRun
+
+    settings.TASK_LEASE_SECONDS = 2
+    job_id = f"test-{uuid.uuid4()}"
+    first = JobRun(job_id)
+    assert first.start() == 0
+    second = JobRun(job_id)  # delivered again while the first runs
+    assert second.start() == 0
+    second.end()
+    first._renewal, renewal = None, first._renewal  # the first's process dies: no renewal, no end
+    from balancer.renewal import renewer
+
+    renewer.remove(renewal)
+    time.sleep(2.2)  # its lease runs out
+    third = JobRun(job_id)
+    assert third.start() == 1
+    third.end()
+    assert JobRun(job_id).start() == 1  # ended cleanly: no death more
