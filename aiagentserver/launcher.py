@@ -27,8 +27,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
+from aiagentserver.env import env_path
+
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
+VAR_DIR = env_path("VAR_DIR", BASE_DIR / "var", base=BASE_DIR)  # as the settings read it
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
 

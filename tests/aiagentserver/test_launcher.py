@@ -163,3 +163,17 @@ def test_a_signal_while_a_process_starts_stops_it_too(tmp_path):
     pid, said = done.stdout.split()[:2]
     assert said == "SIGTERM", done.stderr
     assert not Path(f"/proc/{pid}").exists(), "the process started is still running"
+
+
+def test_var_dir_is_read_as_the_settings_read_it():
+    """A relative or ~ VAR_DIR put the launcher's Redis files under the current directory (a literal ./~/x)
+    while the settings put everything else under the project or the home directory."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from aiagentserver import launcher; print(launcher.VAR_DIR)"
+    for value, expected in (("rel/var", launcher.BASE_DIR / "rel/var"), ("~/aiagent-var", Path.home() / "aiagent-var")):
+        env = {**os.environ, "VAR_DIR": value, "PYTHONPATH": str(launcher.BASE_DIR)}
+        shown = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True)
+        assert shown.stdout.strip() == str(expected), shown.stderr
