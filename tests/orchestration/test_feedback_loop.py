@@ -508,3 +508,30 @@ def test_a_check_of_the_round_before_a_feedback_neither_records_into_its_round_n
     assert set(noted["job_ids"]) <= recovery.queued_jobs(broker, [f"{profile}.fast_coder"])
     assert task_abandoned(task_id=task_id, job_id=checks[-1][1], reason="killed again") == "running"
     assert task_store().read(task_id)["version"] == packet["version"]
+
+
+def test_recoveries_before_a_feedback_do_not_count_against_its_round(here):
+    """A task recovered RECOVERY_RETRIES times before it failed and took feedback was failed at the first
+    lost job of the feedback's round ("after it was recovered 3 times")."""
+    from orchestration import recovery
+    from orchestration.orchestration_engine import task_recover
+    from orchestration.packets import history_event, new_packet
+    from orchestration.runtime import task_store
+
+    profile, broker, _ = here
+    packet = new_packet(task_id=str(uuid.uuid4()), profile=profile, role="fast_coder", payload={"instruction": "x"})
+    lost = {"reason": "its jobs were lost", "jobs": []}
+    packet["status"], packet["iteration"] = "running", 2
+    packet["history"] = [
+        history_event("claimed", status="running", detail={"worker": "w", "job_id": "job-1"}),
+        *(history_event("recovered", status="running", detail=lost) for _ in range(3)),
+        history_event("failed", status="failed", detail={"reason": "step 1.coder: no answer"}),
+        history_event("feedback", status="running",
+                      detail={"step": "2.feedback", "iteration": 2, "route": "coder", "feedback": "try again"}),
+    ]  # fmt: skip
+    task_store().create(packet)
+    stored = task_store().read(packet["task_id"])
+    assert task_recover(packet=stored, reason="its jobs were lost", retries=3) == "recovered"
+    noted = task_store().read(packet["task_id"])["history"][-1]["detail"]
+    assert noted["steps"] == ["2.coder"]  # the feedback's round, queued
+    assert set(noted["job_ids"]) <= recovery.queued_jobs(broker, [f"{profile}.fast_coder"])
