@@ -209,7 +209,7 @@ STEP_RETRY_BACKOFF_SECONDS = env_int("STEP_RETRY_BACKOFF_SECONDS", 5, minimum=1)
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 # Requests per client (a user with a token) to the authenticated endpoints, and, counted apart,
-# the task submissions and feedback among them, which start model work (orchestration/throttling.py).
+# the task submissions, feedback and chat completions among them, which start model work (orchestration/throttling.py).
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "1200/min")
 API_SUBMIT_THROTTLE_RATE = env_rate("API_SUBMIT_THROTTLE_RATE", "120/min")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -21,6 +23,8 @@ from orchestration.exceptions import ApplicationError
 from orchestration.metrics import metrics_get
 from orchestration.models import Task
 from orchestration.services import task_cancel, task_retry
+
+logger = logging.getLogger(__name__)
 
 
 def _pretty(value: Any) -> str:
@@ -164,6 +168,9 @@ class TaskAdmin(admin.ModelAdmin):
                 done += 1
             except ApplicationError as exc:
                 self.message_user(request, f"{task.task_id}: {exc.detail}", messages.WARNING)
+            except Exception as exc:  # a broken file of the task or its parent, Redis away: the others go on
+                logger.exception("admin: %s of task %s failed", verb.lower(), task.task_id)
+                self.message_user(request, f"{task.task_id}: failed: {type(exc).__name__}: {exc}", messages.ERROR)
         if done:
             self.message_user(request, f"{verb} {done} task(s).", messages.SUCCESS)
 
@@ -179,8 +186,14 @@ class TaskAdmin(admin.ModelAdmin):
 admin.site.index_template = "admin/orchestration/index.html"  # adds the link to the metrics page
 
 
+METRICS_PERMISSION = "orchestration.view_task"
+
+
 def metrics_page(request: HttpRequest) -> HttpResponse:
-    """The metrics at a glance (the same as GET /api/v1/metrics): LLM states, queues, recent throughput."""
+    """The metrics at a glance (the same as GET /api/v1/metrics): LLM states, queues, recent throughput.
+    For the staff who may view tasks: it shows the LLMs' health errors, the workers' hosts and the counts."""
+    if not request.user.has_perm(METRICS_PERMISSION):
+        raise PermissionDenied
     metrics = metrics_get()
     performance = metrics["performance"]["llms"]
     llm_rows = [

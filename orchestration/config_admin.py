@@ -10,8 +10,10 @@ next use of the configuration.
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
+import redis
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
@@ -32,6 +34,8 @@ from balancer import config_store
 from balancer.configuration import ConfigurationError, file_stamp
 from balancer.models import LLM, ConfigurationFile, Profile, Role
 from orchestration.runtime import configuration, load_balancer
+
+_page = threading.local()  # what the LLM list's page read for its rows
 
 
 def _path() -> Path:
@@ -192,13 +196,21 @@ class LLMAdmin(ConfigurationAdmin):
     search_fields = ("llm_id", "model")
 
     def changelist_view(self, request, extra_context=None):
-        # One read of the shared state for the whole page.
-        self._states = load_balancer().states(configuration())
+        # One read of the shared state for the whole page (per thread: the admin is shared by the threads
+        # of the process, and the page renders in the view's thread).
+        try:
+            _page.states = load_balancer().states(configuration())
+        except redis.RedisError:
+            _page.states = None
+            messages.warning(request, "Redis does not answer: the LLMs' states cannot be shown.")
         return super().changelist_view(request, extra_context)
 
     @admin.display(description="state (breaker · in flight · latency)")
     def state(self, obj: LLM) -> str:
-        state = getattr(self, "_states", {}).get(obj.llm_id)
+        states = getattr(_page, "states", None)
+        if states is None:
+            return "unknown (Redis does not answer)"
+        state = states.get(obj.llm_id)
         if state is None:
             return "not in force"
         breaker = state["breaker"] if state["breaker"] != "open" else f"cooling down until {state['cooling_until']}"

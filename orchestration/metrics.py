@@ -349,14 +349,20 @@ def status_part(client: redis.Redis, llms: list[dict[str, Any]]) -> dict[str, An
     }
     if redis_state["status"] != "ok":
         return part
-    part["workers"] = workers(client)
-    consumers: dict[str, list[str]] = {}
-    for worker in part["workers"]:
-        for queue in worker["queues"]:
-            consumers.setdefault(queue, []).append(worker["name"])
-    depths = queue_depths(client, config.queues())
+    try:
+        found = workers(client)
+        consumers: dict[str, list[str]] = {}
+        for worker in found:
+            for queue in worker["queues"]:
+                consumers.setdefault(queue, []).append(worker["name"])
+        depths = queue_depths(client, config.queues())
+        found_channels = channels(client)
+    except redis.RedisError as exc:  # gone since the ping: the page still comes, saying so
+        part["redis"] = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return part
+    part["workers"] = found
     part["queues"] = {queue: {"depth": depth, "workers": consumers.get(queue, [])} for queue, depth in depths.items()}
-    part["channels"] = channels(client)
+    part["channels"] = found_channels
     return part
 
 
@@ -457,10 +463,12 @@ def metrics_get() -> dict[str, Any]:
     """Everything GET /api/v1/metrics shows."""
     client = mcp_handler.client()
     status = status_part(client, llms_or_empty())
+    since, total, window = None, {}, {}
     if status["redis"]["status"] == "ok":
-        since, total, window = aggregates(client)
-    else:
-        since, total, window = None, {}, {}
+        try:
+            since, total, window = aggregates(client)
+        except redis.RedisError as exc:  # gone since the status's ping
+            status["redis"] = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
     return {
         "generated_at": _iso(time.time()),
         "status": status,

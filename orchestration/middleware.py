@@ -26,7 +26,7 @@ class BodySizeLimitMiddleware:
 
 
 def _error(request: HttpRequest, status: int, code: str, detail: str) -> JsonResponse:
-    if request.path.startswith("/v1/"):
+    if request.path_info.startswith("/v1/"):  # under any script prefix
         from orchestration.chat import ChatError  # loaded with the settings: imported when first needed
 
         return JsonResponse(ChatError(detail, status=status, code=code).body(), status=status)

@@ -2,7 +2,7 @@
 
 Every gunicorn process shares the counts, because they are in Redis. A client has two rates:
 ``API_THROTTLE_RATE`` over every authenticated request, and ``API_SUBMIT_THROTTLE_RATE`` over the
-requests that start model work (task submissions and feedback). Each is a sliding window, the same
+requests that start model work (task submissions, feedback and chat completions). Each is a sliding window, the same
 as DRF's ``SimpleRateThrottle`` (at most N requests in any window of its length), kept as a sorted
 set of request times; both are checked, and a request counted, in one Redis script, so that the
 accept path pays one round trip for them. A request over a rate is refused by DRF with 429,

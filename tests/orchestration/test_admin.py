@@ -141,3 +141,39 @@ def test_the_metrics_page_shows_llms_queues_and_throughput_to_staff_only(staff_c
         assert expected in html, expected
     client.logout()
     assert client.get("/admin/metrics/").status_code == 302  # to the login page
+
+
+def test_the_metrics_page_needs_the_permission_to_view_tasks(client, django_user_model):
+    """Any staff user saw the LLMs' health errors, the workers' hosts and the counts (and each view ran the
+    LLMs' health checks)."""
+    user = django_user_model.objects.create_user(username="config-only", password="pw", is_staff=True)
+    client.force_login(user)
+    assert client.get("/admin/metrics/").status_code == 403
+    assert "/admin/metrics/" not in client.get("/admin/").content.decode()
+
+
+def test_an_action_goes_on_past_a_task_it_fails_on(admin_client, api, monkeypatch):
+    """A task whose parent's file was broken made the whole action a 500, half done, saying nothing."""
+    from orchestration import admin as task_admin
+    from orchestration.services import task_cancel
+
+    body = json.dumps({"payload": {"input": "plan"}})
+    ids = [
+        api.post("/api/v1/developer/planner", data=body, content_type="application/json").json()["task_id"]
+        for _ in range(3)
+    ]
+
+    def cancel(*, task_id):
+        if task_id == ids[1]:
+            raise RuntimeError("the parent's state file is corrupt")
+        return task_cancel(task_id=task_id)
+
+    monkeypatch.setattr(task_admin, "task_cancel", cancel)
+    response = admin_client.post(
+        "/admin/orchestration/task/", {"action": "cancel_tasks", "_selected_action": ids}, follow=True
+    )
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "Cancelled 2 task(s)." in page
+    assert f"{ids[1]}: failed: RuntimeError: the parent&#x27;s state file is corrupt" in page
+    assert {Task.objects.get(task_id=i).status for i in (ids[0], ids[2])} == {"cancelled"}

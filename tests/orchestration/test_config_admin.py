@@ -296,3 +296,17 @@ def test_the_pages_still_open_where_the_edit_lock_cannot_be_taken(admin_client, 
 
     monkeypatch.setattr(config_store.fcntl, "flock", refused)
     assert admin_client.get(LLM_LIST).status_code == 200
+
+
+def test_the_llm_list_opens_when_redis_does_not_answer(admin_client, config_file, edit_config, monkeypatch):
+    import redis
+
+    from orchestration import config_admin
+
+    def gone():
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(config_admin, "load_balancer", lambda: type("Gone", (), {"states": lambda self, c: gone()})())
+    page = admin_client.get(LLM_LIST)
+    assert page.status_code == 200
+    assert "unknown (Redis does not answer)" in page.content.decode()

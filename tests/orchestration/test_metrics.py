@@ -193,3 +193,23 @@ def test_redis_going_away_between_the_ping_and_the_counters_still_serves_the_met
     response = api.get("/metrics")
     assert response.status_code == 200
     assert 'aiagent_up{component="redis"} 0.0' in response.content.decode()
+
+
+@pytest.mark.parametrize("failing", ["workers", "queue_depths", "channels", "aggregates"])
+def test_redis_going_away_after_the_ping_still_answers_every_metrics_view(api, admin_client, monkeypatch, failing):
+    """Only a failed ping was taken for Redis being down: a read after it that failed made /metrics and
+    /api/v1/metrics a 503 and the admin's page a 500, though the docs promise an answer saying so."""
+    import redis as redis_py
+
+    from orchestration import metrics, prometheus
+
+    def gone(*args, **kwargs):
+        raise redis_py.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(metrics, failing, gone)
+    monkeypatch.setattr(prometheus, "aggregates", metrics.aggregates)
+    answer = api.get("/api/v1/metrics")
+    assert answer.status_code == 200 and answer.json()["status"]["redis"]["status"] == "unavailable"
+    page = api.get("/metrics")
+    assert page.status_code == 200 and 'aiagent_up{component="redis"} 0.0' in page.content.decode()
+    assert admin_client.get("/admin/metrics/").status_code == 200
