@@ -398,3 +398,13 @@ def test_a_retried_task_starts_its_rounds_afresh(state_dir):
 
     failed = stored("failed", iteration=4)
     assert task_retry(task_id=failed["task_id"])["iteration"] == 0
+
+
+def test_a_chat_body_over_the_limit_gets_openais_error_under_a_script_prefix(api, settings):
+    """The middleware looked at the path with the prefix a proxy mounts the server under (SCRIPT_NAME), so
+    an OpenAI client there got the REST API's error body."""
+    text = "x" * (settings.API_MAX_BODY_BYTES + 1)
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": text}]})
+    response = api.post("/v1/chat/completions", data=body, content_type="application/json", SCRIPT_NAME="/agents")
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
