@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+FIELD_SHOWN = 200  # characters of a field's path an error names
+
 
 class ApplicationError(Exception):
     """A request the service refuses, with the HTTP status that says why."""
@@ -55,6 +57,8 @@ def error_response(exc: Exception) -> tuple[int, dict[str, Any]] | None:
         return exc.status_code, {"code": exc.code, "detail": exc.detail, **exc.extra}
     if isinstance(exc, ValidationError):
         field, message = _first_error(exc.detail)
+        if field and len(field) > FIELD_SHOWN:  # a client's own key: not echoed back at any length
+            field = field[:FIELD_SHOWN] + "…"
         body = {"code": "invalid", "detail": f"{field}: {message}" if field else message}
         if field:
             body["field"] = field

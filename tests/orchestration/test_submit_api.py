@@ -408,3 +408,12 @@ def test_a_chat_body_over_the_limit_gets_openais_error_under_a_script_prefix(api
     response = api.post("/v1/chat/completions", data=body, content_type="application/json", SCRIPT_NAME="/agents")
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
+
+
+def test_an_unknown_field_with_a_huge_name_is_not_echoed_back_whole(api, state_dir):
+    """A 400 KB key came back twice in the error (the field and the detail): an 800 KB answer."""
+    body = json.dumps({"payload": {"input": "x"}, "k" * 400_000: 1})
+    response = api.post("/api/v1/productivity/summarizer", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["field"] == "k" * 200 + "…"
+    assert len(response.content) < 1000
