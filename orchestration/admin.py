@@ -186,13 +186,13 @@ class TaskAdmin(admin.ModelAdmin):
 admin.site.index_template = "admin/orchestration/index.html"  # adds the link to the metrics page
 
 
-METRICS_PERMISSION = "orchestration.view_task"
+METRICS_PERMISSIONS = ("orchestration.view_task", "orchestration.change_task")  # either: who may see tasks
 
 
 def metrics_page(request: HttpRequest) -> HttpResponse:
     """The metrics at a glance (the same as GET /api/v1/metrics): LLM states, queues, recent throughput.
     For the staff who may view tasks: it shows the LLMs' health errors, the workers' hosts and the counts."""
-    if not request.user.has_perm(METRICS_PERMISSION):
+    if not any(request.user.has_perm(permission) for permission in METRICS_PERMISSIONS):
         raise PermissionDenied
     metrics = metrics_get()
     performance = metrics["performance"]["llms"]

@@ -45,13 +45,15 @@ return 0
 # A job's runs. KEYS[1] the job's hash (the running run's token, the deaths counted), KEYS[2] the lease of
 # its live run; ARGV the run's token, the lease in ms, how long the hash is kept in s. A run that finds the
 # mark of a run before it that no live lease holds counts that run as dead; one that finds a live run
-# (a delivery of the job while its first still runs) marks nothing and returns -1.
+# (a delivery of the job while its first still runs) marks nothing and returns minus the lease's ms left.
 _JOB_STARTED = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return -1
+local alive = redis.call('PTTL', KEYS[2])
+if alive > 0 then
+  return -alive
 end
 local deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
-if redis.call('HGET', KEYS[1], 'running') then
+local running = redis.call('HGET', KEYS[1], 'running')
+if running and running ~= '0' then  -- '0': an ended run, as servers before this one marked it
   deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
 end
 redis.call('HSET', KEYS[1], 'running', ARGV[1])
@@ -79,6 +81,14 @@ JOB_PREFIX = "aiagent:job:"
 JOB_MEMORY_S = 2 * 86400  # longer than a message stays unacknowledged before the broker delivers it again
 
 
+class JobRunAlive(Exception):
+    """Another run of the job is alive; its lease has ``remaining_s`` left."""
+
+    def __init__(self, remaining_s: float) -> None:
+        super().__init__(f"another run of the job is alive for {remaining_s:.1f}s more")
+        self.remaining_s = remaining_s
+
+
 class JobRun:
     """One run of a job (a Celery message, delivered again after its worker process died), marked in Redis
     while it lives, so that a later run knows whether the runs before it died (their process was killed:
@@ -93,13 +103,15 @@ class JobRun:
         self._renewal: int | None = None
 
     def start(self) -> int:
-        """Mark the run; returns how many runs of the job died before it (0 when another run is alive)."""
+        """Mark the run; returns how many runs of the job died before it. ``JobRunAlive`` when another run
+        of the job is alive: this one must not run now."""
         started, _, _ = _job_scripts(settings.REDIS_URL)
         deaths = int(started(keys=self.keys, args=[self.token, self.ttl_ms, JOB_MEMORY_S]))
-        self.marked = deaths >= 0
-        if self.marked:
-            self._renewal = renewer.add(self._renew, self.ttl_ms / 3000)
-        return max(deaths, 0)
+        if deaths < 0:
+            raise JobRunAlive(-deaths / 1000)
+        self.marked = True
+        self._renewal = renewer.add(self._renew, self.ttl_ms / 3000)
+        return deaths
 
     def end(self) -> None:
         if self._renewal is not None:

@@ -142,7 +142,7 @@ class StepJob(Task):
         return args[1] if self.name == "orchestration.run_verdict" else args[0]
 
     def __call__(self, *args, **kwargs):
-        from orchestration.leases import JobRun
+        from orchestration.leases import JobRun, JobRunAlive
 
         job_id = self.request.id
         if self.request.is_eager or job_id is None:
@@ -150,6 +150,8 @@ class StepJob(Task):
         run = JobRun(job_id)
         try:
             deaths = run.start()
+        except JobRunAlive as alive:  # delivered again while a run of it lives: after that run
+            raise self.retry(countdown=alive.remaining_s + 0.5) from None
         except redis.RedisError as exc:  # the step itself will meet the outage and end the job
             logger.warning("job %s: its runs cannot be counted: %s", job_id, exc)
             deaths = 0
