@@ -11,6 +11,7 @@ within ``TASK_LEASE_SECONDS``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -42,38 +43,23 @@ return 0
 """
 
 
-# A job's runs. KEYS[1] the job's hash (the running run's token, the deaths counted), KEYS[2] the lease of
-# its live run; ARGV the run's token, the lease in ms, how long the hash is kept in s. A run that finds the
-# mark of a run before it that no live lease holds counts that run as dead; one that finds a live run
-# (a delivery of the job while its first still runs) marks nothing and returns minus the lease's ms left.
+# A job's runs. KEYS[1] the job's hash (the running run's token, the deaths counted); ARGV the run's token,
+# how long the hash is kept in s. Run only by the holder of the job's lease (``JobRun``): a run that finds
+# the mark of a run before it, whose lease ran out, counts that run as dead.
 _JOB_STARTED = """
-local alive = redis.call('PTTL', KEYS[2])
-if alive > 0 then
-  return -alive
-end
 local deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
 local running = redis.call('HGET', KEYS[1], 'running')
 if running and running ~= '0' then  -- '0': an ended run, as servers before this one marked it
   deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
 end
 redis.call('HSET', KEYS[1], 'running', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return deaths
 """
-# The run ended, whatever its outcome: its mark and its lease go, if they are still its own.
+# The run ended, whatever its outcome: its mark goes, if it is still its own.
 _JOB_ENDED = """
 if redis.call('HGET', KEYS[1], 'running') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'running')
-end
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-end
-return 0
-"""
-_JOB_ALIVE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -92,44 +78,37 @@ class JobRunAlive(Exception):
 class JobRun:
     """One run of a job (a Celery message, delivered again after its worker process died), marked in Redis
     while it lives, so that a later run knows whether the runs before it died (their process was killed:
-    out of memory, a crash in an engine) rather than ended. The mark is under a lease the run renews (the
-    process's renewer thread), so that a delivery of the job while a run of it is alive counts no death."""
+    out of memory, a crash in an engine) rather than ended. A run holds the job's lease (a ``StepLease``,
+    renewed while it runs), so that a delivery of the job while a run of it is alive waits for it."""
 
     def __init__(self, job_id: str) -> None:
-        self.keys = [f"{JOB_PREFIX}{job_id}", f"{JOB_PREFIX}{job_id}:alive"]
-        self.token = uuid.uuid4().hex
-        self.ttl_ms = int(settings.TASK_LEASE_SECONDS * 1000)
+        self.key = f"{JOB_PREFIX}{job_id}"
+        self.lease = StepLease(f"job:{job_id}", job_id)
+        self._held = contextlib.ExitStack()  # the lease's renewal, once taken
         self.marked = False
-        self._renewal: int | None = None
 
     def start(self) -> int:
         """Mark the run; returns how many runs of the job died before it. ``JobRunAlive`` when another run
         of the job is alive: this one must not run now."""
-        started, _, _ = _job_scripts(settings.REDIS_URL)
-        deaths = int(started(keys=self.keys, args=[self.token, self.ttl_ms, JOB_MEMORY_S]))
-        if deaths < 0:
-            raise JobRunAlive(-deaths / 1000)
+        if not self.lease.acquire():
+            raise JobRunAlive(self.lease.remaining_s())
+        self._held.enter_context(self.lease)
+        started, _ = _job_scripts(settings.REDIS_URL)
+        deaths = int(started(keys=[self.key], args=[self.lease.holder, JOB_MEMORY_S]))
         self.marked = True
-        self._renewal = renewer.add(self._renew, self.ttl_ms / 3000)
         return deaths
 
     def end(self) -> None:
-        if self._renewal is not None:
-            renewer.remove(self._renewal)
-        if self.marked:
-            _job_scripts(settings.REDIS_URL)[1](keys=self.keys, args=[self.token])
-
-    def _renew(self) -> None:
-        try:
-            _job_scripts(settings.REDIS_URL)[2](keys=self.keys[1:], args=[self.token, self.ttl_ms])
-        except redis.RedisError as exc:
-            logger.warning("%s: could not renew (%s)", self.keys[1], exc)
+        """Clear the run's mark and give its lease up (nothing when it did not start)."""
+        with self._held:
+            if self.marked:
+                _job_scripts(settings.REDIS_URL)[1](keys=[self.key], args=[self.lease.holder])
 
 
 @cache
 def _job_scripts(url: str) -> tuple:
     client = _client(url)
-    return tuple(client.register_script(script) for script in (_JOB_STARTED, _JOB_ENDED, _JOB_ALIVE))
+    return client.register_script(_JOB_STARTED), client.register_script(_JOB_ENDED)
 
 
 @cache

@@ -314,8 +314,13 @@ def _timed(check) -> dict[str, Any]:
     try:
         check()
     except Exception as exc:  # any driver error means "not reachable" here
-        return {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return _unavailable(exc)
     return {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _unavailable(exc: Exception) -> dict[str, str]:
+    """A component's status when it did not answer, with why."""
+    return {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def _database_check() -> None:
@@ -358,7 +363,7 @@ def status_part(client: redis.Redis, llms: list[dict[str, Any]]) -> dict[str, An
         depths = queue_depths(client, config.queues())
         found_channels = channels(client)
     except redis.RedisError as exc:  # gone since the ping: the page still comes, saying so
-        part["redis"] = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        part["redis"] = _unavailable(exc)
         return part
     part["workers"] = found
     part["queues"] = {queue: {"depth": depth, "workers": consumers.get(queue, [])} for queue, depth in depths.items()}
@@ -468,7 +473,7 @@ def metrics_get() -> dict[str, Any]:
         try:
             since, total, window = aggregates(client)
         except redis.RedisError as exc:  # gone since the status's ping
-            status["redis"] = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            status["redis"] = _unavailable(exc)
     return {
         "generated_at": _iso(time.time()),
         "status": status,

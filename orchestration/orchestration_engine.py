@@ -908,7 +908,8 @@ def _short(result: Any, limit: int = 1500) -> str:
 
 
 def _status_of(task_id: str) -> str | None:
-    return task_store().read(task_id)["status"] if task_store().exists(task_id) else None
+    packet = _packet_or_none(task_id)
+    return None if packet is None else packet["status"]
 
 
 def _packet_or_none(task_id: str) -> dict[str, Any] | None:

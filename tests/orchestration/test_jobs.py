@@ -69,10 +69,9 @@ def test_a_jobs_run_counts_the_runs_before_it_that_died_not_those_alive(redis_ur
     with pytest.raises(JobRunAlive) as alive:  # delivered again while the first runs: it waits for it
         JobRun(job_id).start()
     assert 0 < alive.value.remaining_s <= 2
-    first._renewal, renewal = None, first._renewal  # the first's process dies: no renewal, no end
     from balancer.renewal import renewer
 
-    renewer.remove(renewal)
+    renewer.remove(first.lease._renewal)  # the first's process dies: no renewal, no end
     time.sleep(2.2)  # its lease runs out
     third = JobRun(job_id)
     assert third.start() == 1
@@ -82,7 +81,7 @@ def test_a_jobs_run_counts_the_runs_before_it_that_died_not_those_alive(redis_ur
     fourth.end()
     import redis
 
-    redis.Redis.from_url(redis_url).hset(fourth.keys[0], "running", "0")
+    redis.Redis.from_url(redis_url).hset(fourth.key, "running", "0")
     fifth = JobRun(job_id)
     assert fifth.start() == 1
     fifth.end()
