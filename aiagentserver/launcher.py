@@ -18,6 +18,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,14 +75,13 @@ def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen
     binary = redis_server_binary()
     say(f"No Redis at {url}: starting {binary} on 127.0.0.1:{port} (files in {data_dir})")
     args = [binary]
-    if parts.password:
-        # The URL's password, so that what connects with it is let in; in a file of its own, not on the
-        # command line that every user of the machine can read.
+    if parts.password or parts.username:
+        # The URL's user and password, so that what connects with them is let in; in a file of its own,
+        # not on the command line that every user of the machine can read.
         config = data_dir / "redis-password.conf"
         config.touch(mode=0o600)
         config.chmod(0o600)
-        password = unquote(parts.password).replace("\\", "\\\\").replace('"', '\\"')
-        config.write_text(f'requirepass "{password}"\n')
+        config.write_text(_redis_auth_config(unquote(parts.username or ""), unquote(parts.password or "")))
         args.append(str(config))
     args += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
     args += ["--appendonly", "yes" if persist else "no", "--logfile", str(data_dir / "redis.log")]
@@ -97,6 +97,20 @@ def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen
         process.wait()
         raise
     return process
+
+
+def _redis_auth_config(username: str, password: str) -> str:
+    """Redis configuration lines that let in ``username`` (an ACL user with every right, as the default user
+    has) with ``password``; the default user asks for the password too, or for none when there is none."""
+
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"requirepass {quoted(password)}"] if password else []
+    if username and username != "default":
+        secret = quoted(">" + password) if password else "nopass"
+        lines.append(f"user {quoted(username)} on {secret} ~* &* +@all")
+    return "".join(line + "\n" for line in lines)
 
 
 def manage(*args: str, capture: bool = False) -> str:
@@ -187,6 +201,8 @@ def run() -> int:
     host = os.environ.get("HOST", "127.0.0.1")
     port = os.environ.get("PORT", "8000")
     flower_port = os.environ.get("FLOWER_PORT", "5555")
+    # The worker's node name, unique to this launcher: Flower waits for this worker, not any other.
+    node = f"aiagent-{os.getpid()}@{socket.gethostname()}"
     started: list[tuple[str, subprocess.Popen]] = []
     stop_on_signals()
     try:
@@ -211,7 +227,7 @@ def run() -> int:
             "web": [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"{host}:{port}",
                     "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--worker-class", "gthread",
                     "--threads", os.environ.get("WEB_THREADS", "8"), "--access-logfile", "-"],
-            "worker": [sys.executable, "-m", "aiagentserver.worker", "-Q", queues,
+            "worker": [sys.executable, "-m", "aiagentserver.worker", "-n", node, "-Q", queues,
                        "--loglevel", os.environ.get("LOG_LEVEL", "INFO").strip().upper(),
                        "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],
             "mcp": [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume"],
@@ -222,7 +238,7 @@ def run() -> int:
             if name == "flower":
                 # Flower lists a worker's queues from what it inspects when it starts: started before
                 # the worker answers, its Broker page would show none of the role queues.
-                wait_for_worker(dict(started)["worker"])
+                wait_for_worker(dict(started)["worker"], node)
             with deferred_signals():
                 started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
         say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
@@ -255,9 +271,11 @@ def flower_address(host: str) -> str:
     return host if loopback else "127.0.0.1"
 
 
-def wait_for_worker(worker: subprocess.Popen, timeout_s: float = 90) -> bool:
-    """Until a Celery worker answers a ping (True), or ``timeout_s`` passed or ``worker`` exited (False)."""
-    ping = [sys.executable, "-m", "celery", "-A", "aiagentserver", "inspect", "ping", "--timeout", "1"]
+def wait_for_worker(worker: subprocess.Popen, node: str, timeout_s: float = 90) -> bool:
+    """Until ``worker``, named ``node``, answers a ping (True), or ``timeout_s`` passed or it exited (False).
+    Pinged by name: another worker on the same broker must not answer for it."""
+    ping = [sys.executable, "-m", "celery", "-A", "aiagentserver", "inspect", "ping", "--timeout", "1",
+            "--destination", node]  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if worker.poll() is not None:

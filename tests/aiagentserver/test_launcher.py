@@ -18,6 +18,22 @@ def test_a_redis_that_answers_is_used_as_it_is(redis_url, tmp_path):
     assert launcher.ensure_redis(redis_url, data_dir=tmp_path, persist=False) is None
 
 
+def test_a_test_run_holds_its_redis_database(redis_url):
+    """Two test runs on one machine shared database 15: their workers took each other's jobs, and one run's
+    flush emptied the other's keys. A run holds a lock on it (tests/conftest.py) that another waits for."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import redis_lock_path
+
+    path = redis_lock_path(redis_url)
+    assert path.read_text() == str(os.getpid())
+    probe = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    taken = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=False)
+    assert taken.returncode != 0 and "BlockingIOError" in taken.stderr
+
+
 def test_a_missing_local_redis_is_started_and_stopped(tmp_path):
     url = f"redis://127.0.0.1:{free_port()}/0"
     assert not launcher.redis_answers(url)
@@ -115,8 +131,23 @@ def test_waiting_for_the_worker_ends_when_it_exits():
     worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
     worker.wait()
     started = time.monotonic()
-    assert launcher.wait_for_worker(worker, timeout_s=90) is False
+    assert launcher.wait_for_worker(worker, "absent@localhost", timeout_s=90) is False
     assert time.monotonic() - started < 5
+
+
+def test_waiting_for_the_worker_waits_for_that_worker(celery_worker):
+    """Any worker on the broker answered the launcher's ping: with another one running, Flower started
+    before the launcher's own worker was up, and listed none of its queues."""
+    import subprocess
+    import sys
+
+    starting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert launcher.wait_for_worker(starting, "starting@localhost", timeout_s=4) is False
+        assert launcher.wait_for_worker(starting, celery_worker.name, timeout_s=30) is True
+    finally:
+        starting.kill()
+        starting.wait()
 
 
 def test_a_redis_started_for_a_url_with_a_password_asks_for_it(tmp_path):
@@ -177,3 +208,24 @@ def test_var_dir_is_read_as_the_settings_read_it():
         env = {**os.environ, "VAR_DIR": value, "PYTHONPATH": str(launcher.BASE_DIR)}
         shown = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True)
         assert shown.stdout.strip() == str(expected), shown.stderr
+
+
+def test_a_redis_started_for_a_url_with_a_user_lets_that_user_in(tmp_path):
+    """An ACL user in REDIS_URL (redis://alice:pw@...) was not created: the started Redis refused its AUTH,
+    and the launcher said Redis did not start."""
+    port = free_port()
+    url = f"redis://al%22ice:s%22e%5Ccret@127.0.0.1:{port}/0"  # al"ice, s"e\\cret
+    process = launcher.ensure_redis(url, data_dir=tmp_path / "redis", persist=False)
+    try:
+        assert launcher.redis_answers(url)
+        assert launcher.redis_answers(f"redis://:s%22e%5Ccret@127.0.0.1:{port}/0")  # the default user, too
+        assert not launcher.redis_answers(f"redis://al%22ice:wrong@127.0.0.1:{port}/0")
+        assert not launcher.redis_answers(f"redis://127.0.0.1:{port}/0")
+    finally:
+        launcher.stop([("redis", process)])
+    passwordless = f"redis://bob@127.0.0.1:{port}/0"
+    process = launcher.ensure_redis(passwordless, data_dir=tmp_path / "redis-bob", persist=False)
+    try:
+        assert launcher.redis_answers(passwordless)
+    finally:
+        launcher.stop([("redis", process)])
