@@ -36,12 +36,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from agents.base import CHECKS, LOOP, PLAN, AgentOutcome, PayloadError, ReplyError, render_files
+from agents.base import CHECKS, LOOP, PLAN, Agent, AgentOutcome, PayloadError, ReplyError, render_files
 from agents.developer import qa_agent
 from agents.developer.coder_agent import merge_files
 from agents.registry import agent_class
 from agents.sandbox import SandboxUnavailable
 from balancer.configuration import Configuration, RoleConfig
+from balancer.load_balancer import candidates, estimate_tokens
 from llm_engines.errors import EngineError
 from orchestration import loop
 from orchestration.leases import StepLease
@@ -57,7 +58,7 @@ from orchestration.packets import (
     new_packet,
 )
 from orchestration.runtime import configuration, load_balancer, task_store
-from orchestration.state_store import TaskExists, TaskNotFound
+from orchestration.state_store import CorruptState, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -810,7 +811,14 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
         if delegated is None:
             return False
         plan, ids = delegated["detail"]["plan"], delegated["detail"]["children"]
-        children = {step_id: _packet_or_none(task_id) for step_id, task_id in ids.items()}
+        children: dict[str, dict[str, Any] | None] = {}
+        for step_id, task_id in ids.items():
+            try:
+                children[step_id] = _packet_or_none(task_id)
+            except CorruptState as exc:
+                # The step's state cannot be known, nor its result: the plan cannot finish. Failed, not stuck.
+                statuses = {s: c and c["status"] for s, c in children.items()}
+                return fail_plan(parent, statuses, ids, f"step {step_id} cannot be followed: {exc}")
         statuses = {step_id: child and child["status"] for step_id, child in children.items()}
         for step_id, child in children.items():
             if child is not None and child["parent_id"] != parent["task_id"]:
@@ -820,16 +828,15 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
                 return fail_plan(parent, statuses, ids, why)
         results: dict[str, Any] = {}
         for step in plan:
-            status = statuses[step["id"]]
+            status, child = statuses[step["id"]], children[step["id"]]
             if status in (FAILED, CANCELLED):
-                child = task_store().read(ids[step["id"]])
                 reason = next(
                     (e["detail"].get("reason") for e in reversed(child["history"]) if e["event"] == status), ""
                 )
                 why = f"step {step['id']} ({step['role']}, task {ids[step['id']]}) {status}"
                 return fail_plan(parent, statuses, ids, why + (f": {reason}" if reason else ""))
             if status == SUCCEEDED:
-                results[step["id"]] = task_store().read(ids[step["id"]])["result"]
+                results[step["id"]] = child["result"]
         if len(results) == len(plan):
             parent["status"] = SUCCEEDED
             parent["result"] = {
@@ -843,7 +850,7 @@ def plan_advance(*, parent_id: str, republish: bool = False) -> None:
             child_id = ids[step["id"]]
             if statuses[step["id"]] is not None:
                 if republish and statuses[step["id"]] == QUEUED:
-                    child = task_store().read(child_id)
+                    child = children[step["id"]]
                     created.append((child, config.role(parent["profile"], step["role"]), _job_of(child)))
                 continue
             if not all(statuses[d] == SUCCEEDED for d in step["depends_on"]):
@@ -876,12 +883,7 @@ def _create_child(
     parent: dict[str, Any], step: dict[str, Any], child_id: str, inputs: dict[str, Any], config: Configuration
 ) -> tuple[dict[str, Any], RoleConfig]:
     role = config.role(parent["profile"], step["role"])
-    text = step["input"]
-    if inputs:
-        text += "\n\nResults of the steps this one depends on:\n" + "\n".join(
-            f"{step_id}: {_short(result)}" for step_id, result in inputs.items()
-        )
-    payload = agent_class(role.agent).payload_from_text(text)
+    payload = _step_payload(agent_class(role.agent), step["input"], inputs, role, config)
     job_id = str(uuid.uuid4())
     child = new_packet(task_id=child_id, profile=parent["profile"], role=step["role"], payload=payload)
     child["parent_id"] = parent["task_id"]
@@ -902,13 +904,59 @@ def _create_child(
         return found, role
 
 
-def _short(result: Any, limit: int = 1500) -> str:
-    text = json.dumps(result, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + " [...]"
+DEPENDENCIES_HEADER = "\n\nResults of the steps this one depends on:\n"
 
 
-def _status_of(task_id: str) -> str | None:
-    packet = _packet_or_none(task_id)
+def _step_payload(
+    agent: type[Agent], step_input: str, inputs: dict[str, Any], role: RoleConfig, config: Configuration
+) -> dict[str, Any]:
+    """A step's payload: its input, then the results of the steps it depends on, each whole when they all
+    fit, else each cut to a fair share of the room (the shorter ones whole, the rest cut alike). The room is
+    what the largest context among the LLMs that can serve the role leaves for the prompt besides the
+    role's ``max_tokens`` (counted as the balancer counts a prompt, rule 1), and what the agent's text field
+    holds. ``PayloadError`` when the agent cannot take the text."""
+    if not inputs:
+        return agent.payload_from_text(step_input)
+    texts = {step_id: json.dumps(result, ensure_ascii=False) for step_id, result in inputs.items()}
+    bare = step_input + DEPENDENCIES_HEADER + "\n".join(f"{step_id}: " for step_id in texts)
+    room = agent.input_schema["properties"][agent.text_field]["maxLength"] - len(bare) if agent.text_field else 0
+    contexts = [llm.context_length for llm in candidates(config, role)[0]]
+    if contexts:
+        prompt = estimate_tokens(agent().build_messages(agent.payload_from_text(bare), role))
+        # A prompt's tokens are counted as a third of its characters (estimate_tokens), rounded down: so many
+        # characters more, less one token for the rounding.
+        room = min(room, (max(contexts) - role.max_tokens - prompt - 1) * 3)
+    shares = _fair_shares({step_id: len(text) for step_id, text in texts.items()}, max(room, 0))
+    lines = []
+    for step_id, text in texts.items():
+        share = shares[step_id]
+        if share < len(text):
+            marker = f" [... cut: {share} of {len(text)} characters]"
+            text = text[: max(share - len(marker), 0)] + marker
+        lines.append(f"{step_id}: {text}")
+    return agent.payload_from_text(step_input + DEPENDENCIES_HEADER + "\n".join(lines))
+
+
+def _fair_shares(lengths: dict[str, int], room: int) -> dict[str, int]:
+    """Characters for each text: the whole of it when the shorter ones leave it room enough, else an equal
+    share of what is left (max-min fairness)."""
+    shares: dict[str, int] = {}
+    left = room
+    ordered = sorted(lengths, key=lengths.__getitem__)
+    for index, key in enumerate(ordered):
+        shares[key] = min(lengths[key], left // (len(ordered) - index))
+        left -= shares[key]
+    return shares
+
+
+def status_of(task_id: str) -> str | None:
+    """A task's status; None when its state file is missing or unreadable: nothing moves such a task on,
+    and nothing can be done with it (a plan with such a step fails, ``plan_advance``)."""
+    try:
+        packet = _packet_or_none(task_id)
+    except CorruptState as exc:
+        logger.error("%s", exc)
+        return None
     return None if packet is None else packet["status"]
 
 
@@ -1076,7 +1124,7 @@ def _finished(packet: dict[str, Any]) -> None:
     time limit, an internal error, its recovery given up), and its parent's plan may go on."""
     if packet["status"] in (FAILED, CANCELLED):
         for child_id in plan_children(packet):
-            if _status_of(child_id) in (QUEUED, RUNNING, AWAITING_FEEDBACK):
+            if status_of(child_id) in (QUEUED, RUNNING, AWAITING_FEEDBACK):
                 _cancel_child(child_id, packet["task_id"])
     if packet["parent_id"]:
         plan_advance(parent_id=packet["parent_id"])

@@ -147,11 +147,11 @@ class _Sweep:
         self.report.looked_at += 1
         waiting = orchestration_engine.task_waiting(packet)
         if waiting.children:
-            statuses = [_status(child) for child in waiting.children]
+            statuses = [orchestration_engine.status_of(child) for child in waiting.children]
             if any(status is not None and status not in FINISHED for status in statuses):
                 return  # its children move it on
-            # Each child has finished, or is missing (its file lost, or never written): the plan goes on,
-            # creating the missing ones whose steps can start.
+            # Each child has finished, or is missing (its file lost, or never written) or unreadable: the plan
+            # goes on, creating the missing ones whose steps can start (and failing for an unreadable one).
             reason = "its plan's children have finished or are missing, but the plan did not go on"
         else:
             if (
@@ -180,13 +180,6 @@ def sweep_once_among_workers(**options) -> SweepReport | None:
         return sweep(**options)
     finally:
         lease.release()
-
-
-def _status(task_id: str) -> str | None:
-    try:
-        return task_store().read(task_id)["status"]
-    except TaskNotFound:
-        return None
 
 
 def _redis() -> redis.Redis:

@@ -217,6 +217,46 @@ def test_a_plan_that_fails_by_its_time_limit_cancels_its_children(state_dir):
         assert child["history"][-1]["detail"]["reason"] == "the parent task failed"
 
 
+def make_child(parent_id, child_id, status="queued", result=None):
+    from orchestration.packets import history_event, new_packet
+    from orchestration.runtime import task_store
+
+    child = new_packet(task_id=child_id, profile="developer", role="architect", payload={"input": "x"})
+    child["parent_id"], child["status"], child["result"] = parent_id, status, result
+    child["history"].append(history_event("submitted", status="queued", detail={"job_id": str(uuid.uuid4())}))
+    task_store().create(child)
+
+
+def test_a_plan_with_an_unreadable_childs_file_fails_and_cancels_the_others(state_dir):
+    """A child's state file that is not a packet made plan_advance raise in every sibling's job, and the
+    sweep skipped the parent: the plan stayed running for ever."""
+    from orchestration.orchestration_engine import plan_advance
+    from orchestration.runtime import task_store
+
+    parent_id, ids = delegated_parent([step("s1"), step("s2")])
+    make_child(parent_id, ids["s1"])
+    (state_dir / f"{ids['s2']}.json").write_text("{not json")
+    plan_advance(parent_id=parent_id)
+    parent = task_store().read(parent_id)
+    assert parent["status"] == "failed"
+    reason = parent["history"][-1]["detail"]["reason"]
+    assert reason.startswith(f"step s2 cannot be followed: the state file of task {ids['s2']} is not valid JSON")
+    assert task_store().read(ids["s1"])["status"] == "cancelled"
+
+
+def test_a_plan_with_an_unreadable_childs_file_is_failed_by_the_sweep(state_dir, redis_url):
+    from orchestration import recovery
+    from orchestration.runtime import task_store
+
+    parent_id, ids = delegated_parent([step("s1"), step("s2")])
+    make_child(parent_id, ids["s1"], status="succeeded", result=DESIGN)
+    (state_dir / f"{ids['s2']}.json").write_text("[]")
+    assert parent_id in recovery.sweep(grace_s=0, inspect_timeout_s=0.2).recovered  # its plan went on: failed
+    parent = task_store().read(parent_id)
+    assert parent["status"] == "failed"
+    assert "does not hold a JSON object" in parent["history"][-1]["detail"]["reason"]
+
+
 def test_a_plan_whose_childs_file_is_missing_is_moved_on_by_the_sweep(state_dir, redis_url):
     """A child that does not exist (its file lost, or its parent died before writing it) was taken as one
     still running: the plan waited for it for ever."""
@@ -230,3 +270,52 @@ def test_a_plan_whose_childs_file_is_missing_is_moved_on_by_the_sweep(state_dir,
         assert task_store().read(ids["s1"])["status"] == "queued"  # made, and its job queued
     finally:
         task_cancel(task_id=parent_id)  # its child's job then finds it cancelled
+
+
+def test_a_steps_dependencies_are_passed_whole_when_they_fit():
+    """Each dependency's result was cut at 1,500 characters, whatever the model could take: a coder step's
+    files reached the step after it cut."""
+    from agents.registry import agent_class
+    from orchestration.orchestration_engine import _step_payload
+    from orchestration.runtime import configuration
+
+    config = configuration()
+    role = config.role("developer", "architect")
+    result = {"text": "x" * 4000}
+    payload = _step_payload(agent_class(role.agent), "Do s3.", {"s1": result, "s2": DESIGN}, role, config)
+    assert payload["requirements"] == (
+        f"Do s3.\n\nResults of the steps this one depends on:\ns1: {json.dumps(result)}\ns2: {json.dumps(DESIGN)}"
+    )
+
+
+def test_a_steps_dependencies_are_cut_to_fair_shares_of_what_the_context_holds():
+    """Six results of 1,500 characters each did not fit SmolLM2's context with the role's max_tokens: the step
+    failed at the balancer. Now the prompt fits the largest context among the role's LLMs."""
+    from agents.registry import agent_class
+    from balancer.load_balancer import candidates, estimate_tokens
+    from orchestration.orchestration_engine import _step_payload
+    from orchestration.runtime import configuration
+
+    config = configuration()
+    role = config.role("developer", "architect")
+    agent = agent_class(role.agent)
+    inputs = {"short": {"note": "keep me"}, "long1": {"text": "a" * 50_000}, "long2": {"text": "b" * 60_000}}
+    payload = _step_payload(agent, "Do s3.", inputs, role, config)
+    text = payload["requirements"]
+    assert '\nshort: {"note": "keep me"}\n' in text
+    long1 = text.split("\nlong1: ", 1)[1].split("\nlong2: ")[0]
+    long2 = text.split("\nlong2: ", 1)[1]
+    assert long1.startswith('{"text": "aaa') and long1.endswith(" of 50012 characters]")
+    assert long2.startswith('{"text": "bbb') and long2.endswith(" of 60012 characters]")
+    assert abs(len(long1) - len(long2)) <= 1  # cut alike
+    largest = max(llm.context_length for llm in candidates(config, role)[0])
+    needed = estimate_tokens(agent().build_messages(payload, role)) + role.max_tokens
+    assert largest - 10 <= needed <= largest  # as much as fits, and no more
+
+
+def test_fair_shares_give_the_short_texts_whole_and_split_the_rest():
+    from orchestration.orchestration_engine import _fair_shares
+
+    assert _fair_shares({"a": 10, "b": 100, "c": 100}, 110) == {"a": 10, "b": 50, "c": 50}
+    assert _fair_shares({"a": 10, "b": 100}, 500) == {"a": 10, "b": 100}
+    assert _fair_shares({"a": 10, "b": 100}, 0) == {"a": 0, "b": 0}
