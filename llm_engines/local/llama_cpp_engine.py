@@ -22,10 +22,10 @@ SmolLM2 at 512, with no measurable gain in speed on 2 cores (doc/performance.md)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
-import math
 import queue
 import re
 import subprocess
@@ -83,21 +83,20 @@ def _is_gguf(path: Path) -> bool:
 
 
 class _Generation:
-    """Watches one generation from inside llama.cpp's sampling loop.
+    """Watches one generation from inside llama.cpp's sampling loop: counts its tokens and notes when its
+    deadline passes. It does not end the generation itself: the callback runs in C, where an exception
+    would be swallowed, and leaving only end-of-sequence to sample there aborts the process when a JSON
+    grammar does not allow the reply to end at that point. The loop that reads the generation stops it
+    at the next token (``LlamaCppEngine._pieces``)."""
 
-    The logits processor runs in a C callback, where an exception would be
-    swallowed; so it does not raise: past the deadline it leaves only
-    end-of-sequence to sample, which ends the generation at once.
-    """
-
-    def __init__(self, eos: int, timeout: float | None) -> None:
+    def __init__(self, deadline: float | None) -> None:
         self.started = time.perf_counter()
-        self.deadline = self.started + timeout if timeout else None
+        self.deadline = deadline
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
         self.sampled = 0
-        self.timed_out = False
-        self.eos = eos
+        self.late = False  # the deadline passed while it sampled
+        self.timed_out = False  # stopped for it, unfinished
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         now = time.perf_counter()
@@ -106,9 +105,7 @@ class _Generation:
             self.prompt_tokens = len(input_ids)
         self.sampled += 1
         if self.deadline is not None and now > self.deadline:
-            self.timed_out = True
-            scores[:] = -math.inf
-            scores[self.eos] = 0.0
+            self.late = True
         return scores
 
     def time_to_first_token(self) -> float | None:
@@ -211,8 +208,9 @@ class LlamaCppEngine(Engine):
         except (ValueError, RuntimeError) as exc:
             raise EngineConfigurationError(f"cannot load {self.path}: {exc}", engine=self.name) from exc
 
-    def _acquire(self) -> Any:
-        """An idle loaded context; a new one while fewer than ``parallel`` exist; else wait for one."""
+    def _acquire(self, deadline: float | None) -> Any:
+        """An idle loaded context; a new one while fewer than ``parallel`` exist; else wait for one, until
+        ``deadline`` (``EngineTimeout``)."""
         try:
             return self._idle.get_nowait()
         except queue.Empty:
@@ -222,7 +220,46 @@ class LlamaCppEngine(Engine):
                 llama = self._load()
                 self._loaded += 1
                 return llama
-        return self._idle.get()
+        if deadline is None:
+            return self._idle.get()
+        try:
+            return self._idle.get(timeout=max(deadline - time.perf_counter(), 0))
+        except queue.Empty:
+            raise EngineTimeout(
+                f"no context of {self.model} came free within the time limit ({self.parallel} in use)",
+                engine=self.name,
+            ) from None
+
+    @contextlib.contextmanager
+    def _generation(self, options: ChatOptions) -> Iterator[tuple[Any, _Generation]]:
+        """A context to generate with, for the length of the block, and the watch of its generation; the
+        deadline counts from the call, the wait for a context included."""
+        deadline = time.perf_counter() + options.timeout if options.timeout else None
+        llama = self._acquire(deadline)
+        try:
+            yield llama, _Generation(deadline)
+        finally:
+            self._idle.put(llama)
+
+    def _pieces(self, llama: Any, request: dict[str, Any], watch: _Generation) -> Iterator[tuple[str, str | None]]:
+        """The generation's text pieces, each with the finish reason if it is the last; it stops (with
+        ``watch.timed_out``) at the first piece after the deadline that does not finish the reply. Closed
+        early, it ends the generation before the context is used again."""
+        chunks = None
+        try:
+            chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                finish_reason = choice.get("finish_reason")
+                if watch.late and not finish_reason:
+                    watch.timed_out = True
+                    return
+                yield choice["delta"].get("content") or "", finish_reason
+        except (ValueError, TypeError, TemplateError) as exc:
+            raise self._error(exc) from exc
+        finally:
+            if chunks is not None:
+                chunks.close()
 
     def check_schema(self, schema: Mapping[str, Any], *, timeout_s: float = 60.0) -> str | None:
         """Why llama.cpp cannot build a grammar from ``schema`` (as ``_request`` would give it), or None.
@@ -292,69 +329,48 @@ class LlamaCppEngine(Engine):
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
         options = options or ChatOptions()
         request = self._request(messages, options)
-        llama = self._acquire()
-        try:
-            watch = _Generation(llama.token_eos(), options.timeout)
-            try:
-                response = llama.create_chat_completion(**request, logits_processor=[watch])
-            except (ValueError, TypeError, TemplateError) as exc:
-                raise self._error(exc) from exc
-        finally:
-            self._idle.put(llama)
-        latency = time.perf_counter() - watch.started
-        if watch.timed_out:
-            raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
-        choice = response["choices"][0]
-        usage = response.get("usage") or {}
-        return ChatResult(
-            text=choice["message"].get("content") or "",
-            model=self.model,
-            prompt_tokens=int(usage.get("prompt_tokens", watch.prompt_tokens)),
-            completion_tokens=int(usage.get("completion_tokens", watch.sampled)),
-            latency_s=latency,
-            time_to_first_token_s=watch.time_to_first_token(),
-            finish_reason=choice.get("finish_reason"),
-        )
+        parts: list[str] = []
+        finish_reason = None
+        with (
+            self._generation(options) as (llama, watch),
+            contextlib.closing(self._pieces(llama, request, watch)) as pieces,
+        ):
+            for text, reason in pieces:
+                parts.append(text)
+                finish_reason = reason or finish_reason
+        return self._result(parts, watch, finish_reason, options)
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
         request = self._request(messages, options)
-        llama = self._acquire()
-        try:
-            watch = _Generation(llama.token_eos(), options.timeout)
-            parts: list[str] = []
-            finish_reason = None
-            chunks = None
-            try:
-                chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
-                for chunk in chunks:
-                    choice = chunk["choices"][0]
-                    text = choice["delta"].get("content") or ""
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    if text:
-                        parts.append(text)
-                        yield ChatChunk(text=text)
-            except (ValueError, TypeError, TemplateError) as exc:
-                raise self._error(exc) from exc
-        finally:
-            if chunks is not None:
-                chunks.close()  # a consumer that stops early ends the generation before the context is reused
-            self._idle.put(llama)
+        parts: list[str] = []
+        finish_reason = None
+        with (
+            self._generation(options) as (llama, watch),
+            contextlib.closing(self._pieces(llama, request, watch)) as pieces,
+        ):
+            for text, reason in pieces:
+                finish_reason = reason or finish_reason
+                if text:
+                    parts.append(text)
+                    yield ChatChunk(text=text)
+        yield ChatChunk(text="", result=self._result(parts, watch, finish_reason, options))
+
+    def _result(
+        self, parts: list[str], watch: _Generation, finish_reason: str | None, options: ChatOptions
+    ) -> ChatResult:
         if watch.timed_out:
             raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
         # The last sample of a generation that stopped by itself is end-of-sequence, not a token of the reply.
         completion = watch.sampled - 1 if finish_reason == "stop" and watch.sampled else watch.sampled
-        yield ChatChunk(
-            text="",
-            result=ChatResult(
-                text="".join(parts),
-                model=self.model,
-                prompt_tokens=watch.prompt_tokens,
-                completion_tokens=completion,
-                latency_s=time.perf_counter() - watch.started,
-                time_to_first_token_s=watch.time_to_first_token(),
-                finish_reason=finish_reason,
-            ),
+        return ChatResult(
+            text="".join(parts),
+            model=self.model,
+            prompt_tokens=watch.prompt_tokens,
+            completion_tokens=completion,
+            latency_s=time.perf_counter() - watch.started,
+            time_to_first_token_s=watch.time_to_first_token(),
+            finish_reason=finish_reason,
         )
 
     def health(self) -> Health:

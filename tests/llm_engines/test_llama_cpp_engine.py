@@ -103,6 +103,58 @@ def test_a_generation_past_its_timeout_stops_with_engine_timeout(engine):
     assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
 
 
+SCHEMA_TIMEOUT = """
+import json, sys
+from llm_engines.base import ChatOptions
+from llm_engines.errors import EngineTimeout
+from llm_engines.local.llama_cpp_engine import LlamaCppEngine
+
+engine = LlamaCppEngine(**json.loads(sys.argv[1]))
+schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+story = [{"role": "user", "content": "Tell a very long story."}]
+for call in (engine.chat, lambda *args: list(engine.stream(*args))):
+    try:
+        call(story, ChatOptions(max_tokens=400, timeout=0.05, json_schema=schema))
+    except EngineTimeout as exc:
+        print("timeout:", exc)
+print("after:", engine.chat([{"role": "user", "content": "Name a colour."}], ChatOptions(max_tokens=8)).text)
+"""
+
+
+def test_a_generation_with_a_schema_past_its_timeout_stops_without_killing_the_process():
+    """Past the deadline only end-of-sequence was left to sample, which a JSON grammar does not allow in the
+    middle of the reply: llama.cpp aborted the process (SIGABRT), the worker's child with every step that
+    timed out, or the web process serving /v1 with a response_format."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", SCHEMA_TIMEOUT, json.dumps(SETTINGS)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert [line.startswith("timeout: llama_cpp: generation did not finish") for line in lines[:2]] == [True, True]
+    assert lines[2].startswith("after: ") and len(lines[2]) > len("after: ")  # the context is usable after it
+
+
+def test_a_call_that_waits_for_a_busy_context_keeps_its_deadline(engine):
+    """The wait for a context had no limit, and the deadline started after it: a call with 0.5 s waited
+    for the whole of the generation before it."""
+    import time
+
+    held = engine._acquire(None)  # the one context, busy
+    try:
+        started = time.perf_counter()
+        with pytest.raises(EngineTimeout, match="no context of SmolLM2-135M-Instruct came free"):
+            engine.chat(HELLO, ChatOptions(max_tokens=4, timeout=0.5))
+        assert 0.4 < time.perf_counter() - started < 1.5
+    finally:
+        engine._idle.put(held)
+    assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
+
+
 def _anonymous_memory_mb() -> float:
     return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
