@@ -1,6 +1,6 @@
 """QA: checks code against tests (given in the payload, or written by the QA agent when none are given).
 
-Three checks, which the orchestration runs in parallel (a Celery chord):
+Three checks, which the orchestration runs in parallel (a Celery group, joined in the task's state):
 ``tests`` runs the tests in the sandbox (agents/sandbox.py), never in the
 worker; ``static`` compiles the code and lints it for errors that are bugs
 (syntax, undefined names), without running it; ``review`` asks the QA role's
@@ -48,20 +48,62 @@ OUTPUT_CHARS = 4000
 # invalid comparisons. Style is not a reason to send code back.
 LINT_RULES = "E9,F63,F7,F82"
 
-# Runs inside the sandbox: imports the tests (module-level asserts run then) and calls every test_*
-# function, with each one's output captured, then prints one report line tagged with the run's nonce.
+# Runs inside the sandbox: imports the tests (module-level asserts run then) and runs every test_*
+# function, every unittest.TestCase and every other Test* class's test* methods, with each one's output
+# captured, then writes one report line tagged with the run's nonce. The report has stdout to itself: what
+# the code under test writes to file descriptor 1 (os.write, a child process) goes to stderr, so that it
+# cannot crowd the report out of the captured output; and the report is kept within the output that the
+# sandbox captures (its second argument), its tests' outputs cut shorter if need be.
 RUNNER_SOURCE = r"""
 import sys
 
 # The script's directory (the project's) comes off the path until the runner's own modules are imported: a
 # project file named json.py or io.py would stand in for them and break the run.
 sys.path.pop(0)
-import contextlib, importlib, io, json, os, traceback
+import ast, contextlib, importlib, io, json, os, traceback, unittest
 
-nonce = sys.argv[1]
+nonce, room = sys.argv[1], int(sys.argv[2])
 del sys.argv[1:]  # out of plain sight of the code under test (which could still look for it: the review stays)
+report = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 sys.path.insert(0, os.getcwd())
 results = []
+
+
+def outcome(name, run):
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            run()
+    except BaseException:
+        results.append({"name": name, "passed": False,
+                        "output": (output.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
+    else:
+        results.append({"name": name, "passed": True, "output": output.getvalue()[-500:]})
+
+
+def case_test(test):
+    def run():
+        result = unittest.TestResult()
+        test.run(result)
+        problems = [text for _, text in result.errors + result.failures]
+        problems += ["an expected failure passed"] * len(result.unexpectedSuccesses)
+        problems += [f"skipped: {reason}" for _, reason in result.skipped]  # a skipped test checks nothing
+        if problems:
+            raise AssertionError("\n".join(problems))
+    return run
+
+
+def method_test(cls, name):
+    def run():
+        instance = cls()
+        for hook in ("setup_method", "setUp"):
+            if callable(getattr(instance, hook, None)):
+                getattr(instance, hook)()
+        getattr(instance, name)()
+    return run
+
+
 captured = io.StringIO()
 try:
     with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
@@ -70,21 +112,34 @@ except BaseException:
     results.append({"name": "import test_qa", "passed": False,
                     "output": (captured.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
 else:
-    tests = [(name, value) for name, value in vars(module).items()
-             if name.startswith("test") and callable(value) and getattr(value, "__module__", "") == "test_qa"]
-    if not tests:
-        results.append({"name": "module-level asserts", "passed": True, "output": captured.getvalue()[-1000:]})
-    for name, function in tests:
-        output = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-                function()
-        except BaseException:
-            results.append({"name": name, "passed": False,
-                            "output": (output.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
+    own = [(name, value) for name, value in vars(module).items() if getattr(value, "__module__", "") == "test_qa"]
+    for name, value in own:
+        if isinstance(value, type) and issubclass(value, unittest.TestCase):
+            for test in unittest.defaultTestLoader.loadTestsFromTestCase(value):
+                outcome(f"{name}.{test._testMethodName}", case_test(test))
+        elif isinstance(value, type) and name.startswith("Test"):
+            for method in [m for m in dir(value) if m.startswith("test") and callable(getattr(value, m))]:
+                outcome(f"{name}.{method}", method_test(value, method))
+        elif name.startswith("test") and callable(value):
+            outcome(name, value)
+    if not results:
+        with open(module.__file__, encoding="utf-8") as source:
+            tree = ast.parse(source.read())
+        if any(isinstance(node, ast.Assert) for node in tree.body):
+            results.append({"name": "module-level asserts", "passed": True, "output": captured.getvalue()[-1000:]})
         else:
-            results.append({"name": name, "passed": True, "output": output.getvalue()[-500:]})
-print(nonce + json.dumps(results), flush=True)
+            results.append({"name": "collecting tests", "passed": False,
+                            "output": "no test was found: the tests define no test_* function, no unittest.TestCase "
+                                      "and no Test* class with test* methods, and assert nothing at module level"})
+text = json.dumps(results)
+for keep in (300, 0):
+    if len(text) <= room:
+        break
+    for item in results:
+        item["output"] = item["output"][-keep:] if keep else ""
+    text = json.dumps(results)
+report.write(nonce + text + "\n")
+report.flush()
 """
 
 
@@ -101,7 +156,9 @@ def run_tests(files: list[Mapping[str, str]], tests: str, *, limits: sandbox.Lim
     workdir = {item["path"]: item["content"] for item in files}
     workdir[TEST_MODULE] = tests
     workdir[RUNNER] = RUNNER_SOURCE
-    run = sandbox.run(workdir, ["python", RUNNER, nonce], limits=limits)
+    limits = limits or sandbox.Limits()
+    room = limits.output_bytes - len(nonce) - 1  # the report is ASCII JSON: a character a byte
+    run = sandbox.run(workdir, ["python", RUNNER, nonce, str(room)], limits=limits)
     report = None
     for line in reversed(run.stdout.splitlines()):
         if line.startswith(nonce):

@@ -394,3 +394,73 @@ def test_a_project_file_named_like_a_standard_module_does_not_break_qas_runner(b
     result = qa_agent.run_tests(files, tests, limits=FAST)
     assert result["passed"], result["output"]
     assert [test["name"] for test in result["tests"]] == ["test_add"]
+
+
+BROKEN_ADD = [{"path": "solution.py", "content": "def add(a, b):\n    return a - b\n"}]
+
+
+@pytest.mark.parametrize(
+    ("tests", "names"),
+    [
+        (
+            "import unittest\nfrom solution import add\n\nclass TestAdd(unittest.TestCase):\n"
+            "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n",
+            ["TestAdd.test_add"],
+        ),
+        (
+            "from solution import add\n\nclass TestAdd:\n    def test_add(self):\n        assert add(2, 3) == 5\n",
+            ["TestAdd.test_add"],
+        ),
+        (
+            "import unittest\nfrom solution import add\n\nclass TestAdd(unittest.TestCase):\n"
+            "    @unittest.skip('later')\n    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n",
+            ["TestAdd.test_add"],
+        ),
+        ("from solution import add\n\nif __name__ == '__main__':\n    assert add(2, 3) == 5\n", ["collecting tests"]),
+        ("", ["collecting tests"]),
+    ],
+)
+def test_tests_qa_cannot_find_or_that_do_not_run_do_not_pass(bwrap, tests, names):
+    """Only module-level test_* functions were run; with none, the check passed as "module-level asserts":
+    unittest or pytest classes, asserts under ``if __name__ == '__main__'`` or no tests at all passed
+    broken code."""
+    from agents.developer import qa_agent
+
+    result = qa_agent.run_tests(BROKEN_ADD, tests, limits=FAST)
+    assert result["passed"] is False, result["output"]
+    assert [test["name"] for test in result["tests"]] == names
+
+
+def test_module_level_asserts_alone_are_still_tests(bwrap):
+    from agents.developer import qa_agent
+
+    files = [{"path": "solution.py", "content": "def add(a, b):\n    return a + b\n"}]
+    result = qa_agent.run_tests(files, "from solution import add\nassert add(2, 3) == 5\n", limits=FAST)
+    assert result["passed"] is True, result["output"]
+    assert [test["name"] for test in result["tests"]] == ["module-level asserts"]
+
+
+def test_code_that_floods_stdout_does_not_crowd_out_the_report(bwrap):
+    """The report was the last line of the captured stdout, which keeps its first bytes only: correct code
+    that wrote more than that to file descriptor 1 (os.write, a child process) failed its check with "the
+    test run ended without a report"."""
+    from agents.developer import qa_agent
+
+    files = [
+        {
+            "path": "solution.py",
+            "content": "import os\n\ndef add(a, b):\n    os.write(1, b'x' * 20000)\n    return a + b\n",
+        }
+    ]
+    tests = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    result = qa_agent.run_tests(files, tests, limits=FAST)
+    assert result["passed"] is True, result["output"]
+
+
+def test_a_report_of_many_long_failures_fits_the_captured_output(bwrap):
+    from agents.developer import qa_agent
+
+    tests = "".join(f"def test_{n}():\n    print('y' * 900)\n    assert False, 'z' * 900\n\n" for n in range(30))
+    result = qa_agent.run_tests(BROKEN_ADD, tests, limits=FAST)  # FAST captures 4,096 bytes
+    assert result["passed"] is False
+    assert len(result["tests"]) == 30 and "0 of 30 tests passed" in result["output"]
