@@ -115,19 +115,26 @@ FILES = array(obj({"path": FILE_PATH, "content": text(200_000, min_length=0)}), 
 QA_OWN_FILES = frozenset({"test_qa.py", "_qa_runner.py"})
 
 
+# What Python would import for QA's own modules instead of them: a package or another file of that name.
+QA_OWN_MODULES = frozenset(name.removesuffix(".py") for name in QA_OWN_FILES)
+
+
 def path_problem(paths: list[str], others: tuple[str, ...] = ()) -> tuple[int, str] | None:
     """The index in ``paths`` and the problem of the first file path that the sandbox or the static check
     could not write, which the schema's pattern lets through: an empty, "." or ".." part ("./x.py",
-    "a//b.py", "a/"), a trailing newline, a name QA gives its own files, or a path that is another file's
-    directory ("solution.py" and "solution.py/x.py", among ``paths`` and ``others``)."""
+    "a//b.py", "a/"), a trailing newline, a name QA gives its own files or that Python would import in
+    their place (``test_qa/__init__.py``, ``test_qa.so``), or a path that is another file's directory or
+    inside another file ("solution.py" and "solution.py/x.py", among ``paths`` and ``others``)."""
     every = [*paths, *others]
     for index, path in enumerate(paths):
         if path != path.strip() or any(part in ("", ".", "..") for part in path.split("/")):
             return index, "must be a relative path of named parts: no empty, '.' or '..' part, no spaces around it"
-        if path in QA_OWN_FILES:
+        if path.split("/")[0].split(".")[0] in QA_OWN_MODULES:
             return index, f"is a name QA gives its own files ({', '.join(sorted(QA_OWN_FILES))})"
         if any(other.startswith(path + "/") for other in every):
             return index, "is a file, and another file's directory too"
+        if any(path.startswith(other + "/") for other in every):
+            return index, "is inside a path that is another file"
     return None
 
 
@@ -269,9 +276,11 @@ class Agent:
         """The reply's JSON schema; None for free text."""
         return None
 
-    def parse_result(self, data: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
-        """The task's result from the reply's JSON (already checked against the schema);
-        ``ReplyProblem`` for what the schema cannot state."""
+    def parse_result(
+        self, data: dict[str, Any], payload: Mapping[str, Any], context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The task's result from the reply's JSON (already checked against the schema); ``ReplyProblem``
+        for what the schema cannot state. ``context`` is the one the prompt was built with."""
         return data
 
     def system_message(self, role: RoleConfig) -> Message:
@@ -298,7 +307,7 @@ class Agent:
         return self.ask(
             messages,
             schema,
-            parse=lambda data: self.parse_result(data, payload),
+            parse=lambda data: self.parse_result(data, payload, context),
             role=role,
             config=config,
             balancer=balancer,
@@ -321,19 +330,25 @@ class Agent:
         """Ask for JSON that follows ``schema`` (free text when None), once more with the error if the
         first reply does not, and turn it into a result with ``parse``."""
         reply, decision = self._call(messages, schema, role, config, balancer, deadline, sticky)
-        if schema is None:
-            return self._outcome({"output": reply.text.strip()}, reply, decision)
         try:
             return self._outcome(self._parse(reply.text, schema, parse), reply, decision)
         except ReplyProblem as problem:
             first, first_problem = reply, str(problem)
         retry = [
             *messages,
-            {"role": "assistant", "content": first.text[:4000]},
+            # What cannot be stored cannot be sent either (a lone surrogate does not encode as UTF-8).
+            {
+                "role": "assistant",
+                "content": first.text[:4000].replace("\x00", "?").encode("utf-8", "replace").decode(),
+            },
             {
                 "role": "user",
-                "content": f"That reply is not usable: {first_problem}. Answer again with only the JSON object "
-                "that the instructions describe.",
+                "content": f"That reply is not usable: {first_problem}. "
+                + (
+                    "Answer again."
+                    if schema is None
+                    else "Answer again with only the JSON object that the instructions describe."
+                ),
             },
         ]
         reply, decision = self._call(retry, schema, role, config, balancer, deadline, decision.llm.id)
@@ -366,7 +381,13 @@ class Agent:
         )
 
     @staticmethod
-    def _parse(reply_text: str, schema: dict[str, Any], parse: Any) -> dict[str, Any]:
+    def _parse(reply_text: str, schema: dict[str, Any] | None, parse: Any) -> dict[str, Any]:
+        if schema is None:  # free text
+            try:
+                check_json(reply_text)
+            except UnsafeJSON as exc:
+                raise ReplyProblem(f"it is not text the server can store: {exc}") from None
+            return {"output": reply_text.strip()}
         try:
             # strict=False: grammar-driven engines put raw newlines and tabs inside strings.
             data = json.loads(reply_text, strict=False)

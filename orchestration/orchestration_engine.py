@@ -297,11 +297,14 @@ def _coder_step(task_id: str, step: str, *, job_id: str) -> str:
             context["debug"] = state.debug
         if state.feedback and state.feedback_iteration == iteration:
             context["feedback"] = state.feedback
+        if state.tests_source == "given" and state.tests != payload.get("tests"):
+            context["tests"] = state.tests  # corrected by a reviewer's feedback
     # Rule 8 of the balancer: a loop keeps its coder LLM across rounds, while the coder role that used it is
     # still the loop's (not after an escalation, however many rounds ago it wrote the code).
     sticky = state.llm if iteration > 1 and state.code_role == state.coder_role else None
     outcome = _run_agent(agent, payload=payload, role=role, config=config, context=context, sticky=sticky)
-    files = merge_files(payload.get("files", []), outcome.result["files"])
+    # Onto the previous round's files (the given ones in the first round): a file the reply leaves out stays.
+    files = merge_files(state.files, outcome.result["files"])
     packet = _record(
         task_id,
         step,
@@ -326,14 +329,17 @@ def _debug_step(task_id: str, step: str, job_id: str) -> str:
     failure = loop.failures_text(state.last_checks)
     if state.feedback and state.feedback_iteration == loop.parse_step(step)[0]:
         failure = f"A reviewer says: {state.feedback}\n\n{failure}".strip()
-    payload = agent.validate_payload(
-        {
-            "failure": failure or "the checks failed without output",
-            "instruction": packet["payload"]["instruction"],
-            "code": render_files(state.files) or "(no code yet)",
-            **({"tests": state.tests} if state.tests else {}),
-        }
-    )
+    texts = {
+        "failure": failure or "the checks failed without output",
+        "instruction": packet["payload"]["instruction"],
+        "code": render_files(state.files) or "(no code yet)",
+        **({"tests": state.tests} if state.tests else {}),
+    }
+    # The project's files and the tests may together be longer than Debug's fields take (the payload's
+    # files alone may be 20 of 200,000 characters): cut, not a failed step. The model's context decides
+    # whether what is left can be asked at all.
+    fields = agent.input_schema["properties"]
+    payload = agent.validate_payload({key: _cut(value, fields[key]["maxLength"]) for key, value in texts.items()})
     outcome = _run_agent(agent, payload=payload, role=role, config=config)
     blame_given_tests = outcome.result["wrong"] == "test" and state.tests_source == "given"
     status = AWAITING_FEEDBACK if blame_given_tests else RUNNING
@@ -935,6 +941,16 @@ def _step_payload(
             text = text[: max(share - len(marker), 0)] + marker
         lines.append(f"{step_id}: {text}")
     return agent.payload_from_text(step_input + DEPENDENCIES_HEADER + "\n".join(lines))
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its start and end with a marker between them, in ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    marker = f"\n[... {len(text)} characters cut ...]\n"  # as long as the final one, or longer
+    keep = limit - len(marker)
+    marker = f"\n[... {len(text) - keep} characters cut ...]\n".ljust(len(marker))
+    return text[: keep // 2] + marker + text[len(text) - (keep - keep // 2) :]
 
 
 def _fair_shares(lengths: dict[str, int], room: int) -> dict[str, int]:

@@ -65,9 +65,11 @@ class CoderAgent(Agent):
         parts = [f"Write {payload['language']} code for this request:\n{payload['instruction']}"]
         if payload.get("files"):
             parts.append(f"The existing files:\n{render_files(payload['files'])}")
-        if payload.get("tests"):
-            parts.append(f"The code must pass these tests:\n{payload['tests']}")
         context = context or {}
+        # Tests a reviewer's feedback gave replace the payload's: they are the ones QA runs.
+        tests = context.get("tests") or payload.get("tests")
+        if tests:
+            parts.append(f"The code must pass these tests:\n{tests}")
         if context.get("previous_files"):
             parts.append(f"Your previous code:\n{render_files(context['previous_files'])}")
         if context.get("failures"):
@@ -81,8 +83,12 @@ class CoderAgent(Agent):
             parts.append("Write the corrected files in full.")
         return [self.system_message(role), {"role": "user", "content": "\n\n".join(parts)}]
 
-    def parse_result(self, data: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
-        given = tuple(item["path"] for item in payload.get("files") or [])
+    def parse_result(
+        self, data: dict[str, Any], payload: Mapping[str, Any], context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        # The reply is merged onto the given files, or onto the previous round's (which include them).
+        earlier = [*(payload.get("files") or []), *((context or {}).get("previous_files") or [])]
+        given = tuple(dict.fromkeys(item["path"] for item in earlier))
         if found := path_problem([item["path"] for item in data["files"]], others=given):
             index, problem = found
             raise ReplyProblem(f"files[{index}].path {data['files'][index]['path']!r} {problem}")

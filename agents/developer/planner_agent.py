@@ -83,7 +83,9 @@ class PlannerAgent(Agent):
         kwargs["context"] = {**(kwargs.get("context") or {}), "config": kwargs["config"]}
         return super().run(**kwargs)
 
-    def parse_result(self, data: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+    def parse_result(
+        self, data: dict[str, Any], payload: Mapping[str, Any], context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         seen: set[str] = set()
         for index, step in enumerate(data["steps"]):
             if step["id"] in seen:

@@ -50,6 +50,16 @@ FILES = [{"path": "solution.py", "content": "def add(a, b):\n    return a + b\n"
         ("coder", {"instruction": "x", "files": [{"path": "x.py\n", "content": ""}]}, "payload.files[0].path"),
         ("coder", {"instruction": "x", "files": [{"path": "test_qa.py", "content": ""}]}, "payload.files[0].path"),
         ("qa", {"files": [*FILES, {"path": "solution.py/x.py", "content": ""}]}, "payload.files[0].path"),
+        # Found by a later review: a package or another file of a QA module's name is imported in its place
+        # (broken code passed); a file under a QA file's name could not be written.
+        (
+            "coder",
+            {"instruction": "x", "files": [{"path": "test_qa/__init__.py", "content": ""}]},
+            "payload.files[0].path",
+        ),
+        ("coder", {"instruction": "x", "files": [{"path": "test_qa.py/x.py", "content": ""}]}, "payload.files[0].path"),
+        ("coder", {"instruction": "x", "files": [{"path": "_qa_runner.so", "content": ""}]}, "payload.files[0].path"),
+        ("qa", {"files": [{"path": "solution.py/x.py", "content": ""}, *FILES]}, "payload.files[0].path"),
         ("vision", {"image": "data:image/png;base64,\n", "question": "what?"}, "payload.image"),
         ("vision", {"image": "data:image/png;base64,====", "question": "what?"}, "payload.image"),
         (
@@ -188,7 +198,9 @@ def test_a_plan_step_with_a_blank_input_is_asked_again():
         planner.parse_result(reply, {"goal": "x"})
 
 
-@pytest.mark.parametrize("paths", [["a/./b.py"], ["a//b.py"], ["solution.py", "solution.py/x.py"], ["_qa_runner.py"]])
+@pytest.mark.parametrize(
+    "paths", [["a/./b.py"], ["a//b.py"], ["solution.py", "solution.py/x.py"], ["_qa_runner.py"], ["test_qa/x.py"]]
+)
 def test_a_coders_file_path_the_sandbox_cannot_write_is_asked_again(paths):
     from agents.base import ReplyProblem
 
@@ -196,6 +208,56 @@ def test_a_coders_file_path_the_sandbox_cannot_write_is_asked_again(paths):
     reply = {"files": [{"path": path, "content": "x = 1\n"} for path in paths], "run": "r", "notes": ""}
     with pytest.raises(ReplyProblem, match="path"):
         coder.parse_result(reply, {"instruction": "x"})
+
+
+def test_a_coders_file_path_inside_a_given_or_earlier_file_is_asked_again():
+    """Only a reply's path that was another's directory was refused: a reply's pkg.py/mod.py beside a given
+    pkg.py, or beside a file of an earlier round, went on to fail the checks as an internal error."""
+    from agents.base import ReplyProblem
+
+    coder = agent_class("coder")()
+    reply = {"files": [{"path": "pkg.py/mod.py", "content": "x = 1\n"}], "run": "r", "notes": ""}
+    given = {"instruction": "x", "files": [{"path": "pkg.py", "content": ""}]}
+    with pytest.raises(ReplyProblem, match="inside a path that is another file"):
+        coder.parse_result(reply, given)
+    with pytest.raises(ReplyProblem, match="inside a path that is another file"):
+        coder.parse_result(reply, {"instruction": "x"}, {"previous_files": [{"path": "pkg.py", "content": ""}]})
+    assert coder.parse_result(reply, {"instruction": "x"})["files"][0]["path"] == "pkg.py/mod.py"
+
+
+def test_tests_from_the_context_replace_the_payloads_in_the_coders_prompt():
+    from orchestration.runtime import configuration
+
+    coder = agent_class("coder")()
+    role = configuration().role("developer", "fast_coder")
+    payload = {"instruction": "x", "language": "python", "tests": "OLD-TESTS"}
+    prompt = coder.build_messages(payload, role, {"tests": "NEW-TESTS"})[-1]["content"]
+    assert "NEW-TESTS" in prompt and "OLD-TESTS" not in prompt
+    assert "OLD-TESTS" in coder.build_messages(payload, role)[-1]["content"]
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "a\ud800b"])
+def test_a_free_text_reply_the_server_cannot_store_is_asked_again(text):
+    """A free-text reply (the generic agent) was taken as it came: a NUL broke the PostgreSQL mirror, a lone
+    surrogate failed the step as an internal error when the state file was written."""
+    from agents.base import Agent, ReplyProblem
+
+    with pytest.raises(ReplyProblem, match="not text the server can store"):
+        Agent._parse(text, None, None)
+    assert Agent._parse("  fine  ", None, None) == {"output": "fine"}
+
+
+def test_debugs_fields_are_cut_to_what_it_takes():
+    """A project's files (up to 20 of 200,000 characters) were given to Debug whole: past its 100,000, the
+    round's Debug step failed with a PayloadError."""
+    from orchestration.orchestration_engine import _cut
+
+    debug = agent_class("debug")
+    code = "x" * 150_000
+    limit = debug.input_schema["properties"]["code"]["maxLength"]
+    payload = debug.validate_payload({"failure": "f", "code": _cut(code, limit)})
+    assert len(payload["code"]) == limit and "characters cut" in payload["code"]
+    assert payload["code"].startswith("xxx") and payload["code"].endswith("xxx")
 
 
 def test_code_nested_past_the_compilers_limit_fails_the_static_check_not_the_step():
