@@ -24,7 +24,8 @@ class ArchitectAgent(Agent):
 
     def output_schema(self, role: RoleConfig, config: Configuration) -> dict[str, Any]:
         component = obj({"name": text(30), "responsibility": text(80)})
-        interface = obj({"name": text(30), "between": array(text(24), max_items=2), "description": text(80)})
+        # "between" names components: as long as their names.
+        interface = obj({"name": text(30), "between": array(text(30), max_items=2), "description": text(80)})
         risk = obj({"risk": text(80), "mitigation": text(80)})
         return obj(
             {

@@ -9,6 +9,8 @@ from agents.base import PAYLOAD_TEXT, Agent, array, obj, text
 from balancer.configuration import Configuration, RoleConfig
 from llm_engines.base import Message
 
+LIKELIHOODS = ("high", "medium", "low")
+
 
 class DiagnosisAgent(Agent):
     name = "diagnosis"
@@ -20,7 +22,7 @@ class DiagnosisAgent(Agent):
     )
 
     def output_schema(self, role: RoleConfig, config: Configuration) -> dict[str, Any]:
-        cause = obj({"cause": text(100), "likelihood": {"enum": ["high", "medium", "low"]}, "evidence": text(150)})
+        cause = obj({"cause": text(100), "likelihood": {"enum": list(LIKELIHOODS)}, "evidence": text(150)})
         return obj({"causes": array(cause, min_items=1, max_items=3), "next_checks": array(text(100), max_items=3)})
 
     def build_messages(
@@ -32,3 +34,11 @@ class DiagnosisAgent(Agent):
         if payload.get("code"):
             parts.append(f"Code:\n{payload['code']}")
         return [self.system_message(role), {"role": "user", "content": "\n\n".join(parts)}]
+
+    def parse_result(
+        self, data: dict[str, Any], payload: Mapping[str, Any], context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        # The most likely first, as the result promises, whatever order the model wrote them in (a stable
+        # sort: the model's order among causes of the same likelihood stands).
+        causes = sorted(data["causes"], key=lambda cause: LIKELIHOODS.index(cause["likelihood"]))
+        return {**data, "causes": causes}

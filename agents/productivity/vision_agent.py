@@ -17,8 +17,14 @@ _MAGIC = {
     "png": (b"\x89PNG\r\n\x1a\n",),
     "jpeg": (b"\xff\xd8\xff",),
     "gif": (b"GIF87a", b"GIF89a"),
-    "webp": (b"RIFF",),
+    "webp": (b"RIFF",),  # then the size, then WEBP (_is_image): a WAV file starts with RIFF too
 }
+
+
+def _is_image(image: bytes, kind: str) -> bool:
+    if kind == "webp" and image[8:12] != b"WEBP":
+        return False
+    return any(image.startswith(magic) for magic in _MAGIC[kind])
 
 
 class VisionAgent(Agent):
@@ -35,7 +41,7 @@ class VisionAgent(Agent):
         except (binascii.Error, ValueError):
             raise PayloadError("payload.image", "is not valid base64") from None
         kind = header.removeprefix("data:image/").removesuffix(";base64")
-        if not any(image.startswith(magic) for magic in _MAGIC[kind]):
+        if not _is_image(image, kind):
             # Empty, or not the image the URL says (an engine would refuse it only after the task was queued).
             raise PayloadError("payload.image", f"is not a {kind} image: its bytes do not start as one does")
         if not payload["question"].strip():

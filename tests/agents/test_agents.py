@@ -263,3 +263,24 @@ def test_debugs_fields_are_cut_to_what_it_takes():
 def test_code_nested_past_the_compilers_limit_fails_the_static_check_not_the_step():
     result = qa_agent.static_check([{"path": "deep.py", "content": "x = " + "1+" * 3000 + "1\n"}])
     assert result["passed"] is False and "too deeply nested" in result["output"]
+
+
+def test_a_webp_image_is_one_by_its_whole_signature():
+    """A WAV file (RIFF....WAVE) labelled image/webp was accepted: only RIFF was checked."""
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(16)
+    webp = b"RIFF\x24\x00\x00\x00WEBPVP8 " + bytes(16)
+    vision = agent_class("vision")
+    with pytest.raises(PayloadError, match="is not a webp image"):
+        vision.validate_payload({"image": "data:image/webp;base64," + base64.b64encode(wav).decode(), "question": "?"})
+    vision.validate_payload({"image": "data:image/webp;base64," + base64.b64encode(webp).decode(), "question": "?"})
+
+
+def test_a_diagnosis_lists_its_causes_most_likely_first():
+    diagnosis = agent_class("diagnosis")()
+    causes = [
+        {"cause": "c1", "likelihood": "low", "evidence": "e"},
+        {"cause": "c2", "likelihood": "high", "evidence": "e"},
+        {"cause": "c3", "likelihood": "medium", "evidence": "e"},
+    ]
+    result = diagnosis.parse_result({"causes": causes, "next_checks": []}, {"problem": "p"})
+    assert [cause["cause"] for cause in result["causes"]] == ["c2", "c3", "c1"]
