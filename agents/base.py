@@ -144,9 +144,28 @@ def path_problem(paths: list[str], others: tuple[str, ...] = ()) -> tuple[int, s
 CHARS_PER_TOKEN = 2
 
 
+class LongText(dict):
+    """A reply's main text field (``long_text``). Its bound is for the engines that constrain the reply with
+    a grammar (so that a model repeating itself closes the JSON); a reply is not refused for going past it,
+    since ``max_tokens`` bounds the whole reply anyway: an engine that takes the schema only as guidance
+    (OpenAI's without ``strict``), or llama.cpp for a bound past what its grammar holds (which it drops),
+    may write more, and a summary of the words asked for must not fail for it."""
+
+
 def long_text(role: RoleConfig, share: float) -> dict[str, Any]:
     """The bound of a reply's main text field: ``share`` of what the role's max_tokens holds."""
-    return text(max(100, int(role.max_tokens * CHARS_PER_TOKEN * share)))
+    return LongText(text(max(100, int(role.max_tokens * CHARS_PER_TOKEN * share))))
+
+
+def reply_schema(schema: Any) -> Any:
+    """``schema`` as replies are validated against it: the ``LongText`` fields without their bound."""
+    if isinstance(schema, LongText):
+        return {key: value for key, value in schema.items() if key != "maxLength"}
+    if isinstance(schema, dict):
+        return {key: reply_schema(value) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [reply_schema(item) for item in schema]
+    return schema
 
 
 def max_json_chars(schema: Mapping[str, Any]) -> float:
@@ -404,7 +423,7 @@ class Agent:
             check_json(data)
         except UnsafeJSON as exc:
             raise ReplyProblem(f"it is not JSON the server can store: {exc}") from None
-        error = first_problem(schema, data)
+        error = first_problem(reply_schema(schema), data)
         if error is not None:
             raise ReplyProblem(" ".join(schema_problem(error, "reply")))
         return parse(data)

@@ -6,6 +6,7 @@ output schema.
 """
 
 import base64
+import json
 
 import pytest
 
@@ -284,3 +285,22 @@ def test_a_diagnosis_lists_its_causes_most_likely_first():
     ]
     result = diagnosis.parse_result({"causes": causes, "next_checks": []}, {"problem": "p"})
     assert [cause["cause"] for cause in result["causes"]] == ["c2", "c3", "c1"]
+
+
+def test_a_reply_past_a_main_text_fields_grammar_bound_is_not_refused():
+    """The bound of a reply's main text (a third of a 100-word summary with the shipped max_tokens, once) was
+    enforced on every reply: an engine that takes the schema as guidance only (OpenAI's, without strict),
+    or llama.cpp past the bounds its grammar holds, wrote the text asked for, and the step failed twice."""
+    from agents.base import Agent, ReplyProblem
+
+    config = configuration()
+    role = config.role("productivity", "summarizer")
+    summarizer = agent_class("summarizer")()
+    schema = summarizer.output_schema(role, config)
+    bound = schema["properties"]["summary"]["maxLength"]
+    assert bound >= 100 * 6  # the default max_words, at about six characters a word
+    summary = "word " * (bound // 2)
+    result = Agent._parse(json.dumps({"summary": summary, "key_points": []}), schema, lambda data: data)
+    assert result["summary"] == summary
+    with pytest.raises(ReplyProblem, match="key_points"):  # the other bounds stand
+        Agent._parse(json.dumps({"summary": "s", "key_points": ["k" * 81]}), schema, lambda data: data)
