@@ -24,11 +24,17 @@ class HealthChecker:
         self._lock = threading.Lock()
 
     def _check(self, llm: LLMConfig) -> Health:
+        """The LLM's health. Never raises: ``check`` runs every LLM's at once, and one that raised would
+        fail them all (the status page, and a worker's health loop, which then counted no failure)."""
         started = time.perf_counter()
         try:
             return get_engine(llm.engine, llm.engine_settings(), key=llm.id).health()
         except EngineError as exc:  # the engine cannot even be built (a missing key, a missing model file)
             return Health(False, str(exc), time.perf_counter() - started)
+        except Exception as exc:
+            # The engine's check failed in a way it did not foresee: the LLM is not known to serve.
+            detail = f"the health check failed: {type(exc).__name__}: {exc}"[:500]
+            return Health(False, detail, time.perf_counter() - started)
 
     def check(
         self, config: Configuration, *, on_failure: Callable[[LLMConfig], None] | None = None

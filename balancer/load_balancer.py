@@ -22,7 +22,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,9 @@ import redis
 from balancer.configuration import Configuration, LLMConfig, ProfileConfig, RoleConfig
 from balancer.renewal import renewer
 from llm_engines.base import ChatResult
+from llm_engines.base import estimate_tokens as estimate_tokens  # re-exported for the agents and the orchestration
 from llm_engines.errors import (
+    ContextTooLong,
     EngineAuthError,
     EngineBadRequest,
     EngineConfigurationError,
@@ -90,6 +92,7 @@ class Policy:
     explore_share: float = 0.1  # rule 5
     stale_after_s: float = 600.0  # rule 5: samples older than this do not count as recent
     max_attempts: int = 3  # rule 6
+    min_attempt_s: float = 1.0  # rule 6: no failover attempt starts with less than this left before the deadline
 
 
 DEFAULT_POLICY = Policy()
@@ -427,20 +430,6 @@ def direct_call(
     )
     profile = ProfileConfig(name="", roles={"": role})
     return Configuration(llms={llm_id: config.llms[llm_id]}, profiles={"": profile}), role
-
-
-def estimate_tokens(messages: Iterable[dict[str, Any]]) -> int:
-    """A cheap upper estimate of a prompt's tokens (about four characters a token, plus framing)."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        text = (
-            content
-            if isinstance(content, str)
-            else " ".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
-        )
-        total += len(text) // 3 + 8
-    return total
 
 
 class LoadBalancer:
@@ -929,19 +918,29 @@ class LoadBalancer:
         sticky: str | None = None,
         budget: float | None = None,
     ) -> tuple[ChatResult, Decision]:
-        """Choose, wait if need be, call, record; fail over on transient errors (rule 6).
+        """Choose, wait if need be, call, record; fail over on transient errors, errors of the LLM's own,
+        and a prompt over the context to a larger context (rule 6).
 
         A permanent error fails at once with the engine's message; a transient one on the last
-        attempt, or no slot before ``deadline``, raises the last error.
+        attempt, or when the deadline leaves no time for another, raises the last error; no slot
+        before ``deadline`` for the first attempt raises ``NoCapacity``.
         """
         started = self.clock()
         failed: dict[str, str] = {}
         attempts: list[dict[str, str]] = []
         last_error: EngineError | None = None
         for _ in range(self.policy.max_attempts):
+            wait_until = deadline
+            if last_error is not None and deadline is not None:
+                # A failover attempt needs time to answer: one begun at the deadline would still be given a
+                # second (the least timeout callers give an engine), and a model not yet loaded in this
+                # process would first load, outside any timeout.
+                wait_until = deadline - self.policy.min_attempt_s
+                if self.clock() >= wait_until:
+                    raise last_error
             try:
-                decision = self._wait_for(config, role, prompt_tokens, sticky, failed, budget, deadline)
-            except NoCandidate:
+                decision = self._wait_for(config, role, prompt_tokens, sticky, failed, budget, wait_until)
+            except (NoCandidate, NoCapacity):
                 if last_error is not None:
                     raise last_error from None
                 raise
@@ -954,7 +953,16 @@ class LoadBalancer:
                 self.record(decision, error=exc, role=role)
                 decision.attempts = [*attempts, {"llm": decision.llm.id, "error": str(exc)}]
                 exc.balancer = decision.as_detail()  # the step's history records what was tried
-                if not (exc.transient or exc.llm_at_fault):
+                if isinstance(exc, ContextTooLong):
+                    # Rule 1's estimate of the prompt fell short (text it counts badly, images): an LLM with a
+                    # larger context may take it, one with no larger a context would refuse it too.
+                    for llm in candidates(config, role, prompt_tokens)[0]:
+                        if llm.context_length <= decision.llm.context_length and llm.id != decision.llm.id:
+                            failed[llm.id] = (
+                                f"rule 6: context of {llm.context_length} tokens, no larger than that of "
+                                f"{decision.llm.id}, which the prompt did not fit"
+                            )
+                elif not (exc.transient or exc.llm_at_fault):
                     raise
                 last_error = exc
                 failed[decision.llm.id] = f"rule 6: failed in this step: {exc}"

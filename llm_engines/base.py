@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -115,6 +115,36 @@ class Engine(ABC):
     @abstractmethod
     def health(self) -> Health:
         """A cheap check that the engine can serve: reachable, and the model present."""
+
+
+def estimate_tokens(messages: Iterable[Message]) -> int:
+    """A cheap upper estimate of a prompt's tokens (about three characters a token, plus framing).
+
+    The balancer checks contexts and budgets with it before a call, and an engine whose server gave
+    no token counts fills them with it."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        text = (
+            content
+            if isinstance(content, str)
+            else " ".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+        )
+        total += len(text) // 3 + 8
+    return total
+
+
+def estimate_completion_tokens(
+    text: str, tool_calls: Iterable[Mapping[str, Any]] = (), *, max_tokens: int | None = None
+) -> int:
+    """A reply's tokens when its server gave no count: about three characters a token of its text and
+    of its tool calls' names and arguments, rounded up (a short reply is a token, not none), and no
+    more than the ``max_tokens`` it was asked for."""
+    characters = len(text) + sum(
+        len(call["function"]["name"]) + len(call["function"]["arguments"]) for call in tool_calls
+    )
+    tokens = -(-characters // 3)
+    return tokens if max_tokens is None else min(tokens, max_tokens)
 
 
 def _type_problem(value: Any, default: Any) -> str | None:

@@ -42,6 +42,14 @@ class EngineRateLimited(EngineError):
         self.retry_after = retry_after
 
 
+class EngineQuotaExceeded(EngineRateLimited):
+    """The LLM's account has no quota left (OpenAI's 429 ``insufficient_quota``): a 429 like a rate limit,
+    but time does not lift it, so retrying that LLM cannot help; another LLM may serve the call."""
+
+    transient = False
+    llm_at_fault = True
+
+
 class EngineBadRequest(EngineError):
     """The request itself is wrong; sending it again anywhere fails the same way."""
 

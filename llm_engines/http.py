@@ -1,4 +1,4 @@
-"""Helpers for engines that talk HTTP: Retry-After and base URL checks."""
+"""Helpers for engines that talk HTTP: Retry-After, a call's timeout, and base URL checks."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def _bounded(seconds: float) -> float:
     if seconds != seconds:  # NaN
         raise ValueError("not a number")
     return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def call_timeout(timeout: float | None, request_timeout: float) -> float:
+    """A call's timeout: the caller's (the time left before its deadline), capped by the operator's
+    ``request_timeout``; the latter alone when the caller gave none."""
+    return request_timeout if timeout is None or timeout <= 0 else min(timeout, request_timeout)
 
 
 def timeout_problems(settings: Mapping[str, Any]) -> dict[str, str]:

@@ -16,18 +16,34 @@ from typing import Any
 import httpx
 import openai
 
-from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.base import (
+    ChatChunk,
+    ChatOptions,
+    ChatResult,
+    Engine,
+    Health,
+    Message,
+    estimate_completion_tokens,
+    estimate_tokens,
+)
 from llm_engines.errors import (
     ContextTooLong,
     EngineAuthError,
     EngineBadRequest,
     EngineConfigurationError,
     EngineError,
+    EngineQuotaExceeded,
     EngineRateLimited,
     EngineTimeout,
     EngineUnavailable,
 )
-from llm_engines.http import MALFORMED_REPLY, base_url_problems, retry_after_seconds, timeout_problems
+from llm_engines.http import (
+    MALFORMED_REPLY,
+    base_url_problems,
+    call_timeout,
+    retry_after_seconds,
+    timeout_problems,
+)
 
 # Words with which OpenAI-compatible servers say a prompt does not fit.
 _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
@@ -65,6 +81,7 @@ class OpenAIEngine(Engine):
         self.structured_output = structured_output
         self.base_url = base_url
         self.context_length = context_length
+        self.request_timeout = request_timeout
         api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
@@ -90,6 +107,9 @@ class OpenAIEngine(Engine):
         if isinstance(exc, openai.APIConnectionError):
             return EngineUnavailable(f"cannot reach {self.base_url or 'the API'}: {message}", engine=self.name)
         if isinstance(exc, openai.RateLimitError):
+            if "insufficient_quota" in (exc.code, exc.type):
+                # No quota left on the account: waiting does not bring it back, another LLM may serve the call.
+                return EngineQuotaExceeded(f"out of quota: {message}", engine=self.name)
             retry_after = retry_after_seconds(exc.response.headers)
             return EngineRateLimited(f"rate limited: {message}", engine=self.name, retry_after=retry_after)
         if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
@@ -99,17 +119,22 @@ class OpenAIEngine(Engine):
                 f"{self.base_url or 'the API'} does not serve {self.model}: {message}", engine=self.name
             )
         if isinstance(exc, openai.APIStatusError):
-            if exc.status_code >= 500:
+            # 408: the server gave up waiting for the request (a proxy, a busy server); sending it again may work.
+            if exc.status_code >= 500 or exc.status_code == 408:
                 return EngineUnavailable(f"server error {exc.status_code}: {message}", engine=self.name)
             if any(marker in message.lower() for marker in _CONTEXT_MARKERS):
                 return ContextTooLong(message, engine=self.name)
             return EngineBadRequest(f"{exc.status_code}: {message}", engine=self.name)
+        if isinstance(exc, openai.APIError):
+            # No status: an error event in a stream (vLLM and llama.cpp's server report a failing engine so), or a
+            # reply the client could not read. The server is at fault, not the request.
+            return EngineUnavailable(f"the server reported an error: {message}", engine=self.name)
         return EngineError(message, engine=self.name)
 
-    def _malformed(self, exc: Exception) -> EngineUnavailable:
+    def _malformed(self, exc: Exception, what: str = "a chat completion") -> EngineUnavailable:
         detail = self._redact(f"{type(exc).__name__}: {exc}")[:300]
         return EngineUnavailable(
-            f"the reply from {self.base_url or 'the API'} is not a chat completion ({detail})", engine=self.name
+            f"the reply from {self.base_url or 'the API'} is not {what} ({detail})", engine=self.name
         )
 
     def _redact(self, text: str) -> str:
@@ -133,8 +158,7 @@ class OpenAIEngine(Engine):
                 request["tool_choice"] = options.tool_choice
         if options.stop:
             request["stop"] = list(options.stop)
-        if options.timeout:
-            request["timeout"] = options.timeout
+        request["timeout"] = call_timeout(options.timeout, self.request_timeout)
         if options.json_schema is not None:
             schema = dict(options.json_schema)
             if self.structured_output == "json_schema":
@@ -149,23 +173,23 @@ class OpenAIEngine(Engine):
         try:
             response = self.client.chat.completions.create(**self._request(messages, options))
             choice = response.choices[0]
-            usage = response.usage
-            calls = choice.message.tool_calls or []
             text = choice.message.content or ""
             if not isinstance(text, str):
                 raise TypeError(f"content is a {type(text).__name__}")
+            calls = tuple(
+                tool_call(call.id, call.function.name, call.function.arguments)
+                for call in choice.message.tool_calls or []
+                if getattr(call, "function", None) is not None
+            )
+            prompt_tokens, completion_tokens = self._usage(response.usage, messages, options, text, calls)
             return ChatResult(
                 text=text,
                 model=response.model or self.model,
-                prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),
-                completion_tokens=_count(getattr(usage, "completion_tokens", 0)),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 latency_s=time.perf_counter() - started,
                 finish_reason=choice.finish_reason,
-                tool_calls=tuple(
-                    tool_call(call.id, call.function.name, call.function.arguments)
-                    for call in calls
-                    if getattr(call, "function", None) is not None
-                ),
+                tool_calls=calls,
             )
         except openai.OpenAIError as exc:
             # Not chained: the client's exception may quote the key, and a logged traceback would print it.
@@ -175,22 +199,53 @@ class OpenAIEngine(Engine):
             # the LLM's server is at fault, and the balancer counts it and fails over, as for a 5xx.
             raise self._malformed(exc) from None
 
+    def _usage(
+        self,
+        usage: Any,
+        messages: Sequence[Message],
+        options: ChatOptions,
+        text: str,
+        calls: tuple[Mapping[str, Any], ...],
+        pieces: int | None = None,
+    ) -> tuple[int, int]:
+        """The reply's prompt and completion tokens: the server's counts, or estimates where it gave none (a
+        count of 0 would make the call free for the budget, rule 7, and its tokens look slow, rule 5). A
+        streamed reply's ``pieces`` count a token each, as servers stream them, within its ``max_tokens``."""
+        prompt = _count(getattr(usage, "prompt_tokens", None))
+        completion = _count(getattr(usage, "completion_tokens", None))
+        if completion is None:
+            if pieces is None:
+                completion = estimate_completion_tokens(text, calls, max_tokens=options.max_tokens)
+            else:
+                completion = pieces if options.max_tokens is None else min(pieces, options.max_tokens)
+        return estimate_tokens(messages) if prompt is None else prompt, completion
+
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
         started = time.perf_counter()
+        # httpx's timeout bounds each read, so a server that keeps sending would never time out: the call's
+        # timeout is checked against the time since it started on every chunk.
+        timeout = call_timeout(options.timeout, self.request_timeout)
         first_at = None
         parts: list[str] = []
         finish_reason = None
         model = self.model
         usage = None
-        calls: dict[int, dict[str, str]] = {}  # the tool calls' deltas, joined by index
+        calls: list[dict[str, str]] = []  # the tool calls' deltas, joined, in the order the calls began
+        by_index: dict[int, dict[str, str]] = {}
+        pieces = 0  # the chunks that carried part of the reply: a token each, when the server gives no count
         received = False
         try:
             chunks = self.client.chat.completions.create(
                 **self._request(messages, options), stream=True, stream_options={"include_usage": True}
             )
-            with chunks:
+            with chunks:  # closes the response, whatever ends the loop
                 for chunk in chunks:
+                    if time.perf_counter() - started > timeout:
+                        raise EngineTimeout(
+                            f"the stream from {self.base_url or 'the API'} ran past its timeout of {timeout:g}s",
+                            engine=self.name,
+                        )
                     received = True
                     model = chunk.model or model
                     usage = chunk.usage or usage
@@ -199,11 +254,23 @@ class OpenAIEngine(Engine):
                     choice = chunk.choices[0]
                     finish_reason = choice.finish_reason or finish_reason
                     text = choice.delta.content if choice.delta else None
-                    for delta in (choice.delta.tool_calls if choice.delta else None) or []:
-                        # The id and the name come whole (in the call's first delta), the arguments in pieces.
-                        index = delta.index if isinstance(delta.index, int) else 0
-                        call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
-                        call["id"] = call["id"] or delta.id or ""
+                    deltas = (choice.delta.tool_calls if choice.delta else None) or []
+                    if text or deltas:
+                        pieces += 1
+                    for delta in deltas:
+                        # The id and the name come whole (in the call's first delta), the arguments in pieces; a
+                        # delta names its call by index. Some servers give none (or one index for every call):
+                        # a delta with an id other than its call's then begins a new call.
+                        index = getattr(delta, "index", None)
+                        index = index if isinstance(index, int) else None
+                        call = by_index.get(index) if index is not None else (calls[-1] if calls else None)
+                        call_id = getattr(delta, "id", None)
+                        if call is None or (call_id and call["id"] and call_id != call["id"]):
+                            call = {"id": "", "name": "", "arguments": ""}
+                            calls.append(call)
+                            if index is not None:
+                                by_index[index] = call
+                        call["id"] = call["id"] or call_id or ""
                         if delta.function is not None:
                             call["name"] = call["name"] or delta.function.name or ""
                             call["arguments"] += delta.function.arguments or ""
@@ -227,38 +294,62 @@ class OpenAIEngine(Engine):
             raise EngineUnavailable(
                 f"the stream from {self.base_url or 'the API'} held no chat completion chunk", engine=self.name
             )
+        if finish_reason is None:
+            # Every complete reply ends with a finish reason: without one the stream was cut (a proxy, a server
+            # that died), and what came is part of a reply.
+            raise EngineUnavailable(
+                f"the stream from {self.base_url or 'the API'} ended before the reply was done", engine=self.name
+            )
+        text = "".join(parts)
+        tool_calls = tuple(tool_call(call["id"], call["name"], call["arguments"]) for call in calls)
+        prompt_tokens, completion_tokens = self._usage(usage, messages, options, text, tool_calls, pieces)
         yield ChatChunk(
             text="",
             result=ChatResult(
-                text="".join(parts),
+                text=text,
                 model=model,
-                prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),
-                completion_tokens=_count(getattr(usage, "completion_tokens", None), default=len(parts)),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=None if first_at is None else first_at - started,
                 finish_reason=finish_reason,
-                tool_calls=tuple(
-                    tool_call(call["id"], call["name"], call["arguments"]) for _, call in sorted(calls.items())
-                ),
+                tool_calls=tool_calls,
             ),
         )
+
+    def _lists_models_under_v1(self) -> bool:
+        try:
+            self.client.with_options(base_url=self.base_url.rstrip("/") + "/v1").models.list(timeout=5)
+        except Exception:  # whatever it is, it is not a model list there
+            return False
+        return True
 
     def health(self) -> Health:
         started = time.perf_counter()
         try:
-            served = [item.id for item in self.client.models.list(timeout=5)]
+            # A model without an id (a server's own shape) is none that it serves.
+            served = [
+                item.id for item in self.client.models.list(timeout=5) if isinstance(getattr(item, "id", None), str)
+            ]
         except openai.NotFoundError:
-            # Some OpenAI-compatible servers do not list models: reachable is all we can tell.
+            # Some OpenAI-compatible servers do not list models: reachable is all that can be told. Unless the
+            # base_url lacks its /v1 (and every call is a 404 too): then /v1/models answers.
+            if self.base_url and not self.base_url.rstrip("/").endswith("/v1") and self._lists_models_under_v1():
+                under_v1 = f"{self.base_url.rstrip('/')}/v1/models"
+                detail = f"{self.base_url}/models is not found, {under_v1} is: the base_url lacks /v1"
+                return Health(False, detail, time.perf_counter() - started)
             return Health(True, "reachable (the server does not list its models)", time.perf_counter() - started)
         except openai.OpenAIError as exc:
             return Health(False, str(self._error(exc)), time.perf_counter() - started)
+        except MALFORMED_REPLY as exc:
+            return Health(False, str(self._malformed(exc, "a model list")), time.perf_counter() - started)
         elapsed = time.perf_counter() - started
         if self.model not in served:
             return Health(False, f"model {self.model} is not served (served: {', '.join(served[:10])})", elapsed)
         return Health(True, f"{self.model} served", elapsed)
 
 
-def _count(value: Any, default: int = 0) -> int:
-    """A token count from the reply: a whole number of at least 0, or ``default`` (a server that sends none,
-    null or text)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+def _count(value: Any) -> int | None:
+    """A token count from the reply: a whole number of at least 0, or None (a server that sends none, null or
+    text)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

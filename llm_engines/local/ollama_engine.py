@@ -6,6 +6,7 @@ passed to Ollama as base64 in the message's ``images``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -19,7 +20,16 @@ import httpx
 import ollama
 import pydantic
 
-from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.base import (
+    ChatChunk,
+    ChatOptions,
+    ChatResult,
+    Engine,
+    Health,
+    Message,
+    estimate_completion_tokens,
+    estimate_tokens,
+)
 from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
@@ -29,13 +39,20 @@ from llm_engines.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from llm_engines.http import MALFORMED_REPLY, base_url_problems, retry_after_seconds, timeout_problems
+from llm_engines.http import (
+    MALFORMED_REPLY,
+    base_url_problems,
+    call_timeout,
+    retry_after_seconds,
+    timeout_problems,
+)
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 # What a call to the ollama client raises that ``OllamaEngine._error`` turns into an engine error.
 _FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, pydantic.ValidationError, *MALFORMED_REPLY)
 # The ollama client takes its timeout once, at creation: one client per timeout in whole seconds (rounded
-# up, so a call may run at most a second past its deadline), the most recently used ones kept.
+# up), the most recently used ones kept. Its timeout bounds each read: a stream is also stopped at the first
+# line past the call's timeout, so that a server that keeps sending cannot run past it.
 MAX_CLIENTS = 32
 
 
@@ -128,11 +145,11 @@ class OllamaEngine(Engine):
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
         return {**super().validate_settings(settings), **base_url_problems(settings), **timeout_problems(settings)}
 
-    def _client(self, timeout: float | None) -> ollama.Client:
+    def _client(self, timeout: float) -> ollama.Client:
         """The client for a timeout (``MAX_CLIENTS``). Rounded up to the second, not to a coarse step: a
         call with 61 s left before its deadline was given 120 s. A client dropped from the cache is not
         closed, as a call of another thread may still use it; its connections go with it."""
-        key = float(max(1, math.ceil(timeout or self.request_timeout)))
+        key = float(max(1, math.ceil(timeout)))
         with self._lock:
             if key in self._clients:
                 self._clients.move_to_end(key)
@@ -202,13 +219,27 @@ class OllamaEngine(Engine):
         return request
 
     def _result(
-        self, response: Any, text: str, started: float, first_at: float | None, calls: tuple = ()
+        self,
+        response: Any,
+        messages: Sequence[Message],
+        options: ChatOptions,
+        text: str,
+        started: float,
+        first_at: float | None,
+        calls: tuple = (),
     ) -> ChatResult:
+        # A count Ollama leaves out is estimated: 0 tokens would make the call's tokens look slow (rule 5).
+        prompt_tokens = response.prompt_eval_count
+        if prompt_tokens is None:
+            prompt_tokens = estimate_tokens(messages)
+        completion_tokens = response.eval_count
+        if completion_tokens is None:
+            completion_tokens = estimate_completion_tokens(text, calls, max_tokens=options.max_tokens)
         return ChatResult(
             text=text,
             model=response.model or self.model,
-            prompt_tokens=response.prompt_eval_count or 0,
-            completion_tokens=response.eval_count or 0,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             latency_s=time.perf_counter() - started,
             time_to_first_token_s=None if first_at is None else first_at - started,
             finish_reason=response.done_reason,
@@ -220,8 +251,9 @@ class OllamaEngine(Engine):
         request = self._request(messages, options)
         started = time.perf_counter()
         try:
-            response = self._client(options.timeout).chat(**request, stream=False)
-            return self._result(response, response.message.content or "", started, None, tool_calls(response.message))
+            response = self._client(call_timeout(options.timeout, self.request_timeout)).chat(**request, stream=False)
+            text = response.message.content or ""
+            return self._result(response, messages, options, text, started, None, tool_calls(response.message))
         except _FAILURES as exc:
             raise self._error(exc) from exc
 
@@ -229,33 +261,46 @@ class OllamaEngine(Engine):
         options = options or ChatOptions()
         request = self._request(messages, options)
         started = time.perf_counter()
+        timeout = call_timeout(options.timeout, self.request_timeout)
         first_at = None
         parts: list[str] = []
         calls: tuple[dict[str, Any], ...] = ()
         last = None
         try:
-            for chunk in self._client(options.timeout).chat(**request, stream=True):
-                last = chunk
-                calls += tool_calls(chunk.message)
-                text = chunk.message.content if chunk.message else ""
-                if text:
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    parts.append(text)
-                    yield ChatChunk(text=text)
+            # Closing the client's generator closes the response, whatever ends the loop.
+            with contextlib.closing(self._client(timeout).chat(**request, stream=True)) as lines:
+                for chunk in lines:
+                    if time.perf_counter() - started > timeout:
+                        raise EngineTimeout(
+                            f"the stream from {self.base_url} ran past its timeout of {timeout:g}s", engine=self.name
+                        )
+                    last = chunk
+                    calls += tool_calls(chunk.message)
+                    text = chunk.message.content if chunk.message else ""
+                    if text:
+                        if first_at is None:
+                            first_at = time.perf_counter()
+                        parts.append(text)
+                        yield ChatChunk(text=text)
         except _FAILURES as exc:
             raise self._error(exc) from exc
         if last is None or not last.done:
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)
-        yield ChatChunk(text="", result=self._result(last, "".join(parts), started, first_at, calls))
+        yield ChatChunk(text="", result=self._result(last, messages, options, "".join(parts), started, first_at, calls))
 
     def health(self) -> Health:
         started = time.perf_counter()
         try:
             listed = self._client(5.0).list()
+            # A model without a name (a server's own shape) is none that it has.
+            names = {model.model for model in listed.models if isinstance(model.model, str)}
+        except MALFORMED_REPLY as exc:  # pydantic's ValidationError included: a reply that is not a model list
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            return Health(
+                False, f"the reply from {self.base_url} is not a model list ({detail})", time.perf_counter() - started
+            )
         except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
             return Health(False, str(self._error(exc)), time.perf_counter() - started)
-        names = {model.model for model in listed.models}
         elapsed = time.perf_counter() - started
         wanted = {self.model, f"{self.model}:latest"}
         if not names & wanted:

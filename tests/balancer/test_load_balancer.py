@@ -23,7 +23,7 @@ from balancer.load_balancer import (
     candidates,
 )
 from llm_engines.base import ChatResult
-from llm_engines.errors import EngineBadRequest, EngineRateLimited, EngineUnavailable
+from llm_engines.errors import ContextTooLong, EngineBadRequest, EngineRateLimited, EngineTimeout, EngineUnavailable
 
 START = 1_800_000_000.0
 
@@ -492,6 +492,84 @@ def test_rule_6_a_permanent_error_fails_the_step_and_attempts_are_bounded(lb):
     with pytest.raises(EngineUnavailable):
         bounded.run(config, config.role("tp", "r"), down)
     assert len(calls) == 2
+
+
+def test_rule_6_no_failover_attempt_starts_when_the_deadline_leaves_no_time_for_it(lb, clock):
+    """After an engine timeout at the step's deadline, a free candidate got a new attempt (its timeout
+    raised to a second by the caller, a llama.cpp model loaded first, outside any timeout)."""
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a", "t-b"]})
+    role = config.role("tp", "r")
+    calls = []
+
+    def first_times_out(left_s, deadline):
+        def call(llm):
+            calls.append(llm.id)
+            if len(calls) == 1:
+                clock.now = deadline - left_s
+                raise EngineTimeout("no reply in time")
+            return reply()
+
+        return call
+
+    for left_s in (0.0, 0.5):
+        calls.clear()
+        deadline = clock.now + 60
+        with pytest.raises(EngineTimeout, match="no reply in time"):
+            lb.run(config, role, first_times_out(left_s, deadline), deadline=deadline)
+        assert len(calls) == 1
+    calls.clear()
+    deadline = clock.now + 60
+    _, decision = lb.run(config, role, first_times_out(5.0, deadline), deadline=deadline)  # time enough: failover
+    assert len(calls) == 2
+    assert decision.llm.id == calls[1] != calls[0]
+
+
+def test_rule_6_a_failover_waits_for_a_slot_only_while_an_attempt_still_has_time(lb, clock):
+    """Its wait ran to the deadline itself and ended in NoCapacity, not the LLM's own error."""
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a", "t-b"]})
+    role = config.role("tp", "r")
+    take(lb, config, exclude={"t-a": "taken by the test"})  # t-b's one slot is held past the deadline (its lease)
+    deadline = clock.now + 20
+
+    def call(llm):
+        clock.now = deadline - 5
+        raise EngineUnavailable(f"{llm.id} is down")
+
+    with pytest.raises(EngineUnavailable, match="t-a is down") as error:
+        lb.run(config, role, call, deadline=deadline)
+    assert not isinstance(error.value, NoCapacity)
+    assert deadline - lb.policy.min_attempt_s - 0.1 <= clock.now <= deadline - lb.policy.min_attempt_s
+
+
+def test_rule_6_a_prompt_over_the_context_fails_over_to_a_larger_context_only(lb):
+    """A prompt that rule 1's estimate undercounted (text it counts badly, images) failed the step on the
+    first LLM, though a candidate with a larger context could take it."""
+    config = config_with(
+        [{"id": "t-small", "context_length": 2048}, {"id": "t-same", "context_length": 2048},
+         {"id": "t-big", "context_length": 8192}],
+        {"preferred_llms": ["t-small", "t-same", "t-big"]},
+    )  # fmt: skip
+    role = config.role("tp", "r")
+    calls = []
+
+    def call(llm):
+        calls.append(llm.id)
+        if llm.context_length < 8192:
+            raise ContextTooLong(f"the prompt does not fit {llm.context_length} tokens")
+        return reply()
+
+    _, decision = lb.run(config, role, call)
+    assert calls == ["t-small", "t-big"]
+    assert decision.excluded["t-same"] == (
+        "rule 6: context of 2048 tokens, no larger than that of t-small, which the prompt did not fit"
+    )
+    assert lb.states(config)["t-small"]["failure_rate"] == 0  # the request's fault, not the LLM's (rule 3)
+
+    calls.clear()
+    only_small = config_with([{"id": "t-small"}, {"id": "t-same"}], {"preferred_llms": ["t-small", "t-same"]})
+    with pytest.raises(ContextTooLong):
+        lb.run(only_small, only_small.role("tp", "r"), call)
+    assert calls == ["t-small"]
 
 
 # --- rule 7 -----------------------------------------------------------------------------------

@@ -23,6 +23,19 @@ class _FaultHandler(BaseHTTPRequestHandler):
         pass
 
     def _answer(self) -> None:
+        # Read the request first: a connection closed on unread data is reset, and the client may lose the reply.
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.mode == "pieces":
+            # The reply's pieces one by one, ``interval`` apart, then the connection closes (HTTP/1.0: no length).
+            status, content_type, pieces = self.canned
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.end_headers()
+            for piece in pieces:
+                self.wfile.write(piece)
+                self.wfile.flush()
+                time.sleep(self.interval)
+            return
         if self.mode == "canned":
             status, content_type, body = self.canned
             self.send_response(status)
@@ -75,11 +88,13 @@ def fault_server() -> Iterator[callable]:
     """A real HTTP server on loopback that answers 429 with Retry-After: 7 (or 404 for an unknown
     model, in mode "notfound"), in mode "hang" after 3 s; in mode "badstream" a chat stream that breaks
     after two chunks; in mode "canned" every request with ``canned`` (status, content type, body) and
-    ``headers``."""
+    ``headers``; in mode "pieces" with ``canned`` (status, content type, a list of pieces of the body),
+    sent ``interval`` seconds apart, the connection closed after the last."""
     servers = []
 
-    def start(mode: str, canned: tuple[int, str, bytes] | None = None, headers: tuple = ()) -> str:
-        handler = type("Handler", (_FaultHandler,), {"mode": mode, "canned": canned, "headers_out": headers})
+    def start(mode: str, canned: tuple | None = None, headers: tuple = (), interval: float = 0.0) -> str:
+        attributes = {"mode": mode, "canned": canned, "headers_out": headers, "interval": interval}
+        handler = type("Handler", (_FaultHandler,), attributes)
         server = _QuietServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

@@ -6,10 +6,11 @@ real SmolLM2 model, in its own process.
 """
 
 import json
+import time
 
 import pytest
 
-from llm_engines.base import ChatOptions
+from llm_engines.base import ChatOptions, estimate_tokens
 from llm_engines.errors import (
     EngineBadRequest,
     EngineConfigurationError,
@@ -178,3 +179,55 @@ def test_a_timeout_is_kept_to_the_second_not_rounded_to_a_coarse_step():
     engine = OllamaEngine(model="m", base_url="http://127.0.0.1:9")
     assert engine._client(61.2)._client.timeout.read == 62.0
     assert engine._client(0.3)._client.timeout.read == 1.0
+
+
+def _line(content: str, done: bool = False) -> bytes:
+    """One line of Ollama's streamed reply (the last, ``done``, without its counts)."""
+    line = {"model": "m", "created_at": "2026-01-01T00:00:00Z", "message": {"role": "assistant", "content": content},
+            "done": done}  # fmt: skip
+    return json.dumps(line).encode() + b"\n"
+
+
+def test_a_stream_that_keeps_sending_ends_at_its_timeout(fault_server):
+    """The client's timeout bounds each read: a server that sent a token every 0.2 s ran its whole 5 s
+    past a timeout of 1 s, and a step past its time limit."""
+    lines = [_line("tok")] * 25 + [_line("", done=True)]
+    url = fault_server("pieces", (200, "application/x-ndjson", lines), interval=0.2)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s") as error:
+        list(OllamaEngine(model="m", base_url=url).stream(HELLO, ChatOptions(timeout=1.0)))
+    assert time.monotonic() - started < 2.5
+    assert error.value.transient
+
+
+def test_the_operators_request_timeout_caps_the_callers_timeout(fault_server):
+    """The caller's timeout (the time left before the step's deadline, up to 300 s) replaced it: a
+    request_timeout of 0.5 s waited out the whole 3 s of a server that hangs."""
+    engine = OllamaEngine(model="m", base_url=fault_server("hang"), request_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout):
+        engine.chat(HELLO, ChatOptions(timeout=30))
+    assert time.monotonic() - started < 2.5
+
+
+def test_counts_ollama_leaves_out_are_estimated(fault_server):
+    """They counted as 0 tokens, and the reply's speed per token was then its whole latency (rule 5)."""
+    url = fault_server("canned", (200, "application/json", _line("Pear.", done=True)))
+    result = OllamaEngine(model="m", base_url=url).chat(HELLO)
+    # About three characters a token: the prompt as the balancer estimates it, "Pear." as two tokens.
+    assert (result.text, result.prompt_tokens, result.completion_tokens) == ("Pear.", estimate_tokens(HELLO), 2)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><body>Welcome to nginx!</body></html>"),
+        ("application/json", json.dumps({"models": [{"size": 1}]}).encode()),
+        ("application/json", b"[1, 2]"),
+    ],
+    ids=["html", "a model without a name", "a list"],
+)
+def test_a_model_list_that_is_not_one_is_unhealthy_rather_than_raise(fault_server, content_type, body):
+    """The check raised (a JSONDecodeError, a TypeError), and with it the health check of every LLM."""
+    health = OllamaEngine(model="m", base_url=fault_server("canned", (200, content_type, body))).health()
+    assert not health.ok

@@ -1,13 +1,15 @@
 """The openai engine with the official client against ``python -m llama_cpp.server`` (SmolLM2)."""
 
 import json
+import time
 
 import pytest
 
 from llm_engines.api.openai_engine import OpenAIEngine
-from llm_engines.base import ChatOptions
+from llm_engines.base import ChatOptions, estimate_tokens
 from llm_engines.errors import (
     EngineAuthError,
+    EngineQuotaExceeded,
     EngineRateLimited,
     EngineTimeout,
     EngineUnavailable,
@@ -109,13 +111,28 @@ def test_a_stream_with_no_chunk_is_an_unavailable_engine_not_an_empty_answer(fau
         list(engine.stream(HELLO))
 
 
-def test_token_counts_that_are_not_numbers_count_as_none(fault_server):
-    reply = {**COMPLETION, "usage": {"prompt_tokens": None, "completion_tokens": "7", "total_tokens": None}}
+@pytest.mark.parametrize(
+    "usage",
+    [None, {"prompt_tokens": None, "completion_tokens": "7", "total_tokens": None}],
+    ids=["none", "not numbers"],
+)
+def test_token_counts_the_server_did_not_give_are_estimated(fault_server, usage):
+    """They counted as 0: such a call of a paid API cost nothing against the daily budget (rule 7), and
+    its one token (at least) made the LLM look many times slower per token (rule 5)."""
+    reply = {**COMPLETION, **({"usage": usage} if usage else {})}
     engine = OpenAIEngine(
         model="m", base_url=f"{fault_server('canned', (200, 'application/json', json.dumps(reply).encode()))}/v1"
     )
     result = engine.chat(HELLO)
-    assert (result.text, result.prompt_tokens, result.completion_tokens) == ("Pear.", 0, 0)
+    # About three characters a token: the prompt as the balancer estimates it, "Pear." as two tokens.
+    assert (result.text, result.prompt_tokens, result.completion_tokens) == ("Pear.", estimate_tokens(HELLO), 2)
+
+
+def test_a_stream_without_usage_has_its_tokens_estimated(fault_server):
+    """The prompt counted as 0 tokens, the reply as one a piece."""
+    engine = streaming(fault_server, [_chunk({"content": "Pe"}), _chunk({"content": "ar."}, "stop"), DONE])
+    result = next(chunk.result for chunk in engine.stream(HELLO) if chunk.result)
+    assert (result.text, result.prompt_tokens, result.completion_tokens) == ("Pear.", estimate_tokens(HELLO), 2)
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1e12", 3600.0), ("inf", 3600.0), ("nan", None), ("30", 30.0)])
@@ -127,3 +144,132 @@ def test_a_retry_after_beyond_any_real_one_is_capped(fault_server, value, expect
     with pytest.raises(EngineRateLimited) as error:
         OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
     assert error.value.retry_after == expected
+
+
+def _chunk(delta: dict | None = None, finish_reason: str | None = None) -> bytes:
+    """One event of a chat completion stream."""
+    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish_reason}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def streaming(fault_server, pieces: list[bytes], interval: float = 0.0, **settings) -> OpenAIEngine:
+    """An engine whose server streams ``pieces``, ``interval`` seconds apart, then closes the connection."""
+    url = fault_server("pieces", (200, "text/event-stream", pieces), interval=interval)
+    return OpenAIEngine(model="m", base_url=f"{url}/v1", **settings)
+
+
+def test_a_stream_that_keeps_sending_ends_at_its_timeout(fault_server):
+    """httpx's timeout bounds each read: a server that sent a token every 0.2 s ran its whole 5 s past a
+    timeout of 1 s, and a step past its time limit."""
+    pieces = [_chunk({"content": "tok"})] * 25 + [_chunk(finish_reason="stop"), DONE]
+    engine = streaming(fault_server, pieces, interval=0.2)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s") as error:
+        list(engine.stream(HELLO, ChatOptions(timeout=1.0)))
+    assert time.monotonic() - started < 2.5
+    assert error.value.transient
+
+
+def test_the_operators_request_timeout_caps_the_callers_timeout(fault_server):
+    """The caller's timeout (the time left before the step's deadline, up to 300 s) replaced it: a
+    request_timeout of 0.5 s waited out the whole 3 s of a server that hangs."""
+    engine = OpenAIEngine(model="m", base_url=f"{fault_server('hang')}/v1", request_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout):
+        engine.chat(HELLO, ChatOptions(timeout=30))
+    assert time.monotonic() - started < 2.5
+    slow = streaming(
+        fault_server,
+        [_chunk({"content": "tok"})] * 10 + [_chunk(finish_reason="stop")],
+        interval=0.2,
+        request_timeout=0.5,
+    )
+    with pytest.raises(EngineTimeout, match=r"past its timeout of 0\.5s"):
+        list(slow.stream(HELLO, ChatOptions(timeout=30)))
+
+
+def test_an_error_event_in_a_stream_is_an_unavailable_engine(fault_server):
+    """vLLM and llama.cpp's server report a failing engine so; it was a bare, permanent EngineError: no
+    failover, and an outcome of "error" instead of a fault of the LLM's server."""
+    error = b'data: {"error": {"message": "the engine crashed", "type": "server_error"}}\n\n'
+    with pytest.raises(EngineUnavailable, match="the engine crashed") as raised:
+        list(streaming(fault_server, [error]).stream(HELLO))
+    assert raised.value.transient
+
+
+def test_a_stream_cut_before_its_finish_reason_is_an_unavailable_engine(fault_server):
+    """A stream closed after "Hel", "lo" (no finish reason, no [DONE]) counted as the whole reply "Hello",
+    and the OpenAI-compatible API then said it finished with "stop"."""
+    chunks = streaming(fault_server, [_chunk({"content": "Hel"}), _chunk({"content": "lo"})]).stream(HELLO)
+    assert [next(chunks).text, next(chunks).text] == ["Hel", "lo"]
+    with pytest.raises(EngineUnavailable, match="ended before the reply was done") as error:
+        next(chunks)
+    assert error.value.transient
+
+
+def test_tool_call_deltas_without_an_index_are_told_apart_by_their_ids(fault_server):
+    """A missing index counted as 0: calls c1 (a) and c2 (b) became one call a with the arguments
+    {"x":1}{"y":2}."""
+
+    def call(call_id: str | None, name: str | None, arguments: str) -> dict:
+        function = {"arguments": arguments, **({"name": name} if name else {})}
+        return {"tool_calls": [{**({"id": call_id, "type": "function"} if call_id else {}), "function": function}]}
+
+    pieces = [_chunk(call("c1", "a", '{"x":')), _chunk(call(None, None, "1}")), _chunk(call("c2", "b", '{"y":2}')),
+              _chunk(finish_reason="tool_calls"), DONE]  # fmt: skip
+    result = next(chunk.result for chunk in streaming(fault_server, pieces).stream(HELLO) if chunk.result)
+    calls = [(call["id"], call["function"]["name"], call["function"]["arguments"]) for call in result.tool_calls]
+    assert calls == [("c1", "a", '{"x":1}'), ("c2", "b", '{"y":2}')]
+
+
+def test_a_429_for_an_exhausted_quota_is_the_llms_fault_not_a_rate_limit_to_wait_out(fault_server):
+    """It was a transient EngineRateLimited: steps were retried against a key that cannot recover."""
+    error = {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
+    url = fault_server("canned", (429, "application/json", json.dumps({"error": error}).encode()))
+    with pytest.raises(EngineQuotaExceeded, match="out of quota") as raised:
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+    assert not raised.value.transient
+    assert raised.value.llm_at_fault
+
+
+def test_a_408_is_transient(fault_server):
+    """A request the server (or a proxy) gave up waiting for was a permanent bad request."""
+    body = json.dumps({"error": {"message": "request timeout"}}).encode()
+    with pytest.raises(EngineUnavailable, match="408") as error:
+        OpenAIEngine(model="m", base_url=f"{fault_server('canned', (408, 'application/json', body))}/v1").chat(HELLO)
+    assert error.value.transient
+
+
+def test_a_base_url_without_v1_is_unhealthy_and_the_check_says_so(openai_server):
+    """Its 404 on /models was reported healthy ("the server does not list its models"), yet every call
+    was a 404."""
+    health = OpenAIEngine(model="smollm2", base_url=openai_server.removesuffix("/v1")).health()
+    assert not health.ok
+    assert "lacks /v1" in health.detail
+
+
+def test_a_server_that_does_not_list_its_models_is_reachable(fault_server):
+    """Some OpenAI-compatible servers answer 404 on /models (and on /v1/models): reachable is all that can
+    be told of them, and their calls may well work."""
+    url = fault_server("canned", (404, "application/json", b'{"error": {"message": "not found"}}'))
+    health = OpenAIEngine(model="m", base_url=f"{url}/v1").health()
+    assert health.ok and "does not list its models" in health.detail
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><body>Welcome to nginx!</body></html>"),
+        ("application/json", json.dumps({"object": "list", "data": [{"object": "model"}]}).encode()),
+        ("application/json", b"[1, 2]"),
+    ],
+    ids=["html", "a model without an id", "a list"],
+)
+def test_a_model_list_that_is_not_one_is_unhealthy_rather_than_raise(fault_server, content_type, body):
+    """The check raised (a JSONDecodeError, a TypeError), and with it the health check of every LLM."""
+    health = OpenAIEngine(model="m", base_url=f"{fault_server('canned', (200, content_type, body))}/v1").health()
+    assert not health.ok
