@@ -31,3 +31,4 @@ urlpatterns = [
 ]
 
 handler404 = "orchestration.api_handler.not_found"
+handler500 = "orchestration.api_handler.internal_error"

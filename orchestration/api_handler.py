@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,8 @@ from django.core.validators import RegexValidator
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import get_script_prefix, reverse
-from django.views.defaults import page_not_found
+from django.views.decorators.csrf import csrf_exempt
+from django.views.defaults import page_not_found, server_error
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -558,9 +560,60 @@ class TaskPaginator(Paginator):
 
 
 class TaskPagination(PageNumberPagination):
+    """The page and its size as the view validated them, rather than read again from the query."""
+
     django_paginator_class = TaskPaginator
-    page_size_query_param = "page_size"
     max_page_size = 500
+
+    def __init__(self, *, page: int = 1, page_size: int | None = None) -> None:
+        self.number = page
+        self.size = page_size
+
+    def get_page_number(self, request: Request, paginator: Paginator) -> int:
+        return self.number
+
+    def get_page_size(self, request: Request) -> int:
+        return self.page_size if self.size is None else min(self.size, self.max_page_size)
+
+
+class QueryParameter(serializers.CharField):
+    """A query parameter that may be left out, and is refused when sent empty (`?status=`): DRF takes the
+    empty value of a query (as of a form) for a parameter not sent, and an empty filter listed every task."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(required=False, **kwargs)
+
+    def get_value(self, dictionary: Any) -> Any:
+        return dictionary.get(self.field_name, serializers.empty)  # of a query, its last value, as DRF's
+
+
+class FilterField(QueryParameter):
+    default_error_messages = {"blank": "must not be empty: leave the parameter out to list every task"}
+
+
+# A page number or size of more digits than this one is taken as this one: past any page, and over the
+# largest page size (Python's int() refuses a number of over 4,300 digits).
+PAGE_NUMBER_MAX = 10**18
+
+
+class PageNumberField(QueryParameter):
+    """`page` or `page_size`: a whole number from 1, in digits, else a 400 naming it. DRF's IntegerField took
+    "1.0" (and "" for not sent), which the paginator, reading the query itself, then answered with a 404
+    (`page`) or ignored (`page_size`): the paginator is handed the number validated here."""
+
+    default_error_messages = {
+        "invalid": "must be a whole number from 1, in digits",
+        "blank": "must be a whole number from 1, in digits",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(trim_whitespace=False, **kwargs)
+
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        value = super().run_validation(data)
+        if not re.fullmatch(r"[1-9][0-9]*", value):
+            self.fail("invalid")
+        return int(value) if len(value) < len(str(PAGE_NUMBER_MAX)) else PAGE_NUMBER_MAX
 
 
 class TaskListApi(APIView):
@@ -568,13 +621,13 @@ class TaskListApi(APIView):
 
     class FilterSerializer(ClosedInputSerializer):
         """The query: a parameter it does not know (a misspelled filter, which would list every task) is a
-        400 naming it, as is a page or page size that is not a whole number from 1."""
+        400 naming it, as is an empty filter, or a page or page size that is not a whole number from 1."""
 
-        status = serializers.CharField(required=False)
-        profile = serializers.CharField(required=False, max_length=64, help_text="Only the tasks of this profile.")
-        role = serializers.CharField(required=False, max_length=64, help_text="Only the tasks of this role.")
-        page = serializers.IntegerField(required=False, min_value=1)
-        page_size = serializers.IntegerField(required=False, min_value=1)
+        status = FilterField()
+        profile = FilterField(max_length=64, help_text="Only the tasks of this profile.")
+        role = FilterField(max_length=64, help_text="Only the tasks of this role.")
+        page = PageNumberField()
+        page_size = PageNumberField()
 
     @extend_schema_serializer(component_name="TaskSummary")
     class OutputSerializer(serializers.ModelSerializer):
@@ -624,8 +677,8 @@ class TaskListApi(APIView):
                 description="One page of task summaries.",
             ),
             400: error(
-                "`invalid`: an unknown status, a query parameter the list does not take (`unknown field`), or a "
-                "page or page size that is not a whole number from 1; `field` names the parameter."
+                "`invalid`: an unknown status, an empty filter, a query parameter the list does not take (`unknown "
+                "field`), or a page or page size that is not a whole number from 1; `field` names the parameter."
             ),
             **errors(401),
             404: error("`not_found`: the page is after the last one."),
@@ -634,8 +687,8 @@ class TaskListApi(APIView):
     def get(self, request: Request) -> Response:
         filters = self.FilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        selection = {k: v for k, v in filters.validated_data.items() if k not in ("page", "page_size")}
-        paginator = TaskPagination()  # reads the page and its size, checked above, from the query itself
+        selection = dict(filters.validated_data)
+        paginator = TaskPagination(page=selection.pop("page", 1), page_size=selection.pop("page_size", None))
         page = paginator.paginate_queryset(task_list(**selection), request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
 
@@ -1072,11 +1125,21 @@ def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     return page_not_found(request, exception)
 
 
+@csrf_exempt  # as the API's views are: a POST with a token but no CSRF cookie got Django's HTML 403
 def unknown_endpoint(request: HttpRequest, *_args: Any, **_kwargs: Any) -> HttpResponse:
     """Any other path under /api/ (the last URL pattern there): the JSON 404, with DEBUG on too (Django's
     page for it is HTML), and never a redirect to the path with a slash appended, which Django answers
     a POST with a 500 under DEBUG and a 301 otherwise (a client follows it as a GET)."""
     return JsonResponse({"code": "not_found", "detail": f"no such endpoint: {request.path}"}, status=404)
+
+
+def internal_error(request: HttpRequest) -> HttpResponse:
+    """Django's 500 handler (an exception no handler of the API turned into an answer): the API's error
+    body under /api/, Django's page elsewhere (the admin). Not used with DEBUG on, which shows the traceback."""
+    if request.path_info.startswith("/api/"):  # under any script prefix
+        detail = "the server failed to answer the request; its log has the error"
+        return JsonResponse({"code": "server_error", "detail": detail}, status=500)
+    return server_error(request)
 
 
 def _check_database() -> str:

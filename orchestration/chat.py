@@ -30,7 +30,16 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
-from balancer.load_balancer import CallStopped, Decision, LoadBalancer, candidates, direct_call, estimate_tokens
+from balancer.load_balancer import (
+    CallStopped,
+    Decision,
+    LoadBalancer,
+    NoCandidate,
+    candidates,
+    check_servable,
+    direct_call,
+    estimate_tokens,
+)
 from llm_engines.base import ChatOptions, ChatResult, Engine
 from llm_engines.errors import EngineError, EngineTimeout
 from llm_engines.registry import get_engine
@@ -334,7 +343,8 @@ def _is_neutral(value: Any, neutral: Any) -> bool:
 
 
 def _resolve(config: Configuration, model: Any) -> tuple[RoleConfig | None, str | None]:
-    """The role that ``model`` names, or the LLM's id; ``ChatError`` 404 when it names neither."""
+    """The role that ``model`` names, or the LLM's id; ``ChatError`` 404 when it names neither that GET
+    /v1/models lists (an LLM not ``offered``, a role not ``served``)."""
     if model is None or model == "":
         raise ChatError("model is required: an LLM's id or a role as profile/role (GET /v1/models)", param="model")
     if not isinstance(model, str):
@@ -342,9 +352,12 @@ def _resolve(config: Configuration, model: Any) -> tuple[RoleConfig | None, str 
     if "/" in model:
         profile, _, role = model.partition("/")
         try:
-            return config.role(profile, role), None
+            role_config = config.role(profile, role)
         except LookupError:
             pass
+        else:
+            if served(config, role_config):  # GET /v1/models lists no other role
+                return role_config, None
     elif offered(config, model):
         return None, model
     raise ChatError(
@@ -360,6 +373,15 @@ def offered(config: Configuration, llm_id: str) -> bool:
     api LLM with a cost is reached through a role, whose profile's daily budget bounds what it spends)."""
     llm = config.llms.get(llm_id)
     return llm is not None and llm.toggle and not llm.locked and not llm.cost_per_1k_tokens
+
+
+def served(config: Configuration, role: RoleConfig) -> bool:
+    """Whether a request may name the role: an LLM can serve it (``check_servable``)."""
+    try:
+        check_servable(config, role)
+    except NoCandidate:
+        return False
+    return True
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -378,7 +400,9 @@ def parse_request(body: Any) -> ChatRequest:
     config = configuration()
     role, llm_id = _resolve(config, body.get("model"))
     messages, images = check_messages(body.get("messages"))
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:  # null is false, as OpenAI takes it (and this server every other optional parameter)
+        stream = False
     if not isinstance(stream, bool):
         raise ChatError("stream must be true or false", param="stream")
     stream_options = body.get("stream_options")

@@ -78,13 +78,33 @@ class LoopState:
     code_role: str | None = None  # the coder role that wrote ``files`` (and whose LLM ``llm`` is)
 
 
+def undone_feedback(history: list[dict[str, Any]]) -> set[int]:
+    """The positions in ``history`` of the feedback events whose round could not be queued: the request
+    that recorded one undid it (``services.task_feedback``) with an ``enqueue_failed`` right after it, or
+    after the ``scheduled`` note of the round's jobs. Such feedback was refused: it counts for nothing."""
+    undone = set()
+    feedback = None
+    for index, event in enumerate(history):
+        kind = event["event"]
+        if kind == "feedback":
+            feedback = index
+        elif kind == "enqueue_failed" and feedback is not None:
+            undone.add(feedback)
+            feedback = None
+        elif kind != "scheduled":
+            feedback = None
+    return undone
+
+
 def loop_state(packet: Mapping[str, Any]) -> LoopState:
     """The loop's state from the packet's payload and history."""
     payload = packet["payload"]
     state = LoopState(coder_role=packet["role"], files=[dict(item) for item in payload.get("files", [])])
     if payload.get("tests"):
         state.tests, state.tests_source = payload["tests"], "given"
-    for event in current_run(packet["history"]):
+    history = current_run(packet["history"])
+    undone = undone_feedback(history)
+    for index, event in enumerate(history):
         detail = event["detail"]
         step = detail.get("step")
         kind = event["event"]
@@ -92,6 +112,8 @@ def loop_state(packet: Mapping[str, Any]) -> LoopState:
             state.coder_role, state.escalated = detail["to"], True
             state.rounds_in_role, state.signatures = 0, []
         elif kind == "feedback":
+            if index in undone:
+                continue  # its round was never queued, and the task went back to where it was
             state.rounds_in_role, state.signatures = 0, []
             state.feedback, state.feedback_iteration = detail["feedback"], detail["iteration"]
             if detail.get("tests"):

@@ -29,7 +29,7 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from balancer.configuration import Configuration
-from balancer.load_balancer import NoCandidate, NoCapacity, check_servable
+from balancer.load_balancer import NoCandidate, NoCapacity
 from llm_engines.base import ChatResult
 from llm_engines.errors import (
     ContextTooLong,
@@ -39,7 +39,17 @@ from llm_engines.errors import (
     EngineTimeout,
 )
 from orchestration.authentication import BearerAuthentication
-from orchestration.chat import ChatError, ChatRequest, Stream, complete, completion_id, now, offered, parse_request
+from orchestration.chat import (
+    ChatError,
+    ChatRequest,
+    Stream,
+    complete,
+    completion_id,
+    now,
+    offered,
+    parse_request,
+    served,
+)
 from orchestration.exceptions import RETRY_AFTER_OUTAGE_S
 from orchestration.exceptions import error_response as rest_error_response
 from orchestration.runtime import configuration
@@ -297,14 +307,12 @@ def _model(model_id: str, created: int) -> dict[str, Any]:
 def models(config: Configuration) -> list[str]:
     """The models a request may name: the LLMs offered by id, then every role that an LLM can serve."""
     llms = [llm_id for llm_id in config.llms if offered(config, llm_id)]
-    roles = []
-    for profile in config.profiles.values():
-        for role in profile.roles.values():
-            try:
-                check_servable(config, role)
-            except NoCandidate:
-                continue
-            roles.append(f"{profile.name}/{role.name}")
+    roles = [
+        f"{profile.name}/{role.name}"
+        for profile in config.profiles.values()
+        for role in profile.roles.values()
+        if served(config, role)
+    ]
     return llms + roles
 
 

@@ -18,6 +18,7 @@ from balancer import load_balancer
 from balancer.configuration import RoleConfig
 from orchestration import orchestration_engine
 from orchestration.exceptions import ApplicationError
+from orchestration.loop import current_run
 from orchestration.packets import (
     AWAITING_FEEDBACK,
     CANCELLED,
@@ -121,6 +122,8 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
         stored = task_store().create(packet)
     except TaskExists as exists:
         return _resubmit(exists.packet, profile=profile, role=role, payload=payload, role_config=role_config), False
+    except CorruptState as exc:  # the task_id's file exists and is not a task packet
+        raise corrupt_state_error(exc) from None
     except UnicodeEncodeError:
         # JSON admits unpaired surrogates; UTF-8 does not. The packet's encoding, before any file
         # is written, is where that shows.
@@ -213,7 +216,7 @@ def task_feedback(
             code="no_feedback_loop",
         )
     step: list[str] = []
-    previous: list[str] = []
+    previous: list[Any] = []  # the task's status and iteration before the feedback
 
     def add(packet: dict[str, Any]) -> bool:
         if message_id and _feedback_taken(packet["history"], message_id):
@@ -233,9 +236,9 @@ def task_feedback(
                 status_code=409,
                 code="plan_running",
             )
-        iteration = packet["iteration"] + 1
+        iteration = max(packet["iteration"], _feedback_rounds(packet["history"])) + 1
         step.append(f"{iteration}.feedback")
-        previous.append(packet["status"])
+        previous.extend((packet["status"], packet["iteration"]))
         packet["status"] = RUNNING
         packet["iteration"] = iteration
         detail = {"step": step[0], "iteration": iteration, "route": route, "feedback": feedback}
@@ -268,7 +271,7 @@ def task_feedback(
                 or history[since]["detail"].get("step") != step[0]
             ):
                 return False
-            current["status"] = previous[0]
+            current["status"], current["iteration"] = previous
             detail = {"error": error, **({"message_id": message_id} if message_id else {})}
             current["history"].append(history_event("enqueue_failed", status=previous[0], detail=detail))
             return True
@@ -294,6 +297,15 @@ def _in_running_plan(packet: dict[str, Any]) -> bool:
     except TaskNotFound:
         return False
     return parent["status"] == RUNNING and packet["task_id"] in orchestration_engine.plan_children(parent)
+
+
+def _feedback_rounds(history: list[dict[str, Any]]) -> int:
+    """The last round a feedback of the task's current run named, one whose round could not be queued
+    included. Its undo gave the task its iteration back, but the round's number stays taken: the engine
+    finds the jobs noted after a step by the step's name (``N.feedback``), and would take the undone
+    round's note, whose jobs never reached the queue, for the new round's."""
+    rounds = (event["detail"]["iteration"] for event in current_run(history) if event["event"] == "feedback")
+    return max(rounds, default=0)
 
 
 def _feedback_taken(history: list[dict[str, Any]], message_id: str) -> bool:

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from django.utils.dateparse import parse_datetime
 
 from balancer.files import atomic_write
 from orchestration.models import Task
-from orchestration.packets import now_iso, parse_task_id
+from orchestration.packets import STATUSES, now_iso, parse_task_id
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +40,58 @@ class CorruptState(Exception):
     """A state file that is not a task packet; the message names the file and the problem."""
 
 
-REQUIRED_FIELDS = ("task_id", "profile", "role", "status", "payload", "history", "version", "created_at", "updated_at")
+# A task id in the canonical form that ``parse_task_id`` gives: matched, not parsed, as a planner's packet
+# names each of its children (7 us a parse, against 0.3 us a match, at every read of the packet).
+_TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _is_task_id(value: Any) -> bool:
+    return isinstance(value, str) and _TASK_ID.fullmatch(value) is not None
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and parse_datetime(value) is not None
+    except ValueError:  # the form of one, but no such time (a 13th month)
+        return False
+
+
+def _is_history(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        type(event) is dict and type(event.get("event")) is str and type(event.get("detail")) is dict for event in value
+    )
+
+
+# Each field of a packet, with what its value must be: a file that has a field of another type (a
+# "history": null, say) would otherwise be read as a packet and break the code that uses the field
+# (an HTML 500 where the API promises its corrupt_state error).
+FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task_id": (lambda value: isinstance(value, str), "a string"),
+    "profile": (lambda value: isinstance(value, str), "a string"),
+    "role": (lambda value: isinstance(value, str), "a string"),
+    "status": (lambda value: value in STATUSES, f"one of {', '.join(STATUSES)}"),
+    "payload": (lambda value: isinstance(value, dict), "an object"),
+    "result": (lambda value: value is None or isinstance(value, dict), "an object or null"),
+    "history": (_is_history, "a list of events, each an object with an `event` text and a `detail` object"),
+    "iteration": (lambda value: type(value) is int and value >= 0, "a whole number from 0"),
+    "parent_id": (lambda value: value is None or _is_task_id(value), "a task id or null"),
+    "children": (lambda value: isinstance(value, list) and all(map(_is_task_id, value)), "a list of task ids"),
+    "version": (lambda value: type(value) is int and value >= 1, "a whole number from 1"),
+    "created_at": (_is_time, "an ISO 8601 time"),
+    "updated_at": (_is_time, "an ISO 8601 time"),
+}
 
 
 def check_packet(packet: Any, task_id: str) -> dict[str, Any]:
-    """The packet if it has the shape of one, else ``CorruptState``."""
+    """The packet if it has the shape of one, its fields' types included, else ``CorruptState``."""
     if not isinstance(packet, dict):
         raise CorruptState(f"the state file of task {task_id} does not hold a JSON object")
-    missing = [name for name in REQUIRED_FIELDS if name not in packet]
+    missing = [name for name in FIELD_CHECKS if name not in packet]
     if missing:
         raise CorruptState(f"the state file of task {task_id} lacks {', '.join(missing)}")
+    for name, (valid, what) in FIELD_CHECKS.items():
+        if not valid(packet[name]):
+            raise CorruptState(f"the state file of task {task_id} has a wrong {name}: it must be {what}")
     if packet["task_id"] != task_id:
         raise CorruptState(f"the state file of task {task_id} names another task, {packet['task_id']}")
     return packet
@@ -154,6 +197,10 @@ class TaskStore:
             if not replaced:
                 self._unmark(marker)  # the file is as it was, and so is its row
             raise
+        # A row that the guarded write left alone, at the packet's version or ahead of it, keeps the mark
+        # too: the sweep makes it what the file says. It may be the row of an earlier task of this id
+        # whose file was removed (as the corrupt_state error advises) before the id was submitted again,
+        # a cancelled version 2 over a queued version 1, or a row ahead of a file restored from a backup.
         if mirror_packet(packet):
             self._unmark(marker)
 
@@ -181,9 +228,9 @@ class TaskStore:
 
     def catch_up_mirror(self) -> int:
         """Write the rows of the tasks still marked unmirrored (their mirroring failed, the database
-        locked or down, or their writer died before it), each from its file as it is now, under the
-        task's lock: a write in progress holds it and unmarks its task itself. Returns how many were
-        written; stops at the first failure."""
+        locked or down, their writer died before it, or their row was ahead of the file), each from its
+        file as it is now, whatever version its row holds, under the task's lock: a write in progress
+        holds it and unmarks its task itself. Returns how many were written; stops at the first failure."""
         if not self._unmirrored.is_dir():
             return 0
         written = 0
@@ -193,7 +240,8 @@ class TaskStore:
                     if not marker.exists():
                         continue  # its writer finished meanwhile
                     packet = self.read(marker.name)
-                    if not mirror_packet(packet):
+                    # Forced: under the lock the file is the truth, and the row may be ahead of it.
+                    if not mirror_packet(packet, force=True):
                         break
                     marker.unlink(missing_ok=True)
             except TaskNotFound:  # its file was never written: the write failed, or its writer died first
@@ -262,16 +310,12 @@ def mirror_fields(packet: dict[str, Any]) -> dict[str, Any]:
 def mirror_row(packet: dict[str, Any], *, absent: bool = False, force: bool = False) -> bool:
     """Make the packet's row match it unless the row already holds a newer version; True if written.
     ``absent``: the caller found no row for the task (``sync_tasks``), so the INSERT is tried first.
-    ``force``: whatever version the row holds (``TaskStore.restore_row``, under the task's lock)."""
+    ``force``: whatever version the row holds (``TaskStore.restore_row`` and the sweep's
+    ``catch_up_mirror``, under the task's lock); a version 1 sets every field, as the row may be an
+    earlier task's of the same id (its file removed, and the id submitted again)."""
     row = mirror_fields(packet)
     fields = [(name, row[name]) for name in MIRRORED]
     key = ("task_id", packet["task_id"])
-    if force:
-        with _mirror_transaction():
-            if _execute(_RESTORE, [*((name, row[name]) for name in UPDATED), key]):
-                return True
-            _execute(_INSERT, [key, *fields])
-        return True
     if packet["version"] == 1 or absent:
         # A new task (the accept path), or a missing row: one INSERT, rather than an UPDATE, a SELECT and an INSERT.
         try:
@@ -279,7 +323,14 @@ def mirror_row(packet: dict[str, Any], *, absent: bool = False, force: bool = Fa
                 _execute(_INSERT, [key, *fields])
             return True
         except IntegrityError:
-            pass  # its row exists (the mirror was rebuilt meanwhile): made to match below
+            pass  # its row exists (the mirror was rebuilt meanwhile, or it is an earlier task's): made to match below
+    if force:
+        kind, names = (_REPLACE, MIRRORED) if packet["version"] == 1 else (_RESTORE, UPDATED)
+        with _mirror_transaction():
+            if _execute(kind, [*((name, row[name]) for name in names), key]):
+                return True
+            _execute(_INSERT, [key, *fields])
+        return True
     update = [*((name, row[name]) for name in UPDATED), key, ("version", packet["version"])]
     with _mirror_transaction():
         if _execute(_UPDATE, update):
@@ -312,21 +363,24 @@ def _mirror_transaction() -> Iterator[None]:
 _INSERT = "insert"
 _UPDATE = "update"
 _RESTORE = "restore"  # the UPDATE without its guard on the version
+_REPLACE = "replace"  # the same, of every field but the key
 
 
 @functools.cache
 def _statement(kind: str, vendor: str) -> str:
-    """The mirror's INSERT, or its UPDATE of a row holding an older version, for the database ``vendor``:
+    """The mirror's INSERT, or its UPDATE of a row holding an older version (or any version: ``_RESTORE``,
+    ``_REPLACE``), for the database ``vendor``:
     written once, where the ORM built the same statement at every write (half of a write's cost). The
     values are still converted by the model's fields (``_execute``)."""
     quote = connection.ops.quote_name
     table = quote(Task._meta.db_table)
-    columns = [quote(Task._meta.get_field(name).column) for name in (MIRRORED if kind == _INSERT else UPDATED)]
+    fields = MIRRORED if kind in (_INSERT, _REPLACE) else UPDATED
+    columns = [quote(Task._meta.get_field(name).column) for name in fields]
     if kind == _INSERT:
         names = ", ".join([quote("task_id"), *columns])
         return f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * (len(columns) + 1))})"
     assignments = ", ".join(f"{column} = %s" for column in columns)
-    if kind == _RESTORE:
+    if kind in (_RESTORE, _REPLACE):
         return f"UPDATE {table} SET {assignments} WHERE {quote('task_id')} = %s"
     return f"UPDATE {table} SET {assignments} WHERE {quote('task_id')} = %s AND {quote('version')} < %s"
 
@@ -340,12 +394,12 @@ def _execute(kind: str, values: list[tuple[str, Any]]) -> int:
         return cursor.rowcount
 
 
-def mirror_packet(packet: dict[str, Any]) -> bool:
-    """Write the packet's row; False when the database failed. The failure is logged, not raised:
-    the file is already the truth, and the recovery sweeper brings the row up to date."""
+def mirror_packet(packet: dict[str, Any], *, force: bool = False) -> bool:
+    """Write the packet's row (``mirror_row``); False when the database failed, or when the row was left
+    alone (it holds the packet's version or a newer one). A failure is logged, not raised: the file is
+    already the truth, and the recovery sweeper brings the row up to date."""
     try:
-        mirror_row(packet)
+        return mirror_row(packet, force=force)
     except DatabaseError as exc:
         logger.warning("task %s: database mirror not updated (%s); the recovery sweep will", packet["task_id"], exc)
         return False
-    return True

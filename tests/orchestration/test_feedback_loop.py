@@ -535,3 +535,48 @@ def test_recoveries_before_a_feedback_do_not_count_against_its_round(here):
     noted = task_store().read(packet["task_id"])["history"][-1]["detail"]
     assert noted["steps"] == ["2.coder"]  # the feedback's round, queued
     assert set(noted["job_ids"]) <= recovery.queued_jobs(broker, [f"{profile}.fast_coder"])
+
+
+def test_feedback_whose_round_could_not_be_queued_leaves_the_task_as_it_was(api, here, monkeypatch):
+    """Redis refused the feedback's round (503, "the task is as it was"), and the undo gave back only the
+    status: the refused feedback's tests replaced the task's for every later round (posted again without
+    tests, the round still ran them), its text stayed the loop's feedback, and the task's iteration
+    stayed a round on. Posted again once Redis is back, the feedback's round is queued."""
+    from celery.canvas import Signature
+    from kombu.exceptions import OperationalError
+
+    from orchestration import loop, recovery
+    from orchestration.packets import history_event, new_packet
+    from orchestration.runtime import task_store
+
+    profile, broker, _ = here
+    payload = {"instruction": "add", "tests": TESTS}
+    packet = new_packet(task_id=str(uuid.uuid4()), profile=profile, role="fast_coder", payload=payload)
+    packet["status"], packet["iteration"] = "failed", 1
+    packet["history"] = [history_event("failed", status="failed", detail={"reason": "step 1.coder: no answer"})]
+    before = task_store().create(packet)
+    url = f"/api/v1/tasks/{packet['task_id']}/feedback"
+
+    def redis_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    refused = {"feedback": "REFUSED", "tests": "def test_refused():\n    assert False\n"}
+    with monkeypatch.context() as down:
+        down.setattr(Signature, "apply_async", redis_down)
+        response = api.post(url, data=json.dumps(refused), content_type="application/json")
+    assert response.status_code == 503 and response.json()["code"] == "queue_unavailable"
+    after = task_store().read(packet["task_id"])
+    assert [e["event"] for e in after["history"]] == ["failed", "feedback", "scheduled", "enqueue_failed"]
+    assert (after["status"], after["iteration"]) == ("failed", 1)
+    assert loop.loop_state(after) == loop.loop_state(before)
+
+    response = api.post(url, data=json.dumps({"feedback": "take two"}), content_type="application/json")
+    assert response.status_code == 202, response.content
+    taken = task_store().read(packet["task_id"])
+    state = loop.loop_state(taken)
+    assert (state.tests, state.feedback, state.feedback_iteration) == (TESTS, "take two", taken["iteration"])
+    # Round 3: round 2's number stays with the undone round, whose note the engine would take for this one's.
+    assert taken["iteration"] == 3
+    noted = taken["history"][-1]["detail"]
+    assert noted["after"] == "3.feedback"
+    assert set(noted["job_ids"]) <= recovery.queued_jobs(broker, [f"{profile}.debug"])

@@ -120,3 +120,32 @@ def test_after_an_escalation_the_new_coder_writes_the_code_before_debug_may_keep
                  event("step", step="3.debug", result={"wrong": "test", "diagnosis": "d"})]  # fmt: skip
     state = loop.loop_state({**packet, "history": rewritten})
     assert loop.keeps_code(state) and (state.llm, state.code_role) == ("big", "deep_coder")
+
+
+def test_feedback_whose_round_could_not_be_queued_counts_for_nothing():
+    """The request that took the feedback undid it (Redis refused its round: an ``enqueue_failed`` after it,
+    or after its round's ``scheduled`` note), but the loop still read it: its tests replaced the task's,
+    its text was the feedback, and the rounds since it started again from 0."""
+
+    def event(kind, **detail):
+        return {"event": kind, "llm": "m", "detail": detail}
+
+    refused = event("feedback", step="2.feedback", iteration=2, route="debug", feedback="refused", tests="bad")
+    history = [
+        event("verdict", step="1.verdict", signature="s1", checks=FAIL_A),
+        event("failed", reason="the same failure"),
+        refused,
+        event("scheduled", after="2.feedback", steps=["2.debug"]),
+        event("enqueue_failed", error="Connection refused"),
+    ]
+    packet = {"role": "fast_coder", "payload": {"instruction": "i", "tests": "t"}, "history": history}
+    state = loop.loop_state(packet)
+    assert state == loop.loop_state({**packet, "history": history[:2]})
+    assert (state.tests, state.feedback, state.rounds_in_role) == ("t", None, 1)
+    assert loop.loop_state({**packet, "history": [*history[:3], history[4]]}) == state  # undone before any note
+    taken = event("feedback", step="3.feedback", iteration=3, route="debug", feedback="taken")
+    state = loop.loop_state({**packet, "history": [*history, taken]})
+    assert (state.tests, state.feedback, state.feedback_iteration, state.rounds_in_role) == ("t", "taken", 3, 0)
+    # A feedback taken stays taken whatever comes after its round's note.
+    later = [*history[:4], event("step", step="2.debug", result={}), event("enqueue_failed", error="x")]
+    assert loop.loop_state({**packet, "history": later}).feedback == "refused"

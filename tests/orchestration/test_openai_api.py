@@ -490,3 +490,28 @@ def test_a_streams_completion_is_given_back_when_its_generation_has_stopped_not_
     working.set()
     assert ended.wait(5)
     assert stream._next()[0] == "error"
+
+
+def test_stream_null_is_a_whole_answer(web, key):
+    """OpenAI takes `"stream": null` for false, as this server takes null for every other optional
+    parameter; it answered 400 "stream must be true or false"."""
+    response = requests.post(
+        f"{web}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": None},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion"
+    assert response.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
+def test_a_role_no_llm_can_serve_is_no_model_for_chat_either(client):
+    """GET /v1/models/productivity/vision is a 404 (no LLM has vision), but a chat naming it answered 400
+    no_llm_available: a model the client may not name is a 404, wherever it is named."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("productivity/vision")
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="productivity/vision", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"

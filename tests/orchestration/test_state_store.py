@@ -276,3 +276,89 @@ def test_a_row_said_absent_that_is_there_is_updated_or_left_newer_inside_a_batch
         assert mirror_row(other, absent=True)  # really absent: inserted
     rows = {str(row.task_id): (row.version, row.status) for row in Task.objects.all()}
     assert rows == {older["task_id"]: (3, "succeeded"), other["task_id"]: (2, "running")}
+
+
+@pytest.mark.django_db
+def test_a_task_created_again_over_its_removed_file_keeps_its_mark_until_the_sweep_makes_its_row_new(store):
+    """The file of a cancelled task (version 2) was removed, as the corrupt_state error advises, and its id
+    submitted again: the guarded write left the row at the cancelled version 2 over the new file's queued
+    version 1 and removed the unmirrored mark, so nothing repaired the row."""
+    from django.utils.dateparse import parse_datetime
+
+    first = store.create(make_packet())
+    store.update(first["task_id"], lambda packet: packet.update(status="cancelled") or True)
+    store.path(first["task_id"]).unlink()
+    again = store.create(make_packet(task_id=first["task_id"], role="architect", parent_id=str(uuid.uuid4())))
+    assert [marker.name for marker in (store.root / ".unmirrored").iterdir()] == [first["task_id"]]
+    assert store.catch_up_mirror() == 1  # the sweep
+    row = Task.objects.get(task_id=first["task_id"])
+    assert (row.version, row.status, row.role, str(row.parent_id)) == (1, "queued", "architect", again["parent_id"])
+    assert row.packet == again == store.read(first["task_id"])
+    assert row.created_at == parse_datetime(again["created_at"])
+    assert not any((store.root / ".unmirrored").iterdir())
+
+
+@pytest.mark.django_db
+def test_an_update_whose_row_is_ahead_of_its_file_keeps_its_mark_until_the_sweep_restores_the_row(store):
+    """A file restored from a backup (version 2) under a row at version 3: the next write (version 3)
+    left the row as it was, another write's, and removed the mark."""
+    packet = store.create(make_packet())
+    backup = store.update(packet["task_id"], lambda current: current.update(iteration=1) or True)[0]
+    store.update(packet["task_id"], lambda current: current.update(status="cancelled") or True)
+    store.path(packet["task_id"]).write_text(json.dumps(backup))
+    written = store.update(packet["task_id"], lambda current: current.update(status="running") or True)[0]
+    assert Task.objects.get(task_id=packet["task_id"]).status == "cancelled"
+    assert store.catch_up_mirror() == 1
+    row = Task.objects.get(task_id=packet["task_id"])
+    assert (row.version, row.status, row.packet) == (3, "running", written)
+    assert not any((store.root / ".unmirrored").iterdir())
+
+
+def _valid_packet() -> dict:
+    return {**make_packet(status="running", result={"output": "x"}, children=[str(uuid.uuid4())]), "version": 3}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("history", None),
+        ("history", {}),
+        ("history", ["an event"]),
+        ("history", [{"event": "claimed", "detail": None}]),
+        ("history", [{"detail": {}}]),
+        ("status", "bogus"),
+        ("status", ["queued"]),
+        ("version", "3"),
+        ("version", True),
+        ("version", 0),
+        ("version", 3.0),
+        ("payload", ["input"]),
+        ("payload", None),
+        ("profile", 7),
+        ("role", None),
+        ("result", "done"),
+        ("iteration", -1),
+        ("iteration", None),
+        ("parent_id", "../../etc/passwd"),
+        ("parent_id", 7),
+        ("children", None),
+        ("children", ["not-a-uuid"]),
+        ("created_at", 1767225600),
+        ("updated_at", "yesterday"),
+        ("updated_at", "2026-13-01T00:00:00Z"),
+    ],
+)
+def test_a_state_file_whose_field_has_a_wrong_type_is_corrupt(store, field, value):
+    """Only the fields' presence was checked: a file with `"history": null` was read as a packet, and the
+    code that used the field failed (an HTML 500 where the API promises its corrupt_state error)."""
+    from orchestration.state_store import CorruptState
+
+    packet = _valid_packet()
+    store.path(packet["task_id"]).parent.mkdir(parents=True, exist_ok=True)
+    store.path(packet["task_id"]).write_text(json.dumps(packet))
+    assert store.read(packet["task_id"]) == packet
+    store.path(packet["task_id"]).write_text(json.dumps({**packet, field: value}))
+    with pytest.raises(CorruptState, match=f"has a wrong {field}: it must be "):
+        store.read(packet["task_id"])
+    with pytest.raises(CorruptState):
+        store.update(packet["task_id"], lambda current: True)

@@ -417,3 +417,75 @@ def test_an_unknown_field_with_a_huge_name_is_not_echoed_back_whole(api, state_d
     assert response.status_code == 400
     assert response.json()["field"] == "k" * 200 + "…"
     assert len(response.content) < 1000
+
+
+def test_an_unsafe_method_to_an_unknown_api_path_is_the_json_404_not_a_csrf_page(api_user):
+    """The catch-all view of /api/ was not exempt from CSRF, as the API's views are: a token client's POST,
+    PUT or DELETE to a path that names nothing got Django's HTML 403 "CSRF verification failed"."""
+    from rest_framework.authtoken.models import Token
+
+    client = APIClient(enforce_csrf_checks=True)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=api_user).key}")
+    for method in ("post", "put", "patch", "delete"):
+        for path in ("/api/v1/developer/planner/", f"/api/v1/tasks/{uuid.uuid4()}/bogus", "/api/v2/tasks/"):
+            response = getattr(client, method)(path, data="{}", content_type="application/json")
+            assert response.status_code == 404, (method, path, response.content[:200])
+            assert response.json()["code"] == "not_found"
+
+
+def _corrupt_packet(**fields) -> dict:
+    from orchestration.packets import new_packet
+
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="developer", role="fast_coder", payload={"instruction": "x"})
+    return {**packet, "status": "failed", "version": 2, **fields}
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[1, 2]", "{not json", json.dumps(_corrupt_packet(history=None)), json.dumps(_corrupt_packet(version="2"))],
+    ids=["not-an-object", "not-json", "history-null", "version-text"],
+)
+def test_every_endpoint_answers_a_corrupt_state_file_with_the_corrupt_state_error(api, state_dir, content):
+    """A submission with the task_id of a corrupt file got Django's HTML 500 (the read in the store's
+    create raised), and a file with all its fields, one of the wrong type (`"history": null`), was read
+    as a packet: GET answered it, and cancel, feedback and the events failed with HTML 500s."""
+    task_id = str(uuid.uuid4())
+    if content.startswith('{"'):
+        content = content.replace(json.loads(content)["task_id"], task_id)
+    (state_dir / f"{task_id}.json").write_text(content)
+    feedback = json.dumps({"feedback": "more"})
+    try:
+        for response in (
+            api.get(f"/api/v1/tasks/{task_id}"),
+            api.post(f"/api/v1/tasks/{task_id}/cancel"),
+            api.post(f"/api/v1/tasks/{task_id}/feedback", data=feedback, content_type="application/json"),
+            api.get(f"/api/v1/tasks/{task_id}/events"),
+            post(api, {"task_id": task_id, "payload": {"instruction": "x"}}, url="/api/v1/developer/fast_coder"),
+        ):
+            assert response.status_code == 500, response.content
+            assert response.json()["code"] == "corrupt_state"
+            assert task_id in response.json()["detail"] and "sync_tasks" in response.json()["detail"]
+    finally:
+        (state_dir / f"{task_id}.json").unlink()
+
+
+def test_an_unexpected_error_under_the_api_is_a_json_500_and_elsewhere_djangos_page(api_user, settings, monkeypatch):
+    """An exception that no handler of the API turned into an answer got Django's HTML page under /api/ too,
+    where every answer is the JSON error body."""
+    from rest_framework.authtoken.models import Token
+
+    from orchestration import api_handler
+
+    def broken(**kwargs):
+        raise RuntimeError("a bug")
+
+    settings.DEBUG = False
+    monkeypatch.setattr(api_handler, "task_get", broken)
+    monkeypatch.setattr(api_handler, "_check_database", broken)
+    client = APIClient(raise_request_exception=False)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=api_user).key}")
+    response = client.get(f"/api/v1/tasks/{uuid.uuid4()}")
+    assert response.status_code == 500 and response["Content-Type"] == "application/json"
+    assert response.json()["code"] == "server_error" and "a bug" not in response.json()["detail"]
+    response = client.get("/healthz")  # not under /api/: Django's page, as before
+    assert response.status_code == 500 and response["Content-Type"].startswith("text/html")

@@ -94,3 +94,36 @@ def test_a_page_reads_its_ids_from_the_index_then_its_rows_by_primary_key_alone(
     # The filter is not repeated on the rows: SQLite would then read every match through its index.
     assert '"profile"' not in rows.split("WHERE", 1)[1] and "ORDER BY" not in rows.upper()
     assert '"packet"' not in rows
+
+
+@pytest.mark.parametrize("name", ["status", "profile", "role"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_filter_is_400_naming_it_rather_than_listing_every_task(api, name, value):
+    """DRF took an empty value for a parameter not sent: `?status=` listed every task."""
+    make_tasks([("developer", "qa", "failed")])
+    response = api.get("/api/v1/tasks/", {name: value})
+    assert response.status_code == 400, response.content
+    assert response.json()["field"] == name and "empty" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("name", ["page", "page_size"])
+@pytest.mark.parametrize("value", ["1.0", "", " 1", "+1", "01", "1e1", "1_0", "0", "-1", "\u0661", "last"])
+def test_a_page_or_page_size_not_written_as_a_whole_number_from_1_is_400_naming_it(api, name, value):
+    """DRF's IntegerField took "1.0" (and "" for not sent), which the paginator, reading the query itself,
+    then answered with a 404 "Invalid page." (`page`) or ignored for the default 50 (`page_size`)."""
+    make_tasks([("developer", "qa", "failed")])
+    response = api.get("/api/v1/tasks/", {name: value})
+    assert response.status_code == 400, response.content
+    assert response.json()["field"] == name
+
+
+@pytest.mark.parametrize("digits", [18, 19, 5000])
+def test_a_long_page_or_page_size_is_after_the_last_page_or_the_largest_size(api, digits):
+    """Python's int() refuses a number of over 4,300 digits: the paginator took such a page size for none
+    given (50 tasks a page)."""
+    make_tasks([("developer", "qa", "failed")] * 60)
+    body = api.get("/api/v1/tasks/", {"page_size": "9" * digits}).json()
+    assert body["count"] == 60 and len(body["results"]) == 60  # taken as the largest page size, 500
+    assert api.get("/api/v1/tasks/", {"page": "9" * digits}).status_code == 404  # after the last page
+    body = api.get("/api/v1/tasks/", {"page": "3", "page_size": "25"}).json()
+    assert len(body["results"]) == 10 and body["previous"].endswith("page=2&page_size=25")
