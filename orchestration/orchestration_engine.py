@@ -386,6 +386,11 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
         detail, llm = qa_agent.check_result(name, False, f"the check could not run: {exc}", error=True), None
     except SandboxUnavailable as exc:
         detail, llm = qa_agent.check_result(name, False, str(exc), error=True), None
+    except OUTAGES as exc:
+        # Redis or the broker did not answer: not the code's fault, nor the check's. As for any step
+        # (``_supervised``), the job ends and the recovery sweep queues the check again once they answer.
+        logger.warning("task %s: check %s stopped, Redis or the broker did not answer: %s", task_id, step, exc)
+        raise
     except Exception as exc:
         logger.exception("task %s: check %s failed", task_id, step)
         detail, llm = (
@@ -649,11 +654,17 @@ def _schedule(
     config = configuration()
     task_id = packet["task_id"]
     signatures = []
-    for (step, role_name), job_id in zip(steps, job_ids, strict=True):
+    for (step, role_name), job_id in zip(steps[:-1] if chord else steps, job_ids, strict=False):
+        if republish and _step_event(packet, step) is not None:
+            # Its job ran, and queued what follows it (or that job's redelivery, or the sweep, will): queued
+            # again, it would queue its own followers again, and so on through every later round, three
+            # times more with each round's checks.
+            continue
         role = config.role(packet["profile"], _step_role(packet, role_name))
         signatures.append(run_step.signature(args=[task_id, step], **job_options(role, job_id)))
     if chord:
-        group(signatures[:-1]).apply_async()
+        if signatures:
+            group(signatures).apply_async()
         if republish:
             _queue_verdict(task_store().read(task_id), after)
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from datetime import datetime, timedelta
 import redis
 from django.conf import settings
 from django.db import DatabaseError
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.exceptions import OperationalError
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 SWEEP_LEASE = "recovery-sweep"  # the lease (aiagent:lease:recovery-sweep) of the process that sweeps
 BATCH = 1000
+CURSOR_KEY = "aiagent:recovery:cursor"  # where the last sweep's batch ended: (updated_at, task_id)
+CURSOR_TTL_S = 24 * 3600
 
 
 @dataclass
@@ -94,13 +98,23 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
     report = SweepReport()
     report.mirrored = task_store().catch_up_mirror()
     cutoff = timezone.now() - timedelta(seconds=grace_s)
-    candidates = list(
-        Task.objects.filter(status__in=(QUEUED, RUNNING), updated_at__lte=cutoff)
-        .order_by("updated_at")
-        .values_list("task_id", flat=True)[:BATCH]
-    )
+    idle = Task.objects.filter(status__in=(QUEUED, RUNNING), updated_at__lte=cutoff)
+    # A batch at a time, from where the last sweep stopped: the oldest BATCH alone would be the same tasks
+    # at every sweep while a backlog of that many waits (queued behind a slow LLM, plans' parents), and a
+    # task whose jobs were lost behind them would never be looked at.
+    client = _redis()
+    cursor = _cursor(client.get(CURSOR_KEY))
+    if cursor is not None:
+        at, after = cursor
+        idle = idle.filter(Q(updated_at__gt=at) | Q(updated_at=at, task_id__gt=after))
+    candidates = list(idle.order_by("updated_at", "task_id").values_list("task_id", "updated_at")[:BATCH])
+    if len(candidates) == BATCH:
+        last_id, last_at = candidates[-1]
+        client.set(CURSOR_KEY, json.dumps([last_at.isoformat(), str(last_id)]), ex=CURSOR_TTL_S)
+    else:
+        client.delete(CURSOR_KEY)  # the end: the next sweep starts again from the oldest
     sweeping = _Sweep(cutoff, retries, inspect_timeout_s, report)
-    for candidate in candidates:
+    for candidate, _ in candidates:
         try:
             sweeping.look_at(str(candidate))
         except (redis.RedisError, DatabaseError, OperationalError):
@@ -180,6 +194,17 @@ def sweep_once_among_workers(**options) -> SweepReport | None:
         return sweep(**options)
     finally:
         lease.release()
+
+
+def _cursor(raw: bytes | None) -> tuple[datetime, uuid.UUID] | None:
+    """The cursor a sweep left, or None (none left, or not one: the sweep starts from the oldest)."""
+    if raw is None:
+        return None
+    try:
+        at, task_id = json.loads(raw)
+        return datetime.fromisoformat(at), uuid.UUID(task_id)
+    except (ValueError, TypeError):
+        return None
 
 
 def _redis() -> redis.Redis:

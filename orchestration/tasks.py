@@ -141,6 +141,12 @@ class StepJob(Task):
     def _task_id(self, args) -> str:
         return args[1] if self.name == "orchestration.run_verdict" else args[0]
 
+    def _step(self, args) -> str:
+        """The step the job runs, as a failure's reason names it."""
+        if self.name == "orchestration.run_task":
+            return orchestration_engine.MAIN
+        return args[2] if self.name == "orchestration.run_verdict" else args[1]
+
     def __call__(self, *args, **kwargs):
         from orchestration.leases import JobRun, JobRunAlive
 
@@ -158,8 +164,8 @@ class StepJob(Task):
         try:
             if deaths > settings.RECOVERY_RETRIES:
                 reason = (
-                    f"the worker process running its job died {deaths} times (killed, out of memory, or a crash "
-                    "in the engine)"
+                    f"step {self._step(args)}: the worker process running its job died {deaths} times (killed, "
+                    "out of memory, or a crash in the engine)"
                 )
                 orchestration_engine.task_abandoned(task_id=self._task_id(args), job_id=job_id, reason=reason)
                 return {"skipped": reason}
@@ -180,7 +186,7 @@ class StepJob(Task):
             logger.warning("task %s: job %s stopped, Redis or the broker did not answer: %s", task, task_id, exc)
             return
         orchestration_engine.task_abandoned(
-            task_id=task, job_id=task_id, reason=f"the step was stopped: {type(exc).__name__}: {exc}"
+            task_id=task, job_id=task_id, reason=f"step {self._step(args)} was stopped: {type(exc).__name__}: {exc}"
         )
 
 

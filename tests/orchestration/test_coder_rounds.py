@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.orchestration.scripted import CODER, DEBUG, QA_REVIEW, use_script
+from tests.orchestration.test_feedback_loop import here  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
@@ -76,3 +77,75 @@ def test_tests_corrected_by_feedback_are_the_ones_the_coder_is_given(api, celery
     done = wait_for(task_id, statuses={"succeeded", "failed", "awaiting_feedback", "cancelled"}, timeout=60)
     assert done["status"] == "succeeded", done["history"][-3:]
     assert done["result"]["files"] == [{"path": "solution.py", "content": RIGHT}]
+
+
+def test_a_job_delivered_again_queues_only_the_steps_not_yet_recorded(here, script):  # noqa: F811
+    """A job delivered again after its step was recorded queued again every job noted after it, recorded or
+    not; each of those, finding its step recorded, did the same: one duplicate delivery ran the rest of the
+    task's rounds three times more at every round (each check queued the next round's Debug again)."""
+    from orchestration import recovery
+    from orchestration.orchestration_engine import later_step
+    from orchestration.runtime import task_store
+
+    profile, broker, first_round = here
+    script(
+        [
+            REVIEW_OK,
+            {"match": DEBUG, "reply": {"cause": "it subtracts", "wrong": "code", "fix": "FIX-MARKER: add"}},
+            {"match": f"{CODER}.*FIX-MARKER", "reply": reply(("solution.py", "def add(a, b):\n    return 1\n"))},
+            {"match": CODER, "reply": reply(("solution.py", "def add(a, b):\n    return 0\n"))},
+        ]
+    )
+    queues = [f"{profile}.{role}" for role in ("fast_coder", "qa", "debug")]
+    task_id, checks, _ = first_round()
+
+    def noted(step):
+        history = task_store().read(task_id)["history"]
+        return next(
+            e["detail"]["job_ids"] for e in history if e["event"] == "scheduled" and e["detail"]["after"] == step
+        )
+
+    debug_job = noted("1.verdict")[0]
+    later_step(task_id=task_id, step="2.debug", job_id=debug_job)
+    coder_job = noted("2.debug")[0]
+    later_step(task_id=task_id, step="2.coder", job_id=coder_job)
+    assert [e["detail"]["step"] for e in task_store().read(task_id)["history"] if e["event"] == "step"][-2:] == [
+        "2.debug",
+        "2.coder",
+    ]
+    broker.delete(*queues)
+    later_step(task_id=task_id, step=checks[-1][0], job_id=checks[-1][1])  # round 1's last check, again
+    later_step(task_id=task_id, step="2.debug", job_id=debug_job)  # and round 2's Debug
+    assert recovery.queued_jobs(broker, queues) == set()  # what follows them is recorded
+    later_step(task_id=task_id, step="2.coder", job_id=coder_job)  # what follows it is not: queued again
+    assert recovery.queued_jobs(broker, queues) == set(noted("2.coder")[:-1])  # the checks; the last runs the verdict
+
+
+def test_a_check_that_meets_a_redis_outage_is_left_to_the_sweep_not_recorded_as_failed(here, script, monkeypatch):  # noqa: F811
+    """Any other step stopped by Redis or the broker not answering is left for the recovery sweep; a check
+    was recorded as failed ("internal error: ConnectionError"), and the round's verdict failed the task with
+    "QA could not check round 1"."""
+    import redis
+
+    from balancer.load_balancer import LoadBalancer
+    from orchestration.orchestration_engine import later_step, task_step
+    from orchestration.runtime import task_store
+    from orchestration.services import task_submit
+
+    profile, _, _ = here
+    script([REVIEW_OK, {"match": CODER, "reply": reply(("solution.py", RIGHT))}])
+    packet, _ = task_submit(profile=profile, role="fast_coder", payload={"instruction": "add", "tests": TESTS})
+    task_id = packet["task_id"]
+    task_step(task_id=task_id, job_id=packet["history"][0]["detail"]["job_id"], worker="here")
+    scheduled = task_store().read(task_id)["history"][-1]["detail"]
+    noted = dict(zip(scheduled["steps"], scheduled["job_ids"], strict=True))
+
+    def outage(*_args, **_kwargs):
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(LoadBalancer, "run", outage)
+    with pytest.raises(redis.ConnectionError):
+        later_step(task_id=task_id, step="1.review", job_id=noted["1.review"])
+    stopped = task_store().read(task_id)
+    assert stopped["status"] == "running"
+    assert "1.review" not in [e["detail"].get("step") for e in stopped["history"] if e["event"] == "check"]

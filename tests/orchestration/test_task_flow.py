@@ -217,7 +217,7 @@ def test_a_step_killed_by_the_hard_time_limit_fails_its_task(state_dir):
     run_task.on_failure(TimeLimitExceeded(35), "job-1", [packet["task_id"]], {}, None)
     failed = store.read(packet["task_id"])
     assert failed["status"] == "failed"
-    assert "TimeLimitExceeded" in failed["history"][-1]["detail"]["reason"]
+    assert failed["history"][-1]["detail"]["reason"].startswith("step main was stopped: TimeLimitExceeded")
     # Another job's failure does not touch a task it does not hold.
     run_task.on_failure(TimeLimitExceeded(35), "job-2", [packet["task_id"]], {}, None)
     assert store.read(packet["task_id"]) == failed

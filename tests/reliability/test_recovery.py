@@ -226,7 +226,7 @@ def test_a_job_whose_worker_process_dies_each_time_fails_its_task_after_the_retr
     assert done["status"] == "failed", events(done)
     assert events(done) == ["submitted", "claimed", "reclaimed", "reclaimed", "reclaimed", "failed"]
     assert done["history"][-1]["detail"]["reason"] == (
-        "the worker process running its job died 4 times (killed, out of memory, or a crash in the engine)"
+        "step main: the worker process running its job died 4 times (killed, out of memory, or a crash in the engine)"
     )
 
 
@@ -386,3 +386,27 @@ def test_a_hung_llm_call_is_bounded_by_the_roles_time_limit_and_the_task_fails_a
     reason = done["history"][-1]["detail"]["reason"]
     assert "no reply within" in reason and "after 2 retries" in reason, reason
     assert took < 25, took  # three tries of about 2 s and two backoffs, not one 30 s call
+
+
+def test_a_backlog_of_waiting_tasks_does_not_hide_a_lost_one_from_the_sweep(edit_config, redis_url, monkeypatch):
+    """Each sweep took the BATCH oldest idle tasks: while that many waited on their queues (behind a slow
+    LLM), the same ones came back at every sweep, and a newer task whose job was lost was never looked at."""
+    from orchestration.services import task_submit
+
+    profile = f"backlog_{uuid.uuid4().hex[:8]}"  # no worker consumes its queues: its jobs wait there
+    edit_config(lambda raw: raw["profiles"].__setitem__(profile, raw["profiles"]["productivity"]))
+    monkeypatch.setattr(recovery, "BATCH", 3)
+    redis.Redis.from_url(redis_url).delete(recovery.CURSOR_KEY)
+    try:
+        for _ in range(4):
+            task_submit(profile=profile, role="summarizer", payload={"text": "x"})
+        lost = new_packet(task_id=str(uuid.uuid4()), profile=profile, role="summarizer", payload={"text": "x"})
+        lost["history"].append(history_event("submitted", status="queued", detail={"job_id": str(uuid.uuid4())}))
+        task_store().create(lost)
+        Task.objects.exclude(profile=profile).filter(status__in=("queued", "running")).delete()  # other tests'
+        recovered = []
+        for _ in range(3):
+            recovered += recovery.sweep(grace_s=0, inspect_timeout_s=0.2).recovered
+        assert recovered == [lost["task_id"]]
+    finally:
+        redis.Redis.from_url(redis_url).delete(*(f"{profile}.{role}" for role in ("summarizer",)))
