@@ -391,9 +391,10 @@ def candidates(
     return eligible, excluded
 
 
-def check_servable(config: Configuration, role: RoleConfig) -> None:
-    """``NoCandidate`` when no LLM could ever serve the role (the submit answers 422 with the reasons)."""
-    ranked, excluded = candidates(config, role)
+def check_servable(config: Configuration, role: RoleConfig, prompt_tokens: int = 0) -> None:
+    """``NoCandidate`` when no LLM could ever serve the role, or a prompt of ``prompt_tokens`` with it (the
+    submit answers 422 with the reasons)."""
+    ranked, excluded = candidates(config, role, prompt_tokens)
     if not ranked:
         reasons = "; ".join(f"{llm_id}: {reason}" for llm_id, reason in excluded.items()) or "no LLM is configured"
         raise NoCandidate(

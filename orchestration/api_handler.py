@@ -1120,7 +1120,7 @@ class PrometheusMetricsApi(APIView):
 
 def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     """Django's 404 handler: JSON under /api/, the usual page elsewhere."""
-    if request.path.startswith("/api/"):
+    if request.path_info.startswith("/api/"):  # under any script prefix
         return unknown_endpoint(request)
     return page_not_found(request, exception)
 

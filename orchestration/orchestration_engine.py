@@ -219,7 +219,7 @@ def _supervised(
     which the job holds by its claim; ``label`` names it then."""
     task_id = packet["task_id"]
     name = step or label
-    guard = (lambda p: _claimed_by(p) == job_id) if step is None else (lambda p: _expects(p, job_id))
+    guard = partial(_job_in_force, job_id=job_id)
     try:
         return run()
     except SoftTimeLimitExceeded:
@@ -264,7 +264,16 @@ def _retry_if_transient(packet: dict[str, Any], name: str, job_id: str, exc: Eng
 
 def _note_retry(task_id: str, step: str, job_id: str, error: str, countdown: float, attempt: int) -> None:
     detail = {"step": step, "job_id": job_id, "error": error, "retry": attempt, "in_s": countdown}
-    _append_if_running(task_id, history_event("step_retry", status=RUNNING, detail=detail))
+    event = history_event("step_retry", status=RUNNING, detail=detail)
+
+    def append(packet: dict[str, Any]) -> bool:
+        # Not for a job of a round a feedback left behind: it would use up the retries of the new round's step.
+        if packet["status"] != RUNNING or not _job_in_force(packet, job_id=job_id):
+            return False
+        packet["history"].append(event)
+        return True
+
+    task_store().update(task_id, append)
 
 
 def _append_if_running(task_id: str, event: dict[str, Any]) -> bool:
@@ -743,6 +752,20 @@ def _add_note(
     packet["history"].append(history_event("scheduled", status=RUNNING, detail=detail))
 
 
+def _job_in_force(packet: dict[str, Any], *, job_id: str) -> bool:
+    """Whether a failure of the job is the task's: the job holds the task's claim or was noted for its
+    current jobs, and the step it runs is not recorded yet. A job whose step is recorded has done its part:
+    what stops it afterwards (a time limit while it queued what follows, the deaths of an old job delivered
+    again) must not fail a task that has moved on."""
+    if _claimed_by(packet) == job_id:
+        return _step_event(packet, _first_key(packet)) is None
+    for event in loop.jobs_run(packet["history"]):
+        if event["event"] == "scheduled" and job_id in event["detail"]["job_ids"]:
+            step = event["detail"]["steps"][event["detail"]["job_ids"].index(job_id)]
+            return _step_event(packet, step) is None
+    return False
+
+
 def _expects(packet: dict[str, Any], job_id: str) -> bool:
     """Whether the job was noted for the task's current jobs (one noted before a retry or a feedback is not)."""
     return any(
@@ -1173,7 +1196,7 @@ def task_abandoned(*, task_id: str, job_id: str, reason: str) -> str:
     the task, if the job is the task's current one (its claim, or a job scheduled after its latest step).
     A job stopped by an outage (``OUTAGES``) is not abandoned: ``StepJob`` leaves it to the sweep."""
 
-    return _fail(task_id, lambda packet: _claimed_by(packet) == job_id or _expects(packet, job_id), reason)
+    return _fail(task_id, partial(_job_in_force, job_id=job_id), reason)
 
 
 # -- recovery -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 from django.db import transaction
 from kombu.exceptions import OperationalError as BrokerError
 
-from agents.base import LOOP, PayloadError
+from agents.base import CHECKS, LOOP, Agent, PayloadError
 from agents.registry import agent_class
 from balancer import load_balancer
 from balancer.configuration import RoleConfig
@@ -95,6 +95,14 @@ def _enqueue(*, packet: dict[str, Any], job_id: str, role: RoleConfig) -> None:
         ) from exc
 
 
+def _first_prompt_tokens(agent: type[Agent], payload: dict[str, Any], role: RoleConfig) -> int:
+    """The estimated tokens of a task's first prompt, as the balancer counts them; 0 for QA, whose checks
+    each build a prompt of their own."""
+    if agent.flow == CHECKS:
+        return 0
+    return load_balancer.estimate_tokens(agent().build_messages(payload, role))
+
+
 def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = None) -> tuple[dict[str, Any], bool]:
     """Validate and store a new task as queued and enqueue it after the commit.
 
@@ -103,12 +111,16 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     one it is a conflict.
     """
     role_config = role_get(profile=profile, role=role)
+    agent = agent_class(role_config.agent)
     try:
-        payload = agent_class(role_config.agent).validate_payload(payload)
+        payload = agent.validate_payload(payload)
     except PayloadError as exc:
         raise ApplicationError(str(exc), field=exc.field) from None
     try:
-        load_balancer.check_servable(configuration(), role_config)
+        # Rule 1 with the task's first prompt: one that no LLM's context holds is refused now, not queued to fail.
+        load_balancer.check_servable(
+            configuration(), role_config, prompt_tokens=_first_prompt_tokens(agent, payload, role_config)
+        )
     except load_balancer.NoCandidate as exc:
         raise ApplicationError(str(exc), status_code=422, code="no_llm") from None
 

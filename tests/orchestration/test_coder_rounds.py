@@ -149,3 +149,33 @@ def test_a_check_that_meets_a_redis_outage_is_left_to_the_sweep_not_recorded_as_
     stopped = task_store().read(task_id)
     assert stopped["status"] == "running"
     assert "1.review" not in [e["detail"].get("step") for e in stopped["history"] if e["event"] == "check"]
+
+
+def test_a_time_limit_after_a_step_was_recorded_does_not_fail_the_task(here, script, monkeypatch):  # noqa: F811
+    """The coder's step was recorded and its checks noted, then the job's soft time limit fired (while it
+    queued them): the task failed with "step 1.coder exceeded its time limit", though the step was done."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from orchestration import orchestration_engine
+    from orchestration.runtime import task_store
+    from orchestration.services import task_submit
+
+    profile, _, _ = here
+    script([REVIEW_OK, {"match": CODER, "reply": reply(("solution.py", RIGHT))}])
+    schedule = orchestration_engine._schedule
+
+    def schedule_then_time_out(*args, **kwargs):
+        schedule(*args, **kwargs)
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(orchestration_engine, "_schedule", schedule_then_time_out)
+    packet, _ = task_submit(profile=profile, role="fast_coder", payload={"instruction": "add", "tests": TESTS})
+    job_id = packet["history"][0]["detail"]["job_id"]
+    orchestration_engine.task_step(task_id=packet["task_id"], job_id=job_id, worker="here")
+    after = task_store().read(packet["task_id"])
+    assert after["status"] == "running", after["history"][-1]
+    assert [e["event"] for e in after["history"]][-2:] == ["step", "scheduled"]
+    # A job of the task whose step is not recorded still fails it.
+    noted = after["history"][-1]["detail"]
+    orchestration_engine.task_abandoned(task_id=packet["task_id"], job_id=noted["job_ids"][0], reason="killed")
+    assert task_store().read(packet["task_id"])["status"] == "failed"

@@ -201,6 +201,21 @@ def test_a_role_no_llm_can_serve_is_422_with_the_reason(api, state_dir):
     assert _files(state_dir) == before
 
 
+def test_a_task_whose_first_prompt_no_llms_context_holds_is_422_not_queued_to_fail(api, state_dir):
+    """Rule 1's context check ran only when the step called the LLM: a text far past every context was
+    accepted (202), and its step then failed."""
+    before = _files(state_dir)
+    payload = {"text": "The pump was checked and found in order. " * 1000}  # about 14,000 tokens
+    response = post(api, {"payload": payload}, url="/api/v1/productivity/summarizer")
+    assert response.status_code == 422, response.content
+    assert "rule 1: context of 4096 tokens is too small for" in response.json()["detail"]
+    assert _files(state_dir) == before
+    assert (
+        post(api, {"payload": {"text": "The pump was checked."}}, url="/api/v1/productivity/summarizer").status_code
+        == 202
+    )
+
+
 def test_every_endpoint_but_healthz_needs_a_token(client):
     anonymous = APIClient()
     task_id = str(uuid.uuid4())
