@@ -327,18 +327,11 @@ class LlamaCppEngine(Engine):
         return EngineBadRequest(f"the model's chat template cannot render the messages: {exc}", engine=self.name)
 
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
-        options = options or ChatOptions()
-        request = self._request(messages, options)
-        parts: list[str] = []
-        finish_reason = None
-        with (
-            self._generation(options) as (llama, watch),
-            contextlib.closing(self._pieces(llama, request, watch)) as pieces,
-        ):
-            for text, reason in pieces:
-                parts.append(text)
-                finish_reason = reason or finish_reason
-        return self._result(parts, watch, finish_reason, options)
+        # The same generation as a stream (stopped between tokens at its deadline): its last chunk's result.
+        for chunk in self.stream(messages, options):
+            if chunk.result is not None:
+                return chunk.result
+        raise AssertionError("a stream ends with its result")  # stream() always yields one last
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
