@@ -144,6 +144,11 @@ def path_problem(paths: list[str], others: tuple[str, ...] = ()) -> tuple[int, s
 CHARS_PER_TOKEN = 2
 
 
+# Characters a word takes in a text, its space and punctuation included (English averages under six):
+# what a payload's count of words asks of a reply's main text (``Agent.check_reply_room``).
+WORD_CHARS = 6
+
+
 class LongText(dict):
     """A reply's main text field (``long_text``). Its bound is for the engines that constrain the reply with
     a grammar (so that a model repeating itself closes the JSON); a reply is not refused for going past it,
@@ -277,6 +282,25 @@ class Agent:
         if isinstance(files, list) and (found := path_problem([item["path"] for item in files])):
             index, problem = found
             raise PayloadError(f"payload.files[{index}].path", problem)
+
+    def check_reply_room(self, payload: Mapping[str, Any], role: RoleConfig, config: Configuration) -> None:
+        """``PayloadError`` naming the field when the payload (validated) asks for a longer main text than the
+        role's replies hold: more words than its bound (``long_text``) holds, or a text to translate longer
+        than it. Checked when a task is submitted, since a grammar engine would cut the text at the bound.
+        The base asks nothing of a reply's length."""
+
+    def reply_room(self, role: RoleConfig, config: Configuration, field: str) -> int:
+        """The characters the reply's main text ``field`` holds for the role (its ``long_text`` bound)."""
+        return self.output_schema(role, config)["properties"][field]["maxLength"]
+
+    @staticmethod
+    def room_error(field: str, asked: str, room: str, role: RoleConfig) -> PayloadError:
+        return PayloadError(
+            f"payload.{field}",
+            f"{asked}, more than the {role.profile}/{role.name} role's replies hold ({room}, by its max_tokens "
+            f"{role.max_tokens} at {CHARS_PER_TOKEN} characters a token); ask for less, or use a role with a larger "
+            "max_tokens",
+        )
 
     @classmethod
     def payload_from_text(cls, text_value: str) -> dict[str, Any]:

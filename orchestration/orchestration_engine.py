@@ -429,9 +429,9 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
 
 
 def _noted_after(packet: dict[str, Any], job_id: str) -> str | None:
-    """The step after which the job was noted (scheduled)."""
+    """The step after which the job was noted (scheduled) for the task's current jobs."""
     return next(
-        (e["detail"]["after"] for e in reversed(loop.current_run(packet["history"]))
+        (e["detail"]["after"] for e in reversed(loop.jobs_run(packet["history"]))
          if e["event"] == "scheduled" and job_id in e["detail"]["job_ids"]),
         None,
     )  # fmt: skip
@@ -643,7 +643,7 @@ def _schedule(
 
     from orchestration.tasks import run_step
 
-    noted = next((e for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"
+    noted = next((e for e in loop.jobs_run(packet["history"]) if e["event"] == "scheduled"
                   and e["detail"]["after"] == after), None)  # fmt: skip
     if noted is not None:
         if not republish:
@@ -697,7 +697,7 @@ def _queue_verdict(packet: dict[str, Any], after: str, *, here: bool = False, re
     the verdict."""
     from orchestration.tasks import run_step
 
-    noted = next((e["detail"] for e in loop.current_run(packet["history"]) if e["event"] == "scheduled"
+    noted = next((e["detail"] for e in loop.jobs_run(packet["history"]) if e["event"] == "scheduled"
                   and e["detail"]["after"] == after and e["detail"]["chord"]), None)  # fmt: skip
     if noted is None or packet["status"] != RUNNING:
         return

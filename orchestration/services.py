@@ -18,7 +18,6 @@ from balancer import load_balancer
 from balancer.configuration import RoleConfig
 from orchestration import orchestration_engine
 from orchestration.exceptions import ApplicationError
-from orchestration.loop import current_run
 from orchestration.packets import (
     AWAITING_FEEDBACK,
     CANCELLED,
@@ -112,14 +111,16 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     """
     role_config = role_get(profile=profile, role=role)
     agent = agent_class(role_config.agent)
+    config = configuration()
     try:
         payload = agent.validate_payload(payload)
+        agent().check_reply_room(payload, role_config, config)
     except PayloadError as exc:
         raise ApplicationError(str(exc), field=exc.field) from None
     try:
         # Rule 1 with the task's first prompt: one that no LLM's context holds is refused now, not queued to fail.
         load_balancer.check_servable(
-            configuration(), role_config, prompt_tokens=_first_prompt_tokens(agent, payload, role_config)
+            config, role_config, prompt_tokens=_first_prompt_tokens(agent, payload, role_config)
         )
     except load_balancer.NoCandidate as exc:
         raise ApplicationError(str(exc), status_code=422, code="no_llm") from None
@@ -248,7 +249,7 @@ def task_feedback(
                 status_code=409,
                 code="plan_running",
             )
-        iteration = max(packet["iteration"], _feedback_rounds(packet["history"])) + 1
+        iteration = packet["iteration"] + 1
         step.append(f"{iteration}.feedback")
         previous.extend((packet["status"], packet["iteration"]))
         packet["status"] = RUNNING
@@ -309,15 +310,6 @@ def _in_running_plan(packet: dict[str, Any]) -> bool:
     except TaskNotFound:
         return False
     return parent["status"] == RUNNING and packet["task_id"] in orchestration_engine.plan_children(parent)
-
-
-def _feedback_rounds(history: list[dict[str, Any]]) -> int:
-    """The last round a feedback of the task's current run named, one whose round could not be queued
-    included. Its undo gave the task its iteration back, but the round's number stays taken: the engine
-    finds the jobs noted after a step by the step's name (``N.feedback``), and would take the undone
-    round's note, whose jobs never reached the queue, for the new round's."""
-    rounds = (event["detail"]["iteration"] for event in current_run(history) if event["event"] == "feedback")
-    return max(rounds, default=0)
 
 
 def _feedback_taken(history: list[dict[str, Any]], message_id: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agents.base import PAYLOAD_TEXT, Agent, array, long_text, obj, text
+from agents.base import PAYLOAD_TEXT, WORD_CHARS, Agent, array, long_text, obj, text
 from balancer.configuration import Configuration, RoleConfig
 from llm_engines.base import Message
 
@@ -27,3 +27,9 @@ class SummarizerAgent(Agent):
     ) -> list[Message]:
         content = f"Summarize in at most {payload['max_words']} words:\n\n{payload['text']}"
         return [self.system_message(role), {"role": "user", "content": content}]
+
+    def check_reply_room(self, payload: Mapping[str, Any], role: RoleConfig, config: Configuration) -> None:
+        room = self.reply_room(role, config, "summary")
+        if payload["max_words"] * WORD_CHARS > room:
+            words = f"at most {room // WORD_CHARS} words"
+            raise self.room_error("max_words", f"{payload['max_words']} words", words, role)

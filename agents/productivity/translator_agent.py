@@ -30,3 +30,10 @@ class TranslatorAgent(Agent):
             content += f" from {payload['source_language']}"
         content += f":\n\n{payload['text']}"
         return [self.system_message(role), {"role": "user", "content": content}]
+
+    def check_reply_room(self, payload: Mapping[str, Any], role: RoleConfig, config: Configuration) -> None:
+        room = self.reply_room(role, config, "translation")
+        if len(payload["text"]) > room:
+            # A translation is about as long as its text (longer into some languages, shorter into others).
+            asked = f"a text of {len(payload['text']):,} characters to translate"
+            raise self.room_error("text", asked, f"a translation of {room:,} characters at most", role)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agents.base import PAYLOAD_TEXT, Agent, long_text, obj, text
+from agents.base import PAYLOAD_TEXT, WORD_CHARS, Agent, long_text, obj, text
 from balancer.configuration import Configuration, RoleConfig
 from llm_engines.base import Message
 
@@ -31,3 +31,9 @@ class WriterAgent(Agent):
         if payload.get("length_words"):
             content += f"\n\nLength: about {payload['length_words']} words"
         return [self.system_message(role), {"role": "user", "content": content}]
+
+    def check_reply_room(self, payload: Mapping[str, Any], role: RoleConfig, config: Configuration) -> None:
+        room = self.reply_room(role, config, "text")
+        if payload.get("length_words") and payload["length_words"] * WORD_CHARS > room:
+            words = f"about {room // WORD_CHARS} words at most"
+            raise self.room_error("length_words", f"{payload['length_words']} words", words, role)

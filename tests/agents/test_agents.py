@@ -111,6 +111,47 @@ def test_every_shipped_role_has_room_for_its_longest_reply():
         assert max_json_chars(schema) <= role.max_tokens * CHARS_PER_TOKEN, role.queue
 
 
+@pytest.mark.parametrize(
+    ("role_name", "payload", "fits", "field", "words"),
+    [
+        (
+            "summarizer",
+            {"text": "x", "max_words": 116},
+            {"text": "x", "max_words": 115},
+            "payload.max_words",
+            "at most 115 words",
+        ),
+        (
+            "writer",
+            {"brief": "x", "length_words": 146},
+            {"brief": "x", "length_words": 145},
+            "payload.length_words",
+            "about 145 words",
+        ),
+        ("translator", {"text": "é" * 615}, {"text": "é" * 614}, "payload.text", "614 characters"),
+    ],
+)
+def test_a_payload_asking_for_more_than_the_role_can_write_is_refused(role_name, payload, fits, field, words):
+    """The summarizer was asked for 2,000 words with room for 115: a grammar engine cut the summary at its
+    bound (and an engine that writes on ran out of max_tokens before the JSON closed)."""
+    config = configuration()
+    role = config.role("productivity", role_name)
+    agent = agent_class(role.agent)()
+    with pytest.raises(PayloadError) as error:
+        agent.check_reply_room(agent.validate_payload(payload), role, config)
+    assert error.value.field == field
+    assert words in error.value.reason and f"max_tokens {role.max_tokens}" in error.value.reason
+    agent.check_reply_room(agent.validate_payload(fits), role, config)
+
+
+def test_a_payload_that_does_not_say_how_long_fits_any_role():
+    config = configuration()
+    for name, payload in [("writer", {"brief": "x" * 50_000}), ("summarizer", {"text": "x" * 50_000})]:
+        role = config.role("productivity", name)
+        agent = agent_class(role.agent)()
+        agent.check_reply_room(agent.validate_payload(payload), role, config)
+
+
 def _run(profile, role_name, payload):
     config = configuration()
     role = config.role(profile, role_name)

@@ -575,8 +575,10 @@ def test_feedback_whose_round_could_not_be_queued_leaves_the_task_as_it_was(api,
     taken = task_store().read(packet["task_id"])
     state = loop.loop_state(taken)
     assert (state.tests, state.feedback, state.feedback_iteration) == (TESTS, "take two", taken["iteration"])
-    # Round 3: round 2's number stays with the undone round, whose note the engine would take for this one's.
-    assert taken["iteration"] == 3
+    # Round 2 again: the undone round's note, under the same step's name, is not this round's.
+    assert taken["iteration"] == 2
     noted = taken["history"][-1]["detail"]
-    assert noted["after"] == "3.feedback"
+    assert noted["after"] == "2.feedback"
+    undone = next(e["detail"] for e in taken["history"] if e["event"] == "scheduled")
+    assert undone["after"] == "2.feedback" and not set(undone["job_ids"]) & set(noted["job_ids"])
     assert set(noted["job_ids"]) <= recovery.queued_jobs(broker, [f"{profile}.debug"])

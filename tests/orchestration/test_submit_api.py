@@ -108,6 +108,17 @@ def test_server_fields_must_have_the_initial_value_and_type(api, field, value):
     assert response.json()["field"] == field
 
 
+def test_a_longer_summary_than_the_role_writes_is_400_naming_the_field(api, state_dir):
+    before = _files(state_dir)
+    url = "/api/v1/productivity/summarizer"
+    response = post(api, {"payload": {"text": "A long text.", "max_words": 2000}}, url=url)
+    assert response.status_code == 400, response.json()
+    assert response.json()["field"] == "payload.max_words"
+    assert "at most 115 words" in response.json()["detail"]
+    assert _files(state_dir) == before
+    assert not Task.objects.exists()
+
+
 def test_text_that_is_not_valid_unicode_is_400(api, state_dir):
     before = _files(state_dir)
     response = api.post(URL, data=b'{"payload": {"input": "a\\ud800b"}}', content_type="application/json")
