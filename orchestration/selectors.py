@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
-from django.conf import settings
 from django.db.models import QuerySet
 
 from balancer.configuration import RoleConfig, llm_as_dict
@@ -161,13 +159,13 @@ def config_get() -> dict[str, Any]:
 
 
 def llm_list() -> list[dict[str, Any]]:
-    """Every configured LLM with its health and its balancer state (breaker, in-flight, latency)."""
+    """Every configured LLM with its health and its balancer state (breaker, in-flight, latency). A failed
+    check is shown, not counted against the LLM's breaker: this host (a web server, or the admin's) may lack
+    the model file, the key or the local Ollama that the workers serving the LLM have; the workers count
+    their own checks (``tasks.health_failure_counter``)."""
     config = configuration()
-    balancer = load_balancer()
-    health = checker.check(
-        config, on_failure=partial(balancer.health_failed, interval_s=settings.LLM_HEALTH_CHECK_SECONDS)
-    )
-    states = balancer.states(config)
+    health = checker.check(config)
+    states = load_balancer().states(config)
     listed = []
     for llm in config.llms.values():
         state, checked_at = health[llm.id]
