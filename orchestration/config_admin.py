@@ -46,6 +46,26 @@ def _synced_stamp() -> str | None:
     return ConfigurationFile.objects.filter(path=str(_path())).values_list("stamp", flat=True).first()
 
 
+def _refusal(loaded: str | None) -> str | None:
+    """Why a save or a delete made on a page loaded when the file's stamp was ``loaded`` must not write the
+    file, or None. The page's rows are the file as it was then; and when the file on disk does not validate
+    (a hand edit with a mistake), the rows are the last good file, not this one: writing them would replace
+    the hand edit, its good parts too, with no one having seen it."""
+    stamp = file_stamp(_path())
+    if loaded != stamp:
+        return (
+            f"{_path()} has changed since this page was loaded; nothing was saved. "
+            "Open the page again to see the file as it is now."
+        )
+    error = ConfigurationFile.objects.filter(path=str(_path()), stamp=stamp).values_list("error", flat=True).first()
+    if error:
+        return (
+            f"{_path()} does not validate, so these rows are the last configuration that did, not the file: "
+            f"saving them would replace the file's edits. Nothing was saved; fix the file first. {error}"
+        )
+    return None
+
+
 def _rendered(response: HttpResponse) -> HttpResponse:
     """The response with its template rendered now (a ``TemplateResponse`` renders after the view returns)."""
     if hasattr(response, "render"):
@@ -67,13 +87,9 @@ class ConfigurationForm(forms.ModelForm):
         if self.errors:
             return cleaned
         # A form posted without the stamp (a client of its own) is held to the rows' last synchronisation.
-        loaded = cleaned.get("loaded_stamp") or _synced_stamp()
-        if loaded != file_stamp(_path()):
-            # Saving these rows would overwrite an edit made to the file since the page was loaded.
-            raise forms.ValidationError(
-                f"{_path()} has changed since this page was loaded; nothing was saved. "
-                "Open the page again to see the file as it is now."
-            )
+        refusal = _refusal(cleaned.get("loaded_stamp") or _synced_stamp())
+        if refusal:
+            raise forms.ValidationError(refusal)
         candidate = construct_instance(self, copy.copy(self.instance))
         try:
             config_store.check_rows(known_agents=AGENTS.names(), replace=candidate)
@@ -113,12 +129,9 @@ class ChangelistFormSet(BaseModelFormSet):
 
     def clean(self):
         super().clean()
-        loaded = self.management_form.cleaned_data.get("loaded_stamp") or _synced_stamp()
-        if loaded != file_stamp(_path()):
-            raise forms.ValidationError(
-                f"{_path()} has changed since this page was loaded; nothing was saved. "
-                "Open the page again to see the file as it is now."
-            )
+        refusal = _refusal(self.management_form.cleaned_data.get("loaded_stamp") or _synced_stamp())
+        if refusal:
+            raise forms.ValidationError(refusal)
 
 
 class ConfigurationAdmin(admin.ModelAdmin):
@@ -171,8 +184,9 @@ class ConfigurationAdmin(admin.ModelAdmin):
     def _checked_delete_view(self, request, object_id, extra_context=None):
         obj = self.get_object(request, object_id)
         if request.method == "POST" and obj is not None:
-            if _synced_stamp() != file_stamp(_path()):
-                messages.error(request, f"{obj} was not deleted: {_path()} has changed since the rows were loaded.")
+            refusal = _refusal(_synced_stamp())
+            if refusal:
+                messages.error(request, f"{obj} was not deleted: {refusal}")
                 return HttpResponseRedirect(request.path.rsplit("/delete/", 1)[0] + "/change/")
             try:
                 config_store.check_rows(known_agents=AGENTS.names(), remove=obj)

@@ -188,6 +188,49 @@ def test_a_save_does_not_overwrite_a_hand_edit_made_meanwhile(admin_client, conf
     assert config_file.read_text() == edited
 
 
+def test_a_save_or_a_delete_does_not_replace_a_hand_edit_that_does_not_validate(admin_client, config_file, edit_config):
+    """Found by review: a hand edit with one mistake (and a new LLM) was shown as "not loaded"; a save from the
+    page then passed the stamp check (the page had seen the broken file) and wrote the old rows over the file,
+    the new LLM with them."""
+    admin_client.get(LLM_LIST)
+    assert admin_client.post(f"{LLM_LIST}add/", llm_form()).status_code == 302
+
+    def mistake(raw):
+        raw["llms"].append({"id": "hand", "engine": "instant", "source": "local", "model": "echo"})
+        raw["profiles"]["developer"]["roles"]["planner"]["max_tokenz"] = 5
+
+    edit_config(mistake)
+    edited = config_file.read_text()
+    assert "was not loaded" in admin_client.get(LLM_LIST).content.decode()
+    planner = Role.objects.get(profile__name="developer", name="planner")
+    response = admin_client.post(f"/admin/balancer/role/{planner.pk}/change/", role_form(planner, max_tokens=800))
+    assert response.status_code == 200
+    assert "does not validate" in response.content.decode() and "max_tokenz" in response.content.decode()
+    extra = LLM.objects.get(llm_id="extra")
+    response = admin_client.post(f"{LLM_LIST}{extra.pk}/delete/", {"post": "yes"}, follow=True)
+    assert "was not deleted" in response.content.decode() and "does not validate" in response.content.decode()
+    listed = admin_client.post(
+        LLM_LIST,
+        {
+            "form-TOTAL_FORMS": "1", "form-INITIAL_FORMS": "1", "form-MIN_NUM_FORMS": "0",
+            "form-MAX_NUM_FORMS": "1000", "form-0-id": str(extra.pk), "form-0-locked": "on", "_save": "Save",
+        },
+    )  # fmt: skip
+    assert listed.status_code == 200 and "does not validate" in listed.content.decode()
+    assert config_file.read_text() == edited
+    assert LLM.objects.filter(llm_id="extra").exists()
+
+    # Fixed by hand, the file is loaded, and saves go through again.
+    edit_config(lambda raw: raw["profiles"]["developer"]["roles"]["planner"].pop("max_tokenz"))
+    assert "was not loaded" not in admin_client.get(LLM_LIST).content.decode()
+    planner = Role.objects.get(profile__name="developer", name="planner")
+    response = admin_client.post(f"/admin/balancer/role/{planner.pk}/change/", role_form(planner, max_tokens=800))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    written = json.loads(config_file.read_text())
+    assert "hand" in [llm["id"] for llm in written["llms"]]
+    assert written["profiles"]["developer"]["roles"]["planner"]["max_tokens"] == 800
+
+
 def test_a_save_from_a_page_loaded_before_another_save_is_refused(admin_client, config_file, edit_config):
     """Two people open the add page; the first saves. The second's form, from the file as it was, must not
     overwrite the first's edit (the rows' stamp was updated by that save, so it alone did not tell)."""
