@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -33,7 +35,7 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={value!r} is not a boolean: use one of 1/0, true/false, yes/no, on/off")
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None:
         return default
@@ -43,6 +45,8 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
         raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
     if minimum is not None and number < minimum:
         raise ImproperlyConfigured(f"{name}={number} is below the minimum of {minimum}")
+    if maximum is not None and number > maximum:
+        raise ImproperlyConfigured(f"{name}={number} is above the maximum of {maximum}")
     return number
 
 
@@ -56,16 +60,79 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value.strip().upper()
 
 
+class RedisURL(NamedTuple):
+    url: str
+    host: str
+    port: int
+    db: int | None  # None: the URL names none, and every client takes database 0
+
+
+_REDIS_SCHEMES = ("redis", "rediss")
+_REDIS_PATH = re.compile(r"/?|/([0-9]+)")  # kombu's rule; redis-py reads "/9x" as no database (0), kombu refuses it
+
+
+def parse_redis_url(name: str, value: str, *, database_required: bool = False) -> RedisURL:
+    """``value`` (from the variable ``name``) as a Redis URL that redis-py and kombu (Celery's broker) read
+    alike: ``redis://`` or ``rediss://`` (TLS), a host, a port that is a number, a path that is empty or
+    ``/<database number>``, and no query but TLS options. Celery takes any other scheme for its default
+    broker, AMQP, and waits for it for ever (and its broker has no ``unix://``); a database that redis-py
+    cannot read, such as ``/9x``, it replaces by 0 where kombu refuses it. ``database_required``: the URL
+    must name its database (one that is flushed)."""
+    url = value.strip()
+
+    def refuse(reason: str) -> ImproperlyConfigured:
+        return ImproperlyConfigured(
+            f"{name}={redact_url(value)!r} is not a Redis URL (redis://host:port/db, or rediss:// for TLS): {reason}"
+        )
+
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme not in _REDIS_SCHEMES:  # in lower case: redis-py refuses REDIS://
+        raise refuse("it does not start with redis:// or rediss://")
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # a broken [IPv6] host
+        raise refuse(f"its host is not valid ({error})") from None
+    if not parts.hostname:
+        raise refuse("it names no host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise refuse(f"its port {parts.netloc.rpartition(':')[2]!r} is not a number from 1 to 65535")
+    path = _REDIS_PATH.fullmatch(parts.path)
+    if path is None:
+        raise refuse(f"its database {parts.path.lstrip('/')!r} is not a number")
+    # Each client fails on an option the other takes (kombu on socket_timeout, redis-py on connect_timeout),
+    # and redis-py would take a db= over the path; the TLS options (ssl_cert_reqs, ...) both pass to TLS.
+    options = sorted(key for key in parse_qs(parts.query) if not (scheme == "rediss" and key.startswith("ssl_")))
+    if options:
+        raise refuse(f"its query has {', '.join(options)}: only rediss:// takes options, its ssl_* ones")
+    db = None if path[1] is None else int(path[1])
+    if database_required and db is None:
+        raise refuse("it names no database (/<number>), and this one is flushed")
+    return RedisURL(url=url, host=parts.hostname, port=port or 6379, db=db)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if it has one, replaced by ``***``: for messages and logs. A password with
+    a raw ``/`` or ``@`` in it (not percent-encoded) is hidden too."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    before_query = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    userinfo, at, after = rest[:before_query].rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{separator}{userinfo.split(':', 1)[0]}:***@{after}{rest[before_query:]}"
+
+
 def env_redis_url(name: str, default: str) -> str:
-    """A Redis URL, ``redis://`` or ``rediss://`` (TLS): Celery would take an empty or other value for its
-    default broker, AMQP, and wait for it for ever; and its broker has no ``unix://``."""
+    """A Redis URL (see ``parse_redis_url``)."""
     value = os.environ.get(name)
     if value is None:
         return default
-    url = value.strip()
-    if "://" not in url or url.split("://", 1)[0].lower() not in ("redis", "rediss"):
-        raise ImproperlyConfigured(f"{name}={value!r} is not a Redis URL (redis://host:port/db, or rediss:// for TLS)")
-    return url
+    return parse_redis_url(name, value).url
 
 
 def env_list(name: str, default: list[str]) -> list[str]:

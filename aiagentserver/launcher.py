@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import os
 import shutil
@@ -22,21 +23,35 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
+from django.core.exceptions import ImproperlyConfigured
 
-from aiagentserver.env import env_path
+from aiagentserver.env import env_int, env_path, env_redis_url, parse_redis_url, redact_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = env_path("VAR_DIR", BASE_DIR / "var", base=BASE_DIR)  # as the settings read it
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # as the settings have it
+
+T = TypeVar("T")
 
 
 def say(message: str) -> None:
     print(f"==> {message}", flush=True)
+
+
+def checked_env(read: Callable[[], T]) -> T:
+    """What ``read`` takes from the environment with the settings' typed readers (``aiagentserver.env``): a
+    bad value ends the launcher with their message, which names the variable, not with a traceback."""
+    try:
+        return read()
+    except ImproperlyConfigured as error:
+        sys.exit(str(error))
 
 
 def redis_answers(url: str) -> bool:
@@ -62,18 +77,19 @@ def redis_server_binary() -> str:
 
 def ensure_redis(url: str, *, data_dir: Path, persist: bool) -> subprocess.Popen | None:
     """None when a Redis already answers at ``url``; otherwise the Redis started for it."""
+    shown = redact_url(url)
     if redis_answers(url):
-        say(f"Redis answers at {url}")
+        say(f"Redis answers at {shown}")
         return None
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        sys.exit(f"REDIS_URL {url} does not answer; only a redis:// (not TLS) Redis on this machine is started here.")
+        sys.exit(f"REDIS_URL {shown} does not answer; only a redis:// (not TLS) Redis on this machine is started here.")
     if parts.hostname not in LOCAL_HOSTS:
-        sys.exit(f"REDIS_URL {url} does not answer, and it is not on this machine, so it cannot be started here.")
+        sys.exit(f"REDIS_URL {shown} does not answer, and it is not on this machine, so it cannot be started here.")
     port = parts.port or 6379
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = redis_server_binary()
-    say(f"No Redis at {url}: starting {binary} on 127.0.0.1:{port} (files in {data_dir})")
+    say(f"No Redis at {shown}: starting {binary} on 127.0.0.1:{port} (files in {data_dir})")
     args = [binary]
     if parts.password or parts.username:
         # The URL's user and password, so that what connects with them is let in; in a file of its own,
@@ -197,10 +213,12 @@ def stop(processes: list[tuple[str, subprocess.Popen]]) -> None:
 
 
 def run() -> int:
-    redis_url = os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+    redis_url = os.environ["REDIS_URL"] = checked_env(lambda: env_redis_url("REDIS_URL", DEFAULT_REDIS_URL))
     host = os.environ.get("HOST", "127.0.0.1")
-    port = os.environ.get("PORT", "8000")
-    flower_port = os.environ.get("FLOWER_PORT", "5555")
+    port = checked_env(lambda: env_int("PORT", 8000, minimum=1, maximum=65535))
+    flower_port = checked_env(lambda: env_int("FLOWER_PORT", 5555, minimum=1, maximum=65535))
+    flower_host = flower_address(host)
+    check_free_to_listen([("PORT", host, port), ("FLOWER_PORT", flower_host, flower_port)])
     # The worker's node name, unique to this launcher: Flower waits for this worker, not any other.
     node = f"aiagent-{os.getpid()}@{socket.gethostname()}"
     started: list[tuple[str, subprocess.Popen]] = []
@@ -216,7 +234,6 @@ def run() -> int:
         if os.environ.get("DEBUG", "").lower() in {"1", "true", "yes", "on"}:
             manage("bootstrap_dev")
         queues = manage("role_queues", capture=True)
-        flower_host = flower_address(host)
         if flower_host != host:
             say(
                 f"Flower listens on {flower_host} only: it has no login, and HOST is {host}. Set "
@@ -238,9 +255,16 @@ def run() -> int:
             if name == "flower":
                 # Flower lists a worker's queues from what it inspects when it starts: started before
                 # the worker answers, its Broker page would show none of the role queues.
-                wait_for_worker(dict(started)["worker"], node)
+                wait_for_worker(started, node)
+            if exited(started) is not None:
+                break
             with deferred_signals():
                 started.append((name, subprocess.Popen(command, cwd=BASE_DIR, start_new_session=True)))
+        wait_listening(started, [("web", host, port), ("Flower", flower_host, flower_port)])
+        gone = exited(started)
+        if gone is not None:  # the banner would promise a server that is not there
+            say(f"{gone[0]} exited with {gone[1]} while starting; stopping the rest")
+            return 1
         say(f"API:    http://{host}:{port}/api/v1/   (health: http://{host}:{port}/healthz)")
         say(f"Admin:  http://{host}:{port}/admin/")
         say(f"Flower: http://{flower_host}:{flower_port}/   (queues: http://{flower_host}:{flower_port}/broker)")
@@ -271,15 +295,53 @@ def flower_address(host: str) -> str:
     return host if loopback else "127.0.0.1"
 
 
-def wait_for_worker(worker: subprocess.Popen, node: str, timeout_s: float = 90) -> bool:
-    """Until ``worker``, named ``node``, answers a ping (True), or ``timeout_s`` passed or it exited (False).
+def check_free_to_listen(addresses: list[tuple[str, str, int]]) -> None:
+    """Exit, naming the variable to change, unless every ``(variable, host, port)`` can be listened on, all at
+    once (PORT and FLOWER_PORT cannot share a port). Otherwise the web server or Flower fails only after the
+    rest has started (gunicorn tries to bind for 5 s), and a second launcher on the same ports has its worker
+    join the shared queues meanwhile. Tried with SO_REUSEADDR, as gunicorn and Flower (Tornado) set it: a
+    port that only has connections closing (TIME_WAIT) is free."""
+    held: list[socket.socket] = []
+    try:
+        for variable, host, port in addresses:
+            try:
+                family, kind, proto, _, address = socket.getaddrinfo(
+                    host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )[0]
+                sock = socket.socket(family, kind, proto)
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+                sock.listen()
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    sys.exit(
+                        f"Port {port} on {host or 'every address'} is in use (another server, or another make run, "
+                        f"listens on it): set {variable} to a free port, or stop what uses it."
+                    )
+                sys.exit(f"Cannot listen on {host}:{port} ({error.strerror or error}): check HOST and {variable}.")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def exited(started: list[tuple[str, subprocess.Popen]]) -> tuple[str, int] | None:
+    """The name and exit code of the first of the processes ``started`` that has exited, if one has."""
+    for name, process in started:
+        if process.poll() is not None:
+            return name, process.returncode
+    return None
+
+
+def wait_for_worker(started: list[tuple[str, subprocess.Popen]], node: str, timeout_s: float = 90) -> bool:
+    """Until the worker named ``node`` answers a ping (True), or ``timeout_s`` passed or one of the processes
+    ``started`` exited (False): a web server that could not start is not left unnoticed behind the wait.
     Pinged by name: another worker on the same broker must not answer for it."""
     ping = [sys.executable, "-m", "celery", "-A", "aiagentserver", "inspect", "ping", "--timeout", "1",
             "--destination", node]  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            say(f"the worker exited with {worker.returncode} before it answered")
+        if exited(started) is not None:
             return False
         if subprocess.run(ping, cwd=BASE_DIR, capture_output=True, check=False).returncode == 0:
             return True
@@ -288,23 +350,52 @@ def wait_for_worker(worker: subprocess.Popen, node: str, timeout_s: float = 90) 
     return False
 
 
+def wait_listening(
+    started: list[tuple[str, subprocess.Popen]], servers: list[tuple[str, str, int]], timeout_s: float = 30
+) -> bool:
+    """Until each ``(name, host, port)`` accepts a connection (True), or ``timeout_s`` passed or one of the
+    processes ``started`` exited (False)."""
+    waiting = list(servers)
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        if exited(started) is not None:
+            return False
+        if time.monotonic() > deadline:
+            say(f"{', '.join(name for name, _, _ in waiting)} not answering after {timeout_s:g} s; going on")
+            return False
+        waiting = [server for server in waiting if not _accepts(*server[1:])]
+        if waiting:
+            time.sleep(0.2)
+    return True
+
+
+def _accepts(host: str, port: int) -> bool:
+    """Whether something accepts connections at ``host``:``port``, a listening address (0.0.0.0: this machine)."""
+    bare = host.strip("[]")
+    target = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(bare, bare)
+    try:
+        with socket.create_connection((target, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _wait(started: list[tuple[str, subprocess.Popen]]) -> int:
     """Until a process exits by itself (1); a signal ends it with ``Stopped`` (``stop_on_signals``)."""
-    while True:
-        for name, process in started:
-            if process.poll() is not None:
-                say(f"{name} exited with {process.returncode}; stopping the rest")
-                return 1
+    while (gone := exited(started)) is None:
         time.sleep(0.5)
+    say(f"{gone[0]} exited with {gone[1]}; stopping the rest")
+    return 1
 
 
 def test_redis_url() -> str:
-    """The Redis the tests use: TEST_REDIS_URL, or REDIS_URL's server with database 15 (the tests flush it)."""
-    explicit = os.environ.get("TEST_REDIS_URL")
+    """The Redis the tests use, which they flush: TEST_REDIS_URL, which must name its database, or REDIS_URL's
+    server with database 15. Either is checked as the settings check a Redis URL (``parse_redis_url``)."""
+    explicit = os.environ.get("TEST_REDIS_URL", "").strip()
     if explicit:
-        return explicit
-    parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    return urlunsplit(parts._replace(path="/15"))
+        return checked_env(lambda: parse_redis_url("TEST_REDIS_URL", explicit, database_required=True).url)
+    server = checked_env(lambda: env_redis_url("REDIS_URL", DEFAULT_REDIS_URL))
+    return urlunsplit(urlsplit(server)._replace(path="/15"))
 
 
 def test(pytest_args: list[str]) -> int:

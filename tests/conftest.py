@@ -26,10 +26,12 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from aiagentserver.env import parse_redis_url
 from llm_engines.local.llama_cpp_engine import resolve_model_path
 from orchestration.packets import FINISHED
 from orchestration.runtime import configuration
@@ -52,6 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """One test run at a time on a Redis database: two runs on one machine (two checkouts) shared its
     queues, their workers took each other's jobs (tasks of another state directory), and one run's flush
     emptied the other's. A second run waits for the first here."""
+    redis_url_to_flush(settings.REDIS_URL)  # a TEST_REDIS_URL the tests cannot flush safely stops them here
     path = redis_lock_path(settings.REDIS_URL)
     lock = open(path, "a+")  # noqa: SIM115 - held until this process ends
     try:
@@ -98,10 +101,25 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def redis_url_to_flush(url: str) -> str | None:
+    """``url``, the settings' REDIS_URL, when the tests flush it: when it is TEST_REDIS_URL (``make test`` sets
+    both), which must then pass the settings' check and name its database by number, so that the flush
+    empties that database and no other (redis-py read "/9x" or no path as database 0, a server's). A
+    REDIS_URL that is not TEST_REDIS_URL may be a server's own: it is not flushed."""
+    explicit = os.environ.get("TEST_REDIS_URL", "").strip()
+    if not explicit:
+        return None
+    try:
+        test_redis = parse_redis_url("TEST_REDIS_URL", explicit, database_required=True)
+    except ImproperlyConfigured as error:
+        raise pytest.UsageError(str(error)) from None
+    return url if test_redis.url == url else None
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     url = settings.REDIS_URL
-    if os.environ.get("TEST_REDIS_URL") == url:
+    if redis_url_to_flush(url) is not None:
         redis.Redis.from_url(url).flushdb()
     return url
 

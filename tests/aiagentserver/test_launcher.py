@@ -103,6 +103,7 @@ def test_sigterm_while_starting_stops_what_was_started(tmp_path):
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     env = {**os.environ, "REDIS_URL": url, "VAR_DIR": str(tmp_path), "DEBUG": "1"}
+    env.update(PORT=str(free_port()), FLOWER_PORT=str(free_port()))  # checked free before Redis starts
     env.pop("TEST_REDIS_URL", None)
     launcher_process = subprocess.Popen(
         [sys.executable, "-m", "aiagentserver.launcher", "run"],
@@ -131,8 +132,28 @@ def test_waiting_for_the_worker_ends_when_it_exits():
     worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
     worker.wait()
     started = time.monotonic()
-    assert launcher.wait_for_worker(worker, "absent@localhost", timeout_s=90) is False
+    assert launcher.wait_for_worker([("worker", worker)], "absent@localhost", timeout_s=90) is False
     assert time.monotonic() - started < 5
+
+
+def test_waiting_for_the_worker_ends_when_another_process_exits():
+    """A web server that could not bind its port was noticed only after the worker had answered (or 90 s),
+    once Flower had started and the banner been printed."""
+    import subprocess
+    import sys
+    import time
+
+    web = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    web.wait()
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = time.monotonic()
+        assert launcher.wait_for_worker([("web", web), ("worker", worker)], "absent@localhost", timeout_s=8) is False
+        assert time.monotonic() - started < 5
+        assert launcher.exited([("web", web), ("worker", worker)]) == ("web", 1)
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 def test_waiting_for_the_worker_waits_for_that_worker(celery_worker):
@@ -143,8 +164,8 @@ def test_waiting_for_the_worker_waits_for_that_worker(celery_worker):
 
     starting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert launcher.wait_for_worker(starting, "starting@localhost", timeout_s=4) is False
-        assert launcher.wait_for_worker(starting, celery_worker.name, timeout_s=30) is True
+        assert launcher.wait_for_worker([("worker", starting)], "starting@localhost", timeout_s=4) is False
+        assert launcher.wait_for_worker([("worker", starting)], celery_worker.name, timeout_s=30) is True
     finally:
         starting.kill()
         starting.wait()
@@ -229,3 +250,180 @@ def test_a_redis_started_for_a_url_with_a_user_lets_that_user_in(tmp_path):
         assert launcher.redis_answers(passwordless)
     finally:
         launcher.stop([("redis", process)])
+
+
+@pytest.fixture
+def launcher_signals():
+    """``run`` and ``test`` take the stop signals over, and leave them ignored: this test process gets its
+    own handlers back."""
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in launcher.STOP_SIGNALS}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch, launcher_signals):
+    """The launcher's first step that starts anything (a Redis) fails the test: what is checked must be
+    checked before it."""
+
+    def ensure_redis(*args, **kwargs):
+        raise AssertionError("the launcher went on to start Redis")
+
+    monkeypatch.setattr(launcher, "ensure_redis", ensure_redis)
+    for name in ("HOST", "FLOWER_BASIC_AUTH", "FLOWER_AUTH_PROVIDER", "FLOWER_AUTH", "TEST_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/13")
+    monkeypatch.setenv("PORT", str(free_port()))
+    monkeypatch.setenv("FLOWER_PORT", str(free_port()))
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "url", "reason"),
+    [
+        ("run", "REDIS_URL", "redis://127.0.0.1:6379/9x", "database '9x' is not a number"),
+        ("run", "REDIS_URL", "redis://127.0.0.1:notaport/9", "port 'notaport'"),
+        ("run", "REDIS_URL", "localhost:6379", "does not start with redis://"),
+        ("test", "TEST_REDIS_URL", "redis://127.0.0.1:6379/9x", "database '9x' is not a number"),
+        ("test", "TEST_REDIS_URL", "redis://127.0.0.1:6379", "names no database"),  # the tests flush it
+        ("test", "REDIS_URL", "redis://127.0.0.1:6379/0?db=3", "its query has db"),  # its server, database 15
+    ],
+)
+def test_a_bad_redis_url_stops_the_launcher_before_anything_starts(
+    monkeypatch, nothing_starts, command, variable, url, reason
+):
+    """The launcher used REDIS_URL and TEST_REDIS_URL as they were: redis-py read /9x as database 0 (the
+    tests flushed it), and a URL it could not read at all ended make run with a traceback."""
+    monkeypatch.setenv(variable, url)
+    with pytest.raises(SystemExit, match=rf"^{variable}=.* is not a Redis URL .*{reason}"):
+        launcher.run() if command == "run" else launcher.test([])
+
+
+@pytest.mark.parametrize("command", ["run", "test"])
+def test_a_bad_redis_url_ends_make_run_and_make_test_with_a_message_not_a_traceback(tmp_path, command):
+    import os
+    import subprocess
+    import sys
+
+    variable = "REDIS_URL" if command == "run" else "TEST_REDIS_URL"
+    url = "localhost:6379" if command == "run" else "redis://127.0.0.1:notaport/9"
+    env = {**os.environ, variable: url, "VAR_DIR": str(tmp_path), "PORT": str(free_port())}
+    env["FLOWER_PORT"] = str(free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "aiagentserver.launcher", command], cwd=launcher.BASE_DIR, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"{variable}={url!r} is not a Redis URL"), done.stderr
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("variable", ["PORT", "FLOWER_PORT"])
+def test_a_port_in_use_stops_the_launcher_before_anything_starts(monkeypatch, nothing_starts, variable):
+    """With PORT taken, gunicorn failed after the worker had joined the queues, and the launcher printed the
+    API banner, then stopped 18 s later with "web exited with 1"."""
+    with listening_socket() as taken:
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(variable, str(port))
+        with pytest.raises(SystemExit, match=rf"Port {port} on 127.0.0.1 is in use .*: set {variable} to a free"):
+            launcher.run()
+
+
+def test_port_and_flower_port_cannot_be_the_same(monkeypatch, nothing_starts):
+    port = free_port()
+    monkeypatch.setenv("PORT", str(port))
+    monkeypatch.setenv("FLOWER_PORT", str(port))
+    with pytest.raises(SystemExit, match=rf"Port {port} .* is in use .*: set FLOWER_PORT to a free port"):
+        launcher.run()
+
+
+@pytest.mark.parametrize(("value", "message"), [("80a", "PORT='80a' is not an integer"), ("70000", "maximum")])
+def test_a_port_that_is_not_a_port_stops_the_launcher(monkeypatch, nothing_starts, value, message):
+    monkeypatch.setenv("PORT", value)
+    with pytest.raises(SystemExit, match=message):
+        launcher.run()
+
+
+@pytest.fixture
+def fake_servers(monkeypatch, launcher_signals):
+    """``run`` with every step but the processes' start replaced, and each process it starts replaced by a
+    small one: ``behave(name=...)`` says what each does ("listen" on its port, "sleep", "exit", or a number
+    of seconds to run before exiting). Returns the processes started."""
+    import subprocess
+    import sys
+
+    real_popen = subprocess.Popen
+    started: list = []
+    ports = {"web": free_port(), "flower": free_port()}
+    behaviour: dict[str, str] = {}
+    names = {"gunicorn": "web", "aiagentserver.worker": "worker", "mcp_consume": "mcp", "flower": "flower"}
+
+    def fake_popen(command, **kwargs):
+        name = next(name for key, name in names.items() if any(key in part for part in command))
+        what = behaviour.get(name, "sleep")
+        if what == "listen":
+            code = (
+                "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+                f"s.bind(('127.0.0.1', {ports[name]})); s.listen(); time.sleep(60)"
+            )
+        elif what == "exit":
+            code = "raise SystemExit(1)"
+        else:
+            code = f"import time; time.sleep({60 if what == 'sleep' else what})"
+        process = real_popen([sys.executable, "-c", code], start_new_session=True)
+        started.append(process)
+        if what == "exit":
+            process.wait()
+        return process
+
+    monkeypatch.setattr(launcher, "ensure_redis", lambda *args, **kwargs: None)
+    monkeypatch.setattr(launcher, "manage", lambda *args, **kwargs: "developer.planner")
+    monkeypatch.setattr(launcher.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))  # the ping
+    monkeypatch.setattr(launcher.subprocess, "Popen", fake_popen)
+    for name in ("HOST", "FLOWER_BASIC_AUTH", "FLOWER_AUTH_PROVIDER", "FLOWER_AUTH", "DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/13")
+    monkeypatch.setenv("PORT", str(ports["web"]))
+    monkeypatch.setenv("FLOWER_PORT", str(ports["flower"]))
+
+    def behave(**what: str) -> list:
+        behaviour.update(what)
+        return started
+
+    yield behave
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("failing", ["web", "flower"])
+def test_no_banner_when_a_server_exited_while_starting(fake_servers, capsys, failing):
+    """make run printed "API: http://..." and "Ctrl-C stops everything started here." although the web
+    server had already failed to bind its port."""
+    started = fake_servers(**{"web": "listen", "flower": "listen", failing: "exit"})
+    assert launcher.run() == 1
+    said = capsys.readouterr().out
+    assert f"{failing} exited with 1 while starting; stopping the rest" in said
+    assert "API:" not in said and "Ctrl-C stops everything" not in said
+    assert all(process.poll() is not None for process in started), "a process started is still running"
+    if failing == "web":
+        assert len(started) < 4, "Flower was started after the web server had exited"
+
+
+def test_the_banner_comes_once_the_web_server_and_flower_listen(fake_servers, capsys):
+    started = fake_servers(web="listen", flower="listen", worker="4")
+    assert launcher.run() == 1  # when the worker exits
+    said = capsys.readouterr().out
+    assert said.index("API:") < said.index("worker exited with 0; stopping the rest")
+    assert all(process.poll() is not None for process in started)
