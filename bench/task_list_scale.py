@@ -10,6 +10,9 @@ read a state file would fail), and measures, interleaved across listings and siz
 - GET /api/v1/tasks/, the first page: unfiltered, by status, by profile, by role, all three;
 - a deep page: the middle of the table (page 1000 of 50 at 100,000 tasks, page 10 at 1,000);
 - the admin's task changelist, unfiltered and filtered by status (a staff session);
+- GET /api/v1/metrics and GET /metrics, which count the tasks by role and status, those finished in
+  the last 5 minutes and the feedback loop's rounds from the mirror on every read (no floor: they
+  read Redis and make several queries);
 - the floor: the bare SQL query of each page (the same rows, columns, filter, order and offset)
   on a DB-API connection in this process.
 
@@ -69,8 +72,8 @@ ADMIN = "/admin/orchestration/task/"
 SUMMARY = "task_id, profile, role, status, version, iteration, parent_id, created_at, updated_at"
 
 
-def listings(size: int) -> list[tuple[str, str, str, list[str]]]:
-    """(name, URL, the WHERE of its floor query, that query's parameters)."""
+def listings(size: int) -> list[tuple[str, str, str | None, list[str]]]:
+    """(name, URL, the WHERE of its floor query or None for no floor, that query's parameters)."""
     deep = size // (2 * DEEP_PAGE_SIZE)
     return [
         ("API first page", "/api/v1/tasks/", "", []),
@@ -86,6 +89,8 @@ def listings(size: int) -> list[tuple[str, str, str, list[str]]]:
         (f"API deep page (page {deep})", f"/api/v1/tasks/?page={deep}&page_size={DEEP_PAGE_SIZE}", "", []),
         ("admin changelist", ADMIN, "", []),
         ("admin status=failed", f"{ADMIN}?status__exact=failed", "status = %s", ["failed"]),
+        ("API metrics", "/api/v1/metrics", None, []),
+        ("Prometheus /metrics", "/metrics", None, []),
     ]
 
 
@@ -391,16 +396,23 @@ def main() -> None:
             server.state.rename(server.state.with_name("state.away"))
         dbs = [server.connect() for server in servers]
         plan = [
-            ((name.split(" (")[0], server.size), server.get, url, floor_timer(server, db, name, where, params))
+            (
+                (name.split(" (")[0], server.size),
+                server.get,
+                url,
+                None if where is None else floor_timer(server, db, name, where, params),
+            )
             for server, db in zip(servers, dbs, strict=True)
             for name, url, where, params in listings(server.size)
         ]
         for round_ in range(args.warmup + args.n):
             for key, get, url, floor in plan:
-                took, floor_took = get(url), floor()
+                took = get(url)
+                floor_took = floor() if floor else None
                 if round_ >= args.warmup:
                     samples.setdefault(key, []).append(took)
-                    floors.setdefault(key, []).append(floor_took)
+                    if floor_took is not None:
+                        floors.setdefault(key, []).append(floor_took)
         for db in dbs:
             db.close()
         if shutil.which("strace"):
@@ -426,12 +438,15 @@ def main() -> None:
     print(head + f"{'ratio p50':>11}{'p99':>7}{'floor p50':>11}{'p99':>7}   ms")
     labels = list(dict.fromkeys(label for label, _ in samples))
     for label in labels:
-        a, b, floor = samples[(label, small)], samples[(label, large)], floors[(label, large)]
+        a, b, floor = samples[(label, small)], samples[(label, large)], floors.get((label, large))
+        floor_text = f"{'-':>11}{'-':>7}"
+        if floor:
+            floor_text = f"{percentile(floor, 0.5) * 1000:11.2f}{percentile(floor, 0.99) * 1000:7.2f}"
         print(
             f"{label:28}{percentile(a, 0.5) * 1000:11.1f}{percentile(a, 0.99) * 1000:7.1f}"
             f"{percentile(b, 0.5) * 1000:13.1f}{percentile(b, 0.99) * 1000:7.1f}"
             f"{percentile(b, 0.5) / percentile(a, 0.5):10.2f}x{percentile(b, 0.99) / percentile(a, 0.99):6.2f}x"
-            f"{percentile(floor, 0.5) * 1000:11.2f}{percentile(floor, 0.99) * 1000:7.2f}"
+            f"{floor_text}"
         )
     print(f"(floor: the bare SQL query of the same page at {large:,} tasks, on a DB-API connection in this process)")
     if traced is not None:

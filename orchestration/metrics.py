@@ -146,6 +146,9 @@ def aggregate(pipe: Any, data: Mapping[str, Any], *, now: float | None = None) -
         if ok:
             pipe.hincrby(key, "okn", 1)
             pipe.hincrbyfloat(key, "oklat", sample["latency_s"])
+            # The speed is the successful calls' tokens over their time: the tokens of a cancelled or
+            # failed call (counted in "ct") came in a time that "oklat" does not hold.
+            pipe.hincrby(key, "okct", sample["completion_tokens"])
             _observe(pipe, key, "L", sample["latency_s"])
             if sample["time_to_first_token_s"] is not None:
                 pipe.hincrby(key, "ttftn", 1)
@@ -221,7 +224,10 @@ def summary(counts: Mapping[str, float]) -> dict[str, Any]:
             "p95": _ms(quantile(counts, "T", 0.95)),
             "mean": _ms(counts["ttft"] / ttft_count) if ttft_count else None,
         },
-        "tokens_per_second": round(counts["ct"] / counts["oklat"], 2) if counts.get("oklat") else None,
+        # None for totals counted before "okct" was: their speed is not known.
+        "tokens_per_second": round(counts["okct"] / counts["oklat"], 2)
+        if counts.get("oklat") and "okct" in counts
+        else None,
         "prompt_tokens": int(counts.get("pt", 0)),
         "completion_tokens": int(counts.get("ct", 0)),
         "estimated_cost": round(counts.get("cost", 0.0), 6),
@@ -393,7 +399,8 @@ def task_counts() -> dict[str, Any]:
         role = by_role.setdefault(f"{row['profile']}/{row['role']}", {})
         role[row["status"]] = role.get(row["status"], 0) + row["count"]
     since = timezone.now() - timedelta(seconds=WINDOW_S)
-    recent = Task.objects.filter(status__in=FINISHED, updated_at__gte=since).values("status").annotate(n=Count("pk"))
+    # COUNT(*), not of a column: task_status_updated_idx then answers it alone.
+    recent = Task.objects.filter(status__in=FINISHED, updated_at__gte=since).values("status").annotate(n=Count("*"))
     finished = dict.fromkeys(sorted(FINISHED), 0) | {row["status"]: row["n"] for row in recent}
     return {
         "total": sum(by_status.values()),
@@ -409,7 +416,7 @@ def loop_iterations() -> dict[str, Any]:
     rows = (
         Task.objects.filter(iteration__gt=0)
         .values("profile", "role")
-        .annotate(tasks=Count("task_id"), iterations=Sum("iteration"))
+        .annotate(tasks=Count("*"), iterations=Sum("iteration"))  # answered from task_loop_idx alone
     )
     by_role = {
         f"{row['profile']}/{row['role']}": {"tasks": row["tasks"], "iterations": row["iterations"]} for row in rows

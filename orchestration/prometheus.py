@@ -15,6 +15,8 @@ from prometheus_client.exposition import generate_latest
 from balancer.load_balancer import OUTCOMES
 from orchestration import mcp_handler
 from orchestration.metrics import BOUNDS, aggregates, llms_or_empty, status_part, usage_part
+from orchestration.packets import STATUSES
+from orchestration.runtime import configuration
 
 
 def _buckets(counts: Mapping[str, float], prefix: str) -> list[tuple[str, float]]:
@@ -31,7 +33,8 @@ def _buckets(counts: Mapping[str, float], prefix: str) -> list[tuple[str, float]
 
 
 def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
-    """The metric families of a GET /api/v1/metrics snapshot plus the aggregates' histograms."""
+    """The metric families of a GET /api/v1/metrics snapshot plus the aggregates' histograms; ``roles``
+    names the configured roles ("profile/role")."""
     status, totals = snapshot["status"], snapshot["totals"]
     up = GaugeMetricFamily("aiagent_up", "Whether a part of the server answers (1) or not (0).", labels=["component"])
     up.add_metric(["web"], 1)
@@ -101,10 +104,14 @@ def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
     if usage["tasks"] is None or usage["loop_iterations"] is None:  # the database is away (aiagent_up says so)
         return
     tasks = GaugeMetricFamily("aiagent_tasks", "Stored tasks by role and status.", labels=["profile", "role", "status"])
-    for role_name, statuses in usage["tasks"]["by_role"].items():
+    by_role = usage["tasks"]["by_role"]
+    # Every status of every configured role (and of a role that is no longer configured but has tasks),
+    # 0 where no task has it: a series that vanished when its last task moved on would read as "no data",
+    # a gap in graphs that an alert such as aiagent_tasks{status="queued"} > 100 cannot tell from 0.
+    for role_name in sorted({*snapshot["roles"], *by_role}):
         profile, role = role_name.split("/", 1)
-        for status_name, count in statuses.items():
-            tasks.add_metric([profile, role, status_name], count)
+        for status_name in STATUSES:
+            tasks.add_metric([profile, role, status_name], by_role.get(role_name, {}).get(status_name, 0))
     yield tasks
     rounds = GaugeMetricFamily(
         "aiagent_loop_iterations", "Feedback-loop rounds over the stored tasks, by role.", labels=["profile", "role"]
@@ -135,5 +142,6 @@ def prometheus_text() -> bytes:
         status["redis"] = {**status["redis"], "status": "unavailable"}
         totals = {}
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot({"status": status, "totals": totals, "usage": usage_part(totals)}))
+    roles = [f"{profile.name}/{role}" for profile in configuration().profiles.values() for role in profile.roles]
+    registry.register(_Snapshot({"status": status, "totals": totals, "usage": usage_part(totals), "roles": roles}))
     return generate_latest(registry)

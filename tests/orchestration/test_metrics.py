@@ -10,9 +10,15 @@ import uuid
 
 import pytest
 import redis
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestration import mcp_handler, metrics
+from orchestration.models import Task
+from orchestration.packets import STATUSES
+from orchestration.runtime import configuration
 from tests.conftest import wait_for
 from tests.orchestration.scripted import use_script
 
@@ -213,3 +219,69 @@ def test_redis_going_away_after_the_ping_still_answers_every_metrics_view(api, a
     page = api.get("/metrics")
     assert page.status_code == 200 and 'aiagent_up{component="redis"} 0.0' in page.content.decode()
     assert admin_client.get("/admin/metrics/").status_code == 200
+
+
+def test_tokens_per_second_is_the_successful_calls_tokens_over_their_time(redis_url):
+    """A cancelled call's tokens were divided by the successful calls' time only: one call at 50 tokens/s
+    and one cancelled after 300 tokens in 6 s made 200 tokens/s."""
+    client = redis.Redis.from_url(redis_url)
+    now = 1_000_000_000.0  # a window of its own: no other test counts calls then
+    sample = {
+        "llm": "smollm2-135m", "profile": "productivity", "role": "summarizer", "prompt_tokens": 10,
+        "cost": 0.0, "time_to_first_token_s": None, "at": now,
+    }  # fmt: skip
+    pipe = client.pipeline()
+    metrics.aggregate(pipe, {**sample, "outcome": "ok", "latency_s": 2.0, "completion_tokens": 100}, now=now)
+    metrics.aggregate(pipe, {**sample, "outcome": "cancelled", "latency_s": 6.0, "completion_tokens": 300}, now=now)
+    metrics.aggregate(pipe, {**sample, "outcome": "timeout", "latency_s": 9.0, "completion_tokens": 40}, now=now)
+    pipe.execute()
+    figures = metrics.summary(metrics.aggregates(client, now=now)[2]["llm:smollm2-135m"])
+    assert figures["tokens_per_second"] == 50.0
+    assert figures["completion_tokens"] == 440  # every call's tokens are still counted
+    # Totals counted before the successful calls' tokens were kept apart: their speed is not known.
+    assert metrics.summary({"n": 1, "okn": 1, "oklat": 2.0, "ct": 100})["tokens_per_second"] is None
+
+
+@pytest.mark.django_db
+def test_prometheus_task_series_read_0_for_a_status_no_task_has(api):
+    """A role's series of a status was exposed only while some task had it, so it vanished (stale in
+    Prometheus, "no data" to an alert) instead of reading 0 when its last task moved on."""
+    moment = timezone.now()
+    Task.objects.create(
+        task_id=uuid.uuid4(), profile="productivity", role="summarizer", status="succeeded", version=1,
+        packet={}, created_at=moment, updated_at=moment,
+    )  # fmt: skip
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    tasks = {
+        (sample.labels["profile"], sample.labels["role"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(response.content.decode())
+        if family.name == "aiagent_tasks"
+        for sample in family.samples
+    }
+    assert tasks[("productivity", "summarizer", "succeeded")] == 1
+    assert tasks[("productivity", "summarizer", "running")] == 0
+    configured = {(p.name, role) for p in configuration().profiles.values() for role in p.roles}
+    assert set(tasks) == {(profile, role, status) for profile, role in configured for status in STATUSES}
+    assert sum(tasks.values()) == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="reads SQLite's query plans")
+def test_the_metrics_count_recent_and_looped_tasks_from_their_indexes_alone():
+    """The count of the tasks finished in the last 5 minutes walked every finished task's row (no index
+    had updated_at) and the loop rounds read every row: each scrape grew with the history kept."""
+    plans = {}
+    for read in (metrics.task_counts, metrics.loop_iterations):
+        with CaptureQueriesContext(connection) as queries:
+            read()
+        for query in queries.captured_queries:
+            with connection.cursor() as cursor:
+                cursor.execute("EXPLAIN QUERY PLAN " + query["sql"])
+                plans[query["sql"]] = " | ".join(row[-1] for row in cursor.fetchall())
+    recent = next(plan for sql, plan in plans.items() if "updated_at" in sql)
+    assert "USING COVERING INDEX task_status_updated_idx (status=? AND updated_at>?)" in recent, recent
+    rounds = next(plan for sql, plan in plans.items() if "iteration" in sql)
+    assert "USING COVERING INDEX task_loop_idx" in rounds, rounds
+    # No metrics query reads the table's rows (and with them, on SQLite, the packets' pages).
+    assert all("COVERING INDEX" in plan for plan in plans.values()), plans
