@@ -174,12 +174,22 @@ class _Checker:
             else:
                 self.fail(_join(path, key), f"unknown field (allowed: {', '.join(sorted(allowed))})")
 
-    def string(self, value: Any, path: str, *, pattern: re.Pattern[str] | None = None, empty: bool = False) -> str:
+    def string(
+        self,
+        value: Any,
+        path: str,
+        *,
+        pattern: re.Pattern[str] | None = None,
+        empty: bool = False,
+        max_length: int | None = None,
+    ) -> str:
         if not isinstance(value, str):
             self.fail(path, f"must be a string, not {_kind(value)}")
             return ""
         if not empty and not value.strip():
             self.fail(path, "must not be empty")
+        elif max_length is not None and len(value) > max_length:
+            self.fail(path, f"must be at most {max_length} characters, not {len(value)}")
         elif pattern is not None and not pattern.match(value):
             self.fail(path, f"{value!r} does not match {pattern.pattern}")
         return value
@@ -242,8 +252,12 @@ def _join(path: str, key: str) -> str:
 
 # LLM fields that are passed to the engine besides ``model``, ``context_length`` and ``options``.
 ENGINE_FIELDS = ("base_url", "api_key_env")
-# An API key's variable: a name that says it holds a key or token, and none of the server's own.
-ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,120}_(API_KEY|KEY|TOKEN)\Z")
+# The longest text each field may hold: what the admin's columns hold (balancer/models.py), so that every
+# valid file can be copied into them and saved from the admin unchanged.
+MAX_LENGTHS = {"id": 128, "engine": 64, "model": 256, "base_url": 512, "api_key_env": 128, "agent": 64}
+# An API key's variable: a name that says it holds a key or token, and none of the server's own (at most
+# 128 characters with its longest ending).
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,119}_(API_KEY|KEY|TOKEN)\Z")
 SERVER_VARIABLES = frozenset({"SECRET_KEY", "DATABASE_URL", "REDIS_URL"})
 _LLM_FIELDS = {
     "id", "engine", "source", "model", "toggle", "locked", "capabilities", "context_length",
@@ -260,7 +274,7 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
     if data is None:
         return None
     check.keys(data, path, required={"id", "engine", "source", "model"}, allowed=_LLM_FIELDS)
-    engine_name = check.string(data.get("engine", ""), f"{path}.engine")
+    engine_name = check.string(data.get("engine", ""), f"{path}.engine", max_length=MAX_LENGTHS["engine"])
     options = check.mapping(data.get("options", {}), f"{path}.options") or {}
     for key in options:
         if SECRET_KEY_RE.search(key):
@@ -269,10 +283,10 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
             # It would override the LLM's own field, which the balancer and the admin read.
             check.fail(f"{path}.options.{key}", f"is a field of the LLM itself: set {path}.{key}, not in options")
     llm = LLMConfig(
-        id=check.string(data.get("id", ""), f"{path}.id", pattern=LLM_ID_RE),
+        id=check.string(data.get("id", ""), f"{path}.id", pattern=LLM_ID_RE, max_length=MAX_LENGTHS["id"]),
         engine=engine_name,
         source=check.string(data.get("source", ""), f"{path}.source"),
-        model=check.string(data.get("model", ""), f"{path}.model"),
+        model=check.string(data.get("model", ""), f"{path}.model", max_length=MAX_LENGTHS["model"]),
         toggle=check.boolean(data.get("toggle", True), f"{path}.toggle"),
         locked=check.boolean(data.get("locked", False), f"{path}.locked"),
         capabilities=check.capabilities(data.get("capabilities", ["chat"]), f"{path}.capabilities"),
@@ -280,7 +294,11 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
         max_concurrency=check.integer(
             data.get("max_concurrency", 1), f"{path}.max_concurrency", minimum=1, maximum=1024
         ),
-        base_url=check.string(data["base_url"], f"{path}.base_url") if "base_url" in data else None,
+        base_url=(
+            check.string(data["base_url"], f"{path}.base_url", max_length=MAX_LENGTHS["base_url"])
+            if "base_url" in data
+            else None
+        ),
         api_key_env=_api_key_env(check, data, path),
         cost_per_1k_tokens=_costs(check, data, path),
         weight=check.number(data.get("weight", 1.0), f"{path}.weight", minimum=0.0, maximum=1000.0),
@@ -307,7 +325,7 @@ def _parse_llm(check: _Checker, raw: Any, path: str) -> LLMConfig | None:
 def _api_key_env(check: _Checker, data: dict[str, Any], path: str) -> str | None:
     if "api_key_env" not in data:
         return None
-    name = check.string(data["api_key_env"], f"{path}.api_key_env")
+    name = check.string(data["api_key_env"], f"{path}.api_key_env", max_length=MAX_LENGTHS["api_key_env"])
     if name in SERVER_VARIABLES:
         check.fail(f"{path}.api_key_env", f"{name} is the server's own setting, not an API key")
     elif name and not ENV_NAME_RE.match(name):
@@ -339,7 +357,7 @@ def _parse_role(
     if data is None:
         return None
     check.keys(data, path, required={"agent", "system_prompt"}, allowed=_ROLE_FIELDS)
-    agent = check.string(data.get("agent", ""), f"{path}.agent")
+    agent = check.string(data.get("agent", ""), f"{path}.agent", max_length=MAX_LENGTHS["agent"])
     if agent and known_agents is not None and agent not in known_agents:
         check.fail(f"{path}.agent", f"unknown agent {agent!r} (known: {', '.join(sorted(known_agents))})")
     return RoleConfig(
@@ -354,6 +372,25 @@ def _parse_role(
         time_limit_s=check.number(data.get("time_limit_s", 300), f"{path}.time_limit_s", minimum=1, maximum=86400),
         max_iterations=check.integer(data.get("max_iterations", 3), f"{path}.max_iterations", minimum=1, maximum=100),
     )
+
+
+def _check_reply_fits(check: _Checker, role: RoleConfig, path: str, llms: Mapping[str, LLMConfig]) -> None:
+    """The balancer's rule 1 for the role's reply alone: a ``max_tokens`` that no LLM able to serve the role
+    holds would make every call of the role fail. Toggles are left out (an operator's switch, not a
+    mistake in the file: turning an LLM off is never refused here), and so is a role that no LLM has the
+    capabilities for (the submit's 422 says so)."""
+    able = [
+        llm
+        for llm in llms.values()
+        if role.capabilities <= llm.capabilities and (not llm.locked or llm.id in role.preferred_llms)
+    ]
+    if able and all(role.max_tokens > llm.context_length for llm in able):
+        largest = max(able, key=lambda llm: llm.context_length)
+        check.fail(
+            path,
+            f"a reply of {role.max_tokens} tokens fits in the context of no LLM that can serve the role "
+            f"(the largest: {largest.context_length} tokens, {largest.id})",
+        )
 
 
 def parse_configuration(
@@ -405,6 +442,7 @@ def parse_configuration(
             )  # fmt: skip
             if role is not None:
                 roles[role_name] = role
+                _check_reply_fits(check, role, f"{role_path}.max_tokens", llms)
         profiles[profile_name] = ProfileConfig(
             name=profile_name,
             roles=MappingProxyType(roles),

@@ -97,6 +97,8 @@ class Policy:
 
 DEFAULT_POLICY = Policy()
 PREFIX = "aiagent:lb:"
+# Rule 4: how long (in Redis's own seconds) a role's set of waiting calls outlives its last waiter's visit.
+_WAITING_TTL_S = 300
 
 # Rules 4 and 7. KEYS[1] the LLM's slots (token -> lease expiry), KEYS[2] the role's waiting calls; ARGV now,
 # expiry, token, limit, and the call's waiter id or '' (a call that gets its slot no longer waits). With a
@@ -216,6 +218,10 @@ if ok then
   if state ~= 'closed' and probe then
     redis.call('HSET', KEYS[2], 'state', 'closed')
     redis.call('HDEL', KEYS[2], 'probe', 'probe_until')
+    -- The window starts again at the probe, as at a trip: the failures counted while the breaker was
+    -- open (health checks, last resorts, calls begun before the trip) would trip it at the next failure.
+    redis.call('DEL', KEYS[1])
+    redis.call('LPUSH', KEYS[1], '1')
     return 'closed'
   end
   return state
@@ -354,8 +360,9 @@ def static_exclusion(llm: LLMConfig, role: RoleConfig, prompt_tokens: int = 0) -
     missing = role.capabilities - llm.capabilities
     if missing:
         return f"rule 1: lacks capabilities {', '.join(sorted(missing))}"
+    # With no prompt yet (``check_servable`` of a role), the reply alone must fit.
     needed = prompt_tokens + role.max_tokens
-    if prompt_tokens and needed > llm.context_length:
+    if needed > llm.context_length:
         return f"rule 1: context of {llm.context_length} tokens is too small for {needed}"
     return None
 
@@ -569,8 +576,8 @@ class LoadBalancer:
             state = breaker.get("state", "closed")
             open_until = float(breaker.get("open_until", 0))
             if state == "open" and now < open_until:
+                excluded[llm.id] = f"rule 3: cooling down until {_iso(open_until)}"
                 if len(live) > 1:
-                    excluded[llm.id] = f"rule 3: cooling down until {_iso(open_until)}"
                     if self._failing_not_dead(breaker, stats[llm.id], now):
                         last_resort.append(llm)
                     continue
@@ -579,12 +586,14 @@ class LoadBalancer:
             if state == "open" or (state == "half_open" and now >= float(breaker.get("probe_until", 0))):
                 probes.add(llm.id)
             elif state == "half_open":
+                excluded[llm.id] = "rule 3: a probe call is testing it"
                 if len(live) > 1:
-                    excluded[llm.id] = "rule 3: a probe call is testing it"
                     if self._failing_not_dead(breaker, stats[llm.id], now):
                         last_resort.append(llm)
                     continue
-                return Wait(until=float(breaker["probe_until"]), candidates=(llm.id,), excluded=excluded)
+                # The only candidate: the call looks again until the probe answers. The probe's lease is
+                # only how long it may take at most, most answer far sooner.
+                return Wait(until=wake, candidates=(llm.id,), excluded=excluded)
             available.append(llm)
         ordered = self._order(config, role, available, stats, in_flight, sticky)
         waiting_key = f"{PREFIX}waiting:{role.queue}"
@@ -662,8 +671,16 @@ class LoadBalancer:
 
     def _wait(self, key: str, waiter: str | None, wait: Wait) -> Wait:
         if waiter is not None:
-            # Counted as waiting while it keeps coming back; forgotten soon after it stops.
-            self.redis.zadd(key, {waiter: self.clock() + max(10 * self.policy.poll_s, 2.0)})
+            # Counted as waiting while it keeps coming back; forgotten soon after it stops. A waiter whose
+            # process died is never removed by it: the expired are dropped here, and the key of a role that
+            # nobody waits for any more expires.
+            now = self.clock()
+            counted_for = max(10 * self.policy.poll_s, 2.0)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {waiter: now + counted_for})
+            pipe.expire(key, max(_WAITING_TTL_S, math.ceil(2 * counted_for)))
+            pipe.execute()
         return wait
 
     def forget_waiter(self, role: RoleConfig, waiter: str) -> None:
@@ -755,24 +772,27 @@ class LoadBalancer:
         first = self.rng.choice(unexplored).id if explore else None
 
         listed = [*role.preferred_llms, *config.profiles[role.profile].default_llms]
+        group = {
+            llm.id: (tier(config, role, llm.id, sticky), llm.id != first, any_known and not recent[llm.id])
+            for llm in llms
+        }
+        expected = {llm.id: self._expected_s(llm, stats[llm.id], role, 1.0) for llm in llms}
+        # Times at most 10 % above the fastest's count as equal to it; the slower ones likewise from the
+        # fastest of them. Among equals: the least busy, the order the role and the profile list them
+        # in, and chance.
+        band: dict[str, int] = {}
+        anchor: dict[tuple, tuple[float, int]] = {}  # each group's band so far: its fastest time, its number
+        for llm in sorted(llms, key=lambda llm: expected[llm.id]):
+            fastest, number = anchor.get(group[llm.id], (-math.inf, -1))
+            if expected[llm.id] > fastest * 1.1:
+                fastest, number = expected[llm.id], number + 1
+                anchor[group[llm.id]] = (fastest, number)
+            band[llm.id] = number
 
         def key(llm: LLMConfig) -> tuple:
-            expected = self._expected_s(llm, stats[llm.id], role, 1.0)
-            unknown = any_known and not recent[llm.id]
-            # Times within 10 % of each other count as equal; then the least busy, the order the
-            # role and the profile list them in, and chance.
-            band = round(math.log(max(expected, 1e-6)) / math.log(1.1))
             listed_at = listed.index(llm.id) if llm.id in listed else len(listed)
             busy = in_flight.get(llm.id, 0) / llm.max_concurrency
-            return (
-                tier(config, role, llm.id, sticky),
-                llm.id != first,
-                unknown,
-                band,
-                busy,
-                listed_at,
-                self.rng.random(),
-            )
+            return (*group[llm.id], band[llm.id], busy, listed_at, self.rng.random())
 
         return sorted(llms, key=key)
 
@@ -926,7 +946,7 @@ class LoadBalancer:
         attempt, or when the deadline leaves no time for another, raises the last error; no slot
         before ``deadline`` for the first attempt raises ``NoCapacity``.
         """
-        started = self.clock()
+        waited = 0.0  # in ``_wait_for`` only: the failed attempts' own time is not waiting
         failed: dict[str, str] = {}
         attempts: list[dict[str, str]] = []
         last_error: EngineError | None = None
@@ -939,14 +959,16 @@ class LoadBalancer:
                 wait_until = deadline - self.policy.min_attempt_s
                 if self.clock() >= wait_until:
                     raise last_error
+            began_waiting = self.clock()
             try:
                 decision = self._wait_for(config, role, prompt_tokens, sticky, failed, budget, wait_until)
             except (NoCandidate, NoCapacity):
                 if last_error is not None:
                     raise last_error from None
                 raise
+            waited += max(self.clock() - began_waiting, 0.0)
             decision.attempts = list(attempts)
-            decision.waited_s = max(self.clock() - started, 0.0)
+            decision.waited_s = waited
             try:
                 with self._holding(decision):
                     result = call(decision.llm)

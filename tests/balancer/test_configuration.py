@@ -176,3 +176,56 @@ def test_engine_options_names_and_sizes_that_would_break_later_are_refused_at_lo
     assert "at most" in found["profiles.developer.roles.qa.max_tokens"]
     raw["llms"][1]["options"] = {"request_timeout": None}
     assert "must be a number" in problems(raw)["llms[1].options.request_timeout"]
+
+
+def test_a_role_whose_reply_no_llm_context_holds_is_named_at_its_max_tokens(raw):
+    roles = raw["profiles"]["developer"]["roles"]
+    roles["planner"]["max_tokens"] = 8000  # the shipped LLM's context is 4096
+    raw["profiles"]["productivity"]["roles"]["vision"]["max_tokens"] = 8000  # no LLM can see: said at submit
+    raw["llms"].append({"id": "big-locked", "engine": "instant", "source": "local", "model": "m", "locked": True,
+                        "context_length": 16384})  # fmt: skip
+    found = problems(raw)
+    assert "fits in the context of no LLM" in found["profiles.developer.roles.planner.max_tokens"]
+    assert "4096 tokens, smollm2-135m" in found["profiles.developer.roles.planner.max_tokens"]
+    assert set(found) == {"profiles.developer.roles.planner.max_tokens"}
+    roles["planner"]["preferred_llms"] = ["big-locked"]  # the role may use the locked LLM
+    raw["llms"][-1]["toggle"] = False  # turning an LLM off is the operator's switch, never refused
+    config = parse_configuration(raw, known_agents=AGENTS.names())
+    assert config.profiles["developer"].roles["planner"].max_tokens == 8000
+
+
+def test_text_fields_are_refused_longer_than_the_admins_columns(raw):
+    from balancer.models import LLM, Role
+
+    columns = {"id": LLM._meta.get_field("llm_id").max_length}
+    columns |= {name: LLM._meta.get_field(name).max_length for name in ("engine", "model", "base_url", "api_key_env")}
+    columns["agent"] = Role._meta.get_field("agent").max_length
+    url = "http://127.0.0.1:9/v1/"
+    suffix = "_API_KEY"
+
+    def remote(extra):
+        return {
+            "id": "r" * (columns["id"] + extra), "engine": "openai", "source": "api",
+            "model": "m" * (columns["model"] + extra), "base_url": url + "a" * (columns["base_url"] - len(url) + extra),
+            "api_key_env": "K" * (columns["api_key_env"] - len(suffix) + extra) + suffix,
+        }  # fmt: skip
+
+    raw["llms"].append(remote(0))
+    config = parse_configuration(raw, known_agents=AGENTS.names())
+    llm = config.llms["r" * columns["id"]]
+    LLM(
+        llm_id=llm.id,
+        engine=llm.engine,
+        source=llm.source,
+        model=llm.model,
+        base_url=llm.base_url,
+        api_key_env=llm.api_key_env,
+        capabilities=sorted(llm.capabilities),
+    ).clean_fields()  # the admin saves it
+    raw["llms"][-1] = remote(1)
+    raw["llms"][-1]["engine"] = "e" * (columns["engine"] + 1)
+    raw["profiles"]["developer"]["roles"]["qa"]["agent"] = "a" * (columns["agent"] + 1)
+    found = problems(raw)
+    for name in ("id", "engine", "model", "base_url", "api_key_env"):
+        assert f"at most {columns[name]} characters" in found[f"llms[1].{name}"], name
+    assert f"at most {columns['agent']} characters" in found["profiles.developer.roles.qa.agent"]

@@ -101,6 +101,20 @@ def test_rule_1_toggled_off_and_locked_llms_are_not_candidates(lb):
     assert take(lb, named).llm.id == "t-locked"
 
 
+def test_rule_1_a_role_whose_reply_alone_no_context_holds_cannot_be_served(lb):
+    from balancer.load_balancer import check_servable
+
+    config = config_with([{"id": "t-small", "context_length": 4096}, {"id": "t-big", "context_length": 16384}],
+                         {"max_tokens": 8000})  # fmt: skip
+    role = config.role("tp", "r")
+    assert take(lb, config).llm.id == "t-big"
+    assert candidates(config, role)[1]["t-small"] == "rule 1: context of 4096 tokens is too small for 8000"
+    small = config_with([{"id": "t-small", "context_length": 4096}, {"id": "t-off", "context_length": 16384,
+                         "toggle": False}], {"max_tokens": 8000})  # fmt: skip
+    with pytest.raises(NoCandidate, match="t-small: rule 1: context of 4096 tokens is too small for 8000"):
+        check_servable(small, small.role("tp", "r"))
+
+
 def test_rule_1_capabilities_and_context_length(lb):
     config = config_with(
         [{"id": "t-text", "capabilities": ["chat"]}, {"id": "t-small", "capabilities": ["chat", "vision"]},
@@ -237,6 +251,58 @@ def test_rule_3_the_only_candidate_is_never_cooled_down_the_call_waits(lb, clock
     _, decision = lb.run(config, role, lambda llm: reply(), deadline=clock.now + 60)
     assert decision.llm.id == "t-only"
     assert decision.waited_s == pytest.approx(10, abs=0.1)
+
+
+def test_rule_3_a_closed_breakers_window_starts_at_the_probe(lb, clock):
+    """Failures counted while the breaker was open (health checks, calls begun before the trip) do not
+    trip it again at the first failure after the recovery."""
+    config = config_with([{"id": "t-a", "max_concurrency": 5}, {"id": "t-b", "max_concurrency": 5}],
+                         {"preferred_llms": ["t-a"]})  # fmt: skip
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    for _ in range(4):  # the outage goes on: failed health checks, one an interval
+        clock.now += 30
+        lb.health_failed(config.llms["t-a"])
+    probe = take(lb, config)
+    assert probe.probe
+    assert lb.record(probe, result=reply()) == "closed"
+    assert lb.redis.lrange(lb._key("calls", "t-a"), 0, -1) == [b"1"]
+    fail(lb, take(lb, config))  # one transient error after the recovery
+    assert lb.states(config)["t-a"]["breaker"] == "closed"
+    assert take(lb, config).llm.id == "t-a"
+
+
+def test_rule_3_the_only_candidate_with_a_probe_in_flight_waits_for_its_answer(lb, clock):
+    config = config_with([{"id": "t-only", "max_concurrency": 4}])
+    role = config.role("tp", "r")
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    clock.now += 10
+    probe = take(lb, config)
+    assert probe.probe
+    answers_at = clock.now + 2  # long before the probe's lease (60 s) ends
+
+    def sleep(seconds):
+        clock.sleep(seconds)
+        if clock.now >= answers_at and lb.states(config)["t-only"]["breaker"] != "closed":
+            lb.record(probe, result=reply())
+
+    waiting = LoadBalancer(lb.redis, clock=clock, sleep=sleep, rng=random.Random(7))
+    _, decision = waiting.run(config, role, lambda llm: reply(), deadline=clock.now + 30)
+    assert decision.llm.id == "t-only" and not decision.probe
+    assert decision.waited_s == pytest.approx(2, abs=0.1)
+
+
+def test_rule_3_a_call_that_outwaits_a_probe_fails_at_its_deadline_naming_the_probe(lb, clock):
+    config = config_with([{"id": "t-only", "max_concurrency": 4}])
+    for _ in range(lb.policy.consecutive_failures):
+        fail(lb, take(lb, config))
+    clock.now += 10
+    assert take(lb, config).probe  # it never answers within the call's deadline
+    started = clock.now
+    with pytest.raises(NoCapacity, match="t-only: rule 3: a probe call is testing it"):
+        lb.run(config, config.role("tp", "r"), lambda llm: reply(), deadline=clock.now + 30)
+    assert clock.now == pytest.approx(started + 30, abs=0.1)
 
 
 # --- rule 4 -----------------------------------------------------------------------------------
@@ -397,6 +463,20 @@ def test_rule_4_when_every_candidate_is_full_the_call_waits_up_to_the_deadline(l
     assert clock.now >= START + 5 - 0.1
 
 
+def test_rule_4_waiters_that_died_are_forgotten_and_the_waiting_set_expires(lb, client, clock):
+    config = config_with([{"id": "t-a"}])
+    role = config.role("tp", "r")
+    key = "aiagent:lb:waiting:tp.r"
+    take(lb, config)
+    for index in range(100):  # waiters whose processes were killed: they never come back
+        assert isinstance(lb.select(config, role, waiter=f"dead-{index}"), Wait)
+    clock.now += 3600
+    take(lb, config)  # the slot's lease ran out long ago: another call holds it now
+    assert isinstance(lb.select(config, role, waiter="alive"), Wait)
+    assert client.zrange(key, 0, -1) == [b"alive"]
+    assert 0 < client.ttl(key) <= 300
+
+
 def test_rule_4_counters_are_shared_by_processes_and_a_killed_holders_slot_returns(lb, clock, redis_url):
     config = config_with([{"id": "t-shared"}])
     holder = subprocess.Popen(
@@ -440,6 +520,43 @@ def test_rule_5_llms_without_recent_samples_are_explored(lb):
     assert 5 < chosen.count("t-new") < 60  # about the exploration share of 10 %
 
 
+def measured(lb, clock, times):
+    """Give each LLM recent samples whose expected time is ``times[llm_id]`` seconds."""
+    for llm_id, seconds in times.items():
+        lb.redis.hset(lb._key("stats", llm_id), mapping={
+            "ttft_ms": seconds * 1000, "tpot_ms": 0, "samples": 10, "last_at": clock.now, "fail_rate": 0,
+        })  # fmt: skip
+
+
+def test_rule_5_times_within_10_percent_of_the_fastest_count_as_equal_and_the_least_busy_wins(lb, clock):
+    config = config_with([{"id": "t-a", "max_concurrency": 2}, {"id": "t-b", "max_concurrency": 2}])
+    role = config.role("tp", "r")
+    lb.redis.zadd(lb._key("slots", "t-a"), {"someone-else": clock.now + 30})  # t-a: 1 of its 2 slots in use
+
+    def winners(times):
+        measured(lb, clock, times)
+        chosen = set()
+        for _ in range(20):
+            decision = lb.select(config, role)
+            chosen.add(decision.llm.id)
+            lb.redis.zrem(lb._key("slots", decision.llm.id), decision.slot)
+        return chosen
+
+    assert winners({"t-a": 1.04, "t-b": 1.06}) == {"t-b"}  # 2 % slower: equal, and idle
+    assert winners({"t-a": 1.0, "t-b": 1.099}) == {"t-b"}
+    assert winners({"t-a": 1.0, "t-b": 1.12}) == {"t-a"}  # 12 % slower: not equal
+
+
+def test_rule_5_the_slower_candidates_are_equal_within_10_percent_of_the_fastest_of_them(lb, clock):
+    config = config_with([{"id": "t-a"}, {"id": "t-b", "max_concurrency": 2}, {"id": "t-c", "max_concurrency": 2}])
+    measured(lb, clock, {"t-a": 1.5, "t-b": 2.15, "t-c": 2.0})
+    lb.redis.zadd(lb._key("slots", "t-a"), {"someone-else": clock.now + 30})  # the fastest is full
+    lb.redis.zadd(lb._key("slots", "t-c"), {"someone-else": clock.now + 30})  # t-c: 1 of its 2 slots in use
+    decision = take(lb, config)
+    assert decision.llm.id == "t-b"  # 7.5 % slower than t-c: equal to it, and idle
+    assert decision.candidates == ("t-a", "t-b", "t-c")
+
+
 def test_rule_5_ties_are_broken_at_random(lb):
     config = config_with([{"id": "t-a"}, {"id": "t-b"}])
     chosen = set()
@@ -468,6 +585,21 @@ def test_rule_6_a_transient_error_fails_over_to_the_next_candidate(lb):
     assert decision.llm.id == "t-b"
     assert decision.as_detail()["failed_over"] == [{"llm": "t-a", "error": "connection refused"}]
     assert decision.excluded["t-a"] == "rule 6: failed in this step: connection refused"
+
+
+def test_rule_6_the_time_a_failed_attempt_took_is_not_counted_as_waiting(lb, clock):
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
+
+    def call(llm):
+        clock.now += 40  # each call takes 40 s
+        if llm.id == "t-a":
+            raise EngineUnavailable("connection reset after 40 s")
+        return reply(latency=40)
+
+    _, decision = lb.run(config, config.role("tp", "r"), call, deadline=clock.now + 300)
+    assert decision.llm.id == "t-b"
+    assert decision.waited_s == 0
+    assert "waited_ms" not in decision.as_detail()
 
 
 def test_rule_6_a_permanent_error_fails_the_step_and_attempts_are_bounded(lb):
