@@ -20,14 +20,16 @@ urlpatterns = [
     # Authenticated like the API (SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]): a token or an admin session.
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
-    re_path(r"^api/", unknown_endpoint),  # after every API route: a JSON 404, whatever DEBUG says
+    # After every API route: a JSON 404, whatever DEBUG says; /api itself too (APPEND_SLASH would answer a
+    # POST to it with an HTML 500 under DEBUG, an HTML redirect that loses the body without).
+    re_path(r"^api(?:/|$)", unknown_endpoint),
     path("healthz", HealthzApi.as_view(), name="healthz"),
     path("metrics", PrometheusMetricsApi.as_view(), name="prometheus-metrics"),
     # The OpenAI-compatible API (orchestration/openai_api.py).
     path("v1/chat/completions", ChatCompletionsApi.as_view(), name="openai-chat-completions"),
     path("v1/models", ModelListApi.as_view(), name="openai-model-list"),
     path("v1/models/<path:model>", ModelDetailApi.as_view(), name="openai-model-detail"),
-    re_path(r"^v1/", unknown_url),
+    re_path(r"^v1(?:/|$)", unknown_url),
 ]
 
 handler404 = "orchestration.api_handler.not_found"

@@ -8,11 +8,16 @@ Each engine translates them to its own form.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import socket
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import httpx
 
 from llm_engines.errors import EngineBadRequest
 
@@ -62,11 +67,124 @@ class ChatOptions:
     timeout: float | None = None
     # A JSON schema the reply must follow (llama.cpp grammar, OpenAI json_schema, Ollama format).
     json_schema: Mapping[str, Any] | None = None
+    # The other fields of OpenAI's ``json_schema`` response format, as a client of the OpenAI-compatible API
+    # sent them (``name``, ``description``, ``strict``): an OpenAI-compatible API enforces a schema only when
+    # ``strict`` is true.
+    json_schema_settings: Mapping[str, Any] | None = None
     # Functions the model may call, in the OpenAI shape ({"type": "function", "function": {"name",
     # "description", "parameters"}}), and OpenAI's ``tool_choice``; only for engines whose
     # ``supports_tools`` is true (the others raise EngineBadRequest).
     tools: tuple[Mapping[str, Any], ...] = ()
     tool_choice: str | Mapping[str, Any] | None = None
+    # Lets the caller stop the call from another thread (a client that left its stream): engines whose
+    # reads block break them when it is cancelled.
+    cancel: Cancel | None = field(default=None, compare=False)
+
+
+class Cancel:
+    """A caller's way to stop a call from another thread. An engine registers how to break its blocking
+    reads (``register``); ``cancel()`` runs it, at once or, for an engine that registers later, then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: dict[object, Callable[[], None]] = {}
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            hooks = list(self._hooks.values())
+        for hook in hooks:
+            hook()
+
+    def register(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Run ``hook`` when the call is cancelled; returns what unregisters it."""
+        key = object()
+        with self._lock:
+            if not self.cancelled:
+                self._hooks[key] = hook
+                return lambda: self._hooks.pop(key, None)
+        hook()
+        return lambda: None
+
+
+_watched = threading.local()
+
+
+class Watchdog:
+    """Ends one HTTP call at its timeout, or when its caller cancels it, however its server behaves.
+
+    httpx's timeout bounds each read, not the call: a server that keeps its connection alive with bytes that
+    carry nothing (SSE comments, whitespace) would hold the call, its slot and its thread for ever. The
+    watchdog, a timer armed for the call's timeout, shuts the response's socket down: the blocked read fails
+    at once, and ``fired`` says why ("timeout" or "cancelled"). The engine's HTTP client hands it the response
+    through its ``response`` event hook (``on_response``), in the thread that runs the call."""
+
+    def __init__(self, timeout: float, cancel: Cancel | None = None) -> None:
+        self.fired: str | None = None
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._done = False
+        self._timer = threading.Timer(timeout, self._fire, args=("timeout",))
+        self._timer.daemon = True
+        self._cancel = cancel
+        self._unregister: Callable[[], None] | None = None
+        self._previous: Watchdog | None = None
+
+    def __enter__(self) -> Watchdog:
+        self._previous = getattr(_watched, "watchdog", None)
+        _watched.watchdog = self
+        self._timer.start()
+        if self._cancel is not None:
+            self._unregister = self._cancel.register(lambda: self._fire("cancelled"))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.disarm()
+        self._timer.cancel()
+        if self._unregister is not None:
+            self._unregister()
+        if getattr(_watched, "watchdog", None) is self:
+            _watched.watchdog = self._previous
+
+    def disarm(self) -> None:
+        """The call is over: the engine calls it before it closes the response, so that a socket that may
+        go back to the pool (and serve another call) is never shut."""
+        with self._lock:
+            self._done = True
+
+    @staticmethod
+    def on_response(response: httpx.Response) -> None:
+        """httpx's ``response`` event hook: the response of the call that the running thread's watchdog
+        guards."""
+        watchdog = getattr(_watched, "watchdog", None)
+        if watchdog is None:
+            return
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if not isinstance(sock, socket.socket):
+            return
+        with watchdog._lock:
+            if watchdog._done or watchdog._socket is not None:
+                return
+            watchdog._socket = sock
+            if watchdog.fired:  # it fired while the server was still sending its headers
+                _shut(sock)
+
+    def _fire(self, why: str) -> None:
+        with self._lock:
+            if self._done or self.fired:
+                return
+            self.fired = why
+            if self._socket is not None:
+                _shut(self._socket)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also under TLS (SSLSocket's own drops its TLS state, which the blocked
+    # read still uses): the read sees the connection end.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class Engine(ABC):

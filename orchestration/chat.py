@@ -40,8 +40,8 @@ from balancer.load_balancer import (
     direct_call,
     estimate_tokens,
 )
-from llm_engines.base import ChatOptions, ChatResult, Engine
-from llm_engines.errors import EngineError, EngineTimeout
+from llm_engines.base import Cancel, ChatOptions, ChatResult, Engine
+from llm_engines.errors import ContextTooLong, EngineBadRequest, EngineError, EngineTimeout
 from llm_engines.registry import get_engine
 from orchestration.runtime import configuration, load_balancer
 
@@ -51,9 +51,17 @@ USED = frozenset({
     "top_p", "stop", "response_format", "tools", "tool_choice",
 })  # fmt: skip
 # Parameters that only hint and change nothing the client relies on: accepted and not used.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "seed"})
-# Parameters the server does not implement: accepted only with the value that asks for nothing.
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}}
+IGNORED = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "seed", "prompt_cache_key",
+    "safety_identifier",
+})  # fmt: skip
+# Parameters the server does not implement: accepted only with the value that asks for nothing, and as null
+# (which clients that serialise every field send for those they leave unset).
+NEUTRAL = {
+    "n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {},
+    "top_logprobs": None, "functions": None, "function_call": None, "reasoning_effort": None, "modalities": None,
+    "prediction": None, "audio": None, "web_search_options": None, "verbosity": None,
+}  # fmt: skip
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 # Fields of an assistant message as OpenAI's API returns it, which clients send back in the history:
@@ -224,15 +232,17 @@ def check_messages(messages: Any) -> tuple[list[dict[str, Any]], bool]:
     return checked, images
 
 
-def _response_format(value: Any) -> dict[str, Any] | None:
-    """The JSON schema the reply must follow, from ``response_format``; None for plain text."""
+def _response_format(value: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The JSON schema the reply must follow, from ``response_format``, and the format's other fields (its
+    ``name``, ``description`` and ``strict``, which an OpenAI-compatible upstream is sent); None for plain
+    text."""
     if value is None:
-        return None
+        return None, None
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
-        return None
+        return None, None
     if kind == "json_object":
-        return {"type": "object"}
+        return {"type": "object"}, None
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -240,8 +250,13 @@ def _response_format(value: Any) -> dict[str, Any] | None:
         schema = spec.get("schema", {"type": "object"})
         if not isinstance(schema, dict):
             raise ChatError("response_format.json_schema.schema must be a JSON schema object", param="response_format")
+        if spec.get("description") is not None and not isinstance(spec["description"], str):
+            raise ChatError("response_format.json_schema.description must be a string", param="response_format")
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise ChatError("response_format.json_schema.strict must be true or false", param="response_format")
         _check_schema(schema, "response_format.json_schema.schema")
-        return schema
+        settings = {key: spec[key] for key in ("name", "description", "strict") if spec.get(key) is not None}
+        return schema, settings
     raise ChatError("response_format.type must be 'text', 'json_object' or 'json_schema'", param="response_format")
 
 
@@ -409,18 +424,21 @@ def parse_request(body: Any) -> ChatRequest:
     if stream_options is not None:
         if not stream:
             raise ChatError("stream_options is only allowed when stream is true", param="stream_options")
-        if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+        include_usage = stream_options.get("include_usage") if isinstance(stream_options, dict) else False
+        if not isinstance(stream_options, dict) or not isinstance(include_usage, bool | None):
             raise ChatError("stream_options must be {'include_usage': true or false}", param="stream_options")
     tools, tool_choice = _tools(body)
     needs = {"chat"} | ({"vision"} if images else set()) | ({"tools"} if tools else set())
     max_tokens = _max_tokens(body)
     temperature = _number(body, "temperature", 0, 2)
+    json_schema, json_schema_settings = _response_format(body.get("response_format"))
     options = ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else temperature,
         top_p=_number(body, "top_p", 0, 1),
         stop=_stop(body.get("stop")),
-        json_schema=_response_format(body.get("response_format")),
+        json_schema=json_schema,
+        json_schema_settings=json_schema_settings,
         tools=tools,
         tool_choice=tool_choice,
     )
@@ -444,8 +462,6 @@ def parse_request(body: Any) -> ChatRequest:
             time_limit_s=settings.OPENAI_API_TIME_LIMIT_SECONDS,
         )
         budget = None
-    if options.json_schema is not None:
-        _check_grammar(call_config, call_role, options.json_schema)
     return ChatRequest(
         model=body["model"],
         config=call_config,
@@ -453,19 +469,22 @@ def parse_request(body: Any) -> ChatRequest:
         messages=messages,
         options=options,
         stream=stream,
-        include_usage=bool((stream_options or {}).get("include_usage", False)),
+        include_usage=bool((stream_options or {}).get("include_usage")),
         budget=budget,
     )
 
 
-def _check_grammar(config: Configuration, role: RoleConfig, schema: Mapping[str, Any]) -> None:
+def check_grammar(request: ChatRequest) -> None:
     """A 400 when an LLM that may serve the call runs on llama.cpp, and llama.cpp cannot build a grammar
-    from the schema (some schemas crash the process that tries: the engine tries in a child process)."""
-    for llm in candidates(config, role)[0]:
+    from the request's schema (some schemas crash the process that tries: the engine tries in a child
+    process, which takes a while: the API checks once the call holds its permit)."""
+    if request.options.json_schema is None:
+        return
+    for llm in candidates(request.config, request.role)[0]:
         if llm.engine != "llama_cpp":
             continue
         engine = get_engine(llm.engine, llm.engine_settings(), key=llm.id)
-        problem = engine.check_schema(schema)
+        problem = engine.check_schema(request.options.json_schema)
         if problem:
             raise ChatError(f"response_format: {problem} (the LLM {llm.id} runs on llama.cpp)", param="response_format")
 
@@ -495,21 +514,119 @@ def _balanced(
     )
 
 
-def complete(request: ChatRequest) -> tuple[ChatResult, Decision]:
-    """The whole reply."""
-    balancer = load_balancer()
-    deadline = balancer.clock() + request.deadline_s
-
-    def call(llm: LLMConfig) -> ChatResult:
-        engine, options = _engine(request, llm, balancer, deadline)
-        return engine.chat(request.messages, options)
-
-    return _balanced(request, balancer, deadline, call)
-
-
 class ClientGone(CallStopped):
     """The client stopped reading a stream: the generation ends, and its slot comes back; the balancer
     counts the call as cancelled, with what it had streamed."""
+
+
+# An engine's timeout that ends this close to the call's deadline (or past it) is the deadline's.
+DEADLINE_SLACK_S = 0.25
+
+
+class DeadlineReached(CallStopped):
+    """The call's time ran out after the LLM had produced text: the caller's limit (a client may ask for
+    more tokens than fit in the time), not the LLM's failure, which would count towards its breaker for
+    every caller. The balancer counts the call as cancelled, with what it produced; the client gets that
+    text, cut as ``max_tokens`` cuts it (``finish_reason`` "length"). ``llm`` names the LLM."""
+
+    partial: ChatResult
+
+    def __init__(self, message: str, *, partial: ChatResult, llm: str) -> None:
+        super().__init__(message, partial=partial)
+        self.llm = llm
+
+
+def _generate(
+    request: ChatRequest,
+    llm: LLMConfig,
+    balancer: LoadBalancer,
+    deadline: float,
+    *,
+    on_text: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    timed_out: threading.Event | None = None,
+    cancel: Cancel | None = None,
+) -> ChatResult:
+    """One LLM's reply, streamed from its engine (each piece handed to ``on_text``), so that what it had
+    produced is known however the call ends. ``stop`` is set when the client left, ``timed_out`` (with it)
+    when the reader gave up waiting; ``cancel`` breaks the engine's blocking reads then."""
+    engine, options = _engine(request, llm, balancer, deadline)
+    options = replace(options, cancel=cancel)
+    started = time.monotonic()
+    first_at: float | None = None
+    pieces: list[str] = []
+    result = None
+
+    def partial(unsent: str = "") -> ChatResult:
+        # What the LLM produced until now, for its cost and the metrics: engines stream a token a piece,
+        # and the prompt is counted as the balancer estimated it.
+        return ChatResult(
+            text="".join(pieces),
+            model=llm.model,
+            prompt_tokens=estimate_tokens(request.messages),
+            completion_tokens=len(pieces) + bool(unsent),
+            latency_s=time.monotonic() - started,
+            time_to_first_token_s=None if first_at is None else first_at - started,
+            finish_reason="length",
+        )
+
+    def reader_gave_up() -> EngineTimeout:
+        timeout = EngineTimeout("the LLM neither answered nor failed in time", engine=engine.name)
+        timeout.transient = False  # the reader has answered the client: nothing can take over
+        return timeout
+
+    chunks = engine.stream(request.messages, options)
+    try:
+        for chunk in chunks:
+            if chunk.result is not None:  # the generation ended: what it produced is known
+                result = chunk.result
+                continue
+            if timed_out is not None and timed_out.is_set():
+                raise reader_gave_up()
+            if stop is not None and stop.is_set():
+                raise ClientGone("the client left the stream", partial=partial(chunk.text))
+            if chunk.text:
+                if on_text is not None:
+                    on_text(chunk.text)
+                if first_at is None:
+                    first_at = time.monotonic()
+                pieces.append(chunk.text)
+    except EngineError as exc:
+        # The engine's blocking read was broken by ``cancel``: the reader's reason, not the engine's.
+        if timed_out is not None and timed_out.is_set():
+            raise reader_gave_up() from exc
+        if stop is not None and stop.is_set():
+            raise ClientGone("the client left the stream", partial=partial()) from exc
+        if pieces:
+            if isinstance(exc, EngineTimeout) and balancer.clock() >= deadline - DEADLINE_SLACK_S:
+                # The call's own time ran out (not the LLM's request_timeout before it: an LLM that stalls
+                # is at fault).
+                raise DeadlineReached(f"the time limit ended the reply: {exc}", partial=partial(), llm=llm.id) from exc
+            if isinstance(exc, ContextTooLong):
+                # The client has this LLM's text: the balancer must not hand the rest of the reply to an LLM
+                # with a larger context (rule 6), as it does for a ContextTooLong.
+                raise EngineBadRequest(exc.message, engine=exc.engine) from exc
+            # The client has this LLM's text: another LLM cannot take over the reply.
+            exc.transient = exc.llm_at_fault = False
+        raise
+    finally:
+        chunks.close()
+    if result is None:
+        raise RuntimeError(f"{engine.name}: the stream ended without a result")
+    return result
+
+
+def complete(request: ChatRequest) -> tuple[ChatResult, str]:
+    """The whole reply, and the LLM that gave it; when the time limit ended it, what came until then."""
+    balancer = load_balancer()
+    deadline = balancer.clock() + request.deadline_s
+    try:
+        result, decision = _balanced(
+            request, balancer, deadline, lambda llm: _generate(request, llm, balancer, deadline)
+        )
+    except DeadlineReached as cut:
+        return cut.partial, cut.llm
+    return result, decision.llm.id
 
 
 class Stream:
@@ -520,6 +637,10 @@ class Stream:
     answer with its own status. ``rest()`` yields the events after it; closing it (the client left)
     stops the generation."""
 
+    # How long past its deadline the reader waits for the stream's thread: the engines end their calls at
+    # their timeout (the time left before the deadline), the margin covers their own timeout handling.
+    MARGIN_S = 30.0
+
     def __init__(self, request: ChatRequest, on_end: Callable[[], None] | None = None) -> None:
         """``on_end`` is called by the stream's thread once its generation has ended, however it ends."""
         self.request = request
@@ -527,55 +648,27 @@ class Stream:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.stop = threading.Event()
         self.timed_out = threading.Event()  # set with ``stop`` when the reader gave up waiting
+        self.cancel = Cancel()  # breaks the engine's blocking reads when the stream stops
         self.balancer = load_balancer()
         self.deadline = self.balancer.clock() + request.deadline_s
         self.thread = threading.Thread(target=self._run, name="chat-stream", daemon=True)
 
+    def halt(self) -> None:
+        """Stop the generation now, even while the engine waits for its server (the client left)."""
+        self.stop.set()
+        self.cancel.cancel()
+
     def _call(self, llm: LLMConfig) -> ChatResult:
-        engine, options = _engine(self.request, llm, self.balancer, self.deadline)
-        started = time.monotonic()
-        first_at: float | None = None
-        pieces: list[str] = []
-        result = None
-        chunks = engine.stream(self.request.messages, options)
-        try:
-            for chunk in chunks:
-                if chunk.result is not None:  # the generation ended: what it produced is known
-                    result = chunk.result
-                    continue
-                if self.timed_out.is_set():
-                    timeout = EngineTimeout("the LLM neither answered nor failed in time", engine=engine.name)
-                    timeout.transient = False  # the reader has answered the client: nothing can take over
-                    raise timeout
-                if self.stop.is_set():
-                    # What the LLM produced until now, for its cost and the metrics: engines stream a
-                    # token a piece, and the prompt is counted as the balancer estimated it.
-                    raise ClientGone(
-                        "the client left the stream",
-                        partial=ChatResult(
-                            text="".join(pieces),
-                            model=llm.model,
-                            prompt_tokens=estimate_tokens(self.request.messages),
-                            completion_tokens=len(pieces) + bool(chunk.text),
-                            latency_s=time.monotonic() - started,
-                            time_to_first_token_s=None if first_at is None else first_at - started,
-                        ),
-                    )
-                if chunk.text:
-                    self.events.put(("text", (llm.id, chunk.text)))
-                    if first_at is None:
-                        first_at = time.monotonic()
-                    pieces.append(chunk.text)
-        except EngineError as exc:
-            if pieces:
-                # The client has this LLM's text: another LLM cannot take over the reply.
-                exc.transient = exc.llm_at_fault = False
-            raise
-        finally:
-            chunks.close()
-        if result is None:
-            raise RuntimeError(f"{engine.name}: the stream ended without a result")
-        return result
+        return _generate(
+            self.request,
+            llm,
+            self.balancer,
+            self.deadline,
+            on_text=lambda text: self.events.put(("text", (llm.id, text))),
+            stop=self.stop,
+            timed_out=self.timed_out,
+            cancel=self.cancel,
+        )
 
     def _run(self) -> None:
         try:
@@ -592,29 +685,32 @@ class Stream:
     def started(self) -> bool:
         return self.thread.ident is not None
 
-    def _next(self) -> tuple[str, Any]:
-        # The thread always ends with "done" or "error" before the deadline; the margin covers the
-        # engine's own timeout handling.
+    def _next(self, idle_s: float | None = None) -> tuple[str, Any]:
+        """The next event; ("idle", None) when none came within ``idle_s``."""
+        left = max(self.deadline + self.MARGIN_S - self.balancer.clock(), 0)
         try:
-            return self.events.get(timeout=max(self.deadline - self.balancer.clock(), 0) + 30)
+            return self.events.get(timeout=left if idle_s is None else min(idle_s, left))
         except queue.Empty:
+            if idle_s is not None and idle_s < left:
+                return "idle", None
             self.timed_out.set()
-            self.stop.set()
+            self.halt()
             return "error", EngineTimeout("the LLM neither answered nor failed in time")
 
     def first(self) -> tuple[str, Any]:
         self.thread.start()
         return self._next()
 
-    def rest(self) -> Iterator[tuple[str, Any]]:
+    def rest(self, idle_s: float | None = None) -> Iterator[tuple[str, Any]]:
+        """The events after the first; ("idle", None) whenever none came for ``idle_s``."""
         try:
             while True:
-                kind, value = self._next()
+                kind, value = self._next(idle_s)
                 yield kind, value
                 if kind in ("done", "error"):
                     return
         finally:
-            self.stop.set()
+            self.halt()
 
 
 def completion_id() -> str:

@@ -42,7 +42,9 @@ from orchestration.authentication import BearerAuthentication
 from orchestration.chat import (
     ChatError,
     ChatRequest,
+    DeadlineReached,
     Stream,
+    check_grammar,
     complete,
     completion_id,
     now,
@@ -57,6 +59,32 @@ from orchestration.runtime import configuration
 logger = logging.getLogger(__name__)
 
 OWNER = "ai-agent-server"
+# A stream that has sent nothing for this long sends an SSE comment (which clients skip): a proxy in front
+# does not time the stream out while the LLM thinks, and a client that left is noticed when the write fails
+# (the generation then stops), rather than when the next piece comes, if one ever does.
+KEEPALIVE_S = 2.0
+# Why the balancer left out an LLM that could never serve any such call (rule 1, static): beside another
+# reason, it says nothing about this request.
+_NEVER = ("rule 1: toggled off", "rule 1: locked", "rule 1: lacks capabilities")
+
+
+def _no_candidate(exc: NoCandidate) -> ChatError:
+    """What no LLM that can serve the call answers, from the reasons of the LLMs that might have served
+    it (those that never could, toggled off, locked to other roles or lacking a capability, are left out
+    as long as another reason remains): a spent budget (rule 7) is OpenAI's 429 ``insufficient_quota``; a
+    context too small for the messages and max_tokens (rule 1), ``context_length_exceeded``."""
+    reasons = [reason for reason in exc.reasons.values() if not reason.startswith(_NEVER)]
+    if reasons and all(reason.startswith(("rule 7:", "rule 1: context of")) for reason in reasons):
+        if any(reason.startswith("rule 7:") for reason in reasons):
+            return ChatError(
+                f"the role's daily budget cannot pay for this request: {exc}", status=429,
+                type="insufficient_quota", code="insufficient_quota",
+            )  # fmt: skip
+        return ChatError(
+            f"the messages and max_tokens do not fit the context: {exc}", code="context_length_exceeded",
+            param="messages",
+        )  # fmt: skip
+    return ChatError(f"no LLM can serve this request: {exc}", code="no_llm_available")
 
 
 def engine_error(exc: BaseException) -> ChatError:
@@ -68,12 +96,7 @@ def engine_error(exc: BaseException) -> ChatError:
             str(exc), status=503, type="server_error", code="no_capacity", retry_after=RETRY_AFTER_OUTAGE_S
         )
     if isinstance(exc, NoCandidate):
-        if exc.reasons and all("rule 1: context of" in reason for reason in exc.reasons.values()):
-            return ChatError(
-                f"the messages and max_tokens do not fit the context: {exc}", code="context_length_exceeded",
-                param="messages",
-            )  # fmt: skip
-        return ChatError(f"no LLM can serve this request: {exc}", code="no_llm_available")
+        return _no_candidate(exc)
     if isinstance(exc, ContextTooLong):
         return ChatError(str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, EngineBadRequest):
@@ -196,7 +219,7 @@ class _StreamBody:
         try:
             self.events.close()
         finally:
-            self.stream.stop.set()
+            self.stream.halt()
 
 
 class ChatCompletionsApi(OpenAIView):
@@ -209,6 +232,11 @@ class ChatCompletionsApi(OpenAIView):
             busy = f"this server process runs {settings.OPENAI_API_MAX_CALLS} completions already; try again shortly"
             raise ChatError(busy, status=503, type="server_error", code="server_busy", retry_after=RETRY_AFTER_OUTAGE_S)
         release = _Released()
+        try:
+            check_grammar(chat)  # a child process: under the permit, so that a busy process starts none
+        except BaseException:
+            release()
+            raise
         if not chat.stream:
             try:
                 return self._whole(chat)
@@ -217,7 +245,7 @@ class ChatCompletionsApi(OpenAIView):
         return self._stream(chat, release)
 
     def _whole(self, chat: ChatRequest) -> HttpResponse:
-        result, decision = complete(chat)
+        result, llm = complete(chat)
         message: dict[str, Any] = {"role": "assistant", "content": result.text or None, "refusal": None}
         if result.tool_calls:
             message["tool_calls"] = _tool_calls(result)
@@ -232,7 +260,7 @@ class ChatCompletionsApi(OpenAIView):
             "usage": _usage(result),
             "system_fingerprint": None,
         })  # fmt: skip
-        response["X-LLM"] = decision.llm.id
+        response["X-LLM"] = llm
         return response
 
     def _stream(self, chat: ChatRequest, release: _Released) -> HttpResponse:
@@ -266,11 +294,16 @@ class ChatCompletionsApi(OpenAIView):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
             })  # fmt: skip
 
-        events = stream.rest()
+        events = stream.rest(idle_s=KEEPALIVE_S)
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
-                if kind == "text":
+                if kind == "error" and isinstance(value, DeadlineReached):
+                    # The time limit ended the reply: what came is the reply, cut as max_tokens cuts one.
+                    kind, value = "done", (value.partial, None)
+                if kind == "idle":
+                    yield b": keep-alive\n\n"
+                elif kind == "text":
                     yield chunk({"content": value[1]})
                 elif kind == "done":
                     result: ChatResult = value[0]

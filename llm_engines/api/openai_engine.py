@@ -23,6 +23,7 @@ from llm_engines.base import (
     Engine,
     Health,
     Message,
+    Watchdog,
     estimate_completion_tokens,
     estimate_tokens,
 )
@@ -90,7 +91,11 @@ class OpenAIEngine(Engine):
         self._api_key = api_key
         # A local server needs no key, but the client insists on one.
         self.client = openai.OpenAI(
-            api_key=api_key or "no-key", base_url=base_url, max_retries=0, timeout=request_timeout
+            api_key=api_key or "no-key",
+            base_url=base_url,
+            max_retries=0,
+            timeout=request_timeout,
+            http_client=openai.DefaultHttpxClient(event_hooks={"response": [Watchdog.on_response]}),
         )
 
     @classmethod
@@ -131,6 +136,25 @@ class OpenAIEngine(Engine):
             return EngineUnavailable(f"the server reported an error: {message}", engine=self.name)
         return EngineError(message, engine=self.name)
 
+    def _stream_error(self, exc: Exception | None, watchdog: Watchdog, timeout: float) -> Exception:
+        """What a stream that failed raises: the watchdog's reason first (its shutting the connection made the
+        read fail), then the error of the client, of the connection or of a chunk that is not one."""
+        where = self.base_url or "the API"
+        if watchdog.fired == "timeout":
+            return EngineTimeout(f"the stream from {where} ran past its timeout of {timeout:g}s", engine=self.name)
+        if watchdog.fired == "cancelled":
+            return EngineError("the call was cancelled by its caller", engine=self.name)
+        if isinstance(exc, openai.OpenAIError):
+            return self._error(exc)
+        assert exc is not None
+        if isinstance(exc, httpx.TimeoutException):
+            return EngineTimeout(f"the stream from {where} stalled", engine=self.name)
+        if isinstance(exc, (httpx.HTTPError, *MALFORMED_REPLY)):
+            # The connection broke mid-stream, or the server sent something that is not a chunk.
+            message = self._redact(f"the stream from {where} broke: {type(exc).__name__}: {exc}")
+            return EngineUnavailable(message[:500], engine=self.name)
+        return exc
+
     def _malformed(self, exc: Exception, what: str = "a chat completion") -> EngineUnavailable:
         detail = self._redact(f"{type(exc).__name__}: {exc}")[:300]
         return EngineUnavailable(
@@ -162,7 +186,9 @@ class OpenAIEngine(Engine):
         if options.json_schema is not None:
             schema = dict(options.json_schema)
             if self.structured_output == "json_schema":
-                request["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+                # The client's name, description and strict (OpenAI enforces the schema only when strict).
+                spec = {"name": "reply", **(options.json_schema_settings or {}), "schema": schema}
+                request["response_format"] = {"type": "json_schema", "json_schema": spec}
             else:
                 request["response_format"] = {"type": "json_object", "schema": schema}
         return request
@@ -224,8 +250,11 @@ class OpenAIEngine(Engine):
         options = options or ChatOptions()
         started = time.perf_counter()
         # httpx's timeout bounds each read, so a server that keeps sending would never time out: the call's
-        # timeout is checked against the time since it started on every chunk.
+        # timeout is checked against the time since it started on every chunk, and a watchdog ends the call
+        # at its timeout (or when the caller cancels it) if the server sends nothing the client yields (SSE
+        # comments as keep-alives).
         timeout = call_timeout(options.timeout, self.request_timeout)
+        watchdog = Watchdog(timeout, options.cancel)
         first_at = None
         parts: list[str] = []
         finish_reason = None
@@ -236,60 +265,61 @@ class OpenAIEngine(Engine):
         pieces = 0  # the chunks that carried part of the reply: a token each, when the server gives no count
         received = False
         try:
-            chunks = self.client.chat.completions.create(
-                **self._request(messages, options), stream=True, stream_options={"include_usage": True}
-            )
-            with chunks:  # closes the response, whatever ends the loop
-                for chunk in chunks:
-                    if time.perf_counter() - started > timeout:
-                        raise EngineTimeout(
-                            f"the stream from {self.base_url or 'the API'} ran past its timeout of {timeout:g}s",
-                            engine=self.name,
-                        )
-                    received = True
-                    model = chunk.model or model
-                    usage = chunk.usage or usage
-                    if not chunk.choices:
-                        continue
-                    choice = chunk.choices[0]
-                    finish_reason = choice.finish_reason or finish_reason
-                    text = choice.delta.content if choice.delta else None
-                    deltas = (choice.delta.tool_calls if choice.delta else None) or []
-                    if text or deltas:
-                        pieces += 1
-                    for delta in deltas:
-                        # The id and the name come whole (in the call's first delta), the arguments in pieces; a
-                        # delta names its call by index. Some servers give none (or one index for every call):
-                        # a delta with an id other than its call's then begins a new call.
-                        index = getattr(delta, "index", None)
-                        index = index if isinstance(index, int) else None
-                        call = by_index.get(index) if index is not None else (calls[-1] if calls else None)
-                        call_id = getattr(delta, "id", None)
-                        if call is None or (call_id and call["id"] and call_id != call["id"]):
-                            call = {"id": "", "name": "", "arguments": ""}
-                            calls.append(call)
-                            if index is not None:
-                                by_index[index] = call
-                        call["id"] = call["id"] or call_id or ""
-                        if delta.function is not None:
-                            call["name"] = call["name"] or delta.function.name or ""
-                            call["arguments"] += delta.function.arguments or ""
-                    if text:
-                        if not isinstance(text, str):
-                            raise TypeError(f"content is a {type(text).__name__}")
-                        if first_at is None:
-                            first_at = time.perf_counter()
-                        parts.append(text)
-                        yield ChatChunk(text=text)
-        except openai.OpenAIError as exc:
+            with watchdog:
+                chunks = self.client.chat.completions.create(
+                    **self._request(messages, options), stream=True, stream_options={"include_usage": True}
+                )
+                try:
+                    for chunk in chunks:
+                        if time.perf_counter() - started > timeout:
+                            raise EngineTimeout(
+                                f"the stream from {self.base_url or 'the API'} ran past its timeout of {timeout:g}s",
+                                engine=self.name,
+                            )
+                        received = True
+                        model = chunk.model or model
+                        usage = chunk.usage or usage
+                        if not chunk.choices:
+                            continue
+                        choice = chunk.choices[0]
+                        finish_reason = choice.finish_reason or finish_reason
+                        text = choice.delta.content if choice.delta else None
+                        deltas = (choice.delta.tool_calls if choice.delta else None) or []
+                        if text or deltas:
+                            pieces += 1
+                        for delta in deltas:
+                            # The id and the name come whole (in the call's first delta), the arguments in pieces; a
+                            # delta names its call by index. Some servers give none (or one index for every call):
+                            # a delta with an id other than its call's then begins a new call.
+                            index = getattr(delta, "index", None)
+                            index = index if isinstance(index, int) else None
+                            call = by_index.get(index) if index is not None else (calls[-1] if calls else None)
+                            call_id = getattr(delta, "id", None)
+                            if call is None or (call_id and call["id"] and call_id != call["id"]):
+                                call = {"id": "", "name": "", "arguments": ""}
+                                calls.append(call)
+                                if index is not None:
+                                    by_index[index] = call
+                            call["id"] = call["id"] or call_id or ""
+                            if delta.function is not None:
+                                call["name"] = call["name"] or delta.function.name or ""
+                                call["arguments"] += delta.function.arguments or ""
+                        if text:
+                            if not isinstance(text, str):
+                                raise TypeError(f"content is a {type(text).__name__}")
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                            parts.append(text)
+                            yield ChatChunk(text=text)
+                finally:
+                    watchdog.disarm()
+                    chunks.close()  # whatever ends the loop
+        except Exception as exc:
             # Not chained: the client's exception may quote the key, and a logged traceback would print it.
-            raise self._error(exc) from None
-        except httpx.TimeoutException:
-            raise EngineTimeout(f"the stream from {self.base_url or 'the API'} stalled", engine=self.name) from None
-        except (httpx.HTTPError, *MALFORMED_REPLY) as exc:
-            # The connection broke mid-stream, or the server sent something that is not a chunk.
-            message = self._redact(f"the stream from {self.base_url or 'the API'} broke: {type(exc).__name__}: {exc}")
-            raise EngineUnavailable(message[:500], engine=self.name) from None
+            raise self._stream_error(exc, watchdog, timeout) from None
+        if watchdog.fired and (not received or finish_reason is None):
+            # The shut connection read as the end of a body without a length: the reply is not whole.
+            raise self._stream_error(None, watchdog, timeout)
         if not received:  # a 200 with no event in it (an HTML page, say): not an empty answer
             raise EngineUnavailable(
                 f"the stream from {self.base_url or 'the API'} held no chat completion chunk", engine=self.name

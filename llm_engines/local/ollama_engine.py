@@ -6,7 +6,6 @@ passed to Ollama as base64 in the message's ``images``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import threading
@@ -27,6 +26,7 @@ from llm_engines.base import (
     Engine,
     Health,
     Message,
+    Watchdog,
     estimate_completion_tokens,
     estimate_tokens,
 )
@@ -154,7 +154,9 @@ class OllamaEngine(Engine):
             if key in self._clients:
                 self._clients.move_to_end(key)
             else:
-                self._clients[key] = ollama.Client(host=self.base_url, timeout=key)
+                self._clients[key] = ollama.Client(
+                    host=self.base_url, timeout=key, event_hooks={"response": [Watchdog.on_response]}
+                )
                 if len(self._clients) > MAX_CLIENTS:
                     self._clients.popitem(last=False)
             return self._clients[key]
@@ -262,31 +264,51 @@ class OllamaEngine(Engine):
         request = self._request(messages, options)
         started = time.perf_counter()
         timeout = call_timeout(options.timeout, self.request_timeout)
+        # The timeout is checked on every line, and a watchdog ends the call at its timeout (or when the caller
+        # cancels it) if the server sends nothing that makes a line (whitespace, a line never ended).
+        watchdog = Watchdog(timeout, options.cancel)
         first_at = None
         parts: list[str] = []
         calls: tuple[dict[str, Any], ...] = ()
         last = None
         try:
-            # Closing the client's generator closes the response, whatever ends the loop.
-            with contextlib.closing(self._client(timeout).chat(**request, stream=True)) as lines:
-                for chunk in lines:
-                    if time.perf_counter() - started > timeout:
-                        raise EngineTimeout(
-                            f"the stream from {self.base_url} ran past its timeout of {timeout:g}s", engine=self.name
-                        )
-                    last = chunk
-                    calls += tool_calls(chunk.message)
-                    text = chunk.message.content if chunk.message else ""
-                    if text:
-                        if first_at is None:
-                            first_at = time.perf_counter()
-                        parts.append(text)
-                        yield ChatChunk(text=text)
-        except _FAILURES as exc:
+            with watchdog:
+                lines = self._client(timeout).chat(**request, stream=True)
+                try:
+                    for chunk in lines:
+                        if time.perf_counter() - started > timeout:
+                            raise EngineTimeout(
+                                f"the stream from {self.base_url} ran past its timeout of {timeout:g}s",
+                                engine=self.name,
+                            )
+                        last = chunk
+                        calls += tool_calls(chunk.message)
+                        text = chunk.message.content if chunk.message else ""
+                        if text:
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                            parts.append(text)
+                            yield ChatChunk(text=text)
+                finally:
+                    watchdog.disarm()
+                    lines.close()  # the client's generator closes the response, whatever ends the loop
+        except (*_FAILURES, EngineError) as exc:
+            if watchdog.fired:
+                raise self._stopped(watchdog, timeout) from None
+            if isinstance(exc, EngineError):
+                raise
             raise self._error(exc) from exc
         if last is None or not last.done:
+            if watchdog.fired:  # the shut connection read as the end of the body: the reply is not whole
+                raise self._stopped(watchdog, timeout)
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)
         yield ChatChunk(text="", result=self._result(last, messages, options, "".join(parts), started, first_at, calls))
+
+    def _stopped(self, watchdog: Watchdog, timeout: float) -> EngineError:
+        """What a stream that its watchdog ended raises."""
+        if watchdog.fired == "cancelled":
+            return EngineError("the call was cancelled by its caller", engine=self.name)
+        return EngineTimeout(f"the stream from {self.base_url} ran past its timeout of {timeout:g}s", engine=self.name)
 
     def health(self) -> Health:
         started = time.perf_counter()

@@ -231,3 +231,15 @@ def test_a_model_list_that_is_not_one_is_unhealthy_rather_than_raise(fault_serve
     """The check raised (a JSONDecodeError, a TypeError), and with it the health check of every LLM."""
     health = OllamaEngine(model="m", base_url=fault_server("canned", (200, content_type, body))).health()
     assert not health.ok
+
+
+def test_a_stream_kept_alive_with_whitespace_ends_at_its_timeout(fault_server):
+    """Each byte restarts the client's read timeout and a line that never ends yields nothing, so the check
+    on every line never ran: a server that sent a space every 0.1 s held the call until it stopped."""
+    url = fault_server("pieces", (200, "application/x-ndjson", [_line("tok")] + [b" "] * 100), interval=0.1)
+    started = time.monotonic()
+    chunks = OllamaEngine(model="m", base_url=url).stream(HELLO, ChatOptions(timeout=1.0))
+    assert next(chunks).text == "tok"
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
+        next(chunks)
+    assert time.monotonic() - started < 2.5

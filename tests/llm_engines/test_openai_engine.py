@@ -273,3 +273,46 @@ def test_a_model_list_that_is_not_one_is_unhealthy_rather_than_raise(fault_serve
     """The check raised (a JSONDecodeError, a TypeError), and with it the health check of every LLM."""
     health = OpenAIEngine(model="m", base_url=f"{fault_server('canned', (200, content_type, body))}/v1").health()
     assert not health.ok
+
+
+def test_a_stream_kept_alive_with_comments_ends_at_its_timeout(fault_server):
+    """The SSE decoder swallows comment lines and each byte restarts httpx's read timeout, so the check on
+    every chunk never ran: a server that sent ": ping" every 0.1 s after its first piece held the call (its
+    slot, its thread) until the server itself stopped."""
+    engine = streaming(fault_server, [_chunk({"content": "tok"})] + [b": ping\n\n"] * 100, interval=0.1)
+    started = time.monotonic()
+    chunks = engine.stream(HELLO, ChatOptions(timeout=1.0))
+    assert next(chunks).text == "tok"
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
+        next(chunks)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_cancelled_stream_ends_at_once_though_its_server_sends_nothing_useful(fault_server):
+    """A client that left a stream could not stop it while the server sent only keep-alive comments."""
+    import threading
+
+    from llm_engines.base import Cancel
+    from llm_engines.errors import EngineError
+
+    engine = streaming(fault_server, [_chunk({"content": "tok"})] + [b": ping\n\n"] * 100, interval=0.1)
+    cancel = Cancel()
+    chunks = engine.stream(HELLO, ChatOptions(timeout=30, cancel=cancel))
+    assert next(chunks).text == "tok"
+    threading.Timer(0.3, cancel.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="cancelled by its caller"):
+        next(chunks)
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_json_schemas_name_and_strict_reach_the_server():
+    """OpenAI enforces a schema only in strict mode: the client's strict (and name) were dropped, and the
+    schema was sent as "reply", unenforced."""
+    engine = OpenAIEngine(model="m", base_url="http://127.0.0.1:9/v1")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    options = ChatOptions(json_schema=schema, json_schema_settings={"name": "answer", "strict": True})
+    sent = engine._request(HELLO, options)["response_format"]
+    assert sent == {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": schema}}
+    plain = engine._request(HELLO, ChatOptions(json_schema=schema))["response_format"]
+    assert plain == {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}

@@ -79,6 +79,8 @@ class Upstream(BaseHTTPRequestHandler):
         if call:
             first = {**call, "index": 0, "function": {"name": call["function"]["name"], "arguments": '{"city": '}}
             deltas += [{"tool_calls": [first]}, {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}]
+        elif request.get("response_format"):
+            deltas.append({"content": '{"answer": 42}'})
         else:
             deltas += [{"content": "up"}, {"content": "stream"}]
         events = [{**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d}]} for d in deltas]
@@ -102,8 +104,49 @@ def upstream() -> Iterator[type[Upstream]]:
     server.server_close()
 
 
+class Endless(BaseHTTPRequestHandler):
+    """An OpenAI-compatible API whose streams never end: after a first piece, model "ping" sends only SSE
+    comments (a stuck upstream behind a proxy that keeps the connection alive), model "slow" a piece every
+    0.2 s (a long reply). It stops when the client has gone (or after a minute)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+
+        def piece(text: str) -> bytes:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": request["model"],
+                     "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}  # fmt: skip
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        ends = time.monotonic() + 60
+        try:
+            self.wfile.write(piece("first "))
+            while time.monotonic() < ends:
+                self.wfile.write(b": ping\n\n" if request["model"] == "ping" else piece("tok "))
+                self.wfile.flush()
+                time.sleep(0.1 if request["model"] == "ping" else 0.2)
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="module")
-def web(upstream, ollama_server, tmp_path_factory) -> Iterator[str]:
+def endless() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    server.handle_error = lambda request, address: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def web(upstream, endless, ollama_server, tmp_path_factory) -> Iterator[str]:
     """gunicorn as `make run` starts it, with the session's configuration plus an instant LLM, the
     tool-calling upstream, the suite's Ollama-API server (tools too), a scripted LLM (locked) that the
     planner role prefers, and a disabled LLM.
@@ -126,11 +169,24 @@ def web(upstream, ollama_server, tmp_path_factory) -> Iterator[str]:
          "max_concurrency": 4, "options": {"script": str(script)}},
         {"id": "off", "engine": "instant", "source": "local", "model": "instant", "toggle": False},
         {"id": "paid", "engine": "openai", "source": "api", "model": "upstream-model", "base_url": upstream.url,
-         "cost_per_1k_tokens": {"prompt": 0.01, "completion": 0.03}},
+         "cost_per_1k_tokens": {"prompt": 0.01, "completion": 0.03}, "capabilities": ["chat", "json"]},
+        {"id": "up_ping", "engine": "openai", "source": "api", "model": "ping", "base_url": endless,
+         "options": {"request_timeout": 2}},
+        {"id": "up_ping_long", "engine": "openai", "source": "api", "model": "ping", "base_url": endless,
+         "options": {"request_timeout": 30}},
+        {"id": "up_slow", "engine": "openai", "source": "api", "model": "slow", "base_url": endless,
+         "locked": True, "capabilities": ["chat", "json"]},
         {"id": "ollama", "engine": "ollama", "source": "local", "model": "smollm2:135m", "base_url": ollama_server,
          "capabilities": ["chat", "tools"], "context_length": 512},
     ]  # fmt: skip
     raw["profiles"]["developer"]["roles"]["planner"]["preferred_llms"] = ["script"]
+    # Only the paid LLM has "json" (and up_slow, locked to the role that names it): the budget role's calls are
+    # bounded by the profile's daily budget; the slow role's by its time limit.
+    raw["profiles"]["frugal"] = {"daily_budget": 1e-6, "roles": {"budget": {
+        "agent": "writer", "system_prompt": "Be brief.", "capabilities": ["chat", "json"], "max_tokens": 64,
+        "preferred_llms": ["paid"]}, "slow": {
+        "agent": "writer", "system_prompt": "Be brief.", "capabilities": ["chat", "json"], "time_limit_s": 2,
+        "preferred_llms": ["up_slow"]}}}  # fmt: skip
     config.write_text(json.dumps(raw))
     port = free_port()
     command = [
@@ -163,7 +219,7 @@ def test_models_lists_the_offered_llms_and_one_model_per_role(client):
     roles = [f"{profile}/{role}" for profile, body in profiles.items() for role in body["roles"]]
     # Not the locked one, the disabled one, the one with a cost; not the role no LLM can serve (vision).
     roles.remove("productivity/vision")
-    assert set(listed) == {"smollm2-135m", "echo", "upstream", "ollama", *roles}
+    assert set(listed) == {"smollm2-135m", "echo", "upstream", "ollama", "up_ping", "up_ping_long", *roles}
     assert all(model.object == "model" and model.owned_by == "ai-agent-server" for model in listed.values())
     assert client.models.retrieve("developer/planner").id == "developer/planner"
     with pytest.raises(openai.NotFoundError) as caught:
@@ -313,7 +369,9 @@ def test_tools_for_an_llm_that_cannot_call_them_are_refused(client):
         ({"frequency_penalty": False}, "frequency_penalty", "not supported"),
         ({"max_tokens": "abc", "max_completion_tokens": 5}, "max_tokens", "positive integer"),
         ({"messages": [{"role": "user", "content": "a\u0000b"}]}, "messages", "NUL"),
-        ({"functions": []}, "functions", "Unrecognized request argument"),
+        ({"functions": []}, "functions", "not supported"),
+        ({"made_up": None}, "made_up", "Unrecognized request argument"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options", "true or false"),
         ({"messages": []}, "messages", "non-empty list"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "must be one of"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "is required"),
@@ -515,3 +573,173 @@ def test_a_role_no_llm_can_serve_is_no_model_for_chat_either(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="productivity/vision", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+
+
+def _slots(llm: str) -> int:
+    return redis.Redis.from_url(settings.REDIS_URL).zcard(f"aiagent:lb:slots:{llm}")
+
+
+def _wait_free(llm: str, within: float) -> float:
+    """Seconds until the LLM's slots are free, failing past ``within``."""
+    started = time.monotonic()
+    while _slots(llm) and time.monotonic() - started < within:
+        time.sleep(0.1)
+    assert _slots(llm) == 0, f"a slot of {llm} is still held"
+    return time.monotonic() - started
+
+
+def test_an_upstream_that_keeps_its_stream_alive_with_comments_times_out(client):
+    """The SSE decoder swallows ": ping" comments and each byte restarts httpx's read timeout: the call held
+    its slot, its permit and a thread as long as the upstream pinged, past every timeout."""
+    started = time.monotonic()
+    stream = client.chat.completions.create(model="up_ping", messages=[{"role": "user", "content": "hi"}], stream=True)
+    texts = []
+    with pytest.raises(openai.APIError) as caught:
+        texts.extend(chunk.choices[0].delta.content for chunk in stream if chunk.choices)  # kept up to the error
+    assert "first " in texts and "past its timeout of 2s" in str(caught.value)
+    assert time.monotonic() - started < 6
+    _wait_free("up_ping", within=2)
+
+
+def test_a_client_that_leaves_a_stream_whose_upstream_only_pings_frees_the_slot(web, key):
+    """Nothing reached the client while the upstream pinged, so its leaving went unnoticed, and the
+    generation was only checked for a stop when a piece came: the slot stayed held."""
+    response = requests.post(
+        f"{web}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, stream=True, timeout=30,
+        json={"model": "up_ping_long", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )  # fmt: skip
+    lines = response.iter_lines()
+    while b"first " not in next(lines):
+        pass
+    assert _slots("up_ping_long") == 1
+    response.close()
+    assert _wait_free("up_ping_long", within=10) < 10
+
+
+def test_the_time_limit_ending_a_long_reply_answers_it_cut_and_does_not_count_against_the_llm(client):
+    """A client asking for more tokens than fit in the time got a 504 timeout, which counted as the LLM's
+    failure: five such calls opened its breaker for every worker and role."""
+    calls = redis.Redis.from_url(settings.REDIS_URL)
+    calls.delete("aiagent:lb:calls:up_slow")
+    messages = [{"role": "user", "content": "Write a very long story."}]
+    whole = client.chat.completions.create(model="frugal/slow", messages=messages)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.choices[0].message.content.startswith("first tok")
+    assert whole.usage.completion_tokens >= 2
+    chunks = list(
+        client.chat.completions.create(
+            model="frugal/slow", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens >= 2
+    assert b"0" not in calls.lrange("aiagent:lb:calls:up_slow", 0, -1), "counted as the LLM's failure"
+    _wait_free("up_slow", within=2)
+
+
+def test_a_strict_json_schema_reaches_the_upstream_with_its_name(client, upstream):
+    """The upstream was sent {"name": "reply", "schema": ...}: without strict, OpenAI does not enforce it."""
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}  # fmt: skip
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": schema}}
+    answer = client.chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": "6 x 7?"}], response_format=response_format
+    )
+    assert json.loads(answer.choices[0].message.content) == {"answer": 42}
+    assert upstream.received[-1]["response_format"] == response_format
+
+
+def test_a_spent_daily_budget_is_429_insufficient_quota(client):
+    """It was a 400 invalid_request_error no_llm_available: a client is told its request is wrong, and not to
+    try again, when it would succeed tomorrow."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="frugal/budget", messages=[{"role": "user", "content": "hi"}])
+    error = caught.value.body
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert "daily budget" in error["message"]
+
+
+def test_a_roles_messages_over_every_context_are_context_length_exceeded_beside_a_disabled_llm(client):
+    """The toggled-off LLM's reason ("rule 1: toggled off") turned the answer into no_llm_available."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="developer/planner", messages=[{"role": "user", "content": "word " * 40000}]
+        )
+    assert caught.value.body["code"] == "context_length_exceeded" and caught.value.body["param"] == "messages"
+    assert "off: rule 1: toggled off" in caught.value.body["message"]
+
+
+def test_a_busy_process_checks_no_grammar(web, client, key):
+    """The llama.cpp grammar check (a child process, ~0.5 s) ran before the busy gate: a busy process still
+    spawned one per new schema, and answered a schema it cannot take 400 rather than 503 at once."""
+    sleepy = {"model": "developer/planner", "messages": [{"role": "user", "content": "sleepy"}]}
+    threads = [threading.Thread(target=client.chat.completions.create, kwargs=sleepy) for _ in range(MAX_CALLS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    response = requests.post(
+        f"{web}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "JSON"}], "max_tokens": 4,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": []}}}},
+    )  # fmt: skip
+    for thread in threads:
+        thread.join()
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "server_busy"
+
+
+def test_null_for_a_parameter_the_server_does_not_implement_is_absent(web, key):
+    """Clients that serialise every field send null for those they leave unset; OpenAI takes it."""
+    body = {
+        "model": "echo", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": None, "functions": None,
+        "function_call": None, "reasoning_effort": None, "modalities": None, "prediction": None, "audio": None,
+        "web_search_options": None, "stream": True, "stream_options": {"include_usage": None},
+    }  # fmt: skip
+    response = requests.post(
+        f"{web}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    assert b"echo: hi" in response.content and b'"usage"' not in response.content
+
+
+@pytest.mark.parametrize(("method", "path", "code"), [("POST", "/v1", "unknown_url"), ("GET", "/v1", "unknown_url"),
+                                                      ("POST", "/api", None)])  # fmt: skip
+def test_v1_and_api_without_their_slash_are_json_404s(web, key, method, path, code):
+    """APPEND_SLASH answered them: an HTML 500 under DEBUG for a POST, an HTML redirect without."""
+    response = requests.request(
+        method, f"{web}{path}", headers={"Authorization": f"Bearer {key}"}, allow_redirects=False, timeout=10
+    )
+    assert response.status_code == 404 and response.headers["Content-Type"] == "application/json"
+    if code:
+        assert response.json()["error"]["code"] == code
+
+
+def test_a_context_overflow_after_streamed_text_is_not_handed_to_a_larger_llm(monkeypatch):
+    """The balancer fails over on ContextTooLong whatever its flags (rule 6): raised after the client had
+    text, a second LLM's reply would have been appended to the first's. No engine raises it so late today,
+    hence an engine of this test's own."""
+    from types import SimpleNamespace
+
+    from llm_engines.base import ChatChunk, ChatOptions, Engine
+    from llm_engines.errors import ContextTooLong, EngineBadRequest
+    from orchestration import chat
+    from orchestration.runtime import load_balancer
+
+    class Overflowing(Engine):
+        name = "overflowing"
+
+        def stream(self, messages, options=None):
+            yield ChatChunk(text="Once")
+            raise ContextTooLong("the context is full", engine=self.name)
+
+        def health(self):
+            raise NotImplementedError
+
+    monkeypatch.setattr(chat, "get_engine", lambda *args, **kwargs: Overflowing())
+    request = SimpleNamespace(options=ChatOptions(), messages=[{"role": "user", "content": "hi"}])
+    llm = SimpleNamespace(id="t", model="m", engine="overflowing", engine_settings=dict)
+    balancer = load_balancer()
+    texts: list[str] = []
+    with pytest.raises(EngineBadRequest, match="the context is full") as caught:
+        chat._generate(request, llm, balancer, balancer.clock() + 30, on_text=texts.append)
+    assert not isinstance(caught.value, ContextTooLong) and texts == ["Once"]
