@@ -25,7 +25,7 @@ pytestmark = pytest.mark.django_db
 
 # URL prefixes that are not this API's endpoints. A new endpoint goes in the schema, not here. The
 # OpenAI-compatible API (v1/) follows OpenAI's own specification (doc/api_endpoints.md).
-NOT_IN_SCHEMA = ("admin/", "api/schema/", "api/docs/", "v1/", "^v1/", "^api/")  # ^api/: the JSON 404 for the rest
+NOT_IN_SCHEMA = ("admin/", "api/schema/", "api/docs/", "v1/", "^v1", "^api")  # ^api, ^v1: the JSON 404s for the rest
 # Routes that serve a documented endpoint under another spelling: GET /api/v1/tasks is /api/v1/tasks/.
 ALIASES = {"api/v1/tasks"}
 ERROR_REF = "#/components/schemas/Error"
