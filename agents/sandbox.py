@@ -12,8 +12,11 @@ temporary directory and runs a command there under bubblewrap (``bwrap``):
 - the working directory ``/work``, a size-limited tmpfs into which the wrapper copies the files
   (from the temporary directory, mounted read-only and removed afterwards), and size-limited tmpfs
   mounts on ``/tmp`` and ``/dev/shm``; everything else is read-only;
-- rlimits on CPU time, address space, file size and processes, set by a small wrapper *inside* the
-  new user namespace, and a wall-clock timeout that kills the whole namespace;
+- rlimits on CPU time, address space, file size, processes and open files, set by a small wrapper
+  *inside* the new user namespace, and a wall-clock timeout that kills the whole namespace;
+- a seccomp filter (x86_64 and aarch64) that refuses the memory no rlimit counts (SysV IPC,
+  ``memfd_create``) and the making of namespaces and mounts (``unshare``, ``clone`` with namespace
+  flags, ``mount``…), which bubblewrap older than 0.8 cannot refuse itself;
 - stdout and stderr read as they come and kept up to a limit each, the rest discarded.
 
 The process limit needs care: the kernel exempts root from ``RLIMIT_NPROC``, and for other users
@@ -25,13 +28,20 @@ worker runs as root, bubblewrap is started as ``nobody`` (65534) so the limit ap
 Where bubblewrap is missing, ``run`` raises ``SandboxUnavailable`` unless the operator has set
 ``SANDBOX_ALLOW_UNSANDBOXED=1``; then the command runs as a plain subprocess in the temporary
 directory with the same rlimits, environment and timeout (as ``nobody`` when the worker is root),
-and the result says ``sandboxed=False``. Its process limit then counts every process of the uid.
+and the result says ``sandboxed=False``. Its process limit then counts every process of the uid,
+and it has no seccomp filter; the code then shares a uid with other runs (and with the worker when
+that is not root: the worker's environment is readable in /proc), and a child that leaves the
+process group outlives the run (doc/operations.md).
+
+A run's temporary directory is named after the worker's pid: a worker killed mid-run cannot remove
+its own, so each run first removes those whose worker is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import os
 import resource
@@ -39,6 +49,7 @@ import selectors
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,9 +61,14 @@ from typing import Any
 
 from django.conf import settings
 
-# Bounds on what a caller may write into the working directory.
+# Bounds on what a caller may write into the working directory, and pass on standard input (a pipe
+# written in full before the command starts: one page always fits).
 MAX_FILES = 256
 MAX_FILES_BYTES = 8 * 2**20
+MAX_STDIN_BYTES = 4096
+# Open files per process: each memfd or pipe holds kernel memory outside the address space.
+MAX_OPEN_FILES = 256
+TEMP_PREFIX = "aiagent-sandbox-"  # then the worker's pid and "-"
 
 # The unprivileged uid/gid the code runs as when the worker is root ("nobody" on Debian).
 SANDBOX_UID = 65534
@@ -77,9 +93,9 @@ _DISK_FULL = "[Errno 28] No space left on device"
 # refused, by SELinux say).
 _WRAPPER = """\
 import os, resource, sys
-ready, cpu, memory, nproc, fsize = (int(v) for v in sys.argv[1:6])
-source = sys.argv[6]
-argv = sys.argv[8:]
+ready, cpu, memory, nproc, fsize, nofile = (int(v) for v in sys.argv[1:7])
+source = sys.argv[7]
+argv = sys.argv[9:]
 for top, dirs, names in os.walk(source) if source else ():
     here = os.path.relpath(top, source)
     for name in dirs:
@@ -89,7 +105,7 @@ for top, dirs, names in os.walk(source) if source else ():
             copy.write(given.read())
 wanted = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
           (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_FSIZE, fsize, fsize),
-          (resource.RLIMIT_CORE, 0, 0)]
+          (resource.RLIMIT_NOFILE, nofile, nofile), (resource.RLIMIT_CORE, 0, 0)]
 for res, soft, hard in wanted:
     ceiling = resource.getrlimit(res)[1]
     if ceiling != resource.RLIM_INFINITY:
@@ -111,6 +127,46 @@ except OSError as exc:
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives")
 # Top-level directories that merged-/usr systems make symlinks into /usr.
 _ROOT_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+# The seccomp filter, a classic BPF program over struct seccomp_data (nr: int at 0, arch: u32 at 4,
+# args: u64[6] from 16; both architectures are little-endian, so an argument's low half is at its
+# offset). bubblewrap installs it (--seccomp FD) after its own setup, just before it runs the wrapper,
+# so its own mounts and clones are not filtered. Refused with EPERM: memory that RLIMIT_AS does not
+# count (a SysV shm segment once detached, a memfd file) with the rest of SysV IPC, which QA's tests
+# need none of; and new namespaces and mounts, in which the code could mount a tmpfs without a size
+# limit (bubblewrap 0.8's --disable-userns refuses user namespaces; older ones do not).
+_REFUSED_SYSCALLS = (
+    "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop",
+    "msgget", "msgsnd", "msgrcv", "msgctl", "memfd_create", "memfd_secret",
+    "mount", "umount2", "pivot_root", "setns", "open_tree", "move_mount", "fsopen", "fsconfig",
+    "fsmount", "fspick", "mount_setattr",
+)  # fmt: skip
+_SYSCALL_NUMBERS = {  # from the kernel's headers: asm/unistd_64.h (x86_64), asm-generic/unistd.h (aarch64)
+    "x86_64": {
+        "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65, "semctl": 66,
+        "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "memfd_create": 319,
+        "memfd_secret": 447, "mount": 165, "umount2": 166, "pivot_root": 155, "setns": 308,
+        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+        "fspick": 433, "mount_setattr": 442, "clone": 56, "clone3": 435, "unshare": 272,
+    },
+    "aarch64": {
+        "shmget": 194, "shmat": 196, "shmctl": 195, "shmdt": 197, "semget": 190, "semop": 193,
+        "semctl": 191, "semtimedop": 192, "msgget": 186, "msgsnd": 189, "msgrcv": 188, "msgctl": 187,
+        "memfd_create": 279, "memfd_secret": 447, "mount": 40, "umount2": 39, "pivot_root": 41,
+        "setns": 268, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+        "fsmount": 432, "fspick": 433, "mount_setattr": 442, "clone": 220, "clone3": 435, "unshare": 97,
+    },
+}  # fmt: skip
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_SYSCALL_BIT = 0x40000000  # the x32 ABI's calls on x86_64: another table, refused whole
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET. CLONE_NEWTIME (0x80) is unshare's
+# and clone3's only: in clone's flags the low byte is the exit signal.
+NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+CLONE_NEWTIME = 0x80
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 
 
 class SandboxUnavailable(RuntimeError):
@@ -156,24 +212,31 @@ class SandboxResult:
         return {**dataclasses.asdict(self), "duration_s": round(self.duration_s, 3)}
 
 
-def run(files: Mapping[str, str], argv: Sequence[str], *, limits: Limits | None = None) -> SandboxResult:
+def run(
+    files: Mapping[str, str], argv: Sequence[str], *, limits: Limits | None = None, stdin: bytes = b""
+) -> SandboxResult:
     """Write ``files`` into a fresh working directory and run ``argv`` there, sandboxed.
 
     ``argv[0] == "python"`` means the sandbox's Python interpreter: the standard library (and
     what its installation has in its own site-packages), never the project's virtualenv; run with
     ``-E -s`` rather than ``-I``, which would keep a script from importing the modules beside it.
+    ``stdin`` (at most ``MAX_STDIN_BYTES``) is what the command reads on its standard input, then
+    end of file: unlike ``argv``, it is not in ``/proc/*/cmdline`` for the code or host users to read.
 
-    Raises ``ValueError`` for a bad file name or argv, and ``SandboxUnavailable`` when the code
-    cannot be sandboxed and unsandboxed runs are not allowed.
+    Raises ``ValueError`` for a bad file name, argv or stdin, and ``SandboxUnavailable`` when the
+    code cannot be sandboxed and unsandboxed runs are not allowed.
     """
     limits = limits or Limits()
     argv = _checked_argv(argv)
     files = _checked_files(files)
+    if len(stdin) > MAX_STDIN_BYTES:
+        raise ValueError(f"stdin holds {len(stdin)} bytes; at most {MAX_STDIN_BYTES} may be given")
     bwrap = shutil.which(settings.SANDBOX_BWRAP)
     if bwrap is None and not settings.SANDBOX_ALLOW_UNSANDBOXED:
         raise SandboxUnavailable(_missing_message())
     drop_root = os.geteuid() == 0
-    with tempfile.TemporaryDirectory(prefix="aiagent-sandbox-") as temp:
+    _remove_stale_directories()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as temp:
         root = Path(temp)
         workdir = root / "work"
         workdir.mkdir()
@@ -183,7 +246,7 @@ def run(files: Mapping[str, str], argv: Sequence[str], *, limits: Limits | None 
         if drop_root:
             for path in [root, *root.rglob("*")]:
                 os.chown(path, SANDBOX_UID, SANDBOX_UID, follow_symlinks=False)
-        return _execute(root, argv, limits, bwrap=bwrap, drop_root=drop_root)
+        return _execute(root, argv, limits, bwrap=bwrap, drop_root=drop_root, stdin=bytes(stdin))
 
 
 def status() -> tuple[bool, str]:
@@ -204,9 +267,19 @@ def status() -> tuple[bool, str]:
         return False, str(exc)
     if result.exit_code != 0:
         return False, f"the sandbox could not run Python ({result.limit or result.stderr.strip()})"
+    machine = os.uname().machine
+    if _seccomp_program(machine) is not None:
+        filtered = "; a seccomp filter refuses SysV shared memory, memfd files, namespaces and mounts"
+    else:
+        filtered = (
+            f"; there is no seccomp filter for this architecture ({machine}), so SysV shared memory and memfd "
+            "files can hold memory beyond the limits"
+        )
+        if "--disable-userns" not in _bwrap_options(bwrap):
+            filtered += ", and the code can make namespaces of its own (bubblewrap older than 0.8)"
     return True, (
         f"generated code runs under bubblewrap ({bwrap}) with no network, a read-only system, "
-        f"a throw-away working directory and limits on CPU, memory, processes and time; "
+        f"a throw-away working directory and limits on CPU, memory, processes, open files and time{filtered}; "
         f"its Python is {result.stdout.strip()}"
     )
 
@@ -284,7 +357,42 @@ def _nobody_may(path: str, bits: int) -> bool:
         return False
 
 
-def _bwrap_argv(bwrap: str, root: Path, python: str, prefix: str, limits: Limits) -> list[str]:
+def _seccomp_program(machine: str) -> bytes | None:
+    """The seccomp filter for ``machine`` (``os.uname().machine``), or None where there is no syscall table."""
+    numbers = _SYSCALL_NUMBERS.get(machine)
+    if numbers is None:
+        return None
+
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:  # struct sock_filter; jumps skip jt/jf ops
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    refuse = SECCOMP_RET_ERRNO | errno.EPERM
+    program = [
+        op(_BPF_LD_W_ABS, 4),  # arch: a call of another ABI (i386's int 0x80, say) has other numbers
+        op(_BPF_JEQ_K, AUDIT_ARCH[machine], jt=1),
+        op(_BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
+        op(_BPF_LD_W_ABS, 0),  # nr
+    ]
+    if machine == "x86_64":
+        program += [op(_BPF_JGE_K, X32_SYSCALL_BIT, jf=1), op(_BPF_RET_K, SECCOMP_RET_KILL_PROCESS)]
+    for name in _REFUSED_SYSCALLS:
+        program += [op(_BPF_JEQ_K, numbers[name], jf=1), op(_BPF_RET_K, refuse)]
+    # clone3's flags are in a struct, out of a filter's reach: ENOSYS makes glibc (threads, posix_spawn)
+    # fall back to clone, whose flags are its first argument on both architectures.
+    program += [op(_BPF_JEQ_K, numbers["clone3"], jf=1), op(_BPF_RET_K, SECCOMP_RET_ERRNO | errno.ENOSYS)]
+    for name, flags in (("clone", NAMESPACE_FLAGS), ("unshare", NAMESPACE_FLAGS | CLONE_NEWTIME)):
+        program += [
+            op(_BPF_JEQ_K, numbers[name], jf=4),
+            op(_BPF_LD_W_ABS, 16),  # args[0], its low half: the kernel reads no flag above it
+            op(_BPF_JSET_K, flags, jf=1),
+            op(_BPF_RET_K, refuse),
+            op(_BPF_RET_K, SECCOMP_RET_ALLOW),
+        ]
+    program.append(op(_BPF_RET_K, SECCOMP_RET_ALLOW))
+    return b"".join(program)
+
+
+def _bwrap_argv(bwrap: str, root: Path, python: str, prefix: str, limits: Limits, seccomp_fd: int | None) -> list[str]:
     options = _bwrap_options(bwrap)
     if "--size" not in options:
         raise SandboxUnavailable(
@@ -331,6 +439,7 @@ def _bwrap_argv(bwrap: str, root: Path, python: str, prefix: str, limits: Limits
         "--chdir", WORKDIR,
         # Last: bubblewrap's own root is a tmpfs that would otherwise take writes without bound.
         "--remount-ro", "/",
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--", python,
     ]  # fmt: skip
     return argv
@@ -346,26 +455,41 @@ def _bwrap_options(bwrap: str) -> frozenset[str]:
     return frozenset(word for word in (shown.stdout + shown.stderr).split() if word.startswith("--"))
 
 
-def _execute(root: Path, argv: list[str], limits: Limits, *, bwrap: str | None, drop_root: bool) -> SandboxResult:
+def _execute(
+    root: Path, argv: list[str], limits: Limits, *, bwrap: str | None, drop_root: bool, stdin: bytes
+) -> SandboxResult:
     python, prefix = _python(drop_root=drop_root)
-    ready_r, ready_w = os.pipe()
     nproc = limits.processes
-    if bwrap is None:
-        # Unsandboxed, RLIMIT_NPROC counts every process the uid runs: leave room for those.
-        nproc += _tasks_of(SANDBOX_UID if drop_root else os.getuid())
-        command = [python]
-        home = str(root / "tmp")
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
-    else:
-        command = _bwrap_argv(bwrap, root, python, prefix, limits)
-        env = {"PATH": "/usr/bin:/bin"}  # bubblewrap itself needs none of the worker's variables either
-    numbers = [ready_w, limits.cpu_s, limits.memory_mb * 2**20, nproc, limits.file_size_mb * 2**20]
+    ready_r, ready_w = os.pipe()
+    passed = [ready_w]  # the command's ends of its pipes: _supervise closes them once it has started
+    stdin_fd = None
+    try:
+        if bwrap is None:
+            # Unsandboxed, RLIMIT_NPROC counts every process the uid runs: leave room for those.
+            nproc += _tasks_of(SANDBOX_UID if drop_root else os.getuid())
+            command = [python]
+            home = str(root / "tmp")
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        else:
+            program = _seccomp_program(os.uname().machine)
+            seccomp_fd = None if program is None else _pipe_holding(program)
+            passed += [] if seccomp_fd is None else [seccomp_fd]
+            command = _bwrap_argv(bwrap, root, python, prefix, limits, seccomp_fd)
+            env = {"PATH": "/usr/bin:/bin"}  # bubblewrap itself needs none of the worker's variables either
+        stdin_fd = _pipe_holding(stdin) if stdin else None
+    except BaseException:
+        for fd in [ready_r, *passed]:
+            os.close(fd)
+        raise
+    numbers = [ready_w, limits.cpu_s, limits.memory_mb * 2**20, nproc, limits.file_size_mb * 2**20, MAX_OPEN_FILES]
     source = "" if bwrap is None else SOURCE_DIR
     command += ["-I", "-S", "-c", _WRAPPER, *map(str, numbers), source, "--", *argv]
     identity = {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []} if drop_root else {}
     try:
         started = time.monotonic()
-        outcome = _supervise(command, cwd=root / "work", env=env, ready_w=ready_w, limits=limits, identity=identity)
+        outcome = _supervise(
+            command, cwd=root / "work", env=env, stdin=stdin_fd, pass_fds=passed, limits=limits, identity=identity
+        )
         duration = time.monotonic() - started
         os.set_blocking(ready_r, False)
         try:
@@ -375,7 +499,13 @@ def _execute(root: Path, argv: list[str], limits: Limits, *, bwrap: str | None, 
     finally:
         os.close(ready_r)
     status_code, cpu_used, stdout, stderr, truncated, timed_out = outcome
-    if not ready and not timed_out:
+    if not ready:
+        # The command never started, whether bubblewrap failed or hung: not the code's failure.
+        if timed_out:
+            raise SandboxUnavailable(
+                f"the sandbox could not be set up within the wall-clock timeout of {limits.wall_s:g}s "
+                f"({stderr.strip() or 'bubblewrap said nothing'}); the code never ran"
+            )
         raise SandboxUnavailable(
             f"the sandbox could not be set up ({stderr.strip() or f'exit status {status_code}'}); "
             "bubblewrap needs unprivileged user namespaces"
@@ -392,11 +522,54 @@ def _execute(root: Path, argv: list[str], limits: Limits, *, bwrap: str | None, 
     )
 
 
+def _pipe_holding(data: bytes) -> int:
+    """The read end of a pipe that holds ``data`` (a page at most, so the write cannot block) and then ends."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, data)
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+def _remove_stale_directories() -> None:
+    """Remove the temporary directories of runs whose worker is gone (killed mid-run: SIGKILL skips the cleanup).
+
+    Cheap: one listing of the temporary directory per run. A directory whose pid now belongs to another
+    process stays until that one ends too.
+    """
+    with contextlib.suppress(OSError), os.scandir(tempfile.gettempdir()) as entries:
+        for entry in entries:
+            pid = entry.name.removeprefix(TEMP_PREFIX).partition("-")[0]
+            ours = entry.name.startswith(TEMP_PREFIX) and pid.isdigit() and entry.is_dir(follow_symlinks=False)
+            if ours and not _alive(int(pid)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs, of whatever uid (or the number is no pid: not a directory to remove)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def _supervise(
-    command: list[str], *, cwd: Path, env: dict[str, str], ready_w: int, limits: Limits, identity: dict
+    command: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    stdin: int | None,
+    pass_fds: list[int],
+    limits: Limits,
+    identity: dict,
 ) -> tuple[int | None, float, str, str, bool, bool]:
     """Run ``command`` to its end or the wall timeout; (exit code, CPU seconds, out, err, truncated, timed out).
 
+    ``stdin`` (else /dev/null) and ``pass_fds`` are the command's and closed here once it has them.
     Returns once the command's processes are gone: their end shows as the end of their output,
     which every process of the sandbox holds unless it closed it, waited for a short grace.
     """
@@ -404,19 +577,20 @@ def _supervise(
     try:
         proc = subprocess.Popen(
             command,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=env,
-            pass_fds=(ready_w,),
+            pass_fds=tuple(pass_fds),
             start_new_session=True,  # its own process group, killed as one
             **identity,
         )
     except OSError as exc:
         raise SandboxUnavailable(f"cannot start {command[0]}: {exc}") from None
     finally:
-        os.close(ready_w)
+        for fd in [*pass_fds, *([] if stdin is None else [stdin])]:
+            os.close(fd)
     captures = {proc.stdout: _Capture(limits.output_bytes), proc.stderr: _Capture(limits.output_bytes)}
     pidfd = os.pidfd_open(proc.pid)
     selector = selectors.DefaultSelector()

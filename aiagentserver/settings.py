@@ -293,7 +293,7 @@ LOGGING = {
 # bubblewrap runs generated code without network, with a read-only system and
 # these limits. Without it a run fails, unless unsandboxed runs are allowed here
 # explicitly: then the code runs as a plain subprocess with the same limits but
-# with the network and the file system open to it.
+# with the network and the file system open to it (doc/operations.md, "The sandbox").
 SANDBOX_BWRAP = env_str("SANDBOX_BWRAP", shutil.which("bwrap") or "/usr/bin/bwrap")
 SANDBOX_ALLOW_UNSANDBOXED = env_bool("SANDBOX_ALLOW_UNSANDBOXED", False)
 SANDBOX_WALL_SECONDS = env_int("SANDBOX_WALL_SECONDS", 10, minimum=1)

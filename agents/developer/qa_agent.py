@@ -53,7 +53,12 @@ LINT_RULES = "E9,F63,F7,F82"
 # captured, then writes one report line tagged with the run's nonce. The report has stdout to itself: what
 # the code under test writes to file descriptor 1 (os.write, a child process) goes to stderr, so that it
 # cannot crowd the report out of the captured output; and the report is kept within the output that the
-# sandbox captures (its second argument), its tests' outputs cut shorter if need be.
+# sandbox captures (its argument), its tests' outputs cut shorter if need be.
+# The nonce comes on stdin, read to its end before the tests are imported (in argv it was in
+# /proc/self/cmdline for the code to read), and it, the results and the runner's functions are locals of
+# main(), not globals of __main__ that the code could replace. That closes the cheap routes only: code in
+# the same process can still find them (frames, the report's descriptor), so a pass is not proof against
+# code written to fool it (doc/agents.md).
 RUNNER_SOURCE = r"""
 import sys
 
@@ -62,84 +67,94 @@ import sys
 sys.path.pop(0)
 import ast, contextlib, importlib, io, json, os, traceback, unittest
 
-nonce, room = sys.argv[1], int(sys.argv[2])
-del sys.argv[1:]  # out of plain sight of the code under test (which could still look for it: the review stays)
-report = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-sys.path.insert(0, os.getcwd())
-results = []
 
+def main():
+    given = b""
+    while chunk := os.read(0, 4096):
+        given += chunk
+    nonce, room = given.decode(), int(sys.argv[1])
+    empty = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(empty, 0)  # the tests read end of file on stdin, as from the sandbox's /dev/null
+    os.close(empty)
+    del sys.argv[1:]
+    report = os.dup(1)
+    os.dup2(2, 1)
+    sys.path.insert(0, os.getcwd())
+    results = []
+    dumps, write = json.dumps, os.write  # held before the code under test can replace them
 
-def outcome(name, run):
-    output = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            run()
-    except BaseException:
-        results.append({"name": name, "passed": False,
-                        "output": (output.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
-    else:
-        results.append({"name": name, "passed": True, "output": output.getvalue()[-500:]})
-
-
-def case_test(test):
-    def run():
-        result = unittest.TestResult()
-        test.run(result)
-        problems = [text for _, text in result.errors + result.failures]
-        problems += ["an expected failure passed"] * len(result.unexpectedSuccesses)
-        problems += [f"skipped: {reason}" for _, reason in result.skipped]  # a skipped test checks nothing
-        if problems:
-            raise AssertionError("\n".join(problems))
-    return run
-
-
-def method_test(cls, name):
-    def run():
-        instance = cls()
-        for hook in ("setup_method", "setUp"):
-            if callable(getattr(instance, hook, None)):
-                getattr(instance, hook)()
-        getattr(instance, name)()
-    return run
-
-
-captured = io.StringIO()
-try:
-    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-        module = importlib.import_module("test_qa")
-except BaseException:
-    results.append({"name": "import test_qa", "passed": False,
-                    "output": (captured.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
-else:
-    own = [(name, value) for name, value in vars(module).items() if getattr(value, "__module__", "") == "test_qa"]
-    for name, value in own:
-        if isinstance(value, type) and issubclass(value, unittest.TestCase):
-            for test in unittest.defaultTestLoader.loadTestsFromTestCase(value):
-                outcome(f"{name}.{test._testMethodName}", case_test(test))
-        elif isinstance(value, type) and name.startswith("Test"):
-            for method in [m for m in dir(value) if m.startswith("test") and callable(getattr(value, m))]:
-                outcome(f"{name}.{method}", method_test(value, method))
-        elif name.startswith("test") and callable(value):
-            outcome(name, value)
-    if not results:
-        with open(module.__file__, encoding="utf-8") as source:
-            tree = ast.parse(source.read())
-        if any(isinstance(node, ast.Assert) for node in tree.body):
-            results.append({"name": "module-level asserts", "passed": True, "output": captured.getvalue()[-1000:]})
+    def outcome(name, run):
+        output = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                run()
+        except BaseException:
+            results.append({"name": name, "passed": False,
+                            "output": (output.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
         else:
-            results.append({"name": "collecting tests", "passed": False,
-                            "output": "no test was found: the tests define no test_* function, no unittest.TestCase "
-                                      "and no Test* class with test* methods, and assert nothing at module level"})
-text = json.dumps(results)
-for keep in (300, 0):
-    if len(text) <= room:
-        break
-    for item in results:
-        item["output"] = item["output"][-keep:] if keep else ""
-    text = json.dumps(results)
-report.write(nonce + text + "\n")
-report.flush()
+            results.append({"name": name, "passed": True, "output": output.getvalue()[-500:]})
+
+    def case_test(test):
+        def run():
+            result = unittest.TestResult()
+            test.run(result)
+            problems = [text for _, text in result.errors + result.failures]
+            problems += ["an expected failure passed"] * len(result.unexpectedSuccesses)
+            problems += [f"skipped: {reason}" for _, reason in result.skipped]  # a skipped test checks nothing
+            if problems:
+                raise AssertionError("\n".join(problems))
+        return run
+
+    def method_test(cls, name):
+        def run():
+            instance = cls()
+            for hook in ("setup_method", "setUp"):
+                if callable(getattr(instance, hook, None)):
+                    getattr(instance, hook)()
+            getattr(instance, name)()
+        return run
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            module = importlib.import_module("test_qa")
+    except BaseException:
+        results.append({"name": "import test_qa", "passed": False,
+                        "output": (captured.getvalue()[-1000:] + traceback.format_exc(limit=4))[-2000:]})
+    else:
+        own = [(name, value) for name, value in vars(module).items() if getattr(value, "__module__", "") == "test_qa"]
+        for name, value in own:
+            if isinstance(value, type) and issubclass(value, unittest.TestCase):
+                for test in unittest.defaultTestLoader.loadTestsFromTestCase(value):
+                    outcome(f"{name}.{test._testMethodName}", case_test(test))
+            elif isinstance(value, type) and name.startswith("Test"):
+                for method in [m for m in dir(value) if m.startswith("test") and callable(getattr(value, m))]:
+                    outcome(f"{name}.{method}", method_test(value, method))
+            elif name.startswith("test") and callable(value):
+                outcome(name, value)
+        if not results:
+            with open(module.__file__, encoding="utf-8") as source:
+                tree = ast.parse(source.read())
+            if any(isinstance(node, ast.Assert) for node in tree.body):
+                results.append({"name": "module-level asserts", "passed": True, "output": captured.getvalue()[-1000:]})
+            else:
+                results.append({"name": "collecting tests", "passed": False,
+                                "output": "no test was found: the tests define no test_* function, no "
+                                          "unittest.TestCase and no Test* class with test* methods, and assert "
+                                          "nothing at module level"})
+    text = dumps(results)
+    for keep in (300, 0):
+        if len(text) <= room:
+            break
+        for item in results:
+            item["output"] = item["output"][-keep:] if keep else ""
+        text = dumps(results)
+    line = (nonce + text + "\n").encode()
+    while line:
+        line = line[write(report, line):]
+
+
+main()
 """
 
 
@@ -158,7 +173,7 @@ def run_tests(files: list[Mapping[str, str]], tests: str, *, limits: sandbox.Lim
     workdir[RUNNER] = RUNNER_SOURCE
     limits = limits or sandbox.Limits()
     room = limits.output_bytes - len(nonce) - 1  # the report is ASCII JSON: a character a byte
-    run = sandbox.run(workdir, ["python", RUNNER, nonce, str(room)], limits=limits)
+    run = sandbox.run(workdir, ["python", RUNNER, str(room)], limits=limits, stdin=nonce.encode())
     report = None
     for line in reversed(run.stdout.splitlines()):
         if line.startswith(nonce):

@@ -6,10 +6,13 @@ say so rather than skip, since a QA run without it would fail the same way.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import socket
+import struct
 import tempfile
 import time
 import uuid
@@ -464,3 +467,305 @@ def test_a_report_of_many_long_failures_fits_the_captured_output(bwrap):
     result = qa_agent.run_tests(BROKEN_ADD, tests, limits=FAST)  # FAST captures 4,096 bytes
     assert result["passed"] is False
     assert len(result["tests"]) == 30 and "0 of 30 tests passed" in result["output"]
+
+
+# Each asks for a little (1 MB of SysV shm, one memfd): refused, or it would not hurt the machine either.
+ESCAPING_MEMORY = """
+import ctypes, os, resource
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+segment = libc.shmget(0, 2**20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+print("shmget", segment, os.strerror(ctypes.get_errno()) if segment < 0 else "made")
+if segment >= 0:
+    libc.shmctl(segment, 0, None)  # IPC_RMID
+try:
+    os.close(os.memfd_create("held"))
+    print("memfd made")
+except OSError as exc:
+    print("memfd", exc.strerror)
+print("open files", resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def test_memory_outside_the_address_space_limit_is_refused(bwrap):
+    """A detached SysV shm segment or a memfd file is not address space: a run with 256 MB a process pinned
+    2 GB of host RAM with them (plan/review_sandbox_s12.md, finding 1). The seccomp filter refuses both, and
+    the open files (each memfd or pipe holds kernel memory) are limited."""
+    result = run_python(ESCAPING_MEMORY)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "shmget -1 Operation not permitted",
+        "memfd Operation not permitted",
+        f"open files ({sandbox.MAX_OPEN_FILES}, {sandbox.MAX_OPEN_FILES})",
+    ]
+
+
+ORDINARY = """
+import concurrent.futures, multiprocessing, subprocess, sys, threading
+from multiprocessing import shared_memory
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    seen = []
+    threads = [threading.Thread(target=seen.append, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print("threads", sorted(seen))
+    child = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+    print("subprocess", child.stdout.strip())
+    print("shell", subprocess.run("echo $((2 + 3))", shell=True, capture_output=True, text=True).stdout.strip())
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        print("fork pool", pool.map(square, range(5)))
+    queue = multiprocessing.Queue()
+    child = multiprocessing.Process(target=queue.put, args=("queued",))
+    child.start()
+    print("process", queue.get())
+    child.join()
+    with concurrent.futures.ProcessPoolExecutor(2) as executor:
+        print("executor", list(executor.map(square, range(4))))
+    memory = shared_memory.SharedMemory(create=True, size=4096)  # POSIX shm: a file in /dev/shm, limited
+    memory.buf[0] = 7
+    print("posix shm", memory.buf[0])
+    memory.close()
+    memory.unlink()
+"""
+
+
+def test_threads_subprocesses_and_multiprocessing_still_run_under_the_filter(bwrap):
+    result = run_python(ORDINARY, Limits(wall_s=30, cpu_s=10, memory_mb=256, processes=32, output_bytes=4096))
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "threads [0, 1, 2, 3, 4, 5, 6, 7]",
+        "subprocess 42",
+        "shell 5",
+        "fork pool [0, 1, 4, 9, 16]",
+        "process queued",
+        "executor [0, 1, 4, 9]",
+        "posix shm 7",
+    ]
+
+
+NAMESPACES = """
+import ctypes, os, signal
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
+CLONE = {"x86_64": 56, "aarch64": 220}[os.uname().machine]
+
+def said(result):
+    return "ok" if result >= 0 else os.strerror(ctypes.get_errno())
+
+print("unshare", said(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS)))
+pid = libc.syscall(CLONE, CLONE_NEWUSER | signal.SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    os._exit(0)
+if pid > 0:
+    os.waitpid(pid, 0)
+print("clone", said(pid))
+print("clone3", said(libc.syscall(435, None, 0)))
+print("mount", said(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
+"""
+
+
+def test_namespaces_and_mounts_are_refused_even_where_bubblewrap_cannot_refuse_them(settings, bwrap):
+    """bubblewrap before 0.8 has no --disable-userns: the code made a user and mount namespace of its own and
+    mounted a tmpfs without a size limit (finding 4). The fake is the real bubblewrap with --disable-userns
+    taken out of its --help, as bubblewrap 0.6 or 0.7 would show it."""
+    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
+    try:
+        directory.chmod(0o755)
+        fake = directory / "bwrap"
+        fake.write_text(
+            f'#!/bin/sh\nif [ "$1" = --help ]; then {bwrap} --help 2>&1 | sed s/--disable-userns//; exit 0; fi\n'
+            f'exec {bwrap} "$@"\n'
+        )
+        fake.chmod(0o755)
+        settings.SANDBOX_BWRAP = str(fake)
+
+        result = run_python(NAMESPACES)
+    finally:
+        shutil.rmtree(directory)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "unshare Operation not permitted",
+        "clone Operation not permitted",
+        "clone3 Function not implemented",  # so that glibc falls back to clone, whose flags the filter sees
+        "mount Operation not permitted",
+    ]
+
+
+def run_filter(program: bytes, *, arch: int, nr: int, flags: int = 0) -> int:
+    """What the kernel would do with one call: a classic BPF interpreter for the few operations the filter uses."""
+    data = struct.pack("=IIQ6Q", nr, arch, 0, flags, 0, 0, 0, 0, 0)
+    ops = [struct.unpack_from("=HBBI", program, at) for at in range(0, len(program), 8)]
+    pc = acc = 0
+    while True:
+        code, jt, jf, k = ops[pc]
+        if code == 0x06:  # ret
+            return k
+        if code == 0x20:  # ld word
+            acc = struct.unpack_from("=I", data, k)[0]
+            pc += 1
+            continue
+        taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+        pc += 1 + (jt if taken else jf)
+
+
+@pytest.mark.parametrize(("machine", "read"), [("x86_64", 0), ("aarch64", 63)])
+def test_the_filter_of_each_architecture_refuses_what_it_should_and_nothing_else(machine, read):
+    """aarch64 cannot run here, so both programs are run through an interpreter of their instructions."""
+    program = sandbox._seccomp_program(machine)
+    numbers, arch = sandbox._SYSCALL_NUMBERS[machine], sandbox.AUDIT_ARCH[machine]
+    other_arch = sandbox.AUDIT_ARCH["aarch64" if machine == "x86_64" else "x86_64"]
+    threads = 0x003D0F00  # what glibc's pthread_create passes: CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|…
+    eperm, enosys = sandbox.SECCOMP_RET_ERRNO | errno.EPERM, sandbox.SECCOMP_RET_ERRNO | errno.ENOSYS
+
+    def verdict(name_or_nr, flags=0, on=arch):
+        nr = numbers[name_or_nr] if isinstance(name_or_nr, str) else name_or_nr
+        return run_filter(program, arch=on, nr=nr, flags=flags)
+
+    for name in ("shmget", "shmat", "semget", "msgget", "memfd_create", "mount", "umount2", "pivot_root", "fsopen"):
+        assert verdict(name) == eperm, name
+    assert verdict("clone", threads) == sandbox.SECCOMP_RET_ALLOW
+    assert verdict("clone", int(signal.SIGCHLD)) == sandbox.SECCOMP_RET_ALLOW  # fork
+    assert verdict("clone", 0x10000000 | int(signal.SIGCHLD)) == eperm  # CLONE_NEWUSER
+    assert verdict("unshare", 0x400) == sandbox.SECCOMP_RET_ALLOW  # CLONE_FILES: no namespace
+    assert verdict("unshare", 0x80) == eperm  # CLONE_NEWTIME
+    assert verdict("unshare", 0x40000000) == eperm  # CLONE_NEWNET
+    assert verdict("clone3") == enosys
+    assert verdict(read) == sandbox.SECCOMP_RET_ALLOW
+    assert verdict(read, on=other_arch) == sandbox.SECCOMP_RET_KILL_PROCESS
+    assert verdict(read, on=0x40000003) == sandbox.SECCOMP_RET_KILL_PROCESS  # i386
+    if machine == "x86_64":
+        assert verdict(0x40000000 | read) == sandbox.SECCOMP_RET_KILL_PROCESS  # x32
+    assert sandbox._seccomp_program("riscv64") is None
+
+
+def test_an_architecture_without_a_syscall_table_runs_without_the_filter_and_says_so(bwrap, monkeypatch):
+    # Simulates a host this module has no syscall numbers for (riscv64, say): the table is taken away.
+    monkeypatch.setattr(sandbox, "_SYSCALL_NUMBERS", {})
+
+    result = run_python(ESCAPING_MEMORY)
+    sandboxed, reason = sandbox.status()
+
+    assert result.exit_code == 0, result.stderr
+    assert "memfd made" in result.stdout
+    assert sandboxed is True
+    assert f"no seccomp filter for this architecture ({os.uname().machine})" in reason
+
+
+def test_a_sandbox_that_never_gets_ready_is_unavailable_not_a_failure_of_the_code(settings):
+    """A bubblewrap stuck in its setup ran into the wall-clock timeout, and the run came back as the code's
+    timeout: the coder was asked to fix code that never ran (finding 7b). The fake stands for that
+    bubblewrap; nobody, whom a root worker runs it as, may execute it."""
+    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
+    try:
+        directory.chmod(0o755)
+        fake = directory / "bwrap"
+        fake.write_text(
+            '#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\nexec sleep 30\n'
+        )
+        fake.chmod(0o755)
+        settings.SANDBOX_BWRAP = str(fake)
+
+        with pytest.raises(SandboxUnavailable, match="not be set up within the wall-clock timeout of 1s"):
+            sandbox.run({}, ["python", "-c", "pass"], limits=Limits(wall_s=1))
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_the_directory_of_a_killed_worker_is_removed_by_the_next_run(bwrap):
+    """A SIGKILLed worker (Celery's hard time limit, the OOM killer) left its run's directory, with the task's
+    code, in the temporary directory for good (finding 6)."""
+    temp = Path(tempfile.gettempdir())
+    ours = Path(tempfile.mkdtemp(prefix=f"{sandbox.TEMP_PREFIX}{os.getpid()}-"))  # a live worker's: stays
+    worker = os.fork()
+    if worker == 0:
+        try:
+            sandbox.run({"main.py": "import time\ntime.sleep(30)\n"}, ["python", "main.py"], limits=Limits(wall_s=30))
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not list(temp.glob(f"{sandbox.TEMP_PREFIX}{worker}-*/work/main.py")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+    left = list(temp.glob(f"{sandbox.TEMP_PREFIX}{worker}-*"))
+    assert len(left) == 1, "the killed worker's run did not start"
+
+    try:
+        result = run_python("print('next run')")
+        assert result.stdout == "next run\n"
+        assert not left[0].exists(), "the killed worker's directory is still there"
+        assert ours.exists()
+    finally:
+        shutil.rmtree(ours)
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+FORGED_FROM_ARGV = r"""
+import json, os
+arguments = open("/proc/self/cmdline", "rb").read().split(b"\0")
+nonce = next((a.decode() for a in arguments if a.startswith(b"QA-REPORT-")), None)
+for fd in map(int, os.listdir("/proc/self/fd")):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        continue
+    if nonce and fd > 2 and target.startswith("pipe:") and target != os.readlink("/proc/self/fd/2"):
+        os.write(fd, (nonce + json.dumps([{"name": "test_add", "passed": True, "output": ""}]) + "\n").encode())
+        os._exit(0)
+
+def add(a, b):
+    return a - b
+"""
+
+FORGED_BY_PATCHING = r"""
+import __main__
+
+def forged(name, run):
+    __main__.results.append({"name": name, "passed": True, "output": ""})
+
+__main__.outcome = forged
+__main__.method_test = lambda cls, name: lambda: None
+
+def add(a, b):
+    return a - b
+"""
+
+
+@pytest.mark.parametrize("solution", [FORGED_FROM_ARGV, FORGED_BY_PATCHING], ids=["nonce-in-argv", "runner-globals"])
+def test_the_cheap_forgeries_of_qas_report_do_not_pass_broken_code(bwrap, solution):
+    """The code under test read the report's nonce from /proc/self/cmdline and wrote a passing report, or
+    replaced the runner's outcome() in __main__: broken code passed (finding 2). The nonce now comes on stdin
+    and the runner keeps its state in a function's locals; a pass is still no proof (doc/agents.md)."""
+    from agents.developer import qa_agent
+
+    tests = (
+        "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n\n"
+        "class TestAdd:\n    def test_add(self):\n        assert add(2, 3) == 5\n"
+    )
+    result = qa_agent.run_tests([{"path": "solution.py", "content": solution}], tests, limits=FAST)
+
+    assert result["passed"] is False, result["output"]
+    assert [(test["name"], test["passed"]) for test in result["tests"]] in (
+        [("test_add", False), ("TestAdd.test_add", False)],
+        [("import test_qa", False)],
+    )
+
+
+def test_stdin_reaches_the_command_and_is_bounded(bwrap):
+    result = sandbox.run({}, ["python", "-c", "import sys; print(sys.stdin.read()[::-1])"], limits=FAST, stdin=b"olleh")
+
+    assert result.stdout == "hello\n", result.stderr
+    with pytest.raises(ValueError, match="stdin"):
+        sandbox.run({}, ["true"], limits=FAST, stdin=b"x" * (sandbox.MAX_STDIN_BYTES + 1))
