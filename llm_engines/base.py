@@ -124,6 +124,7 @@ class Watchdog:
         self.fired: str | None = None
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
+        self._response: httpx.Response | None = None
         self._done = False
         self._timer = threading.Timer(timeout, self._fire, args=("timeout",))
         self._timer.daemon = True
@@ -165,9 +166,11 @@ class Watchdog:
         if not isinstance(sock, socket.socket):
             return
         with watchdog._lock:
-            if watchdog._done or watchdog._socket is not None:
+            if watchdog._done:
                 return
-            watchdog._socket = sock
+            # The latest response is the call's: a redirect's response comes first and is closed (its
+            # connection back in the pool, for other calls) before the one it leads to.
+            watchdog._response, watchdog._socket = response, sock
             if watchdog.fired:  # it fired while the server was still sending its headers
                 _shut(sock)
 
@@ -176,7 +179,8 @@ class Watchdog:
             if self._done or self.fired:
                 return
             self.fired = why
-            if self._socket is not None:
+            # A closed response's connection may be serving another call by now: it is not this call's.
+            if self._socket is not None and self._response is not None and not self._response.is_closed:
                 _shut(self._socket)
 
 

@@ -42,6 +42,7 @@ from balancer.load_balancer import (
 )
 from llm_engines.base import Cancel, ChatOptions, ChatResult, Engine
 from llm_engines.errors import ContextTooLong, EngineBadRequest, EngineError, EngineTimeout
+from llm_engines.http import call_timeout
 from llm_engines.registry import get_engine
 from orchestration.runtime import configuration, load_balancer
 
@@ -554,6 +555,7 @@ def _generate(
     options = replace(options, cancel=cancel)
     started = time.monotonic()
     first_at: float | None = None
+    last_at = started  # when the latest piece came
     pieces: list[str] = []
     result = None
 
@@ -588,8 +590,9 @@ def _generate(
             if chunk.text:
                 if on_text is not None:
                     on_text(chunk.text)
+                last_at = time.monotonic()
                 if first_at is None:
-                    first_at = time.monotonic()
+                    first_at = last_at
                 pieces.append(chunk.text)
     except EngineError as exc:
         # The engine's blocking read was broken by ``cancel``: the reader's reason, not the engine's.
@@ -598,9 +601,11 @@ def _generate(
         if stop is not None and stop.is_set():
             raise ClientGone("the client left the stream", partial=partial()) from exc
         if pieces:
-            if isinstance(exc, EngineTimeout) and balancer.clock() >= deadline - DEADLINE_SLACK_S:
-                # The call's own time ran out (not the LLM's request_timeout before it: an LLM that stalls
-                # is at fault).
+            if isinstance(exc, EngineTimeout) and (
+                balancer.clock() >= deadline - DEADLINE_SLACK_S or not _stalled(engine, options, last_at)
+            ):
+                # The call's time ran out while the LLM was writing: the deadline, or the LLM's request_timeout
+                # ending a reply longer than it holds. Not a stall, which is the LLM's fault.
                 raise DeadlineReached(f"the time limit ended the reply: {exc}", partial=partial(), llm=llm.id) from exc
             if isinstance(exc, ContextTooLong):
                 # The client has this LLM's text: the balancer must not hand the rest of the reply to an LLM
@@ -614,6 +619,15 @@ def _generate(
     if result is None:
         raise RuntimeError(f"{engine.name}: the stream ended without a result")
     return result
+
+
+def _stalled(engine: Engine, options: ChatOptions, last_at: float) -> bool:
+    """Whether an engine's timeout after text came from a read that waited its whole timeout (the server
+    stopped sending: the LLM's fault) rather than from the call's own time running out (the engines end a
+    call at its timeout, the request's time left capped by the LLM's ``request_timeout``, however steadily
+    it streams). A read waits at most the call's timeout, so a shorter silence cannot have been one."""
+    limit = call_timeout(options.timeout, getattr(engine, "request_timeout", math.inf))
+    return time.monotonic() - last_at >= limit - DEADLINE_SLACK_S
 
 
 def complete(request: ChatRequest) -> tuple[ChatResult, str]:

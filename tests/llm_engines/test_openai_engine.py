@@ -288,6 +288,21 @@ def test_a_stream_kept_alive_with_comments_ends_at_its_timeout(fault_server):
     assert time.monotonic() - started < 2.5
 
 
+def test_a_redirected_stream_kept_alive_ends_at_its_timeout(fault_server):
+    """The client follows redirects, and the watchdog kept the redirect's socket, closed by then (and back in
+    the pool, for another call to use): the timer shut nothing of the stream it leads to, which ran on."""
+    target = fault_server("pieces", (200, "text/event-stream", [_chunk({"content": "tok"})] + [b": ping\n\n"] * 100),
+                          interval=0.1)  # fmt: skip
+    moved = fault_server("canned", (307, "text/plain", b""), headers=(("Location", f"{target}/v1/chat/completions"),))
+    engine = OpenAIEngine(model="m", base_url=f"{moved}/v1")
+    started = time.monotonic()
+    chunks = engine.stream(HELLO, ChatOptions(timeout=1.0))
+    assert next(chunks).text == "tok"
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
+        next(chunks)
+    assert time.monotonic() - started < 2.5
+
+
 def test_a_cancelled_stream_ends_at_once_though_its_server_sends_nothing_useful(fault_server):
     """A client that left a stream could not stop it while the server sent only keep-alive comments."""
     import threading

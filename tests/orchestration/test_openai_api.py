@@ -176,6 +176,8 @@ def web(upstream, endless, ollama_server, tmp_path_factory) -> Iterator[str]:
          "options": {"request_timeout": 30}},
         {"id": "up_slow", "engine": "openai", "source": "api", "model": "slow", "base_url": endless,
          "locked": True, "capabilities": ["chat", "json"]},
+        {"id": "up_slow_short", "engine": "openai", "source": "api", "model": "slow", "base_url": endless,
+         "locked": True, "capabilities": ["chat", "json"], "options": {"request_timeout": 2}},
         {"id": "ollama", "engine": "ollama", "source": "local", "model": "smollm2:135m", "base_url": ollama_server,
          "capabilities": ["chat", "tools"], "context_length": 512},
     ]  # fmt: skip
@@ -186,7 +188,9 @@ def web(upstream, endless, ollama_server, tmp_path_factory) -> Iterator[str]:
         "agent": "writer", "system_prompt": "Be brief.", "capabilities": ["chat", "json"], "max_tokens": 64,
         "preferred_llms": ["paid"]}, "slow": {
         "agent": "writer", "system_prompt": "Be brief.", "capabilities": ["chat", "json"], "time_limit_s": 2,
-        "preferred_llms": ["up_slow"]}}}  # fmt: skip
+        "preferred_llms": ["up_slow"]}, "slow_llm": {
+        "agent": "writer", "system_prompt": "Be brief.", "capabilities": ["chat", "json"], "time_limit_s": 30,
+        "preferred_llms": ["up_slow_short"]}}}  # fmt: skip
     config.write_text(json.dumps(raw))
     port = free_port()
     command = [
@@ -635,6 +639,23 @@ def test_the_time_limit_ending_a_long_reply_answers_it_cut_and_does_not_count_ag
     assert chunks[-1].usage.completion_tokens >= 2
     assert b"0" not in calls.lrange("aiagent:lb:calls:up_slow", 0, -1), "counted as the LLM's failure"
     _wait_free("up_slow", within=2)
+
+
+def test_the_llms_request_timeout_ending_a_steady_reply_answers_it_cut_too(client):
+    """Found by review: only the role's time limit cut a reply; the LLM's request_timeout (120 s by default,
+    before the 300 s time limit) ending a reply that streamed steadily was a 504 that counted as the LLM's
+    failure. A stall (an upstream that stops sending, or sends only comments) still is one."""
+    calls = redis.Redis.from_url(settings.REDIS_URL)
+    calls.delete("aiagent:lb:calls:up_slow_short")
+    started = time.monotonic()
+    whole = client.chat.completions.create(
+        model="frugal/slow_llm", messages=[{"role": "user", "content": "Write a very long story."}]
+    )
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.choices[0].message.content.startswith("first tok")
+    assert time.monotonic() - started < 10  # the LLM's 2 s, not the role's 30
+    assert b"0" not in calls.lrange("aiagent:lb:calls:up_slow_short", 0, -1), "counted as the LLM's failure"
+    _wait_free("up_slow_short", within=2)
 
 
 def test_a_strict_json_schema_reaches_the_upstream_with_its_name(client, upstream):
