@@ -370,7 +370,8 @@ EVENTS_MAX_STREAMS = env_int("EVENTS_MAX_STREAMS", 4, minimum=1)
 # How often one of the workers sweeps for tasks whose jobs were lost (and catches the database
 # mirror up); the first sweep runs when a worker starts.
 RECOVERY_SWEEP_SECONDS = env_int("RECOVERY_SWEEP_SECONDS", 30, minimum=1)
-# A queued or running task is looked at only once it has not changed for this long.
-RECOVERY_GRACE_SECONDS = env_int("RECOVERY_GRACE_SECONDS", 60, minimum=0)
+# A queued or running task is looked at only once it has not changed for this long (a task that changed
+# more recently may have its job on its way to a worker: recover_tasks refuses less too).
+RECOVERY_GRACE_SECONDS = env_int("RECOVERY_GRACE_SECONDS", 60, minimum=10)
 # A task whose jobs were lost is queued again this many times in a run; the next time it fails.
 RECOVERY_RETRIES = env_int("RECOVERY_RETRIES", 3, minimum=0)

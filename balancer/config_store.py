@@ -27,7 +27,7 @@ from balancer.configuration import (
     load_configuration,
     parse_configuration,
 )
-from balancer.files import atomic_write
+from balancer.files import atomic_write, close_lock, open_for_lock
 from balancer.models import LLM, ConfigurationFile, Profile, Role
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ def editing(path: Path) -> Iterator[None]:
     try:
         try:
             # Read-write: NFSv4 takes an exclusive flock as a write lock, refused on a read-only descriptor.
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_for_lock(lambda: os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
         except PermissionError:  # a lock file another user made: flock itself needs no write access
-            fd = os.open(lock, os.O_RDONLY)
+            fd = open_for_lock(lambda: os.open(lock, os.O_RDONLY))
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
         logger.warning("the configuration's edit lock %s cannot be taken (%s); going on without it", lock, exc)
@@ -111,7 +111,7 @@ def editing(path: Path) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
-            os.close(fd)  # closing the descriptor releases the lock
+            close_lock(fd)  # closing the descriptor releases the lock
 
 
 def write_file(path: Path, raw: dict[str, Any]) -> None:

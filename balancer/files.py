@@ -1,11 +1,56 @@
-"""Atomic file replacement, for the configuration file and the task state files alike."""
+"""Atomic file replacement, for the configuration file and the task state files alike, and the
+descriptors their flocks are taken on."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+# The descriptors open for a flock in this process. A flock belongs to the open file, which a fork shares:
+# a child forked while one is held (Celery's prefork pool replacing a process, while the main process's
+# recovery sweep holds a task's lock) would hold it until the child closed it, which it never does, and
+# every later write of that task would wait for ever. Each child closes them first thing.
+_lock_fds: set[int] = set()
+_fork_guard = threading.Lock()  # no fork between a descriptor's open (or close) and its (un)registering
+
+
+def open_for_lock(opener: Callable[[], int]) -> int:
+    """The descriptor ``opener`` opens, to take a flock on; give it back with ``close_lock``."""
+    with _fork_guard:
+        fd = opener()
+        _lock_fds.add(fd)
+    return fd
+
+
+def close_lock(fd: int) -> None:
+    """Close a descriptor from ``open_for_lock``, which releases its lock."""
+    with _fork_guard:
+        _lock_fds.discard(fd)
+        os.close(fd)
+
+
+def _before_fork() -> None:
+    _fork_guard.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _fork_guard.release()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_guard
+    for fd in _lock_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _lock_fds.clear()
+    _fork_guard = threading.Lock()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def atomic_write(path: Path, data: bytes, *, sync_directory: bool = True) -> None:

@@ -5,8 +5,9 @@ a short expiry and renews it while the step runs (the process's renewer thread,
 balancer/renewal.py). A
 job that comes back from the broker (after a worker was killed, a lost
 connection or a visibility timeout) may run the step again only once the lease
-has expired, so a live step is never run twice, and a dead one is taken over
-within ``TASK_LEASE_SECONDS``.
+has expired, so a live step is not run twice while its worker renews the lease, and a dead one is taken
+over within ``TASK_LEASE_SECONDS``. A worker that cannot renew it for that long (Redis out of its reach, the
+process stalled) loses it: the step may then run twice, and the second to be recorded is discarded.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ depends on the role's agent (agents/base.py):
 Every step is a history event whose ``detail.step`` names it, so a job that is
 delivered twice finds its step done and only makes sure that what follows it
 was scheduled (a ``scheduled`` event, written after the jobs are queued). A
-running step holds a Redis lease per step, so a live step never runs twice.
+running step holds a Redis lease per step, so a live step does not run twice while it renews it (one that
+lost it, its worker cut off from Redis for the lease's time, may: the second to be recorded is discarded).
 """
 
 from __future__ import annotations

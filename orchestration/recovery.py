@@ -46,6 +46,11 @@ SWEEP_LEASE = "recovery-sweep"  # the lease (aiagent:lease:recovery-sweep) of th
 BATCH = 1000
 CURSOR_KEY = "aiagent:recovery:cursor"  # where the last sweep's batch ended: (updated_at, task_id)
 CURSOR_TTL_S = 24 * 3600
+# The least grace a sweep is run with (RECOVERY_GRACE_SECONDS, recover_tasks --grace): a task that changed
+# more recently may look lost and be queued again needlessly, its submit still queueing its job, or its job
+# on its way from the queue to a worker (in neither). The copy finds its step done, but the recovery counts
+# towards the task's RECOVERY_RETRIES. The tests sweep with less, on tasks they hold still.
+MIN_GRACE_S = 10.0
 
 
 @dataclass
@@ -108,11 +113,6 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
         at, after = cursor
         idle = idle.filter(Q(updated_at__gt=at) | Q(updated_at=at, task_id__gt=after))
     candidates = list(idle.order_by("updated_at", "task_id").values_list("task_id", "updated_at")[:BATCH])
-    if len(candidates) == BATCH:
-        last_id, last_at = candidates[-1]
-        client.set(CURSOR_KEY, json.dumps([last_at.isoformat(), str(last_id)]), ex=CURSOR_TTL_S)
-    else:
-        client.delete(CURSOR_KEY)  # the end: the next sweep starts again from the oldest
     sweeping = _Sweep(cutoff, retries, inspect_timeout_s, report)
     for candidate, _ in candidates:
         try:
@@ -123,6 +123,12 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
             # One task that cannot be looked at (a corrupt child's file, a role that left the configuration)
             # must not stop the sweep for the tasks after it; it is logged every sweep until it is repaired.
             logger.exception("recovery: task %s not looked at", candidate)
+    # Moved once the batch is done: a sweep that Redis or the database ended looks at the same batch again.
+    if len(candidates) == BATCH:
+        last_id, last_at = candidates[-1]
+        client.set(CURSOR_KEY, json.dumps([last_at.isoformat(), str(last_id)]), ex=CURSOR_TTL_S)
+    else:
+        client.delete(CURSOR_KEY)  # the end: the next sweep starts again from the oldest
     return report
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils.dateparse import parse_datetime
 
-from balancer.files import atomic_write
+from balancer.files import atomic_write, close_lock, open_for_lock
 from orchestration.models import Task
 from orchestration.packets import STATUSES, now_iso, parse_task_id
 
@@ -117,12 +117,13 @@ class TaskStore:
 
     @contextlib.contextmanager
     def _locked(self, task_id: str) -> Iterator[None]:
-        fd = _open_creating(self._locks / f"{parse_task_id(task_id)}.lock", os.O_RDWR)
+        lock = self._locks / f"{parse_task_id(task_id)}.lock"
+        fd = open_for_lock(lambda: _open_creating(lock, os.O_RDWR))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            close_lock(fd)  # closing the descriptor releases the lock
 
     def read(self, task_id: str) -> dict[str, Any]:
         return self._parse(task_id, self._read_bytes(task_id))
@@ -230,7 +231,8 @@ class TaskStore:
         """Write the rows of the tasks still marked unmirrored (their mirroring failed, the database
         locked or down, their writer died before it, or their row was ahead of the file), each from its
         file as it is now, whatever version its row holds, under the task's lock: a write in progress
-        holds it and unmarks its task itself. Returns how many were written; stops at the first failure."""
+        holds it and unmarks its task itself. Returns how many were written; stops at the database's first
+        failure; a file that cannot be read keeps its mark, and the others are caught up."""
         if not self._unmirrored.is_dir():
             return 0
         written = 0
@@ -250,6 +252,11 @@ class TaskStore:
             except (CorruptState, ValueError) as exc:
                 logger.error("not mirrored: %s", exc)
                 marker.unlink(missing_ok=True)
+                continue
+            except OSError as exc:
+                # Its file cannot be read now (a permission, an I/O error): the rest are caught up, and it keeps
+                # its mark for the next sweep.
+                logger.error("task %s not mirrored, its file cannot be read: %s", marker.name, exc)
                 continue
             written += 1
         return written

@@ -1,4 +1,4 @@
-"""Management commands a user runs: create_token, role_queues; and /healthz."""
+"""Management commands a user runs: create_token, role_queues, recover_tasks; and /healthz."""
 
 import io
 
@@ -33,6 +33,13 @@ def test_create_token_prints_only_a_key_that_authenticates():
 def test_create_token_refuses_a_bad_name():
     with pytest.raises(CommandError, match="not a valid client name"):
         run("create_token", "no spaces/allowed!")
+
+
+@pytest.mark.parametrize("grace", ["0", "9.5", "nan", "-1"])
+def test_recover_tasks_refuses_a_grace_that_would_recover_tasks_in_transit(grace):
+    """Found by review: --grace 0 queued again the jobs of tasks just submitted, or on their way to a worker."""
+    with pytest.raises(CommandError, match="--grace must be at least 10 seconds"):
+        run("recover_tasks", "--grace", grace)
 
 
 def test_role_queues_lists_every_role_queue():

@@ -1,8 +1,11 @@
 """The JSON state store: atomic writes, versions, per-task locking across processes, the mirror."""
 
+import fcntl
 import io
 import json
 import multiprocessing
+import os
+import time
 import uuid
 
 import pytest
@@ -117,6 +120,43 @@ def test_two_processes_appending_to_one_history_lose_nothing(store):
     for name in "ab":
         assert [e["detail"]["n"] for e in final["history"] if e["detail"]["writer"] == name] == list(range(count))
     assert Task.objects.get(task_id=packet["task_id"]).version == final["version"]
+
+
+def _run_then_sleep(running):
+    running.set()
+    time.sleep(60)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_forked_while_a_task_is_locked_does_not_keep_the_lock(store):
+    """Found by review: a flock belongs to the open file, which a fork shares. A Celery pool process forked
+    while the worker's recovery sweep held a task's lock kept it for its whole life, and every later write of
+    that task waited for ever."""
+    task_id = store.create(make_packet())["task_id"]
+    connections.close_all()
+    forked = []
+
+    context = multiprocessing.get_context("fork")
+    running = context.Event()
+
+    def fork_while_locked(current):
+        child = context.Process(target=_run_then_sleep, args=(running,), daemon=True)
+        child.start()
+        forked.append(child)
+        return False
+
+    store.update(task_id, fork_while_locked)
+    try:
+        assert running.wait(10)  # the child runs its own code: whatever it does at the fork is done
+        fd = os.open(store.root / ".locks" / f"{task_id}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child holds it
+        finally:
+            os.close(fd)
+        assert forked[0].is_alive()
+    finally:
+        forked[0].kill()
+        forked[0].join()
 
 
 @pytest.mark.django_db
@@ -312,6 +352,22 @@ def test_an_update_whose_row_is_ahead_of_its_file_keeps_its_mark_until_the_sweep
     row = Task.objects.get(task_id=packet["task_id"])
     assert (row.version, row.status, row.packet) == (3, "running", written)
     assert not any((store.root / ".unmirrored").iterdir())
+
+
+@pytest.mark.django_db
+def test_a_state_file_that_cannot_be_read_now_does_not_stop_the_mirror_catching_up(store):
+    """Found by review: an OSError of one task's file (a permission, an I/O error) escaped, and ended every
+    sweep at its first step: no row caught up, no task recovered. It keeps its mark, for the next sweep."""
+    unreadable = store.create(make_packet(task_id="00000000-0000-4000-8000-000000000000"))["task_id"]
+    behind = store.create(make_packet(task_id="ffffffff-ffff-4fff-bfff-ffffffffffff"))
+    store.path(unreadable).unlink()
+    store.path(unreadable).mkdir()  # read: IsADirectoryError
+    Task.objects.filter(task_id=behind["task_id"]).update(status="running")
+    for task_id in (unreadable, behind["task_id"]):
+        store._mark(task_id)
+    assert store.catch_up_mirror() == 1
+    assert Task.objects.get(task_id=behind["task_id"]).status == "queued"
+    assert [marker.name for marker in (store.root / ".unmirrored").iterdir()] == [unreadable]
 
 
 def _valid_packet() -> dict:

@@ -410,3 +410,25 @@ def test_a_backlog_of_waiting_tasks_does_not_hide_a_lost_one_from_the_sweep(edit
         assert recovered == [lost["task_id"]]
     finally:
         redis.Redis.from_url(redis_url).delete(*(f"{profile}.{role}" for role in ("summarizer",)))
+
+
+def test_a_sweep_that_redis_ends_looks_at_its_batch_again(edit_config, redis_url, monkeypatch):
+    """Found by review: the cursor moved past a batch before the batch was looked at, so the tasks of a sweep
+    that Redis or the database ended were not looked at again until the cursor came round."""
+    profile = f"cursor_{uuid.uuid4().hex[:8]}"
+    edit_config(lambda raw: raw["profiles"].__setitem__(profile, raw["profiles"]["productivity"]))
+    monkeypatch.setattr(recovery, "BATCH", 2)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(recovery.CURSOR_KEY)
+    Task.objects.filter(status__in=("queued", "running")).delete()  # other tests'
+    for _ in range(2):
+        task_store().create(new_packet(task_id=str(uuid.uuid4()), profile=profile, role="summarizer",
+                                       payload={"text": "x"}))  # fmt: skip
+
+    def away(self, task_id):
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(recovery._Sweep, "look_at", away)
+    with pytest.raises(redis.ConnectionError):
+        recovery.sweep(grace_s=0)
+    assert client.get(recovery.CURSOR_KEY) is None

@@ -1,8 +1,11 @@
 """Run the recovery sweeper once (workers run it by themselves every RECOVERY_SWEEP_SECONDS)."""
 
-from django.core.management.base import BaseCommand
+import math
+
+from django.core.management.base import BaseCommand, CommandError
 
 from orchestration import recovery
+from orchestration.recovery import MIN_GRACE_S
 
 
 class Command(BaseCommand):
@@ -12,9 +15,18 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--grace", type=float, help="only tasks unchanged for this many seconds (default: setting)")
+        parser.add_argument(
+            "--grace",
+            type=float,
+            help=f"only tasks unchanged for this many seconds, at least {MIN_GRACE_S:g} (default: the setting)",
+        )
 
     def handle(self, *args, grace: float | None, **options):
+        if grace is not None and not (math.isfinite(grace) and grace >= MIN_GRACE_S):
+            raise CommandError(
+                f"--grace must be at least {MIN_GRACE_S:g} seconds, not {grace:g}: a task that changed more "
+                "recently may have its job on its way to a worker, and would be queued again needlessly"
+            )
         report = recovery.sweep(grace_s=grace)
         self.stdout.write(str(report))
         for task_id in report.recovered:
