@@ -27,10 +27,12 @@ def open_for_lock(opener: Callable[[], int]) -> int:
 
 
 def close_lock(fd: int) -> None:
-    """Close a descriptor from ``open_for_lock``, which releases its lock."""
+    """Close a descriptor from ``open_for_lock``, which releases its lock. In a child forked while it was open
+    it is closed already, and its number may be another file's by now: left alone."""
     with _fork_guard:
-        _lock_fds.discard(fd)
-        os.close(fd)
+        if fd in _lock_fds:
+            _lock_fds.remove(fd)
+            os.close(fd)
 
 
 def _before_fork() -> None:

@@ -159,6 +159,26 @@ def test_a_process_forked_while_a_task_is_locked_does_not_keep_the_lock(store):
         forked[0].join()
 
 
+def test_a_child_forked_inside_a_lock_that_leaves_it_closes_nothing_of_its_own(tmp_path):
+    """The child's copy of the lock's descriptor is closed at the fork, and its number may be another file's
+    by the time the child leaves the locked block: that file stays open."""
+    from balancer.files import close_lock, open_for_lock
+
+    fd = open_for_lock(lambda: os.open(tmp_path / "a.lock", os.O_RDWR | os.O_CREAT))
+    pid = os.fork()
+    if pid == 0:  # the child: exits with what it found, never returns to pytest
+        other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+        close_lock(fd)
+        try:
+            os.fstat(other)
+        except OSError:
+            os._exit(1)
+        os._exit(0 if other == fd else 2)  # 2: the number was not reused, the test proves nothing
+    _, status = os.waitpid(pid, 0)
+    close_lock(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.django_db
 def test_sync_tasks_rebuilds_the_mirror_from_the_files(settings, tmp_path):
     settings.TASKS_STATE_DIR = tmp_path / "state"
