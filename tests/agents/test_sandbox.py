@@ -44,6 +44,23 @@ def no_bwrap(settings, tmp_path: Path) -> None:
     settings.SANDBOX_BWRAP = str(tmp_path / "no-such-bwrap")
 
 
+@pytest.fixture
+def fake_bwrap(settings):
+    """Makes a shell script the sandbox's bubblewrap. It lives where nobody (whom a root worker runs
+    bubblewrap as) may execute it: not in pytest's temporary directory, which only root may enter."""
+    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
+    directory.chmod(0o755)
+
+    def install(script: str) -> None:
+        fake = directory / "bwrap"
+        fake.write_text(script)
+        fake.chmod(0o755)
+        settings.SANDBOX_BWRAP = str(fake)
+
+    yield install
+    shutil.rmtree(directory)
+
+
 def run_python(code: str, limits: Limits = FAST, **files: str) -> sandbox.SandboxResult:
     return sandbox.run({"main.py": code, **files}, ["python", "main.py"], limits=limits)
 
@@ -330,25 +347,15 @@ def test_bubblewrap_without_the_options_needed_raises(settings):
         sandbox.run({}, ["python", "-c", "pass"], limits=FAST)
 
 
-def test_bubblewrap_that_cannot_set_up_a_sandbox_raises_with_its_message(settings):
+def test_bubblewrap_that_cannot_set_up_a_sandbox_raises_with_its_message(fake_bwrap):
     # What bubblewrap does where user namespaces are forbidden: it fails before the command starts.
-    # The fake lives where nobody (whom a root worker runs bubblewrap as) may execute it.
-    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
-    try:
-        directory.chmod(0o755)
-        fake = directory / "bwrap"
-        fake.write_text(
-            '#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\n'
-            'echo "bwrap: setting up uid map: Permission denied" >&2\nexit 1\n'
-        )
-        fake.chmod(0o755)
-        settings.SANDBOX_BWRAP = str(fake)
-
-        with pytest.raises(SandboxUnavailable, match=r"could not be set up.*uid map: Permission denied"):
-            sandbox.run({}, ["python", "-c", "pass"], limits=FAST)
-        assert sandbox.status()[0] is False
-    finally:
-        shutil.rmtree(directory)
+    fake_bwrap(
+        '#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\n'
+        'echo "bwrap: setting up uid map: Permission denied" >&2\nexit 1\n'
+    )
+    with pytest.raises(SandboxUnavailable, match=r"could not be set up.*uid map: Permission denied"):
+        sandbox.run({}, ["python", "-c", "pass"], limits=FAST)
+    assert sandbox.status()[0] is False
 
 
 def test_unsandboxed_runs_when_allowed_with_the_same_limits(no_bwrap, settings, monkeypatch):
@@ -572,24 +579,15 @@ print("mount", said(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
 """
 
 
-def test_namespaces_and_mounts_are_refused_even_where_bubblewrap_cannot_refuse_them(settings, bwrap):
+def test_namespaces_and_mounts_are_refused_even_where_bubblewrap_cannot_refuse_them(fake_bwrap, bwrap):
     """bubblewrap before 0.8 has no --disable-userns: the code made a user and mount namespace of its own and
     mounted a tmpfs without a size limit (finding 4). The fake is the real bubblewrap with --disable-userns
     taken out of its --help, as bubblewrap 0.6 or 0.7 would show it."""
-    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
-    try:
-        directory.chmod(0o755)
-        fake = directory / "bwrap"
-        fake.write_text(
-            f'#!/bin/sh\nif [ "$1" = --help ]; then {bwrap} --help 2>&1 | sed s/--disable-userns//; exit 0; fi\n'
-            f'exec {bwrap} "$@"\n'
-        )
-        fake.chmod(0o755)
-        settings.SANDBOX_BWRAP = str(fake)
-
-        result = run_python(NAMESPACES)
-    finally:
-        shutil.rmtree(directory)
+    fake_bwrap(
+        f'#!/bin/sh\nif [ "$1" = --help ]; then {bwrap} --help 2>&1 | sed s/--disable-userns//; exit 0; fi\n'
+        f'exec {bwrap} "$@"\n'
+    )
+    result = run_python(NAMESPACES)
 
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -660,24 +658,13 @@ def test_an_architecture_without_a_syscall_table_runs_without_the_filter_and_say
     assert f"no seccomp filter for this architecture ({os.uname().machine})" in reason
 
 
-def test_a_sandbox_that_never_gets_ready_is_unavailable_not_a_failure_of_the_code(settings):
+def test_a_sandbox_that_never_gets_ready_is_unavailable_not_a_failure_of_the_code(fake_bwrap):
     """A bubblewrap stuck in its setup ran into the wall-clock timeout, and the run came back as the code's
     timeout: the coder was asked to fix code that never ran (finding 7b). The fake stands for that
-    bubblewrap; nobody, whom a root worker runs it as, may execute it."""
-    directory = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
-    try:
-        directory.chmod(0o755)
-        fake = directory / "bwrap"
-        fake.write_text(
-            '#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\nexec sleep 30\n'
-        )
-        fake.chmod(0o755)
-        settings.SANDBOX_BWRAP = str(fake)
-
-        with pytest.raises(SandboxUnavailable, match="not be set up within the wall-clock timeout of 1s"):
-            sandbox.run({}, ["python", "-c", "pass"], limits=Limits(wall_s=1))
-    finally:
-        shutil.rmtree(directory)
+    bubblewrap."""
+    fake_bwrap('#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\nexec sleep 30\n')
+    with pytest.raises(SandboxUnavailable, match="not be set up within the wall-clock timeout of 1s"):
+        sandbox.run({}, ["python", "-c", "pass"], limits=Limits(wall_s=1))
 
 
 def test_the_directory_of_a_killed_worker_is_removed_by_the_next_run(bwrap):
