@@ -19,9 +19,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from balancer.configuration import Configuration, LLMConfig, RoleConfig
-from balancer.load_balancer import LoadBalancer, estimate_tokens
+from balancer.load_balancer import LoadBalancer, StepTakenOver, estimate_tokens
 from balancer.safe_json import UnsafeJSON, check_json
-from llm_engines.base import ChatOptions, ChatResult, Message
+from llm_engines.base import ChatOptions, ChatResult, Message, work_cancel
+from llm_engines.errors import EngineError
 from llm_engines.registry import get_engine
 
 # The flows the orchestration engine runs after an agent's step (orchestration/orchestration_engine.py).
@@ -406,12 +407,20 @@ class Agent:
         return replace(self._outcome(result, reply, decision, first=first), reply_problem=first_problem)
 
     def _call(self, messages, schema, role, config, balancer, deadline, sticky):
+        stop = work_cancel()  # the step's: cancelled when its lease goes to another worker
+
         def call(llm: LLMConfig) -> ChatResult:
             timeout = None if deadline is None else max(deadline - balancer.clock(), 1.0)
             options = ChatOptions(
-                max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout, json_schema=schema
-            )
-            return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(messages, options)
+                max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout, json_schema=schema,
+                cancel=stop,
+            )  # fmt: skip
+            try:
+                return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(messages, options)
+            except EngineError as exc:
+                if stop is not None and stop.cancelled:
+                    raise StepTakenOver(f"the step's lease went to another worker, which runs it now: {exc}") from exc
+                raise
 
         return balancer.run(
             config,

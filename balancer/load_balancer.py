@@ -69,6 +69,11 @@ class CallStopped(Exception):
         self.partial = partial
 
 
+class StepTakenOver(CallStopped):
+    """The call's step lost its lease to another worker, which runs the step now: this run stops (its answer
+    would be discarded), and nothing counts against the LLM."""
+
+
 class NoCapacity(EngineUnavailable):
     """Every candidate stayed full or cooling down until the step's deadline (transient)."""
 

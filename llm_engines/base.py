@@ -109,6 +109,18 @@ class Cancel:
 
 
 _watched = threading.local()
+_work = threading.local()
+
+
+def work_cancel() -> Cancel | None:
+    """The ``Cancel`` of the work the running thread does, if it has one: a task's step sets it while it holds
+    its lease (orchestration/leases.py), and the step's LLM calls take it, so that a step whose lease went
+    to another worker stops its call."""
+    return getattr(_work, "cancel", None)
+
+
+def set_work_cancel(cancel: Cancel | None) -> None:
+    _work.cancel = cancel
 
 
 class Watchdog:

@@ -7,7 +7,9 @@ job that comes back from the broker (after a worker was killed, a lost
 connection or a visibility timeout) may run the step again only once the lease
 has expired, so a live step is not run twice while its worker renews the lease, and a dead one is taken
 over within ``TASK_LEASE_SECONDS``. A worker that cannot renew it for that long (Redis out of its reach, the
-process stalled) loses it: the step may then run twice, and the second to be recorded is discarded.
+process stalled) loses it, and another may run the step: the first finds out at its next renewal and stops
+its LLM call (an engine over HTTP; a llama.cpp call runs to its end), and of two answers the second to be
+recorded is discarded.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 
 import redis
 from django.conf import settings
 
 from balancer.renewal import renewer
+from llm_engines.base import Cancel, set_work_cancel, work_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,10 @@ class StepLease:
         self._redis = _client(settings.REDIS_URL)
         self._take, self._release = _scripts(settings.REDIS_URL)
         self._renewal: int | None = None
+        self._outer: Cancel | None = None
+        self._unchain: Callable[[], None] | None = None
+        self._gone = False
+        self.lost = Cancel()  # a new one each time it is entered
 
     def acquire(self) -> bool:
         """Take the lease if no live worker holds it."""
@@ -150,12 +157,23 @@ class StepLease:
         return max(0, self._redis.pttl(self.key)) / 1000
 
     def __enter__(self) -> StepLease:
+        """Hold the lease (taken with ``acquire``) while the thread's work runs: renewed, and when it goes to
+        another holder, its ``Cancel`` (the thread's ``work_cancel`` meanwhile) stops the LLM call the work
+        makes."""
+        self._outer = work_cancel()
+        self.lost, self._gone = Cancel(), False
+        # The work under a lease held inside another (a job's step) stops when either is lost.
+        self._unchain = self._outer.register(self.lost.cancel) if self._outer is not None else None
+        set_work_cancel(self.lost)
         self._renewal = renewer.add(self._renew, self.ttl_ms / 3000)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._renewal is not None:
             renewer.remove(self._renewal)
+        if self._unchain is not None:
+            self._unchain()
+        set_work_cancel(self._outer)
         self.release()
 
     def release(self) -> None:
@@ -166,8 +184,12 @@ class StepLease:
             logger.warning("%s: could not release (%s); it expires by itself", self.key, exc)
 
     def _renew(self) -> None:
+        if self._gone:
+            return  # another holder has it
         try:
             if not self.acquire():
-                logger.error("%s: lost to another holder while the step runs", self.key)
+                logger.error("%s: lost to another holder while the step runs; its LLM call is stopped", self.key)
+                self._gone = True
+                self.lost.cancel()
         except redis.RedisError as exc:
             logger.warning("%s: could not renew (%s)", self.key, exc)

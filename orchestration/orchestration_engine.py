@@ -16,8 +16,9 @@ depends on the role's agent (agents/base.py):
 Every step is a history event whose ``detail.step`` names it, so a job that is
 delivered twice finds its step done and only makes sure that what follows it
 was scheduled (a ``scheduled`` event, written after the jobs are queued). A
-running step holds a Redis lease per step, so a live step does not run twice while it renews it (one that
-lost it, its worker cut off from Redis for the lease's time, may: the second to be recorded is discarded).
+running step holds a Redis lease per step, so a live step does not run twice while it renews it. One that lost
+it (its worker cut off from Redis for the lease's time) may: it stops its LLM call at its next renewal
+(``StepTakenOver``), and of two answers the second to be recorded is discarded.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from agents.developer.coder_agent import merge_files
 from agents.registry import agent_class
 from agents.sandbox import SandboxUnavailable
 from balancer.configuration import Configuration, RoleConfig
-from balancer.load_balancer import candidates, estimate_tokens
+from balancer.load_balancer import StepTakenOver, candidates, estimate_tokens
 from llm_engines.errors import EngineError
 from orchestration import loop
 from orchestration.leases import StepLease
@@ -223,6 +224,10 @@ def _supervised(
     guard = partial(_job_in_force, job_id=job_id)
     try:
         return run()
+    except StepTakenOver as exc:
+        # Another worker took the step's lease and runs the step: this run leaves the task to it.
+        logger.warning("task %s: step %s stopped: %s", task_id, name, exc)
+        return {"skipped": str(exc)}
     except SoftTimeLimitExceeded:
         limit = _role_or_none(packet)
         seconds = f" of {limit.time_limit_s:g}s" if limit else ""
@@ -386,6 +391,10 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
     started = time.perf_counter()
     try:
         detail, llm = _run_check(packet, iteration, name)
+    except StepTakenOver as exc:
+        # Another worker took the check's lease and runs it: this run leaves the check to it.
+        logger.warning("task %s: check %s stopped: %s", task_id, step, exc)
+        return {"skipped": str(exc)}
     except SoftTimeLimitExceeded:
         detail, llm = qa_agent.check_result(name, False, "the check exceeded its time limit", error=True), None
     except EngineError as exc:

@@ -196,8 +196,14 @@ class OpenAIEngine(Engine):
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
         options = options or ChatOptions()
         started = time.perf_counter()
+        # As for a stream: httpx's timeout bounds each read, and a server that sends the body a byte at a time
+        # (or whitespace before it) would hold the call; the watchdog ends it at its timeout or when the caller
+        # cancels it.
+        timeout = call_timeout(options.timeout, self.request_timeout)
+        watchdog = Watchdog(timeout, options.cancel)
         try:
-            response = self.client.chat.completions.create(**self._request(messages, options))
+            with watchdog:
+                response = self.client.chat.completions.create(**self._request(messages, options))
             choice = response.choices[0]
             text = choice.message.content or ""
             if not isinstance(text, str):
@@ -218,9 +224,13 @@ class OpenAIEngine(Engine):
                 tool_calls=calls,
             )
         except openai.OpenAIError as exc:
+            if watchdog.fired:  # its shutting the connection made the read fail
+                raise self._stream_error(None, watchdog, timeout) from None
             # Not chained: the client's exception may quote the key, and a logged traceback would print it.
             raise self._error(exc) from None
         except MALFORMED_REPLY as exc:
+            if watchdog.fired:  # the shut connection read as the end of a body without a length
+                raise self._stream_error(None, watchdog, timeout) from None
             # A 200 that is not a chat completion (truncated JSON, an HTML page, an error object, no choices):
             # the LLM's server is at fault, and the balancer counts it and fails over, as for a 5xx.
             raise self._malformed(exc) from None

@@ -252,11 +252,18 @@ class OllamaEngine(Engine):
         options = options or ChatOptions()
         request = self._request(messages, options)
         started = time.perf_counter()
+        timeout = call_timeout(options.timeout, self.request_timeout)
+        # As for a stream: the watchdog ends the call at its timeout, or when the caller cancels it, however
+        # slowly the server sends its body.
+        watchdog = Watchdog(timeout, options.cancel)
         try:
-            response = self._client(call_timeout(options.timeout, self.request_timeout)).chat(**request, stream=False)
+            with watchdog:
+                response = self._client(timeout).chat(**request, stream=False)
             text = response.message.content or ""
             return self._result(response, messages, options, text, started, None, tool_calls(response.message))
         except _FAILURES as exc:
+            if watchdog.fired:
+                raise self._stopped(watchdog, timeout) from None
             raise self._error(exc) from exc
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:

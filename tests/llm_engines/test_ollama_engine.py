@@ -243,3 +243,13 @@ def test_a_stream_kept_alive_with_whitespace_ends_at_its_timeout(fault_server):
     with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
         next(chunks)
     assert time.monotonic() - started < 2.5
+
+
+def test_a_whole_reply_sent_a_byte_at_a_time_ends_at_its_timeout(fault_server):
+    """Only streams had the watchdog: a whole reply's body sent a space every 0.1 s held the call until the
+    server stopped, each byte restarting the client's read timeout."""
+    url = fault_server("pieces", (200, "application/json", [b" "] * 100), interval=0.1)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
+        OllamaEngine(model="m", base_url=url).chat(HELLO, ChatOptions(timeout=1.0))
+    assert time.monotonic() - started < 2.5

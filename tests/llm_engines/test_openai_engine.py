@@ -283,6 +283,16 @@ def test_a_stream_kept_alive_with_comments_ends_at_its_timeout(fault_server):
     _ends_at_its_timeout_of_1s(engine)
 
 
+def test_a_whole_reply_sent_a_byte_at_a_time_ends_at_its_timeout(fault_server):
+    """Only streams had the watchdog: each byte of a whole reply's body restarted httpx's read timeout, and a
+    server that sent whitespace every 0.1 s held a worker's call (and its step) for as long as it went on."""
+    engine = streaming(fault_server, [b" "] * 100, interval=0.1)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
+        engine.chat(HELLO, ChatOptions(timeout=1.0))
+    assert time.monotonic() - started < 2.5
+
+
 def test_a_redirected_stream_kept_alive_ends_at_its_timeout(fault_server):
     """The client follows redirects, and the watchdog kept the redirect's socket, closed by then (and back in
     the pool, for another call to use): the timer shut nothing of the stream it leads to, which ran on."""
