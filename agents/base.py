@@ -415,11 +415,14 @@ class Agent:
                 max_tokens=role.max_tokens, temperature=role.temperature, timeout=timeout, json_schema=schema,
                 cancel=stop,
             )  # fmt: skip
+            taken = "the step's lease went to another worker, which runs it now"
+            if stop is not None and stop.cancelled:  # while it waited for a slot: the LLM is not called
+                raise StepTakenOver(taken)
             try:
                 return get_engine(llm.engine, llm.engine_settings(), key=llm.id).chat(messages, options)
             except EngineError as exc:
                 if stop is not None and stop.cancelled:
-                    raise StepTakenOver(f"the step's lease went to another worker, which runs it now: {exc}") from exc
+                    raise StepTakenOver(f"{taken}: {exc}") from exc
                 raise
 
         return balancer.run(
