@@ -137,11 +137,12 @@ class OpenAIEngine(Engine):
         return EngineError(message, engine=self.name)
 
     def _stream_error(self, exc: Exception | None, watchdog: Watchdog, timeout: float) -> Exception:
-        """What a stream that failed raises: the watchdog's reason first (its shutting the connection made the
-        read fail), then the error of the client, of the connection or of a chunk that is not one."""
+        """What a call that failed raises: the watchdog's reason first (its shutting the connection made the
+        read fail; a whole reply's call too), then the error of the client, of the connection or of a chunk
+        that is not one."""
         where = self.base_url or "the API"
         if watchdog.fired == "timeout":
-            return EngineTimeout(f"the stream from {where} ran past its timeout of {timeout:g}s", engine=self.name)
+            return EngineTimeout(f"the reply from {where} ran past its timeout of {timeout:g}s", engine=self.name)
         if watchdog.fired == "cancelled":
             return EngineError("the call was cancelled by its caller", engine=self.name)
         if isinstance(exc, openai.OpenAIError):

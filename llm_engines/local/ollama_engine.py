@@ -312,10 +312,10 @@ class OllamaEngine(Engine):
         yield ChatChunk(text="", result=self._result(last, messages, options, "".join(parts), started, first_at, calls))
 
     def _stopped(self, watchdog: Watchdog, timeout: float) -> EngineError:
-        """What a stream that its watchdog ended raises."""
+        """What a call that its watchdog ended raises, streamed or whole."""
         if watchdog.fired == "cancelled":
             return EngineError("the call was cancelled by its caller", engine=self.name)
-        return EngineTimeout(f"the stream from {self.base_url} ran past its timeout of {timeout:g}s", engine=self.name)
+        return EngineTimeout(f"the reply from {self.base_url} ran past its timeout of {timeout:g}s", engine=self.name)
 
     def health(self) -> Health:
         started = time.perf_counter()

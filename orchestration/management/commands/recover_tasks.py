@@ -5,7 +5,6 @@ import math
 from django.core.management.base import BaseCommand, CommandError
 
 from orchestration import recovery
-from orchestration.recovery import MIN_GRACE_S
 
 
 class Command(BaseCommand):
@@ -18,13 +17,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--grace",
             type=float,
-            help=f"only tasks unchanged for this many seconds, at least {MIN_GRACE_S:g} (default: the setting)",
+            help=f"only tasks unchanged for this many seconds, at least {recovery.MIN_GRACE_S:g} (default: setting)",
         )
 
     def handle(self, *args, grace: float | None, **options):
-        if grace is not None and not (math.isfinite(grace) and grace >= MIN_GRACE_S):
+        if grace is not None and not (math.isfinite(grace) and grace >= recovery.MIN_GRACE_S):
             raise CommandError(
-                f"--grace must be at least {MIN_GRACE_S:g} seconds, not {grace:g}: a task that changed more "
+                f"--grace must be at least {recovery.MIN_GRACE_S:g} seconds, not {grace:g}: a task that changed more "
                 "recently may have its job on its way to a worker, and would be queued again needlessly"
             )
         report = recovery.sweep(grace_s=grace)
