@@ -46,7 +46,8 @@ class Renewer:
             handle = next(self._handles)
             self._renewals[handle] = (interval_s, renew)
             heapq.heappush(self._due, (self.clock() + interval_s, handle))
-            self._condition.notify()
+            if self._due[0][1] == handle:  # due before the one the thread waits for (a wake-up costs the GIL)
+                self._condition.notify()
             return handle
 
     def remove(self, handle: int) -> None:

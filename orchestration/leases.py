@@ -14,7 +14,6 @@ recorded is discarded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
@@ -47,23 +46,33 @@ return 0
 """
 
 
-# A job's runs. KEYS[1] the job's hash (the running run's token, the deaths counted); ARGV the run's token,
-# how long the hash is kept in s. Run only by the holder of the job's lease (``JobRun``): a run that finds
-# the mark of a run before it, whose lease ran out, counts that run as dead.
+# A job's run starts: it takes the job's lease (as ``_TAKE``) and marks the job's hash, in one round trip.
+# KEYS[1] the lease, KEYS[2] the job's hash (the running run's token, the deaths counted); ARGV[1] the run's
+# token (the lease's holder), ARGV[2] the lease's ttl in ms, ARGV[3] how long the hash is kept in s. Returns
+# how many runs before it died (a run that finds the mark of a run before it, whose lease ran out, counts
+# that run as dead), or, when another run holds the lease, -1 minus the ms its lease has left.
 _JOB_STARTED = """
-local deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
-local running = redis.call('HGET', KEYS[1], 'running')
-if running and running ~= '0' then  -- '0': an ended run, as servers before this one marked it
-  deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
+local holder = redis.call('GET', KEYS[1])
+if holder ~= false and holder ~= ARGV[1] then
+  return -1 - math.max(redis.call('PTTL', KEYS[1]), 0)
 end
-redis.call('HSET', KEYS[1], 'running', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local deaths = tonumber(redis.call('HGET', KEYS[2], 'deaths') or '0')
+local running = redis.call('HGET', KEYS[2], 'running')
+if running and running ~= '0' then  -- '0': an ended run, as servers before this one marked it
+  deaths = redis.call('HINCRBY', KEYS[2], 'deaths', 1)
+end
+redis.call('HSET', KEYS[2], 'running', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 return deaths
 """
-# The run ended, whatever its outcome: its mark goes, if it is still its own.
+# The run ended, whatever its outcome: its mark goes and its lease is given up, each if still its own.
 _JOB_ENDED = """
-if redis.call('HGET', KEYS[1], 'running') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'running')
+if redis.call('HGET', KEYS[2], 'running') == ARGV[1] then
+  redis.call('HDEL', KEYS[2], 'running')
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -88,25 +97,26 @@ class JobRun:
     def __init__(self, job_id: str) -> None:
         self.key = f"{JOB_PREFIX}{job_id}"
         self.lease = StepLease(f"job:{job_id}", job_id)
-        self._held = contextlib.ExitStack()  # the lease's renewal, once taken
         self.marked = False
 
     def start(self) -> int:
-        """Mark the run; returns how many runs of the job died before it. ``JobRunAlive`` when another run
-        of the job is alive: this one must not run now."""
-        if not self.lease.acquire():
-            raise JobRunAlive(self.lease.remaining_s())
-        self._held.enter_context(self.lease)
+        """Take the job's lease and mark the run; returns how many runs of the job died before it.
+        ``JobRunAlive`` when another run of the job is alive: this one must not run now."""
         started, _ = _job_scripts(settings.REDIS_URL)
-        deaths = int(started(keys=[self.key], args=[self.lease.holder, JOB_MEMORY_S]))
+        lease = self.lease
+        deaths = int(started(keys=[lease.key, self.key], args=[lease.holder, lease.ttl_ms, JOB_MEMORY_S]))
+        if deaths < 0:
+            raise JobRunAlive((-1 - deaths) / 1000)
+        lease.__enter__()  # renewed from now on
         self.marked = True
         return deaths
 
     def end(self) -> None:
         """Clear the run's mark and give its lease up (nothing when it did not start)."""
-        with self._held:
-            if self.marked:
-                _job_scripts(settings.REDIS_URL)[1](keys=[self.key], args=[self.lease.holder])
+        if self.marked:
+            self.marked = False
+            self.lease.let_go()
+            _job_scripts(settings.REDIS_URL)[1](keys=[self.lease.key, self.key], args=[self.lease.holder])
 
 
 @cache
@@ -169,12 +179,18 @@ class StepLease:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.let_go()
+        self.release()
+
+    def let_go(self) -> None:
+        """Stop holding the lease (its renewal, its ``Cancel`` as the thread's) without giving it up yet."""
         if self._renewal is not None:
             renewer.remove(self._renewal)
+            self._renewal = None
         if self._unchain is not None:
             self._unchain()
+            self._unchain = None
         set_work_cancel(self._outer)
-        self.release()
 
     def release(self) -> None:
         """Give the lease up if it is still ours (one that expired and was taken by another stays theirs)."""

@@ -72,3 +72,18 @@ def test_a_forked_child_renews_in_its_own_thread():
         os._exit(0 if _wait(lambda: len(calls) >= 3) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_renewal_due_before_the_one_waited_for_runs_on_its_own_time():
+    """The thread is woken only by a renewal that is due before the one it waits for: such a renewal must
+    not wait for the later one, and one due after it must still run once its time comes."""
+    renewer = Renewer()
+    late, early, later = [], [], []
+    handles = [renewer.add(lambda: late.append(1), 1.0)]
+    time.sleep(0.05)  # the thread waits for the renewal due in 1 s
+    handles.append(renewer.add(lambda: early.append(1), 0.02))
+    assert _wait(lambda: len(early) >= 3, timeout=0.5)  # did not wait for the first one's second
+    handles.append(renewer.add(lambda: later.append(1), 0.3))  # not the next due: no wake-up needed
+    assert _wait(lambda: len(later) >= 1, timeout=0.6)
+    for handle in handles:
+        renewer.remove(handle)

@@ -76,12 +76,15 @@ def test_a_jobs_run_counts_the_runs_before_it_that_died_not_those_alive(redis_ur
     third = JobRun(job_id)
     assert third.start() == 1
     third.end()
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists(third.lease.key)  # its end gave the job's lease up and cleared its mark
+    assert client.hget(third.key, "running") is None
     fourth = JobRun(job_id)
     assert fourth.start() == 1  # ended cleanly: no death more
     fourth.end()
-    import redis
-
-    redis.Redis.from_url(redis_url).hset(fourth.key, "running", "0")
+    client.hset(fourth.key, "running", "0")
     fifth = JobRun(job_id)
     assert fifth.start() == 1
     fifth.end()
