@@ -255,6 +255,9 @@ class Agent:
     plannable: ClassVar[bool] = True
     # How the reply's JSON is described to the model, after the role's system prompt.
     reply_format: ClassVar[str] = ""
+    # Whether its work runs generated code in the sandbox (agents/sandbox.py): a worker consuming the queue
+    # of such a role reports at its start whether that code can run on its host.
+    runs_code: ClassVar[bool] = False
 
     @classmethod
     def validate_payload(cls, payload: Any) -> dict[str, Any]:

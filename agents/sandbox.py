@@ -284,6 +284,15 @@ def status() -> tuple[bool, str]:
     )
 
 
+def availability() -> dict[str, Any]:
+    """``status()`` as a worker reports it (at its start, and in its heartbeat for GET /api/v1/metrics):
+    whether generated code can run here at all (``runs``: sandboxed, or unsandboxed where
+    SANDBOX_ALLOW_UNSANDBOXED allows it), whether sandboxed, and the sentence saying why."""
+    sandboxed, detail = status()
+    runs = sandboxed or (shutil.which(settings.SANDBOX_BWRAP) is None and bool(settings.SANDBOX_ALLOW_UNSANDBOXED))
+    return {"runs": runs, "sandboxed": sandboxed, "detail": detail}
+
+
 def _missing_message() -> str:
     return (
         f"bubblewrap is not installed ({settings.SANDBOX_BWRAP} not found), so generated code cannot run "

@@ -268,9 +268,18 @@ def _iso(moment: float | None) -> str | None:
 # --- workers, queues, channels ------------------------------------------------------------------
 
 
-def worker_seen(client: redis.Redis, *, name: str, queues: Iterable[str], concurrency: int | None, ttl_s: int) -> None:
-    """A worker's heartbeat: it is alive and consumes ``queues``, for ``ttl_s`` seconds."""
-    info = {"name": name, "queues": sorted(queues), "concurrency": concurrency, "pid": os.getpid()}
+def worker_seen(
+    client: redis.Redis,
+    *,
+    name: str,
+    queues: Iterable[str],
+    concurrency: int | None,
+    ttl_s: int,
+    sandbox: dict[str, Any] | None = None,
+) -> None:
+    """A worker's heartbeat: it is alive and consumes ``queues``, for ``ttl_s`` seconds; ``sandbox``, whether
+    generated code runs on its host (None when it consumes no queue of a role that runs any)."""
+    info = {"name": name, "queues": sorted(queues), "concurrency": concurrency, "pid": os.getpid(), "sandbox": sandbox}
     client.set(f"{WORKERS}{name}", json.dumps({**info, "seen_at": _iso(time.time())}), ex=ttl_s)
 
 

@@ -65,6 +65,34 @@ def health_failure_counter(queues: set[str]):
     return counted
 
 
+def sandbox_report(queues: set[str]) -> dict | None:
+    """Whether generated code can run on this host (``agents.sandbox.availability``), when the worker
+    consumes the queue of a role whose agent runs it (QA's test runs), and logged once: an error when
+    it cannot, so that an operator learns it at the worker's start rather than from failed tasks. None
+    when the worker consumes no such queue."""
+    from agents import sandbox
+    from agents.registry import agent_class
+    from orchestration.runtime import configuration
+
+    config = configuration()
+    served = sorted(
+        role.queue
+        for profile in config.profiles.values()
+        for role in profile.roles.values()
+        if role.queue in queues and agent_class(role.agent).runs_code
+    )
+    if not served:
+        return None
+    report = sandbox.availability()
+    if not report["runs"]:
+        logger.error("the test runs of %s will fail on this worker: %s", ", ".join(served), report["detail"])
+    elif not report["sandboxed"]:
+        logger.warning("the test runs of %s are not sandboxed on this worker: %s", ", ".join(served), report["detail"])
+    else:
+        logger.info("the test runs of %s: %s", ", ".join(served), report["detail"])
+    return report
+
+
 HEARTBEAT_SECONDS = 10
 
 
@@ -79,10 +107,15 @@ def start_heartbeat(sender, **_kwargs) -> None:
     concurrency = getattr(sender.pool, "num_processes", None) if sender.pool else None
 
     def loop() -> None:
+        try:
+            sandbox = sandbox_report(set(queues))
+        except Exception:  # the report is for the operator; the heartbeats go on without it
+            logger.exception("the sandbox's availability could not be checked")
+            sandbox = None
         while True:
             try:
                 metrics.worker_seen(
-                    mcp_handler.client(), name=name, queues=queues, concurrency=concurrency,
+                    mcp_handler.client(), name=name, queues=queues, concurrency=concurrency, sandbox=sandbox,
                     ttl_s=3 * HEARTBEAT_SECONDS,
                 )  # fmt: skip
             except Exception:  # Redis away: the next beat tries again

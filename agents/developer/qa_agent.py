@@ -252,6 +252,7 @@ class QAAgent(Agent):
     )
     defaults = {"language": "python"}
     flow = CHECKS
+    runs_code = True  # the tests check runs the code and its tests
 
     def write_tests(
         self, *, files: list[Mapping[str, str]], instruction: str, notes: str | None, **call: Any

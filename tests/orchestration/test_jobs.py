@@ -88,3 +88,30 @@ def test_a_jobs_run_counts_the_runs_before_it_that_died_not_those_alive(redis_ur
     fifth = JobRun(job_id)
     assert fifth.start() == 1
     fifth.end()
+
+
+def test_a_worker_says_at_its_start_whether_the_test_runs_of_its_roles_can_run(settings, caplog, tmp_path):
+    """A host without bubblewrap was found out only when QA's checks failed task after task; a worker
+    consuming QA's queue now says it at its start (and in its heartbeat, GET /api/v1/metrics)."""
+    import logging
+
+    from orchestration.tasks import sandbox_report
+
+    caplog.set_level(logging.INFO, logger="orchestration.tasks")
+    assert sandbox_report({"productivity.summarizer"}) is None  # no role of its queues runs code
+    report = sandbox_report({"productivity.summarizer", "developer.qa"})
+    assert report["runs"] is True and report["sandboxed"] is True, report  # make install installs bubblewrap
+    assert "bubblewrap" in report["detail"]
+
+    settings.SANDBOX_BWRAP = str(tmp_path / "no-such-bwrap")
+    caplog.clear()
+    report = sandbox_report({"developer.qa"})
+    assert (report["runs"], report["sandboxed"]) == (False, False)
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "developer.qa" in record.getMessage() and "bubblewrap is not installed" in record.getMessage()
+
+    settings.SANDBOX_ALLOW_UNSANDBOXED = True
+    caplog.clear()
+    report = sandbox_report({"developer.qa"})
+    assert (report["runs"], report["sandboxed"]) == (True, False)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
