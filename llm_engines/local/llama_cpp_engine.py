@@ -38,7 +38,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from llm_engines.base import ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.base import Cancel, ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
 from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
@@ -97,6 +97,7 @@ class _Generation:
         self.sampled = 0
         self.late = False  # the deadline passed while it sampled
         self.timed_out = False  # stopped for it, unfinished
+        self.cancelled = False  # stopped by the caller's Cancel (ChatOptions.cancel), unfinished
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         now = time.perf_counter()
@@ -241,10 +242,14 @@ class LlamaCppEngine(Engine):
         finally:
             self._idle.put(llama)
 
-    def _pieces(self, llama: Any, request: dict[str, Any], watch: _Generation) -> Iterator[tuple[str, str | None]]:
-        """The generation's text pieces, each with the finish reason if it is the last; it stops (with
-        ``watch.timed_out``) at the first piece after the deadline that does not finish the reply. Closed
-        early, it ends the generation before the context is used again."""
+    def _pieces(
+        self, llama: Any, request: dict[str, Any], watch: _Generation, cancel: Cancel | None
+    ) -> Iterator[tuple[str, str | None]]:
+        """The generation's text pieces, each with the finish reason if it is the last; it stops at the
+        first piece that does not finish the reply after the deadline (``watch.timed_out``) or after the
+        caller cancelled the call (``watch.cancelled``: a step whose lease went to another worker). A
+        prompt being read is not stopped: llama.cpp reads it in one call. Closed early, it ends the
+        generation before the context is used again."""
         chunks = None
         try:
             chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
@@ -253,6 +258,9 @@ class LlamaCppEngine(Engine):
                 finish_reason = choice.get("finish_reason")
                 if watch.late and not finish_reason:
                     watch.timed_out = True
+                    return
+                if cancel is not None and cancel.cancelled and not finish_reason:
+                    watch.cancelled = True
                     return
                 yield choice["delta"].get("content") or "", finish_reason
         except (ValueError, TypeError, TemplateError) as exc:
@@ -340,7 +348,7 @@ class LlamaCppEngine(Engine):
         finish_reason = None
         with (
             self._generation(options) as (llama, watch),
-            contextlib.closing(self._pieces(llama, request, watch)) as pieces,
+            contextlib.closing(self._pieces(llama, request, watch, options.cancel)) as pieces,
         ):
             for text, reason in pieces:
                 finish_reason = reason or finish_reason
@@ -354,6 +362,8 @@ class LlamaCppEngine(Engine):
     ) -> ChatResult:
         if watch.timed_out:
             raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
+        if watch.cancelled:
+            raise EngineError("the call was cancelled by its caller", engine=self.name)
         # The last sample of a generation that stopped by itself is end-of-sequence, not a token of the reply.
         completion = watch.sampled - 1 if finish_reason == "stop" and watch.sampled else watch.sampled
         return ChatResult(

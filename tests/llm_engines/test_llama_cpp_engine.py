@@ -236,3 +236,25 @@ def test_text_parts_and_a_tool_calls_history_reach_the_chat_template(engine):
     assert engine.chat(messages, ChatOptions(max_tokens=4, temperature=0)).completion_tokens > 0
     with pytest.raises(EngineBadRequest, match="cannot call tools"):
         engine.chat(messages, ChatOptions(tools=({"type": "function", "function": {"name": "mul"}},)))
+
+
+def test_a_generation_its_caller_cancels_stops_at_the_next_token(engine):
+    """A step whose lease went to another worker cancels its LLM call (llm_engines.base.Cancel); a llama.cpp
+    generation, with no connection to shut, went on to its max_tokens. It stops between two tokens."""
+    from llm_engines.base import Cancel
+    from llm_engines.errors import EngineError
+
+    cancel = Cancel()
+    stream = engine.stream([{"role": "user", "content": "Tell a very long story."}],
+                           ChatOptions(max_tokens=400, cancel=cancel))  # fmt: skip
+    pieces = [next(stream).text for _ in range(3)]
+    cancel.cancel()
+    with pytest.raises(EngineError, match="cancelled by its caller"):
+        pieces.extend(chunk.text for chunk in stream)
+    assert len(pieces) <= 4  # the piece read after the cancel at most, not the 400 tokens asked for
+    assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text  # the context is usable again
+
+    cancelled_before = Cancel()
+    cancelled_before.cancel()
+    with pytest.raises(EngineError, match="cancelled by its caller"):
+        engine.chat(HELLO, ChatOptions(max_tokens=200, cancel=cancelled_before))
