@@ -9,7 +9,10 @@ import os
 
 from celery import Celery
 
+from aiagentserver import broker
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aiagentserver.settings")
+broker.install()  # the Redis transport with one client per channel (aiagentserver/broker.py)
 
 app = Celery("aiagentserver")
 app.config_from_object("django.conf:settings", namespace="CELERY")
