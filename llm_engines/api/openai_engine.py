@@ -7,6 +7,7 @@ message of the server that quotes it back has it redacted.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -45,6 +46,8 @@ from llm_engines.http import (
     retry_after_seconds,
     timeout_problems,
 )
+
+logger = logging.getLogger(__name__)
 
 # Words with which OpenAI-compatible servers say a prompt does not fit.
 _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
@@ -89,6 +92,10 @@ class OpenAIEngine(Engine):
             if not api_key:
                 raise EngineAuthError(f"the environment variable {api_key_env} is not set", engine=self.name)
         self._api_key = api_key
+        # Streams ask for the usage in their last chunk (``stream_options``); a server that refuses the field
+        # (Azure OpenAI before its 2024-05 API versions, strict servers) is streamed without it from its first
+        # refusal on, and the reply's tokens are counted as the stream's pieces.
+        self._stream_usage = True
         # A local server needs no key, but the client insists on one.
         self.client = openai.OpenAI(
             api_key=api_key or "no-key",
@@ -257,6 +264,20 @@ class OpenAIEngine(Engine):
                 completion = pieces if options.max_tokens is None else min(pieces, options.max_tokens)
         return estimate_tokens(messages) if prompt is None else prompt, completion
 
+    def _open_stream(self, request: dict[str, Any]) -> Any:
+        """The stream of ``request``, asking for its usage unless the server refused to be asked."""
+        if self._stream_usage:
+            try:
+                return self.client.chat.completions.create(
+                    **request, stream=True, stream_options={"include_usage": True}
+                )
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                if "stream_options" not in str(exc.message):
+                    raise
+                self._stream_usage = False
+                logger.warning("%s refuses stream_options: its streams are counted without it", self.base_url)
+        return self.client.chat.completions.create(**request, stream=True)
+
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
         started = time.perf_counter()
@@ -277,9 +298,7 @@ class OpenAIEngine(Engine):
         received = False
         try:
             with watchdog:
-                chunks = self.client.chat.completions.create(
-                    **self._request(messages, options), stream=True, stream_options={"include_usage": True}
-                )
+                chunks = self._open_stream(self._request(messages, options))
                 try:
                     for chunk in chunks:
                         if time.perf_counter() - started > timeout:

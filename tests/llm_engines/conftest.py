@@ -24,8 +24,13 @@ class _FaultHandler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         # Read the request first: a connection closed on unread data is reset, and the client may lose the reply.
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.mode == "pieces":
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.received.append(body)
+        if self.mode == "strict" and b'"stream_options"' in body:
+            refused = "Unrecognized request argument supplied: stream_options"
+            self._json(400, {"error": {"message": refused, "type": "invalid_request_error"}})
+            return
+        if self.mode in ("pieces", "strict"):
             # The reply's pieces one by one, ``interval`` apart, then the connection closes (HTTP/1.0: no length).
             status, content_type, pieces = self.canned
             self.send_response(status)
@@ -55,10 +60,14 @@ class _FaultHandler(BaseHTTPRequestHandler):
             status, error = 404, {"message": "The model `m` does not exist", "type": "invalid_request_error"}
         else:
             status, error = 429, {"message": "slow down", "type": "rate_limit"}
-        body = json.dumps({"error": error}).encode()
+        self._json(status, {"error": error}, (("Retry-After", "7"),))
+
+    def _json(self, status: int, reply: dict, headers: tuple = ()) -> None:
+        body = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Retry-After", "7")
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -89,11 +98,15 @@ def fault_server() -> Iterator[callable]:
     model, in mode "notfound"), in mode "hang" after 3 s; in mode "badstream" a chat stream that breaks
     after two chunks; in mode "canned" every request with ``canned`` (status, content type, body) and
     ``headers``; in mode "pieces" with ``canned`` (status, content type, a list of pieces of the body),
-    sent ``interval`` seconds apart, the connection closed after the last."""
+    sent ``interval`` seconds apart, the connection closed after the last; in mode "strict" as "pieces", but
+    a 400 for a request that has ``stream_options``. ``received`` (an argument) collects the requests' bodies."""
     servers = []
 
-    def start(mode: str, canned: tuple | None = None, headers: tuple = (), interval: float = 0.0) -> str:
-        attributes = {"mode": mode, "canned": canned, "headers_out": headers, "interval": interval}
+    def start(
+        mode: str, canned: tuple | None = None, headers: tuple = (), interval: float = 0.0, received: list | None = None
+    ) -> str:
+        attributes = {"mode": mode, "canned": canned, "headers_out": headers, "interval": interval,
+                      "received": received if received is not None else []}  # fmt: skip
         handler = type("Handler", (_FaultHandler,), attributes)
         server = _QuietServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()

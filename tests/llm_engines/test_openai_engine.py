@@ -342,3 +342,17 @@ def test_a_json_schemas_name_and_strict_reach_the_server():
     assert sent == {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": schema}}
     plain = engine._request(HELLO, ChatOptions(json_schema=schema))["response_format"]
     assert plain == {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+
+
+def test_a_server_that_refuses_stream_options_is_streamed_without_them(fault_server):
+    """Streams ask for their usage with ``stream_options``, which some OpenAI-compatible servers refuse with
+    a 400 (Azure OpenAI before its 2024-05 API versions): every stream, /v1's included, failed there."""
+    received: list[bytes] = []
+    pieces = [_chunk({"content": "Pe"}), _chunk({"content": "ar."}, "stop"), DONE]
+    url = fault_server("strict", (200, "text/event-stream", pieces), received=received)
+    engine = OpenAIEngine(model="m", base_url=f"{url}/v1")
+    for _ in range(2):
+        result = next(chunk.result for chunk in engine.stream(HELLO) if chunk.result)
+        assert (result.text, result.completion_tokens) == ("Pear.", 2)  # the pieces counted, as without a usage
+    asked = ["stream_options" in json.loads(body) for body in received]
+    assert asked == [True, False, False]  # refused once, then not asked again
