@@ -7,6 +7,7 @@ message of the server that quotes it back has it redacted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -93,8 +94,8 @@ class OpenAIEngine(Engine):
                 raise EngineAuthError(f"the environment variable {api_key_env} is not set", engine=self.name)
         self._api_key = api_key
         # Streams ask for the usage in their last chunk (``stream_options``); a server that refuses the field
-        # (Azure OpenAI before its 2024-05 API versions, strict servers) is streamed without it from its first
-        # refusal on, and the reply's tokens are counted as the stream's pieces.
+        # (Azure OpenAI before its 2024-05 API versions, servers that forbid unknown fields) is streamed
+        # without it from its first refusal on, and the reply's tokens are counted as the stream's pieces.
         self._stream_usage = True
         # A local server needs no key, but the client insists on one.
         self.client = openai.OpenAI(
@@ -272,7 +273,9 @@ class OpenAIEngine(Engine):
                     **request, stream=True, stream_options={"include_usage": True}
                 )
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                if "stream_options" not in str(exc.message):
+                # Where a server names the field varies (OpenAI's error.message, a FastAPI 422's detail[].loc, a
+                # plain string error), and the client's message quotes only the first: the body is searched.
+                if "stream_options" not in f"{exc.message} {json.dumps(exc.body, default=str)}":
                     raise
                 self._stream_usage = False
                 logger.warning("%s refuses stream_options: its streams are counted without it", self.base_url)

@@ -27,8 +27,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.received.append(body)
         if self.mode == "strict" and b'"stream_options"' in body:
-            refused = "Unrecognized request argument supplied: stream_options"
-            self._json(400, {"error": {"message": refused, "type": "invalid_request_error"}})
+            self._json(*self.refusal)
             return
         if self.mode in ("pieces", "strict"):
             # The reply's pieces one by one, ``interval`` apart, then the connection closes (HTTP/1.0: no length).
@@ -99,14 +98,20 @@ def fault_server() -> Iterator[callable]:
     after two chunks; in mode "canned" every request with ``canned`` (status, content type, body) and
     ``headers``; in mode "pieces" with ``canned`` (status, content type, a list of pieces of the body),
     sent ``interval`` seconds apart, the connection closed after the last; in mode "strict" as "pieces", but
-    a 400 for a request that has ``stream_options``. ``received`` (an argument) collects the requests' bodies."""
+    ``refusal`` (status, JSON body) for a request that has ``stream_options``. ``received`` (an argument)
+    collects the requests' bodies."""
     servers = []
 
     def start(
-        mode: str, canned: tuple | None = None, headers: tuple = (), interval: float = 0.0, received: list | None = None
+        mode: str,
+        canned: tuple | None = None,
+        headers: tuple = (),
+        interval: float = 0.0,
+        received: list | None = None,
+        refusal: tuple | None = None,
     ) -> str:
         attributes = {"mode": mode, "canned": canned, "headers_out": headers, "interval": interval,
-                      "received": received if received is not None else []}  # fmt: skip
+                      "received": received if received is not None else [], "refusal": refusal}  # fmt: skip
         handler = type("Handler", (_FaultHandler,), attributes)
         server = _QuietServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()

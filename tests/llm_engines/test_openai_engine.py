@@ -9,6 +9,7 @@ from llm_engines.api.openai_engine import OpenAIEngine
 from llm_engines.base import ChatOptions, estimate_tokens
 from llm_engines.errors import (
     EngineAuthError,
+    EngineBadRequest,
     EngineQuotaExceeded,
     EngineRateLimited,
     EngineTimeout,
@@ -344,15 +345,34 @@ def test_a_json_schemas_name_and_strict_reach_the_server():
     assert plain == {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
 
 
-def test_a_server_that_refuses_stream_options_is_streamed_without_them(fault_server):
-    """Streams ask for their usage with ``stream_options``, which some OpenAI-compatible servers refuse with
-    a 400 (Azure OpenAI before its 2024-05 API versions): every stream, /v1's included, failed there."""
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        (400, {"error": {"message": "Unrecognized request argument supplied: stream_options", "type": "invalid"}}),
+        (422, {"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"], "msg": "Extra inputs"}]}),
+        (400, {"error": "unknown field: stream_options"}),
+    ],
+    ids=["azure", "fastapi", "plain"],
+)
+def test_a_server_that_refuses_stream_options_is_streamed_without_them(fault_server, refusal):
+    """Streams ask for their usage with ``stream_options``, which some OpenAI-compatible servers refuse
+    (Azure OpenAI before its 2024-05 API versions with a 400, FastAPI servers that forbid extra fields
+    with a 422): every stream, /v1's included, failed there."""
     received: list[bytes] = []
     pieces = [_chunk({"content": "Pe"}), _chunk({"content": "ar."}, "stop"), DONE]
-    url = fault_server("strict", (200, "text/event-stream", pieces), received=received)
+    url = fault_server("strict", (200, "text/event-stream", pieces), received=received, refusal=refusal)
     engine = OpenAIEngine(model="m", base_url=f"{url}/v1")
     for _ in range(2):
         result = next(chunk.result for chunk in engine.stream(HELLO) if chunk.result)
         assert (result.text, result.completion_tokens) == ("Pear.", 2)  # the pieces counted, as without a usage
     asked = ["stream_options" in json.loads(body) for body in received]
     assert asked == [True, False, False]  # refused once, then not asked again
+
+
+def test_a_bad_request_that_does_not_name_stream_options_is_not_sent_again(fault_server):
+    received: list[bytes] = []
+    refusal = (400, {"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}})
+    url = fault_server("strict", (200, "text/event-stream", [DONE]), received=received, refusal=refusal)
+    with pytest.raises(EngineBadRequest, match="max_tokens is too large"):
+        list(OpenAIEngine(model="m", base_url=f"{url}/v1").stream(HELLO))
+    assert len(received) == 1
