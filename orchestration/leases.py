@@ -97,25 +97,32 @@ class JobRun:
     def __init__(self, job_id: str) -> None:
         self.key = f"{JOB_PREFIX}{job_id}"
         self.lease = StepLease(f"job:{job_id}", job_id)
-        self.marked = False
+        self._tried = False  # its start's script was sent: it may have taken the lease and marked the run
+        self._held = False  # the lease is renewed
 
     def start(self) -> int:
         """Take the job's lease and mark the run; returns how many runs of the job died before it.
         ``JobRunAlive`` when another run of the job is alive: this one must not run now."""
         started, _ = _job_scripts(settings.REDIS_URL)
         lease = self.lease
+        # Sent, the script may run though its reply is lost (a timeout): ``end`` then clears what is this run's.
+        self._tried = True
         deaths = int(started(keys=[lease.key, self.key], args=[lease.holder, lease.ttl_ms, JOB_MEMORY_S]))
         if deaths < 0:
+            self._tried = False  # it wrote nothing
             raise JobRunAlive((-1 - deaths) / 1000)
         lease.__enter__()  # renewed from now on
-        self.marked = True
+        self._held = True
         return deaths
 
     def end(self) -> None:
-        """Clear the run's mark and give its lease up (nothing when it did not start)."""
-        if self.marked:
-            self.marked = False
+        """Clear the run's mark and give its lease up, each if it is still this run's (nothing when its
+        start wrote nothing)."""
+        if self._held:
+            self._held = False
             self.lease.let_go()
+        if self._tried:
+            self._tried = False
             _job_scripts(settings.REDIS_URL)[1](keys=[self.lease.key, self.key], args=[self.lease.holder])
 
 

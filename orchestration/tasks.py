@@ -106,20 +106,24 @@ def start_heartbeat(sender, **_kwargs) -> None:
     queues = [queue.name for queue in sender.task_consumer.queues]
     concurrency = getattr(sender.pool, "num_processes", None) if sender.pool else None
 
+    def beat(sandbox: dict | None) -> None:
+        try:
+            metrics.worker_seen(
+                mcp_handler.client(), name=name, queues=queues, concurrency=concurrency, sandbox=sandbox,
+                ttl_s=3 * HEARTBEAT_SECONDS,
+            )  # fmt: skip
+        except Exception:  # Redis away: the next beat tries again
+            logger.warning("worker heartbeat not written", exc_info=True)
+
     def loop() -> None:
+        beat(None)  # listed at once; the sandbox's probe takes a moment
         try:
             sandbox = sandbox_report(set(queues))
         except Exception:  # the report is for the operator; the heartbeats go on without it
             logger.exception("the sandbox's availability could not be checked")
             sandbox = None
         while True:
-            try:
-                metrics.worker_seen(
-                    mcp_handler.client(), name=name, queues=queues, concurrency=concurrency, sandbox=sandbox,
-                    ttl_s=3 * HEARTBEAT_SECONDS,
-                )  # fmt: skip
-            except Exception:  # Redis away: the next beat tries again
-                logger.warning("worker heartbeat not written", exc_info=True)
+            beat(sandbox)
             time.sleep(HEARTBEAT_SECONDS)
 
     threading.Thread(target=loop, name="heartbeat", daemon=True).start()

@@ -48,6 +48,8 @@ from llm_engines.errors import (
 )
 
 PACKAGE_SCHEME = "package:"
+# How often a call waiting for a busy context looks whether its caller cancelled it.
+CANCEL_POLL_S = 0.1
 GGUF_MAGIC = b"GGUF"
 # The KV cache's element types (llama.cpp's GGML_TYPE_* numbers); a quantized one needs flash attention.
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -209,9 +211,9 @@ class LlamaCppEngine(Engine):
         except (ValueError, RuntimeError) as exc:
             raise EngineConfigurationError(f"cannot load {self.path}: {exc}", engine=self.name) from exc
 
-    def _acquire(self, deadline: float | None) -> Any:
+    def _acquire(self, deadline: float | None, cancel: Cancel | None = None) -> Any:
         """An idle loaded context; a new one while fewer than ``parallel`` exist; else wait for one, until
-        ``deadline`` (``EngineTimeout``)."""
+        ``deadline`` (``EngineTimeout``) or until the caller cancels the call."""
         try:
             return self._idle.get_nowait()
         except queue.Empty:
@@ -221,22 +223,28 @@ class LlamaCppEngine(Engine):
                 llama = self._load()
                 self._loaded += 1
                 return llama
-        if deadline is None:
-            return self._idle.get()
-        try:
-            return self._idle.get(timeout=max(deadline - time.perf_counter(), 0))
-        except queue.Empty:
-            raise EngineTimeout(
-                f"no context of {self.model} came free within the time limit ({self.parallel} in use)",
-                engine=self.name,
-            ) from None
+        while True:
+            self._check_cancel(cancel)
+            wait = CANCEL_POLL_S if deadline is None else min(max(deadline - time.perf_counter(), 0), CANCEL_POLL_S)
+            try:
+                return self._idle.get(timeout=wait)
+            except queue.Empty:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    raise EngineTimeout(
+                        f"no context of {self.model} came free within the time limit ({self.parallel} in use)",
+                        engine=self.name,
+                    ) from None
+
+    def _check_cancel(self, cancel: Cancel | None) -> None:
+        if cancel is not None and cancel.cancelled:
+            raise EngineError("the call was cancelled by its caller", engine=self.name)
 
     @contextlib.contextmanager
     def _generation(self, options: ChatOptions) -> Iterator[tuple[Any, _Generation]]:
         """A context to generate with, for the length of the block, and the watch of its generation; the
         deadline counts from the call, the wait for a context included."""
         deadline = time.perf_counter() + options.timeout if options.timeout else None
-        llama = self._acquire(deadline)
+        llama = self._acquire(deadline, options.cancel)
         try:
             yield llama, _Generation(deadline)
         finally:
@@ -252,6 +260,7 @@ class LlamaCppEngine(Engine):
         generation before the context is used again."""
         chunks = None
         try:
+            self._check_cancel(cancel)  # cancelled while it waited for the context: its prompt is not read
             chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
             for chunk in chunks:
                 choice = chunk["choices"][0]
@@ -363,7 +372,7 @@ class LlamaCppEngine(Engine):
         if watch.timed_out:
             raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
         if watch.cancelled:
-            raise EngineError("the call was cancelled by its caller", engine=self.name)
+            self._check_cancel(options.cancel)
         # The last sample of a generation that stopped by itself is end-of-sequence, not a token of the reply.
         completion = watch.sampled - 1 if finish_reason == "stop" and watch.sampled else watch.sampled
         return ChatResult(

@@ -2,6 +2,7 @@
 
 import re
 import threading
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -142,7 +143,6 @@ def test_a_generation_with_a_schema_past_its_timeout_stops_without_killing_the_p
 def test_a_call_that_waits_for_a_busy_context_keeps_its_deadline(engine):
     """The wait for a context had no limit, and the deadline started after it: a call with 0.5 s waited
     for the whole of the generation before it."""
-    import time
 
     held = engine._acquire(None)  # the one context, busy
     try:
@@ -258,3 +258,15 @@ def test_a_generation_its_caller_cancels_stops_at_the_next_token(engine):
     cancelled_before.cancel()
     with pytest.raises(EngineError, match="cancelled by its caller"):
         engine.chat(HELLO, ChatOptions(max_tokens=200, cancel=cancelled_before))
+
+    # A call waiting for the busy context (one generation at a time) stops waiting when it is cancelled.
+    busy = engine.stream([{"role": "user", "content": "Count to fifty."}], ChatOptions(max_tokens=200))
+    next(busy)  # holds the context until closed
+    waiting = Cancel()
+    threading.Timer(0.3, waiting.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="cancelled by its caller"):
+        engine.chat(HELLO, ChatOptions(max_tokens=4, timeout=30, cancel=waiting))
+    assert time.monotonic() - started < 5
+    busy.close()
+    assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text

@@ -115,3 +115,33 @@ def test_a_worker_says_at_its_start_whether_the_test_runs_of_its_roles_can_run(s
     report = sandbox_report({"developer.qa"})
     assert (report["runs"], report["sandboxed"]) == (True, False)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_a_jobs_run_whose_start_lost_its_reply_clears_what_it_wrote(redis_url, monkeypatch):
+    """The start's script ran but its reply was lost (a timeout): the job ran on, uncounted, and its end
+    cleared nothing, so the lease kept the job's next delivery waiting and the mark counted as a death."""
+    import uuid
+
+    import redis
+
+    from orchestration import leases
+    from orchestration.leases import JobRun
+
+    started, ended = leases._job_scripts(redis_url)
+
+    def reply_lost(**kwargs):
+        started(**kwargs)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(leases, "_job_scripts", lambda _url: (reply_lost, ended))
+    run = JobRun(f"test-{uuid.uuid4()}")
+    with pytest.raises(redis.TimeoutError):
+        run.start()
+    run.end()  # as StepJob does after a start that raised a RedisError
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists(run.lease.key)
+    assert client.hget(run.key, "running") is None
+    monkeypatch.undo()
+    again = JobRun(run.key.removeprefix(leases.JOB_PREFIX))
+    assert again.start() == 0  # no wait, and no death counted
+    again.end()

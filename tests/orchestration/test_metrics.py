@@ -109,7 +109,12 @@ def test_metrics_after_a_run_of_known_tasks(api, celery_worker, mcp_consumer, ed
     assert status["redis"]["status"] == "ok" and status["database"]["status"] == "ok"
     worker = next(w for w in status["workers"] if w["name"] == celery_worker.name)
     assert "productivity.summarizer" in worker["queues"]
-    assert worker["sandbox"]["runs"] is True and worker["sandbox"]["sandboxed"] is True  # it consumes QA's queue
+    # It consumes QA's queue: its heartbeat says whether the tests run sandboxed (once its probe is done).
+    deadline = time.monotonic() + 30
+    while worker["sandbox"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        worker = next(w for w in metrics.workers(mcp_handler.client()) if w["name"] == celery_worker.name)
+    assert worker["sandbox"]["runs"] is True and worker["sandbox"]["sandboxed"] is True
     assert status["queues"]["productivity.summarizer"] == {"depth": 0, "workers": [celery_worker.name]}
     assert status["llms"][llm]["breaker"] == "closed" and status["llms"][llm]["healthy"] is True
     assert status["channels"][mcp_handler.METRICS]["pending"] == 0
