@@ -44,6 +44,17 @@ def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
     yield GaugeMetricFamily(
         "aiagent_workers", "Celery workers alive (heartbeat in Redis).", value=len(status["workers"])
     )
+    sandbox = GaugeMetricFamily(
+        "aiagent_worker_sandbox",
+        "How QA's tests run on a worker that takes them: 1 for sandboxed, unsandboxed or unavailable.",
+        labels=["worker", "state"],
+    )
+    for worker in status["workers"]:
+        if report := worker.get("sandbox"):
+            state = "sandboxed" if report["sandboxed"] else "unsandboxed" if report["runs"] else "unavailable"
+            for name in ("sandboxed", "unsandboxed", "unavailable"):
+                sandbox.add_metric([worker["name"], name], 1 if state == name else 0)
+    yield sandbox
     depth = GaugeMetricFamily("aiagent_queue_depth", "Jobs waiting on a role's queue.", labels=["queue"])
     for queue, state in status["queues"].items():
         depth.add_metric([queue], state["depth"])

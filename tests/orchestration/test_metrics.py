@@ -129,6 +129,9 @@ def test_metrics_after_a_run_of_known_tasks(api, celery_worker, mcp_consumer, ed
         for sample in family.samples
     }
     assert samples[("aiagent_llm_requests_total", (("llm", llm), ("outcome", "ok")))] == 4
+    sandbox = {state: samples[("aiagent_worker_sandbox", (("state", state), ("worker", celery_worker.name)))]
+               for state in ("sandboxed", "unsandboxed", "unavailable")}  # fmt: skip
+    assert sandbox == {"sandboxed": 1, "unsandboxed": 0, "unavailable": 0}
     assert samples[("aiagent_llm_requests_total", (("llm", llm), ("outcome", "unavailable")))] == 3
     assert samples[("aiagent_llm_tokens_total", (("kind", "prompt"), ("llm", llm)))] == usage["prompt_tokens"]
     assert samples[("aiagent_llm_latency_seconds_count", (("llm", llm),))] == 4
@@ -270,6 +273,32 @@ def test_prometheus_task_series_read_0_for_a_status_no_task_has(api):
     configured = {(p.name, role) for p in configuration().profiles.values() for role in p.roles}
     assert set(tasks) == {(profile, role, status) for profile, role in configured for status in STATUSES}
     assert sum(tasks.values()) == 1
+
+
+def test_prometheus_says_how_qas_tests_run_on_each_worker_that_takes_them(api):
+    """An alert on a worker where QA's tests cannot run (no bubblewrap) needs a series that says so."""
+    redis_client = mcp_handler.client()
+    reports = {
+        "sandboxed@test": {"runs": True, "sandboxed": True, "detail": "under bubblewrap"},
+        "unsandboxed@test": {"runs": True, "sandboxed": False, "detail": "allowed"},
+        "nobwrap@test": {"runs": False, "sandboxed": False, "detail": "bubblewrap is not installed"},
+        "planner@test": None,
+    }
+    for name, sandbox in reports.items():
+        metrics.worker_seen(redis_client, name=name, queues=["q"], concurrency=1, ttl_s=30, sandbox=sandbox)
+    try:
+        response = api.get("/metrics")
+    finally:
+        for name in reports:
+            metrics.worker_gone(redis_client, name=name)
+    states = {
+        sample.labels["worker"]: sample.labels["state"]
+        for family in text_string_to_metric_families(response.content.decode())
+        if family.name == "aiagent_worker_sandbox"
+        for sample in family.samples
+        if sample.value == 1 and sample.labels["worker"] in reports
+    }
+    assert states == {"sandboxed@test": "sandboxed", "unsandboxed@test": "unsandboxed", "nobwrap@test": "unavailable"}
 
 
 @pytest.mark.django_db
