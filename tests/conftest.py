@@ -264,6 +264,26 @@ def celery_worker(django_db_setup, redis_url, state_dir, tmp_path_factory) -> It
         process.kill()
 
 
+@pytest.fixture
+def sandbox_reports() -> Iterator[dict[str, dict | None]]:
+    """Heartbeats of four workers, by name: one for each way QA's tests may run on a host, and one that does
+    not take them (its ``sandbox`` null). Removed afterwards."""
+    from orchestration import mcp_handler, metrics
+
+    client = mcp_handler.client()
+    reports = {
+        "sandboxed@test": {"runs": True, "sandboxed": True, "detail": "under bubblewrap"},
+        "unsandboxed@test": {"runs": True, "sandboxed": False, "detail": "SANDBOX_ALLOW_UNSANDBOXED=1"},
+        "nobwrap@test": {"runs": False, "sandboxed": False, "detail": "bubblewrap is not installed"},
+        "planner@test": None,
+    }
+    for name, sandbox in reports.items():
+        metrics.worker_seen(client, name=name, queues=["q"], concurrency=1, ttl_s=30, sandbox=sandbox)
+    yield reports
+    for name in reports:
+        metrics.worker_gone(client, name=name)
+
+
 def start_mcp_consume(log: Path, *args: str) -> subprocess.Popen:
     """``manage.py mcp_consume`` against the test database and Redis, once it consumes."""
     command = [sys.executable, str(BASE_DIR / "manage.py"), "mcp_consume", *args]

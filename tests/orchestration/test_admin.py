@@ -143,24 +143,9 @@ def test_the_metrics_page_shows_llms_queues_and_throughput_to_staff_only(staff_c
     assert client.get("/admin/metrics/").status_code == 302  # to the login page
 
 
-def test_the_metrics_page_says_on_which_workers_qas_tests_cannot_run(staff_client):
-    from orchestration import mcp_handler, metrics
-
-    redis = mcp_handler.client()
-    reports = {
-        "sandboxed@test": {"runs": True, "sandboxed": True, "detail": "under bubblewrap"},
-        "unsandboxed@test": {"runs": True, "sandboxed": False, "detail": "SANDBOX_ALLOW_UNSANDBOXED=1"},
-        "nobwrap@test": {"runs": False, "sandboxed": False, "detail": "bubblewrap is not installed"},
-        "planner@test": None,  # consumes no queue of a role that runs code
-    }
-    for name, sandbox in reports.items():
-        metrics.worker_seen(redis, name=name, queues=["q"], concurrency=1, ttl_s=30, sandbox=sandbox)
-    try:
-        html = staff_client.get("/admin/metrics/").content.decode()
-    finally:
-        for name in reports:
-            metrics.worker_gone(redis, name=name)
-    lines = {name: next(line for line in html.split("<br>") if name in line) for name in reports}
+def test_the_metrics_page_says_on_which_workers_qas_tests_cannot_run(staff_client, sandbox_reports):
+    html = staff_client.get("/admin/metrics/").content.decode()
+    lines = {name: next(line for line in html.split("<br>") if name in line) for name in sandbox_reports}
     assert "QA's tests cannot run here</strong>: bubblewrap is not installed" in lines["nobwrap@test"]
     assert "QA's tests run unsandboxed</strong>: SANDBOX_ALLOW_UNSANDBOXED=1" in lines["unsandboxed@test"]
     assert 'title="under bubblewrap">QA\'s tests run sandboxed' in lines["sandboxed@test"].replace("&#x27;", "'")

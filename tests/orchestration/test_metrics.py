@@ -275,28 +275,15 @@ def test_prometheus_task_series_read_0_for_a_status_no_task_has(api):
     assert sum(tasks.values()) == 1
 
 
-def test_prometheus_says_how_qas_tests_run_on_each_worker_that_takes_them(api):
+def test_prometheus_says_how_qas_tests_run_on_each_worker_that_takes_them(api, sandbox_reports):
     """An alert on a worker where QA's tests cannot run (no bubblewrap) needs a series that says so."""
-    redis_client = mcp_handler.client()
-    reports = {
-        "sandboxed@test": {"runs": True, "sandboxed": True, "detail": "under bubblewrap"},
-        "unsandboxed@test": {"runs": True, "sandboxed": False, "detail": "allowed"},
-        "nobwrap@test": {"runs": False, "sandboxed": False, "detail": "bubblewrap is not installed"},
-        "planner@test": None,
-    }
-    for name, sandbox in reports.items():
-        metrics.worker_seen(redis_client, name=name, queues=["q"], concurrency=1, ttl_s=30, sandbox=sandbox)
-    try:
-        response = api.get("/metrics")
-    finally:
-        for name in reports:
-            metrics.worker_gone(redis_client, name=name)
+    response = api.get("/metrics")
     states = {
         sample.labels["worker"]: sample.labels["state"]
         for family in text_string_to_metric_families(response.content.decode())
         if family.name == "aiagent_worker_sandbox"
         for sample in family.samples
-        if sample.value == 1 and sample.labels["worker"] in reports
+        if sample.value == 1 and sample.labels["worker"] in sandbox_reports
     }
     assert states == {"sandboxed@test": "sandboxed", "unsandboxed@test": "unsandboxed", "nobwrap@test": "unavailable"}
 
