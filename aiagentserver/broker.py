@@ -45,7 +45,9 @@ class Transport(kombu_redis.Transport):
 
 
 def install() -> None:
-    """Make the Redis schemes of broker URLs name ``Transport``; before any connection is made."""
+    """Make the Redis schemes of broker URLs name ``Transport``, for the connections made from now on."""
     path = f"{__name__}:Transport"
+    resolved = getattr(kombu_transport, "_transport_cache", {})  # kombu's memo of the classes it looked up
     for scheme in SCHEMES:
         kombu_transport.TRANSPORT_ALIASES[scheme] = path
+        resolved.pop(scheme, None)  # a scheme looked up before (an import that made a connection) too

@@ -23,6 +23,17 @@ def test_the_apps_connections_and_both_redis_schemes_use_the_transport(redis_url
     assert secure.ssl  # kombu's reading of rediss:// is kept: TLS (with its own default when none is set)
 
 
+def test_install_takes_effect_though_kombu_looked_the_scheme_up_before(monkeypatch):
+    from kombu import transport
+    from kombu.transport import redis as stock
+
+    monkeypatch.setitem(transport.TRANSPORT_ALIASES, "redis", "kombu.transport.redis:Transport")
+    monkeypatch.delitem(transport._transport_cache, "redis", raising=False)
+    assert transport.get_transport_cls("redis") is stock.Transport  # looked up, and kept, before the install
+    broker.install()
+    assert transport.get_transport_cls("redis") is broker.Transport
+
+
 def test_publishing_makes_one_redis_client_per_channel_not_one_per_message(redis_url, monkeypatch):
     """kombu made a redis.Redis for every message: 1.4 M instructions of a submission's 7.7 M."""
     from aiagentserver.celery import app
