@@ -32,6 +32,14 @@ class EngineTimeout(EngineError):
     transient = True
 
 
+class EngineCancelled(EngineError):
+    """The caller cancelled the call (``ChatOptions.cancel``): a client that left, a step whose lease went to
+    another worker. Not the LLM's failure."""
+
+    def __init__(self, *, engine: str | None = None) -> None:
+        super().__init__("the call was cancelled by its caller", engine=engine)
+
+
 class EngineRateLimited(EngineError):
     """The engine asked us to slow down; ``retry_after`` is in seconds when it said."""
 

@@ -33,6 +33,7 @@ from llm_engines.errors import (
     ContextTooLong,
     EngineAuthError,
     EngineBadRequest,
+    EngineCancelled,
     EngineConfigurationError,
     EngineError,
     EngineQuotaExceeded,
@@ -152,7 +153,7 @@ class OpenAIEngine(Engine):
         if watchdog.fired == "timeout":
             return EngineTimeout(f"the reply from {where} ran past its timeout of {timeout:g}s", engine=self.name)
         if watchdog.fired == "cancelled":
-            return EngineError("the call was cancelled by its caller", engine=self.name)
+            return EngineCancelled(engine=self.name)
         if isinstance(exc, openai.OpenAIError):
             return self._error(exc)
         assert exc is not None

@@ -42,6 +42,7 @@ from llm_engines.base import Cancel, ChatChunk, ChatOptions, ChatResult, Engine,
 from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
+    EngineCancelled,
     EngineConfigurationError,
     EngineError,
     EngineTimeout,
@@ -237,7 +238,7 @@ class LlamaCppEngine(Engine):
 
     def _check_cancel(self, cancel: Cancel | None) -> None:
         if cancel is not None and cancel.cancelled:
-            raise EngineError("the call was cancelled by its caller", engine=self.name)
+            raise EngineCancelled(engine=self.name)
 
     @contextlib.contextmanager
     def _generation(self, options: ChatOptions) -> Iterator[tuple[Any, _Generation]]:
@@ -372,7 +373,7 @@ class LlamaCppEngine(Engine):
         if watch.timed_out:
             raise EngineTimeout(f"generation did not finish within {options.timeout:.1f}s", engine=self.name)
         if watch.cancelled:
-            self._check_cancel(options.cancel)
+            raise EngineCancelled(engine=self.name)
         # The last sample of a generation that stopped by itself is end-of-sequence, not a token of the reply.
         completion = watch.sampled - 1 if finish_reason == "stop" and watch.sampled else watch.sampled
         return ChatResult(

@@ -33,6 +33,7 @@ from llm_engines.base import (
 from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
+    EngineCancelled,
     EngineConfigurationError,
     EngineError,
     EngineRateLimited,
@@ -314,7 +315,7 @@ class OllamaEngine(Engine):
     def _stopped(self, watchdog: Watchdog, timeout: float) -> EngineError:
         """What a call that its watchdog ended raises, streamed or whole."""
         if watchdog.fired == "cancelled":
-            return EngineError("the call was cancelled by its caller", engine=self.name)
+            return EngineCancelled(engine=self.name)
         return EngineTimeout(f"the reply from {self.base_url} ran past its timeout of {timeout:g}s", engine=self.name)
 
     def health(self) -> Health:
