@@ -69,6 +69,8 @@ MAX_STDIN_BYTES = 4096
 # Open files per process: each memfd or pipe holds kernel memory outside the address space.
 MAX_OPEN_FILES = 256
 TEMP_PREFIX = "aiagent-sandbox-"  # then the worker's pid and "-"
+# How generated code runs on a host (``availability``).
+SANDBOXED, UNSANDBOXED, UNAVAILABLE = STATES = ("sandboxed", "unsandboxed", "unavailable")
 
 # The unprivileged uid/gid the code runs as when the worker is root ("nobody" on Debian).
 SANDBOX_UID = 65534
@@ -249,24 +251,27 @@ def run(
         return _execute(root, argv, limits, bwrap=bwrap, drop_root=drop_root, stdin=bytes(stdin))
 
 
-def status() -> tuple[bool, str]:
-    """Whether runs are sandboxed here, and a sentence saying why or why not."""
+def availability() -> dict[str, str]:
+    """Whether generated code runs here, as a worker reports it (at its start, and in its heartbeat for
+    GET /api/v1/metrics): ``state``, one of ``STATES`` (sandboxed; unsandboxed, where
+    SANDBOX_ALLOW_UNSANDBOXED allows it without bubblewrap; unavailable), and ``detail``, the sentence
+    saying why."""
     bwrap = shutil.which(settings.SANDBOX_BWRAP)
     if bwrap is None:
         if settings.SANDBOX_ALLOW_UNSANDBOXED:
             root_note = f" as uid {SANDBOX_UID}" if os.geteuid() == 0 else ""
-            return False, (
+            return _report(UNSANDBOXED, (
                 f"bubblewrap is not installed ({settings.SANDBOX_BWRAP} not found) and SANDBOX_ALLOW_UNSANDBOXED=1: "
                 f"generated code runs unsandboxed, as a plain subprocess with rlimits and a timeout{root_note}"
-            )
-        return False, _missing_message()
+            ))  # fmt: skip
+        return _report(UNAVAILABLE, _missing_message())
     try:
         probe = ["python", "-c", "import sys; print(sys.executable)"]
         result = run({}, probe, limits=dataclasses.replace(Limits(), wall_s=30))
     except SandboxUnavailable as exc:
-        return False, str(exc)
+        return _report(UNAVAILABLE, str(exc))
     if result.exit_code != 0:
-        return False, f"the sandbox could not run Python ({result.limit or result.stderr.strip()})"
+        return _report(UNAVAILABLE, f"the sandbox could not run Python ({result.limit or result.stderr.strip()})")
     machine = os.uname().machine
     if _seccomp_program(machine) is not None:
         filtered = "; a seccomp filter refuses SysV shared memory, memfd files, namespaces and mounts"
@@ -277,20 +282,15 @@ def status() -> tuple[bool, str]:
         )
         if "--disable-userns" not in _bwrap_options(bwrap):
             filtered += ", and the code can make namespaces of its own (bubblewrap older than 0.8)"
-    return True, (
+    return _report(SANDBOXED, (
         f"generated code runs under bubblewrap ({bwrap}) with no network, a read-only system, "
         f"a throw-away working directory and limits on CPU, memory, processes, open files and time{filtered}; "
         f"its Python is {result.stdout.strip()}"
-    )
+    ))  # fmt: skip
 
 
-def availability() -> dict[str, Any]:
-    """``status()`` as a worker reports it (at its start, and in its heartbeat for GET /api/v1/metrics):
-    whether generated code can run here at all (``runs``: sandboxed, or unsandboxed where
-    SANDBOX_ALLOW_UNSANDBOXED allows it), whether sandboxed, and the sentence saying why."""
-    sandboxed, detail = status()
-    runs = sandboxed or (shutil.which(settings.SANDBOX_BWRAP) is None and bool(settings.SANDBOX_ALLOW_UNSANDBOXED))
-    return {"runs": runs, "sandboxed": sandboxed, "detail": detail}
+def _report(state: str, detail: str) -> dict[str, str]:
+    return {"state": state, "detail": detail}
 
 
 def _missing_message() -> str:

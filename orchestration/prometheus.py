@@ -12,6 +12,7 @@ import redis
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
+from agents.sandbox import STATES as SANDBOX_STATES
 from balancer.load_balancer import OUTCOMES
 from orchestration import mcp_handler
 from orchestration.metrics import BOUNDS, aggregates, llms_or_empty, status_part, usage_part
@@ -51,9 +52,8 @@ def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
     )
     for worker in status["workers"]:
         if report := worker.get("sandbox"):
-            state = "sandboxed" if report["sandboxed"] else "unsandboxed" if report["runs"] else "unavailable"
-            for name in ("sandboxed", "unsandboxed", "unavailable"):
-                sandbox.add_metric([worker["name"], name], 1 if state == name else 0)
+            for state in SANDBOX_STATES:
+                sandbox.add_metric([worker["name"], state], 1 if report["state"] == state else 0)
     yield sandbox
     depth = GaugeMetricFamily("aiagent_queue_depth", "Jobs waiting on a role's queue.", labels=["queue"])
     for queue, state in status["queues"].items():

@@ -84,12 +84,12 @@ def sandbox_report(queues: set[str]) -> dict | None:
     if not served:
         return None
     report = sandbox.availability()
-    if not report["runs"]:
-        logger.error("the test runs of %s will fail on this worker: %s", ", ".join(served), report["detail"])
-    elif not report["sandboxed"]:
-        logger.warning("the test runs of %s are not sandboxed on this worker: %s", ", ".join(served), report["detail"])
-    else:
-        logger.info("the test runs of %s: %s", ", ".join(served), report["detail"])
+    level, says = {
+        sandbox.UNAVAILABLE: (logging.ERROR, "will fail on this worker"),
+        sandbox.UNSANDBOXED: (logging.WARNING, "are not sandboxed on this worker"),
+        sandbox.SANDBOXED: (logging.INFO, "are sandboxed"),
+    }[report["state"]]
+    logger.log(level, "the test runs of %s %s: %s", ", ".join(served), says, report["detail"])
     return report
 
 

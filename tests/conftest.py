@@ -272,9 +272,9 @@ def sandbox_reports() -> Iterator[dict[str, dict | None]]:
 
     client = mcp_handler.client()
     reports = {
-        "sandboxed@test": {"runs": True, "sandboxed": True, "detail": "under bubblewrap"},
-        "unsandboxed@test": {"runs": True, "sandboxed": False, "detail": "SANDBOX_ALLOW_UNSANDBOXED=1"},
-        "nobwrap@test": {"runs": False, "sandboxed": False, "detail": "bubblewrap is not installed"},
+        "sandboxed@test": {"state": "sandboxed", "detail": "under bubblewrap"},
+        "unsandboxed@test": {"state": "unsandboxed", "detail": "SANDBOX_ALLOW_UNSANDBOXED=1"},
+        "nobwrap@test": {"state": "unavailable", "detail": "bubblewrap is not installed"},
         "planner@test": None,
     }
     for name, sandbox in reports.items():

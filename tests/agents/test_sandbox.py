@@ -322,11 +322,11 @@ def test_limits_default_to_the_settings(settings):
         Limits(memory_mb=0)
 
 
-def test_status_says_runs_are_sandboxed(bwrap):
-    sandboxed, reason = sandbox.status()
+def test_availability_says_runs_are_sandboxed(bwrap):
+    report = sandbox.availability()
 
-    assert sandboxed is True, reason
-    assert "bubblewrap" in reason
+    assert report["state"] == "sandboxed", report
+    assert "bubblewrap" in report["detail"]
 
 
 def test_missing_bubblewrap_raises_with_how_to_install(no_bwrap):
@@ -337,7 +337,7 @@ def test_missing_bubblewrap_raises_with_how_to_install(no_bwrap):
     assert "bubblewrap is not installed" in message
     assert "apt-get install bubblewrap" in message
     assert "SANDBOX_ALLOW_UNSANDBOXED=1" in message
-    assert sandbox.status() == (False, message)
+    assert sandbox.availability() == {"state": "unavailable", "detail": message}
 
 
 def test_bubblewrap_without_the_options_needed_raises(settings):
@@ -355,7 +355,7 @@ def test_bubblewrap_that_cannot_set_up_a_sandbox_raises_with_its_message(fake_bw
     )
     with pytest.raises(SandboxUnavailable, match=r"could not be set up.*uid map: Permission denied"):
         sandbox.run({}, ["python", "-c", "pass"], limits=FAST)
-    assert sandbox.status()[0] is False
+    assert sandbox.availability()["state"] == "unavailable"
 
 
 def test_unsandboxed_runs_when_allowed_with_the_same_limits(no_bwrap, settings, monkeypatch):
@@ -376,9 +376,9 @@ def test_unsandboxed_runs_when_allowed_with_the_same_limits(no_bwrap, settings, 
     assert looping.limit == "CPU time limit of 1s"
     assert hungry.limit == "memory limit of 256 MB"
     assert (sleeping.timed_out, sleeping.limit) == (True, "wall-clock timeout of 1s")
-    sandboxed, reason = sandbox.status()
-    assert sandboxed is False
-    assert "unsandboxed" in reason
+    report = sandbox.availability()
+    assert report["state"] == "unsandboxed"
+    assert "unsandboxed" in report["detail"]
 
 
 def test_unsandboxed_runs_are_held_to_the_process_limit(no_bwrap, settings):
@@ -650,12 +650,12 @@ def test_an_architecture_without_a_syscall_table_runs_without_the_filter_and_say
     monkeypatch.setattr(sandbox, "_SYSCALL_NUMBERS", {})
 
     result = run_python(ESCAPING_MEMORY)
-    sandboxed, reason = sandbox.status()
+    report = sandbox.availability()
 
     assert result.exit_code == 0, result.stderr
     assert "memfd made" in result.stdout
-    assert sandboxed is True
-    assert f"no seccomp filter for this architecture ({os.uname().machine})" in reason
+    assert report["state"] == "sandboxed"
+    assert f"no seccomp filter for this architecture ({os.uname().machine})" in report["detail"]
 
 
 def test_a_sandbox_that_never_gets_ready_is_unavailable_not_a_failure_of_the_code(fake_bwrap):

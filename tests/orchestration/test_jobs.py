@@ -100,20 +100,20 @@ def test_a_worker_says_at_its_start_whether_the_test_runs_of_its_roles_can_run(s
     caplog.set_level(logging.INFO, logger="orchestration.tasks")
     assert sandbox_report({"productivity.summarizer"}) is None  # no role of its queues runs code
     report = sandbox_report({"productivity.summarizer", "developer.qa"})
-    assert report["runs"] is True and report["sandboxed"] is True, report  # make install installs bubblewrap
+    assert report["state"] == "sandboxed", report  # make install installs bubblewrap
     assert "bubblewrap" in report["detail"]
 
     settings.SANDBOX_BWRAP = str(tmp_path / "no-such-bwrap")
     caplog.clear()
     report = sandbox_report({"developer.qa"})
-    assert (report["runs"], report["sandboxed"]) == (False, False)
+    assert report["state"] == "unavailable"
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "developer.qa" in record.getMessage() and "bubblewrap is not installed" in record.getMessage()
 
     settings.SANDBOX_ALLOW_UNSANDBOXED = True
     caplog.clear()
     report = sandbox_report({"developer.qa"})
-    assert (report["runs"], report["sandboxed"]) == (True, False)
+    assert report["state"] == "unsandboxed"
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 

@@ -114,7 +114,7 @@ def test_metrics_after_a_run_of_known_tasks(api, celery_worker, mcp_consumer, ed
     while worker["sandbox"] is None and time.monotonic() < deadline:
         time.sleep(0.2)
         worker = next(w for w in metrics.workers(mcp_handler.client()) if w["name"] == celery_worker.name)
-    assert worker["sandbox"]["runs"] is True and worker["sandbox"]["sandboxed"] is True
+    assert worker["sandbox"]["state"] == "sandboxed"
     assert status["queues"]["productivity.summarizer"] == {"depth": 0, "workers": [celery_worker.name]}
     assert status["llms"][llm]["breaker"] == "closed" and status["llms"][llm]["healthy"] is True
     assert status["channels"][mcp_handler.METRICS]["pending"] == 0
