@@ -53,6 +53,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+
+from llm_engines.base import Cancel
 
 # Bounds on what a caller may write into the working directory, and pass on standard input (a pipe
 # written in full before the command starts: one page always fits).
@@ -175,6 +178,11 @@ class SandboxUnavailable(RuntimeError):
     """Generated code cannot be run here: no bubblewrap, or it cannot set up a sandbox."""
 
 
+class RunCancelled(RuntimeError):
+    """The run was stopped by its caller's ``Cancel`` (a check whose lease went to another worker): its
+    processes were killed, and it has no result."""
+
+
 def _from_settings(name: str, kind: type) -> Any:
     # A factory, not a value: Limits() reads the settings when it is made, so an override (or a
     # test's ``settings`` fixture) takes effect without re-importing this module.
@@ -215,7 +223,12 @@ class SandboxResult:
 
 
 def run(
-    files: Mapping[str, str], argv: Sequence[str], *, limits: Limits | None = None, stdin: bytes = b""
+    files: Mapping[str, str],
+    argv: Sequence[str],
+    *,
+    limits: Limits | None = None,
+    stdin: bytes = b"",
+    cancel: Cancel | None = None,
 ) -> SandboxResult:
     """Write ``files`` into a fresh working directory and run ``argv`` there, sandboxed.
 
@@ -224,6 +237,9 @@ def run(
     ``-E -s`` rather than ``-I``, which would keep a script from importing the modules beside it.
     ``stdin`` (at most ``MAX_STDIN_BYTES``) is what the command reads on its standard input, then
     end of file: unlike ``argv``, it is not in ``/proc/*/cmdline`` for the code or host users to read.
+
+    ``cancel`` stops the run from another thread: its processes are killed at once and ``RunCancelled``
+    is raised (also when it was cancelled before the run started, which then does not start).
 
     Raises ``ValueError`` for a bad file name, argv or stdin, and ``SandboxUnavailable`` when the
     code cannot be sandboxed and unsandboxed runs are not allowed.
@@ -248,7 +264,7 @@ def run(
         if drop_root:
             for path in [root, *root.rglob("*")]:
                 os.chown(path, SANDBOX_UID, SANDBOX_UID, follow_symlinks=False)
-        return _execute(root, argv, limits, bwrap=bwrap, drop_root=drop_root, stdin=bytes(stdin))
+        return _execute(root, argv, limits, bwrap=bwrap, drop_root=drop_root, stdin=bytes(stdin), cancel=cancel)
 
 
 def availability() -> dict[str, str]:
@@ -465,7 +481,14 @@ def _bwrap_options(bwrap: str) -> frozenset[str]:
 
 
 def _execute(
-    root: Path, argv: list[str], limits: Limits, *, bwrap: str | None, drop_root: bool, stdin: bytes
+    root: Path,
+    argv: list[str],
+    limits: Limits,
+    *,
+    bwrap: str | None,
+    drop_root: bool,
+    stdin: bytes,
+    cancel: Cancel | None,
 ) -> SandboxResult:
     python, prefix = _python(drop_root=drop_root)
     nproc = limits.processes
@@ -497,7 +520,14 @@ def _execute(
     try:
         started = time.monotonic()
         outcome = _supervise(
-            command, cwd=root / "work", env=env, stdin=stdin_fd, pass_fds=passed, limits=limits, identity=identity
+            command,
+            cwd=root / "work",
+            env=env,
+            stdin=stdin_fd,
+            pass_fds=passed,
+            limits=limits,
+            identity=identity,
+            cancel=cancel,
         )
         duration = time.monotonic() - started
         os.set_blocking(ready_r, False)
@@ -575,8 +605,10 @@ def _supervise(
     pass_fds: list[int],
     limits: Limits,
     identity: dict,
+    cancel: Cancel | None,
 ) -> tuple[int | None, float, str, str, bool, bool]:
     """Run ``command`` to its end or the wall timeout; (exit code, CPU seconds, out, err, truncated, timed out).
+    ``RunCancelled`` when ``cancel`` stopped it (or was cancelled before it started).
 
     ``stdin`` (else /dev/null) and ``pass_fds`` are the command's and closed here once it has them.
     Returns once the command's processes are gone: their end shows as the end of their output,
@@ -584,6 +616,8 @@ def _supervise(
     """
     deadline = time.monotonic() + limits.wall_s
     try:
+        if cancel is not None and cancel.cancelled:
+            raise RunCancelled("the run was cancelled before it started")
         proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -609,6 +643,7 @@ def _supervise(
     selector.register(pidfd, selectors.EVENT_READ)
     ended: tuple[int, Any] | None = None  # (wait status, rusage)
     timed_out = False
+    reaping = threading.Lock()
 
     def end() -> tuple[int, Any]:
         # Killing the group takes what the command left in it (in the sandbox, bubblewrap's death
@@ -616,8 +651,19 @@ def _supervise(
         # group's id cannot belong to anyone else.
         _kill_group(proc.pid)
         selector.unregister(pidfd)
-        _, wait_status, rusage = os.wait4(proc.pid, 0)
+        with reaping:
+            _, wait_status, rusage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(wait_status)  # reaped here: Popen must not wait again
         return wait_status, rusage
+
+    def stop() -> None:
+        # The caller's Cancel, run in its thread: the group is killed, and the loop below sees the command
+        # end. Not once the command is reaped, when the group's id may be another's.
+        with reaping:
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+
+    unregister = cancel.register(stop) if cancel is not None else None
 
     try:
         while selector.get_map():
@@ -640,13 +686,16 @@ def _supervise(
                 else:
                     selector.unregister(key.fileobj)
     finally:
+        if unregister is not None:
+            unregister()
         if ended is None:
             ended = end()
         selector.close()
         os.close(pidfd)
-        proc.returncode = os.waitstatus_to_exitcode(ended[0])  # reaped here: Popen must not wait again
         for stream in captures:
             stream.close()
+    if cancel is not None and cancel.cancelled:
+        raise RunCancelled("the run was cancelled by its caller; its processes were killed")
     wait_status, rusage = ended
     if timed_out:
         exit_code = None

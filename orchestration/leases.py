@@ -8,8 +8,8 @@ connection or a visibility timeout) may run the step again only once the lease
 has expired, so a live step is not run twice while its worker renews the lease, and a dead one is taken
 over within ``TASK_LEASE_SECONDS``. A worker that cannot renew it for that long (Redis out of its reach, the
 process stalled) loses it, and another may run the step: the first finds out at its next renewal and stops
-its LLM call (an engine over HTTP at once, llama.cpp at its next token), and of two answers the second to be
-recorded is discarded.
+its LLM call (an engine over HTTP at once, llama.cpp at its next token) or its test run in the sandbox, and of
+two answers the second to be recorded is discarded.
 """
 
 from __future__ import annotations

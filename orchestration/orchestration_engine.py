@@ -42,7 +42,7 @@ from agents.base import CHECKS, LOOP, PLAN, Agent, AgentOutcome, PayloadError, R
 from agents.developer import qa_agent
 from agents.developer.coder_agent import merge_files
 from agents.registry import agent_class
-from agents.sandbox import SandboxUnavailable
+from agents.sandbox import RunCancelled, SandboxUnavailable
 from balancer.configuration import Configuration, RoleConfig
 from balancer.load_balancer import StepTakenOver, candidates, estimate_tokens
 from llm_engines.errors import EngineError
@@ -391,8 +391,9 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
     started = time.perf_counter()
     try:
         detail, llm = _run_check(packet, iteration, name)
-    except StepTakenOver as exc:
-        # Another worker took the check's lease and runs it: this run leaves the check to it.
+    except (StepTakenOver, RunCancelled) as exc:
+        # Another worker took the check's lease and runs it: this run leaves the check to it (its LLM call,
+        # or its test run, was stopped).
         logger.warning("task %s: check %s stopped: %s", task_id, step, exc)
         return {"skipped": str(exc)}
     except SoftTimeLimitExceeded:

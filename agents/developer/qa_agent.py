@@ -36,7 +36,7 @@ from agents.base import (
 )
 from agents.developer.coder_agent import LANGUAGES
 from balancer.configuration import Configuration, RoleConfig
-from llm_engines.base import Message
+from llm_engines.base import Message, work_cancel
 
 CHECK_NAMES = ("tests", "static", "review")
 TEST_MODULE = "test_qa.py"
@@ -166,14 +166,16 @@ def check_result(name: str, passed: bool, output: str, **detail: Any) -> dict[st
 
 
 def run_tests(files: list[Mapping[str, str]], tests: str, *, limits: sandbox.Limits | None = None) -> dict[str, Any]:
-    """Run ``tests`` against ``files`` in the sandbox; ``sandbox.SandboxUnavailable`` when it cannot run."""
+    """Run ``tests`` against ``files`` in the sandbox; ``sandbox.SandboxUnavailable`` when it cannot run, and
+    ``sandbox.RunCancelled`` when the thread's work is cancelled meanwhile (the check's lease went to another
+    worker, which runs the tests itself): the run is stopped then, as an LLM call is."""
     nonce = f"{REPORT_MARKER}-{secrets.token_hex(8)}:"
     workdir = {item["path"]: item["content"] for item in files}
     workdir[TEST_MODULE] = tests
     workdir[RUNNER] = RUNNER_SOURCE
     limits = limits or sandbox.Limits()
     room = limits.output_bytes - len(nonce) - 1  # the report is ASCII JSON: a character a byte
-    run = sandbox.run(workdir, ["python", RUNNER, str(room)], limits=limits, stdin=nonce.encode())
+    run = sandbox.run(workdir, ["python", RUNNER, str(room)], limits=limits, stdin=nonce.encode(), cancel=work_cancel())
     report = None
     for line in reversed(run.stdout.splitlines()):
         if line.startswith(nonce):

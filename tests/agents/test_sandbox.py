@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from django.conf import settings
 
 from agents import sandbox
 from agents.sandbox import Limits, SandboxUnavailable
+from llm_engines.base import Cancel
 
 # Small limits keep the file fast; each test that is about one limit sets it lower still.
 FAST = Limits(wall_s=5, cpu_s=2, memory_mb=256, processes=32, output_bytes=4096, file_size_mb=4)
@@ -665,6 +667,38 @@ def test_a_sandbox_that_never_gets_ready_is_unavailable_not_a_failure_of_the_cod
     fake_bwrap('#!/bin/sh\nif [ "$1" = --help ]; then echo "--size --disable-userns"; exit 0; fi\nexec sleep 30\n')
     with pytest.raises(SandboxUnavailable, match="not be set up within the wall-clock timeout of 1s"):
         sandbox.run({}, ["python", "-c", "pass"], limits=Limits(wall_s=1))
+
+
+def test_a_cancelled_run_is_killed_at_once_and_raises(bwrap):
+    """A check whose lease went to another worker ran its tests on to the end of the wall-clock timeout,
+    beside the worker that took the check over. Its caller's Cancel now kills the run's processes."""
+    marker = f"cancelled-{uuid.uuid4().hex}"
+    cancel = Cancel()
+    threading.Timer(0.5, cancel.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(sandbox.RunCancelled):
+        sandbox.run(
+            {"main.py": f"import time\n# {marker}\ntime.sleep(30)\n"},
+            ["python", "main.py", marker],
+            limits=Limits(wall_s=30),
+            cancel=cancel,
+        )
+    assert time.monotonic() - started < 5, "the run went on"
+    assert processes_running(marker) == []
+
+
+def test_a_run_cancelled_before_it_starts_does_not_start(bwrap, tmp_path):
+    cancel = Cancel()
+    cancel.cancel()
+    with pytest.raises(sandbox.RunCancelled, match="before it started"):
+        sandbox.run({"main.py": "print('ran')\n"}, ["python", "main.py"], limits=FAST, cancel=cancel)
+
+
+def test_a_cancel_after_the_run_ended_leaves_its_result(bwrap):
+    cancel = Cancel()
+    result = sandbox.run({"main.py": "print('ran')\n"}, ["python", "main.py"], limits=FAST, cancel=cancel)
+    cancel.cancel()  # its hook is gone with the run: nothing is killed, nothing raised
+    assert result.stdout == "ran\n" and result.exit_code == 0
 
 
 def test_the_directory_of_a_killed_worker_is_removed_by_the_next_run(bwrap):

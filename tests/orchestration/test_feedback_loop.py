@@ -2,6 +2,7 @@
 real sandbox for the tests, and the scripted engine in place of the model (tests/orchestration/scripted.py)."""
 
 import json
+import threading
 import time
 import uuid
 
@@ -456,6 +457,45 @@ def test_a_last_check_that_used_its_roles_time_limit_queues_the_verdict(here, sc
     assert review["passed"] and review["duration_ms"] >= 1000, review
     assert "verdict" not in [e["event"] for e in packet["history"]]
     assert recovery.queued_jobs(broker, [f"{profile}.qa"]) == {job_id for _, job_id in [*checks, verdict]}
+
+
+def test_a_check_whose_lease_goes_to_another_worker_stops_its_test_run(here, script, settings):
+    """A lost lease stopped a check's LLM call but not its test run, which went on to the sandbox's
+    wall-clock timeout beside the worker that took the check over. Now the run is killed at the next
+    renewal, and the check is left to the other worker: nothing recorded, the task not failed."""
+    from orchestration.leases import StepLease
+    from orchestration.orchestration_engine import later_step, task_step
+    from orchestration.runtime import task_store
+    from orchestration.services import task_submit
+
+    profile, broker, _ = here
+    script([REVIEW_OK, {"match": CODER, "reply": code_reply(RIGHT)}])
+    settings.TASK_LEASE_SECONDS = 1.5  # renewed every 0.5 s
+    settings.SANDBOX_WALL_SECONDS = 60  # the run would go on for a minute
+    hanging = "import time\nfrom solution import add\n\ndef test_add():\n    time.sleep(60)\n"
+    packet, _ = task_submit(profile=profile, role="fast_coder", payload={"instruction": "add", "tests": hanging})
+    task_id = packet["task_id"]
+    task_step(task_id=task_id, job_id=packet["history"][0]["detail"]["job_id"], worker="here")
+    noted = task_store().read(task_id)["history"][-1]["detail"]
+    step, job_id = noted["steps"][0], noted["job_ids"][0]
+    assert step == "1.tests"
+    key = StepLease(f"{task_id}:{step}", job_id).key
+
+    def take_over() -> None:  # another worker takes the lease, as after it expired
+        time.sleep(1.0)
+        broker.set(key, f"{job_id}:other:1", px=60_000)
+
+    threading.Thread(target=take_over, daemon=True).start()
+    started = time.monotonic()
+    try:
+        outcome = later_step(task_id=task_id, step=step, job_id=job_id)
+    finally:
+        broker.delete(key)
+    assert time.monotonic() - started < 8, "the test run went on"
+    assert "cancelled" in outcome["skipped"], outcome
+    stored = task_store().read(task_id)
+    assert stored["status"] == "running"
+    assert step not in steps(stored)
 
 
 def test_a_last_check_delivered_again_queues_what_its_verdict_noted(here, script):
