@@ -160,6 +160,14 @@ def _database() -> dict:
         )
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+    # How long a statement waits for a lock before it fails, on either database. A task's store write
+    # holds the task's file lock while it writes the row: without a bound, a row or table lock held
+    # elsewhere (a migration, a session left open) would hold the task, and its request or job, for as
+    # long. A mirror write that fails leaves the task marked, and the recovery sweep writes the row.
+    lock_timeout_s = env_int("DB_LOCK_TIMEOUT_SECONDS", 20, minimum=1)
+    if config["ENGINE"] == "django.db.backends.postgresql":
+        options = config.setdefault("OPTIONS", {})
+        options["options"] = f"{options.get('options', '')} -c lock_timeout={lock_timeout_s * 1000}".strip()
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # Several processes write (web, workers, the chord counter of
         # django-celery-results): WAL lets readers go on during a write,
@@ -168,7 +176,7 @@ def _database() -> dict:
         config["OPTIONS"] = {
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            "timeout": lock_timeout_s,
         }
         # pytest-django uses this file, so that Celery workers started by the
         # tests in other processes see the same test database.
