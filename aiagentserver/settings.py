@@ -378,8 +378,12 @@ EVENTS_MAX_STREAMS = env_int("EVENTS_MAX_STREAMS", 4, minimum=1)
 # How often one of the workers sweeps for tasks whose jobs were lost (and catches the database
 # mirror up); the first sweep runs when a worker starts.
 RECOVERY_SWEEP_SECONDS = env_int("RECOVERY_SWEEP_SECONDS", 30, minimum=1)
-# A queued or running task is looked at only once it has not changed for this long (a task that changed
-# more recently may have its job on its way to a worker: recover_tasks refuses less too).
-RECOVERY_GRACE_SECONDS = env_int("RECOVERY_GRACE_SECONDS", 60, minimum=10)
+# A queued or running task is looked at only once it has not changed for this long. At least
+# RECOVERY_MIN_GRACE_SECONDS, here and in recover_tasks --grace: a task that changed more recently may
+# look lost and be queued again needlessly, its submit still queueing its job, or its job on its way
+# from the queue to a worker (in neither). The copy finds its step done, but the recovery counts towards
+# the task's RECOVERY_RETRIES. The tests sweep with less, on tasks they hold still.
+RECOVERY_MIN_GRACE_SECONDS = 10
+RECOVERY_GRACE_SECONDS = env_int("RECOVERY_GRACE_SECONDS", 60, minimum=RECOVERY_MIN_GRACE_SECONDS)
 # A task whose jobs were lost is queued again this many times in a run; the next time it fails.
 RECOVERY_RETRIES = env_int("RECOVERY_RETRIES", 3, minimum=0)

@@ -46,11 +46,6 @@ SWEEP_LEASE = "recovery-sweep"  # the lease (aiagent:lease:recovery-sweep) of th
 BATCH = 1000
 CURSOR_KEY = "aiagent:recovery:cursor"  # where the last sweep's batch ended: (updated_at, task_id)
 CURSOR_TTL_S = 24 * 3600
-# The least grace a sweep is run with (RECOVERY_GRACE_SECONDS, recover_tasks --grace): a task that changed
-# more recently may look lost and be queued again needlessly, its submit still queueing its job, or its job
-# on its way from the queue to a worker (in neither). The copy finds its step done, but the recovery counts
-# towards the task's RECOVERY_RETRIES. The tests sweep with less, on tasks they hold still.
-MIN_GRACE_S = 10.0
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import math
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from orchestration import recovery
@@ -17,14 +18,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--grace",
             type=float,
-            help=f"only tasks unchanged for this many seconds, at least {recovery.MIN_GRACE_S:g} (default: setting)",
+            help=f"only tasks unchanged for this many seconds, at least {settings.RECOVERY_MIN_GRACE_SECONDS} "
+            "(default: setting)",
         )
 
     def handle(self, *args, grace: float | None, **options):
-        if grace is not None and not (math.isfinite(grace) and grace >= recovery.MIN_GRACE_S):
+        least = settings.RECOVERY_MIN_GRACE_SECONDS
+        if grace is not None and not (math.isfinite(grace) and grace >= least):
             raise CommandError(
-                f"--grace must be at least {recovery.MIN_GRACE_S:g} seconds, not {grace:g}: a task that changed more "
-                "recently may have its job on its way to a worker, and would be queued again needlessly"
+                f"--grace must be at least {least} seconds, not {grace:g}: a task that changed more recently may "
+                "have its job on its way to a worker, and would be queued again needlessly"
             )
         report = recovery.sweep(grace_s=grace)
         self.stdout.write(str(report))
