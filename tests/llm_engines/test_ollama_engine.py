@@ -253,3 +253,38 @@ def test_a_whole_reply_sent_a_byte_at_a_time_ends_at_its_timeout(fault_server):
     with pytest.raises(EngineTimeout, match="past its timeout of 1s"):
         OllamaEngine(model="m", base_url=url).chat(HELLO, ChatOptions(timeout=1.0))
     assert time.monotonic() - started < 2.5
+
+
+def test_a_cancelled_call_ends_at_once_though_its_server_goes_on(fault_server):
+    """A step whose lease went to another worker cancels its call (llm_engines.base.Cancel): a stream whose
+    server goes on sending tokens, and a whole reply whose server sends a byte at a time, end at once, and
+    a call cancelled before it starts ends at once."""
+    import threading
+
+    from llm_engines.base import Cancel
+    from llm_engines.errors import EngineCancelled
+
+    url = fault_server("pieces", (200, "application/x-ndjson", [_line("tok")] * 100), interval=0.1)
+    cancel = Cancel()
+    chunks = OllamaEngine(model="m", base_url=url).stream(HELLO, ChatOptions(timeout=30, cancel=cancel))
+    assert next(chunks).text == "tok"
+    threading.Timer(0.3, cancel.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(EngineCancelled):
+        list(chunks)
+    assert time.monotonic() - started < 1.5
+
+    url = fault_server("pieces", (200, "application/json", [b" "] * 100), interval=0.1)
+    cancel = Cancel()
+    threading.Timer(0.3, cancel.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(EngineCancelled):
+        OllamaEngine(model="m", base_url=url).chat(HELLO, ChatOptions(timeout=30, cancel=cancel))
+    assert time.monotonic() - started < 1.5
+
+    cancelled = Cancel()
+    cancelled.cancel()
+    started = time.monotonic()
+    with pytest.raises(EngineCancelled):
+        OllamaEngine(model="m", base_url=url).chat(HELLO, ChatOptions(timeout=30, cancel=cancelled))
+    assert time.monotonic() - started < 0.5
