@@ -15,11 +15,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import httpx
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from llm_engines.errors import EngineBadRequest
+
+if TYPE_CHECKING:  # only annotations here: httpx brings rich with it, 4 MB in every worker process, which a worker
+    import httpx  # whose engines are in-process (llama.cpp) never needs
 
 Message = Mapping[str, Any]
 

@@ -40,11 +40,12 @@ def test_a_worker_process_loads_neither_the_web_side_nor_celerys_command_plugins
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.splitlines()[-1]))
     # DRF's serializers bring django.contrib.postgres, psycopg, requests and pygments (18 MB); the
-    # celery program's plugins bring Flower, Tornado and prompt_toolkit.
+    # celery program's plugins bring Flower, Tornado and prompt_toolkit; httpx brings rich
+    # (4 MB more in every worker process, found later): the engines over HTTP import it when they are used.
     unwanted = {
         "rest_framework.serializers", "rest_framework.views", "drf_spectacular.openapi", "psycopg",
         "requests", "prometheus_client", "flower", "tornado", "prompt_toolkit", "orchestration.api_handler",
-        "orchestration.admin",
+        "orchestration.admin", "httpx", "rich",
     }  # fmt: skip
     assert not unwanted & loaded
     assert "orchestration.tasks" in loaded
