@@ -244,6 +244,8 @@ def run(
     Raises ``ValueError`` for a bad file name, argv or stdin, and ``SandboxUnavailable`` when the
     code cannot be sandboxed and unsandboxed runs are not allowed.
     """
+    if cancel is not None and cancel.cancelled:
+        raise RunCancelled("the run was cancelled before it started")  # nothing written, nothing started
     limits = limits or Limits()
     argv = _checked_argv(argv)
     files = _checked_files(files)
@@ -608,7 +610,7 @@ def _supervise(
     cancel: Cancel | None,
 ) -> tuple[int | None, float, str, str, bool, bool]:
     """Run ``command`` to its end or the wall timeout; (exit code, CPU seconds, out, err, truncated, timed out).
-    ``RunCancelled`` when ``cancel`` stopped it (or was cancelled before it started).
+    ``RunCancelled`` when ``cancel`` stopped it.
 
     ``stdin`` (else /dev/null) and ``pass_fds`` are the command's and closed here once it has them.
     Returns once the command's processes are gone: their end shows as the end of their output,
@@ -616,8 +618,6 @@ def _supervise(
     """
     deadline = time.monotonic() + limits.wall_s
     try:
-        if cancel is not None and cancel.cancelled:
-            raise RunCancelled("the run was cancelled before it started")
         proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL if stdin is None else stdin,

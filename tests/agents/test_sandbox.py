@@ -687,11 +687,14 @@ def test_a_cancelled_run_is_killed_at_once_and_raises(bwrap):
     assert processes_running(marker) == []
 
 
-def test_a_run_cancelled_before_it_starts_does_not_start(bwrap, tmp_path):
+def test_a_run_cancelled_before_it_starts_does_not_start(bwrap, monkeypatch):
     cancel = Cancel()
     cancel.cancel()
+    made = []
+    monkeypatch.setattr(sandbox.tempfile, "TemporaryDirectory", lambda **kw: made.append(kw))
     with pytest.raises(sandbox.RunCancelled, match="before it started"):
         sandbox.run({"main.py": "print('ran')\n"}, ["python", "main.py"], limits=FAST, cancel=cancel)
+    assert made == []  # no working directory written
 
 
 def test_a_cancel_after_the_run_ended_leaves_its_result(bwrap):
