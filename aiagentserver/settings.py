@@ -387,3 +387,9 @@ RECOVERY_MIN_GRACE_SECONDS = 10
 RECOVERY_GRACE_SECONDS = env_int("RECOVERY_GRACE_SECONDS", 60, minimum=RECOVERY_MIN_GRACE_SECONDS)
 # A task whose jobs were lost is queued again this many times in a run; the next time it fails.
 RECOVERY_RETRIES = env_int("RECOVERY_RETRIES", 3, minimum=0)
+
+# --- Retention (orchestration/retention.py) -----------------------------------
+
+# The recovery sweep removes the finished tasks (a plan with all its children) that last changed this
+# many days ago: their state files, lock files and rows. 0: every task is kept for ever.
+TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 0, minimum=0)

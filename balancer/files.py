@@ -79,9 +79,13 @@ def atomic_write(path: Path, data: bytes, *, sync_directory: bool = True) -> Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
         raise
-    if not sync_directory:
-        return
-    directory = os.open(path.parent, os.O_RDONLY)
+    if sync_directory:
+        fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the renames and removals in the directory ``path`` so far survive a power loss."""
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:

@@ -11,7 +11,8 @@ nothing to move it on, queues its jobs again under the same ids (``task_recover`
 twice finds its step done), or fails it after ``RECOVERY_RETRIES`` recoveries in its run.
 
 It also writes the database rows that a locked or unreachable database did not take (the state
-files are the truth). Every worker runs it at start and then every ``RECOVERY_SWEEP_SECONDS``, one
+files are the truth), and, with ``TASK_RETENTION_DAYS``, removes the finished tasks past it
+(orchestration/retention.py). Every worker runs it at start and then every ``RECOVERY_SWEEP_SECONDS``, one
 worker at a time (a Redis lease); ``manage.py recover_tasks`` runs it once.
 """
 
@@ -33,7 +34,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.exceptions import OperationalError
 
-from orchestration import mcp_handler, metrics, orchestration_engine
+from orchestration import mcp_handler, metrics, orchestration_engine, retention
 from orchestration.leases import StepLease, leases_held
 from orchestration.models import Task
 from orchestration.packets import FINISHED, QUEUED, RUNNING
@@ -46,6 +47,7 @@ SWEEP_LEASE = "recovery-sweep"  # the lease (aiagent:lease:recovery-sweep) of th
 BATCH = 1000
 CURSOR_KEY = "aiagent:recovery:cursor"  # where the last sweep's batch ended: (updated_at, task_id)
 CURSOR_TTL_S = 24 * 3600
+RETENTION_CURSOR_KEY = "aiagent:retention:cursor"  # where the last sweep's purge stopped
 
 
 @dataclass
@@ -54,11 +56,12 @@ class SweepReport:
     looked_at: int = 0
     recovered: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    removed: int = 0  # finished tasks past TASK_RETENTION_DAYS
 
     def __str__(self) -> str:
         return (
             f"{self.mirrored} database rows caught up; {self.looked_at} idle tasks looked at; "
-            f"{len(self.recovered)} recovered; {len(self.failed)} failed"
+            f"{len(self.recovered)} recovered; {len(self.failed)} failed; {self.removed} finished tasks removed"
         )
 
 
@@ -124,7 +127,22 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
         client.set(CURSOR_KEY, json.dumps([last_at.isoformat(), str(last_id)]), ex=CURSOR_TTL_S)
     else:
         client.delete(CURSOR_KEY)  # the end: the next sweep starts again from the oldest
+    if settings.TASK_RETENTION_DAYS:
+        report.removed = _purge(client)
     return report
+
+
+def _purge(client: redis.Redis) -> int:
+    """Remove a batch of the finished tasks past ``TASK_RETENTION_DAYS``, from where the last sweep's stopped."""
+    purged = retention.purge(
+        older_than=timedelta(days=settings.TASK_RETENTION_DAYS), after=_cursor(client.get(RETENTION_CURSOR_KEY))
+    )
+    if purged.next is None:
+        client.delete(RETENTION_CURSOR_KEY)  # the end: the next sweep starts again from the oldest
+    else:
+        at, last = purged.next
+        client.set(RETENTION_CURSOR_KEY, json.dumps([at.isoformat(), last]), ex=CURSOR_TTL_S)
+    return len(purged.removed)
 
 
 @dataclass

@@ -6,7 +6,8 @@ that is fsynced and then renamed over the old one (so that a crash never leaves
 half a file), and raises ``version`` by one. The mirror row is written in the
 same call, after the file. An observer, when given, is told of every write (the server publishes
 each new history event on the MCP feedback channel); it runs under the lock, so that the changes
-of one task reach it in order, and its failure never fails the write.
+of one task reach it in order, and its failure never fails the write. ``remove`` deletes a task's
+files under its lock (retention, orchestration/retention.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils.dateparse import parse_datetime
 
-from balancer.files import atomic_write, close_lock, open_for_lock
+from balancer.files import atomic_write, close_lock, fsync_directory, open_for_lock
 from orchestration.models import Task
 from orchestration.packets import STATUSES, now_iso, parse_task_id
 
@@ -118,9 +119,19 @@ class TaskStore:
     @contextlib.contextmanager
     def _locked(self, task_id: str) -> Iterator[None]:
         lock = self._locks / f"{parse_task_id(task_id)}.lock"
-        fd = open_for_lock(lambda: _open_creating(lock, os.O_RDWR))
+        while True:
+            fd = open_for_lock(lambda: _open_creating(lock, os.O_RDWR))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _names(lock, fd):
+                    break
+            except BaseException:
+                close_lock(fd)
+                raise
+            # The task was removed while this waited (``remove`` unlinks the lock file it holds): the lock
+            # taken is on a file nobody else will open; the path's new one is what the next writer locks.
+            close_lock(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             close_lock(fd)  # closing the descriptor releases the lock
@@ -261,6 +272,32 @@ class TaskStore:
             written += 1
         return written
 
+    def remove(self, task_id: str, removable: Callable[[dict[str, Any]], bool]) -> bool:
+        """Delete the task's state file, its unmirrored mark and its lock file, under the task's lock, if
+        ``removable`` says so of the packet as stored (a file that is gone already counts as removed; one that
+        does not parse is kept, ``CorruptState``). Its row is the caller's to delete, once the directory is
+        synced (``sync``): a row deleted while a power loss could still bring its file back would leave a
+        file that nothing lists. True when the task is gone."""
+        with self._locked(task_id):
+            try:
+                packet = self.read(task_id)
+            except TaskNotFound:
+                removed = True
+            else:
+                removed = removable(packet)
+                if removed:
+                    os.unlink(self.path(task_id))
+            if removed:
+                self._unmark(self._unmirrored / parse_task_id(task_id))
+                # Last, while it is held: a writer waiting for it finds it unlinked and locks the path's new one.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._locks / f"{parse_task_id(task_id)}.lock")
+        return removed
+
+    def sync(self) -> None:
+        """Make the removals and renames in the state directory so far survive a power loss."""
+        fsync_directory(self.root)
+
     def _observe(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
         if self.on_write is None:
             return
@@ -278,6 +315,16 @@ class TaskStore:
                 yield self.read(parse_task_id(path.stem))
             except (OSError, ValueError, CorruptState, TaskNotFound) as exc:
                 logger.error("skipping state file %s: %s", path, exc)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
 
 
 def _open_creating(path: Path, flags: int) -> int:

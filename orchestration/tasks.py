@@ -142,7 +142,7 @@ def start_recovery_sweeps(**_kwargs) -> None:
         while True:
             try:
                 report = recovery.sweep_once_among_workers()
-                if report is not None and (report.mirrored or report.recovered or report.failed):
+                if report is not None and (report.mirrored or report.recovered or report.failed or report.removed):
                     logger.warning("recovery sweep: %s", report)
             except Exception:
                 logger.warning("recovery sweep failed; trying again in %ss", settings.RECOVERY_SWEEP_SECONDS,

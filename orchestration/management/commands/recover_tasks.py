@@ -11,7 +11,8 @@ from orchestration import recovery
 class Command(BaseCommand):
     help = (
         "Catch the database mirror up with the state files, and queue again (or fail) the queued and running "
-        "tasks that nothing moves on any more: their jobs were lost with Redis or with a dead worker."
+        "tasks that nothing moves on any more: their jobs were lost with Redis or with a dead worker. With "
+        "TASK_RETENTION_DAYS, remove a batch of the finished tasks past it too."
     )
 
     def add_arguments(self, parser):
