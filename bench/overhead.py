@@ -12,7 +12,9 @@ Both run in the same run, against the same Redis and the same Celery worker:
 
 Latency: tasks go one at a time; prints p50 and p99 of both and their ratio.
 Sustained throughput (``--burst``): that many tasks posted at once by 8 clients, and as many bare
-jobs sent at once; the time until the last one is done gives tasks per second, and the ratio.
+jobs sent at once; the time until the last one is done gives tasks per second, and the ratio. For each
+server burst it also prints when the POSTs were all answered and how fast the worker finished tasks
+while they were served and after (from the tasks' `finished` events).
 
     .venv/bin/python bench/overhead.py -n 200 --burst 300
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import statistics
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -155,18 +159,24 @@ def main() -> None:
                     sys.exit(f"POST answered {response.status}: {packet}")
                 return packet["task_id"]
 
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), time.time()
             with ThreadPoolExecutor(max_workers=8) as clients:
                 task_ids = list(clients.map(post, range(args.burst)))
+            posted_at = time.time()
             give_up = time.perf_counter() + 300
+            finished = []
             for task_id in task_ids:
-                while json.loads((state_dir / f"{task_id}.json").read_bytes())["status"] != "succeeded":
+                while (packet := json.loads((state_dir / f"{task_id}.json").read_bytes()))["status"] != "succeeded":
                     if time.perf_counter() > give_up:
                         sys.exit(f"task {task_id} did not succeed within 300 s")
                     time.sleep(0.005)
-            return args.burst / (time.perf_counter() - started)
+                finished.append(datetime.fromisoformat(packet["history"][-1]["at"].replace("Z", "+00:00")).timestamp())
+            rate = args.burst / (time.perf_counter() - started)
+            timelines.append(timeline(sorted(finished), started_at, posted_at))
+            return rate
 
         rates: dict[str, list[float]] = {"bare": [], "server": []}
+        timelines: list[str] = []
         for _ in range(2 if args.burst else 0):
             rates["bare"].append(bare_burst())
             rates["server"].append(server_burst())
@@ -191,6 +201,25 @@ def main() -> None:
         best = {side: max(values) for side, values in rates.items()}
         print(f"sustained throughput, {args.burst} at once, best of 2 (tasks/s): bare {best['bare']:.1f}, "
               f"server {best['server']:.1f}; ratio server/bare {best['server'] / best['bare']:.2f}x")  # fmt: skip
+        print(f"a bare job every {1000 / best['bare']:.2f} ms at best; each server burst:")
+        for line in timelines:
+            print(f"  {line}")
+
+
+def timeline(finished: list[float], started: float, posted: float) -> str:
+    """Where a server burst's time went, from its tasks' `finished` events (wall-clock times): when the last
+    POST was answered, when the last task finished, and the worker's pace (the median time between two
+    tasks finishing) while the POSTs were being served, and after them, when the worker had the machine to
+    itself."""
+    gaps = {"during": [], "after": []}
+    for before, after in itertools.pairwise(finished):
+        gaps["during" if after <= posted else "after"].append(after - before)
+    pace = {side: f"{statistics.median(values) * 1000:.2f} ms" if values else "-" for side, values in gaps.items()}
+    return (
+        f"POSTs answered at {posted - started:.2f} s, {sum(at <= posted for at in finished)} tasks finished by then, "
+        f"the last at {finished[-1] - started:.2f} s; a task finished every {pace['during']} during the POSTs, "
+        f"every {pace['after']} after them"
+    )
 
 
 if __name__ == "__main__":
