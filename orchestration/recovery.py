@@ -135,7 +135,9 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
 def _purge(client: redis.Redis) -> int:
     """Remove a batch of the finished tasks past ``TASK_RETENTION_DAYS``, from where the last sweep's stopped."""
     purged = retention.purge(
-        older_than=timedelta(days=settings.TASK_RETENTION_DAYS), after=_cursor(client.get(RETENTION_CURSOR_KEY))
+        older_than=timedelta(days=settings.TASK_RETENTION_DAYS),
+        limit=retention.BATCH,
+        after=_cursor(client.get(RETENTION_CURSOR_KEY)),
     )
     if purged.next is None:
         client.delete(RETENTION_CURSOR_KEY)  # the end: the next sweep starts again from the oldest

@@ -144,14 +144,16 @@ def test_a_dry_run_removes_nothing():
     assert present(task_id) == THERE
 
 
-def test_batches_go_on_past_the_candidates_that_stay():
-    def plan_still_running(age: timedelta) -> str:
-        parent, child = str(uuid.uuid4()), str(uuid.uuid4())
-        stored("failed", task_id=parent, children=[child], age=age)
-        stored("running", task_id=child, parent=parent, age=age)
-        return parent
+def plan_not_finished(age: timedelta) -> str:
+    """A failed plan with a child awaiting feedback (not queued or running, which the sweep would recover)."""
+    parent, child = str(uuid.uuid4()), str(uuid.uuid4())
+    stored("failed", task_id=parent, children=[child], age=age)
+    stored("awaiting_feedback", task_id=child, parent=parent, age=age)
+    return parent
 
-    kept = [plan_still_running(4 * DAY), plan_still_running(3 * DAY)]
+
+def test_batches_go_on_past_the_candidates_that_stay():
+    kept = [plan_not_finished(4 * DAY), plan_not_finished(3 * DAY)]
     newest = stored("succeeded", age=2 * DAY)
 
     first = retention.purge(older_than=DAY, limit=2)
@@ -198,6 +200,20 @@ def test_the_sweep_removes_them_when_retention_is_set(settings, redis_url):
     assert recovery.sweep().removed == 0 and present(task_id) == THERE
     settings.TASK_RETENTION_DAYS = 1
     assert recovery.sweep().removed == 1 and present(task_id) == GONE
+
+
+def test_each_sweep_goes_on_from_where_the_last_one_stopped(settings, redis_url, monkeypatch):
+    monkeypatch.setattr(retention, "BATCH", 2)
+    settings.TASK_RETENTION_DAYS = 1
+    recovery._redis().delete(recovery.RETENTION_CURSOR_KEY)
+    kept = [plan_not_finished(4 * DAY), plan_not_finished(3 * DAY)]
+    newest = stored("succeeded", age=2 * DAY)
+
+    assert recovery.sweep().removed == 0  # the two plans not finished fill the batch
+    assert recovery._redis().get(recovery.RETENTION_CURSOR_KEY) is not None
+    assert recovery.sweep().removed == 1 and present(newest) == GONE
+    assert recovery._redis().get(recovery.RETENTION_CURSOR_KEY) is None  # the end: from the oldest again
+    assert all(present(parent) == THERE for parent in kept)
 
 
 def test_the_command_removes_them_or_says_which_it_would():
