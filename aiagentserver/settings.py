@@ -391,5 +391,6 @@ RECOVERY_RETRIES = env_int("RECOVERY_RETRIES", 3, minimum=0)
 # --- Retention (orchestration/retention.py) -----------------------------------
 
 # The recovery sweep removes the finished tasks (a plan with all its children) that last changed this
-# many days ago: their state files, lock files and rows. 0: every task is kept for ever.
-TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 0, minimum=0)
+# many days ago: their state files, lock files and rows. 0: every task is kept for ever. At most
+# retention.MAX_DAYS.
+TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 0, minimum=0, maximum=36500)

@@ -177,7 +177,11 @@ class TaskStore:
             # Checked before locking too, so that requests for unknown tasks leave no lock files.
             raise TaskNotFound(f"no task {task_id}")
         with self._locked(task_id):
-            data = self._read_bytes(task_id)
+            try:
+                data = self._read_bytes(task_id)
+            except TaskNotFound:  # removed since it was checked: the lock file made for it goes too
+                self._unlink_lock(task_id)
+                raise
             current = self._parse(task_id, data)
             updated = json.loads(data)  # the copy to change: parsing again is faster than a deep copy
             if not change(updated):
@@ -289,10 +293,14 @@ class TaskStore:
                     os.unlink(self.path(task_id))
             if removed:
                 self._unmark(self._unmirrored / parse_task_id(task_id))
-                # Last, while it is held: a writer waiting for it finds it unlinked and locks the path's new one.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._locks / f"{parse_task_id(task_id)}.lock")
+                self._unlink_lock(task_id)
         return removed
+
+    def _unlink_lock(self, task_id: str) -> None:
+        """Unlink the task's lock file, which the caller holds: last, so that a writer waiting for it finds it
+        unlinked once it has it, and locks the path's new one (``_locked``)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._locks / f"{parse_task_id(task_id)}.lock")
 
     def sync(self) -> None:
         """Make the removals and renames in the state directory so far survive a power loss."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import threading
 import uuid
@@ -16,9 +17,9 @@ from django.utils import timezone
 
 from orchestration import recovery, retention
 from orchestration.models import Task
-from orchestration.packets import new_packet
+from orchestration.packets import history_event, new_packet
 from orchestration.runtime import task_store
-from orchestration.state_store import TaskNotFound
+from orchestration.state_store import TaskNotFound, TaskStore
 
 pytestmark = pytest.mark.django_db
 
@@ -29,10 +30,16 @@ def iso(moment) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def stored(status: str, *, age: timedelta = 2 * DAY, parent: str | None = None, children=(), task_id=None) -> str:
-    """A task stored with ``status``, last changed ``age`` ago; its id."""
+def stored(
+    status: str, *, age: timedelta = 2 * DAY, parent: str | None = None, children=(), task_id=None, planned=()
+) -> str:
+    """A task stored with ``status``, last changed ``age`` ago, listing ``children`` and with a plan that named
+    ``planned`` (a `delegated` event); its id."""
     packet = new_packet(task_id=task_id or str(uuid.uuid4()), profile="developer", role="planner", payload={})
     packet.update(status=status, parent_id=parent, children=list(children), updated_at=iso(timezone.now() - age))
+    if planned:
+        named = {f"s{n}": child for n, child in enumerate(planned, 1)}
+        packet["history"].append(history_event("delegated", status="running", detail={"children": named}))
     task_store().create(packet)
     return packet["task_id"]
 
@@ -97,6 +104,28 @@ def test_a_plan_with_a_task_still_running_stays_whole():
         assert present(task_id) == THERE
 
 
+def test_a_child_its_plan_named_but_did_not_list_counts_as_the_plans():
+    """A plan lists a child once created: one whose parent's process died in between is named only by the
+    plan's `delegated` event."""
+    parent, listed, unlisted = (str(uuid.uuid4()) for _ in range(3))
+    stored("cancelled", task_id=parent, children=[listed], planned=[listed, unlisted])
+    stored("succeeded", task_id=listed, parent=parent)
+    stored("awaiting_feedback", task_id=unlisted, parent=parent)
+
+    report = retention.purge(older_than=DAY)
+    assert report.removed == [] and list(report.kept) == [parent]
+
+    task_store().update(unlisted, lambda packet: packet.update(status="succeeded") or True)
+    Task.objects.filter(task_id=unlisted).update(updated_at=timezone.now() - 2 * DAY)
+    path = task_store().path(unlisted)
+    packet = json.loads(path.read_bytes())
+    path.write_text(json.dumps({**packet, "updated_at": iso(timezone.now() - 2 * DAY)}))
+
+    report = retention.purge(older_than=DAY)
+    assert sorted(report.removed) == sorted([parent, listed, unlisted])
+    assert present(unlisted) == GONE
+
+
 def test_a_child_goes_only_with_its_parent_unless_its_parent_is_gone():
     parent, child = str(uuid.uuid4()), str(uuid.uuid4())
     stored("running", task_id=parent, children=[child])
@@ -107,6 +136,17 @@ def test_a_child_goes_only_with_its_parent_unless_its_parent_is_gone():
 
     assert report.removed == [orphan]
     assert present(child) == THERE and present(orphan) == GONE
+
+
+def test_a_child_whose_parents_row_is_missing_but_not_its_file_stays():
+    parent = stored("running")
+    child = stored("succeeded", parent=parent)
+    Task.objects.filter(task_id=parent).delete()  # its row not written yet (the database was locked)
+
+    report = retention.purge(older_than=DAY)
+
+    assert report.removed == [] and report.kept == {child: f"its parent {parent} is there: it goes with it"}
+    assert present(child) == THERE
 
 
 def test_a_task_changed_since_its_row_said_it_had_finished_stays():
@@ -120,6 +160,51 @@ def test_a_task_changed_since_its_row_said_it_had_finished_stays():
     assert report.removed == []
     assert report.kept == {task_id: f"task {task_id} of its plan is queued or changed since the cutoff"}
     assert task_store().read(task_id)["status"] == "queued"
+
+
+def test_a_plan_changed_while_it_is_being_removed_keeps_what_was_not_removed_yet(monkeypatch):
+    parent, child = str(uuid.uuid4()), str(uuid.uuid4())
+    stored("failed", task_id=parent, children=[child])
+    stored("succeeded", task_id=child, parent=parent)
+    remove = TaskStore.remove
+
+    def retried_first(store, task_id, removable):
+        if task_id == parent:  # retried after the purge read the plan, before it came to the parent
+            store.update(parent, lambda packet: packet.update(status="queued") or True)
+        return remove(store, task_id, removable)
+
+    monkeypatch.setattr(TaskStore, "remove", retried_first)
+    report = retention.purge(older_than=DAY)
+
+    assert report.removed == [child] and present(child) == GONE
+    assert report.kept == {parent: f"task {parent} of its plan changed while the plan was being removed"}
+    assert present(parent) == THERE and task_store().read(parent)["status"] == "queued"
+
+
+def test_a_row_of_an_id_submitted_again_during_the_purge_stays(monkeypatch):
+    task_id = stored("succeeded")
+    task_store().path(task_id).unlink()  # a purge cut short, or another one, removed the file
+    sync = TaskStore.sync
+
+    def submitted_again(store):
+        sync(store)
+        packet = new_packet(task_id=task_id, profile="developer", role="planner", payload={})
+        store.create(packet)
+        Task.objects.filter(task_id=task_id).update(status="queued", updated_at=timezone.now())
+
+    monkeypatch.setattr(TaskStore, "sync", submitted_again)
+    assert retention.purge(older_than=DAY).removed == [task_id]
+    assert Task.objects.get(task_id=task_id).status == "queued" and task_store().read(task_id)["status"] == "queued"
+
+
+def test_a_write_that_finds_its_task_removed_leaves_no_lock_file(monkeypatch):
+    task_id = stored("succeeded")
+    store = task_store()
+    assert store.remove(task_id, lambda packet: True)
+    monkeypatch.setattr(TaskStore, "exists", lambda self, task_id: True)  # it looked before the removal
+    with pytest.raises(TaskNotFound):
+        store.update(task_id, lambda packet: True)
+    assert not (store.root / ".locks" / f"{task_id}.lock").exists()
 
 
 def test_the_store_removes_nothing_that_its_check_under_the_lock_refuses():
@@ -195,6 +280,7 @@ def test_a_writer_waiting_for_the_lock_of_a_removed_task_locks_the_new_lock_file
 
 
 def test_the_sweep_removes_them_when_retention_is_set(settings, redis_url):
+    recovery._redis().delete(recovery.RETENTION_CURSOR_KEY)
     task_id = stored("succeeded")
     settings.TASK_RETENTION_DAYS = 0
     assert recovery.sweep().removed == 0 and present(task_id) == THERE
@@ -226,6 +312,6 @@ def test_the_command_removes_them_or_says_which_it_would():
     call_command("purge_tasks", "--days", "1.5", stdout=out)
     assert out.getvalue().splitlines() == [f"removed {task_id}", "1 tasks removed"]
     assert present(task_id) == GONE
-    for days in ("0", "-1", "nan"):
-        with pytest.raises(CommandError, match="--days must be a number of days over 0"):
+    for days in ("0", "-1", "nan", "1e9"):
+        with pytest.raises(CommandError, match="--days must be a number of days over 0 and at most 36500"):
             call_command("purge_tasks", "--days", days)

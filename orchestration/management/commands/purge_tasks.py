@@ -19,11 +19,11 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true", help="only print which tasks would be removed")
 
     def handle(self, *args, days: float, dry_run: bool, **options):
-        if not (math.isfinite(days) and days > 0):
-            raise CommandError(f"--days must be a number of days over 0, not {days:g}")
+        if not (math.isfinite(days) and 0 < days <= retention.MAX_DAYS):
+            raise CommandError(f"--days must be a number of days over 0 and at most {retention.MAX_DAYS}, not {days:g}")
         older_than = timedelta(days=days)
         total, after = 0, None
-        while True:  # a batch at a time, to the last
+        while True:  # a batch at a time, to the last (a purge cut short by a crash leaves rows for the next)
             report = retention.purge(older_than=older_than, after=after, dry_run=dry_run)
             for task_id in report.removed:
                 self.stdout.write(f"{'would remove' if dry_run else 'removed'} {task_id}")
