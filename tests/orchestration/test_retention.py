@@ -247,12 +247,12 @@ def test_batches_go_on_past_the_candidates_that_stay():
     assert second.removed == [newest] and second.next is None
 
 
-def test_a_writer_waiting_for_the_lock_of_a_removed_task_locks_the_new_lock_file(tmp_path):
+def test_a_writer_waiting_for_the_lock_of_a_removed_task_locks_the_new_lock_file():
     """``remove`` unlinks the lock file it holds. A writer that opened it before and waits for its lock must
     not take that lock, which nobody else will open again, but the path's new one: else it and the next
     writer (a submission of the same task id) would both hold "the" lock."""
     store = task_store()
-    task_id = str(uuid.uuid4())
+    task_id = stored("succeeded")
     lock_path = store.root / ".locks" / f"{task_id}.lock"
     inside, leave = threading.Event(), threading.Event()
 
@@ -261,11 +261,14 @@ def test_a_writer_waiting_for_the_lock_of_a_removed_task_locks_the_new_lock_file
             inside.set()
             leave.wait(10)
 
-    with store._locked(task_id):
-        waiting = threading.Thread(target=writer)
+    waiting = threading.Thread(target=writer)
+
+    def removable(packet: dict) -> bool:  # called under the task's lock
         waiting.start()
-        assert not inside.wait(0.3)  # it waits on the lock file held here
-        os.unlink(lock_path)  # what remove does last, while it holds the lock
+        assert not inside.wait(0.3)  # the writer waits for the lock file that remove holds
+        return True
+
+    assert store.remove(task_id, removable)
     try:
         assert inside.wait(5)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
