@@ -103,8 +103,8 @@ def purge(
             # or another one, removed its file) has a new row, which stays with its new file.
             removed = report.removed[start : start + ROWS_AT_ONCE]
             Task.objects.filter(task_id__in=removed, status__in=FINISHED, updated_at__lt=cutoff).delete()
-    if report.removed:
-        logger.info("retention: %s%s", report, " (dry run)" if dry_run else "")
+    if report.removed:  # the sweep logs its report, and the command prints it
+        logger.debug("retention: %s%s", report, " (dry run)" if dry_run else "")
     return report
 
 

@@ -142,8 +142,10 @@ def start_recovery_sweeps(**_kwargs) -> None:
         while True:
             try:
                 report = recovery.sweep_once_among_workers()
-                if report is not None and (report.mirrored or report.recovered or report.failed or report.removed):
+                if report is not None and (report.mirrored or report.recovered or report.failed):
                     logger.warning("recovery sweep: %s", report)
+                elif report is not None and report.removed:  # retention at work, not something gone wrong
+                    logger.info("recovery sweep: %s", report)
             except Exception:
                 logger.warning("recovery sweep failed; trying again in %ss", settings.RECOVERY_SWEEP_SECONDS,
                                exc_info=True)  # fmt: skip
