@@ -122,11 +122,8 @@ def sweep(*, grace_s: float | None = None, retries: int | None = None, inspect_t
             # must not stop the sweep for the tasks after it; it is logged every sweep until it is repaired.
             logger.exception("recovery: task %s not looked at", candidate)
     # Moved once the batch is done: a sweep that Redis or the database ended looks at the same batch again.
-    if len(candidates) == BATCH:
-        last_id, last_at = candidates[-1]
-        client.set(CURSOR_KEY, json.dumps([last_at.isoformat(), str(last_id)]), ex=CURSOR_TTL_S)
-    else:
-        client.delete(CURSOR_KEY)  # the end: the next sweep starts again from the oldest
+    last = (candidates[-1][1], candidates[-1][0]) if len(candidates) == BATCH else None  # (updated_at, task_id)
+    _save_cursor(client, CURSOR_KEY, last)
     if settings.TASK_RETENTION_DAYS:
         report.removed = _purge(client)
     return report
@@ -139,11 +136,7 @@ def _purge(client: redis.Redis) -> int:
         limit=retention.BATCH,
         after=_cursor(client.get(RETENTION_CURSOR_KEY)),
     )
-    if purged.next is None:
-        client.delete(RETENTION_CURSOR_KEY)  # the end: the next sweep starts again from the oldest
-    else:
-        at, last = purged.next
-        client.set(RETENTION_CURSOR_KEY, json.dumps([at.isoformat(), last]), ex=CURSOR_TTL_S)
+    _save_cursor(client, RETENTION_CURSOR_KEY, purged.next)
     return len(purged.removed)
 
 
@@ -215,6 +208,16 @@ def sweep_once_among_workers(**options) -> SweepReport | None:
         return sweep(**options)
     finally:
         lease.release()
+
+
+def _save_cursor(client: redis.Redis, key: str, cursor: tuple[datetime, object] | None) -> None:
+    """Keep where a batch ended, (updated_at, task_id), for the next sweep; None: the batch was the last, and
+    the next sweep starts again from the oldest."""
+    if cursor is None:
+        client.delete(key)
+    else:
+        at, task_id = cursor
+        client.set(key, json.dumps([at.isoformat(), str(task_id)]), ex=CURSOR_TTL_S)
 
 
 def _cursor(raw: bytes | None) -> tuple[datetime, uuid.UUID] | None:

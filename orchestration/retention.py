@@ -31,7 +31,7 @@ from django.utils.dateparse import parse_datetime
 from orchestration.models import Task
 from orchestration.packets import FINISHED
 from orchestration.runtime import task_store
-from orchestration.state_store import CorruptState, TaskNotFound
+from orchestration.state_store import CorruptState, TaskNotFound, TaskStore
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ def purge(
         at, last = after
         rows = rows.filter(Q(updated_at__gt=at) | Q(updated_at=at, task_id__gt=last))
     candidates = list(rows.order_by("updated_at", "task_id").values_list("task_id", "updated_at")[:limit])
+    store = task_store()
     if len(candidates) == limit:
         report.next = (candidates[-1][1], str(candidates[-1][0]))
-    store = task_store()
     for task_id, _ in candidates:
         task_id = str(task_id)
         try:
-            tree, why = _tree(task_id, cutoff)
+            tree, why = _tree(store, task_id, cutoff)
         except (CorruptState, OSError) as exc:  # a file of the plan cannot be read: kept, and said why
             tree, why = [], f"not removed: {exc}"
         except Exception as exc:  # a packet this code does not expect must not stop retention at it for good
@@ -112,9 +112,8 @@ def _old_and_finished(packet: dict, cutoff: datetime) -> bool:
     return packet["status"] in FINISHED and parse_datetime(packet["updated_at"]) < cutoff
 
 
-def _tree(task_id: str, cutoff: datetime) -> tuple[list[str], str | None]:
+def _tree(store: TaskStore, task_id: str, cutoff: datetime) -> tuple[list[str], str | None]:
     """The task and its descendants, each after its children, or why they stay (None when they go)."""
-    store = task_store()
     try:
         root = store.read(task_id)
     except TaskNotFound:
@@ -151,7 +150,7 @@ def _child_ids(packet: dict) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _remove(store, tree: list[str], cutoff: datetime) -> tuple[list[str], str | None]:
+def _remove(store: TaskStore, tree: list[str], cutoff: datetime) -> tuple[list[str], str | None]:
     """Remove the tasks of ``tree`` in its order while each is still old and finished under its lock: those
     removed, and why the rest stay (None when none does)."""
     removed: list[str] = []
