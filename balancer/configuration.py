@@ -463,15 +463,26 @@ def parse_configuration(
 def load_configuration(path: Path, *, known_agents: Collection[str] | None = None) -> Configuration:
     """Read and validate ``path``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigurationError(str(path), [("", f"cannot be read: {exc.strerror}")]) from None
+    try:
+        text = data.decode("utf-8-sig")  # an editor's byte order mark is no error
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigurationError(
+            str(path), [("", f"is not UTF-8: byte 0x{data[exc.start]:02x} at line {line} (save it as UTF-8)")]
+        ) from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(
             str(path), [("", f"is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}")]
         ) from None
+    except ValueError as exc:  # an integer longer than Python converts (4,300 digits)
+        raise ConfigurationError(str(path), [("", f"is not valid JSON: {exc}")]) from None
+    except RecursionError:
+        raise ConfigurationError(str(path), [("", "is not valid JSON: nested too deeply")]) from None
     return parse_configuration(raw, source=str(path), known_agents=known_agents)
 
 

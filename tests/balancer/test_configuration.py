@@ -86,6 +86,36 @@ def test_invalid_json_names_line_and_column(tmp_path):
         load_configuration(path)
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"llms": [],\n "profiles": "caf\xe9"}'.encode("latin-1"), "is not UTF-8: byte 0xe9 at line 2"),
+        (b'{"llms": [{"max_tokens": ' + b"1" * 5000 + b"}]}", "is not valid JSON: Exceeds the limit"),
+        (b"[" * 100_000, "is not valid JSON: nested too deeply"),
+    ],
+    ids=["latin-1", "long-integer", "deep"],
+)
+def test_a_file_json_cannot_read_is_a_configuration_error_and_the_last_good_one_stays(tmp_path, raw, content, problem):
+    """Found by review: these raised UnicodeDecodeError, ValueError and RecursionError past the source, so
+    every submission was a 500 and every step failed while the file stayed so."""
+    path = tmp_path / "configuration.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigurationError, match=problem):
+        load_configuration(path)
+    path.write_text(json.dumps(raw))
+    source = ConfigurationSource(path, known_agents=AGENTS.names())
+    good = source.current()
+    path.write_bytes(content)
+    assert source.current() is good
+    assert problem in str(source.last_error)
+
+
+def test_a_byte_order_mark_is_no_error(tmp_path, raw):
+    path = tmp_path / "configuration.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(raw).encode())
+    assert load_configuration(path, known_agents=AGENTS.names()).profiles["developer"]
+
+
 def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path, raw):
     path = tmp_path / "configuration.json"
     path.write_text(json.dumps(raw))
