@@ -114,6 +114,16 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     config = configuration()
     try:
         payload = agent.validate_payload(payload)
+    except PayloadError as exc:
+        raise ApplicationError(str(exc), field=exc.field) from None
+    if task_id is not None:
+        # A retry of a stored task gets it back whatever the LLMs can do now (one was turned off since,
+        # say): refused below, its client would think the task never taken, and submit it again.
+        task_id = parse_task_id(task_id)
+        existing = _stored(task_id)
+        if existing is not None:
+            return _resubmit(existing, profile=profile, role=role, payload=payload, role_config=role_config), False
+    try:
         agent().check_reply_room(payload, role_config, config)
     except PayloadError as exc:
         raise ApplicationError(str(exc), field=exc.field) from None
@@ -125,7 +135,7 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     except load_balancer.NoCandidate as exc:
         raise ApplicationError(str(exc), status_code=422, code="no_llm") from None
 
-    task_id = parse_task_id(task_id) if task_id is not None else str(uuid.uuid4())
+    task_id = task_id if task_id is not None else str(uuid.uuid4())
     job_id = str(uuid.uuid4())
     packet = new_packet(task_id=task_id, profile=profile, role=role, payload=payload)
     packet["history"].append(
@@ -147,6 +157,18 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
         raise _storage_error(exc) from exc
     transaction.on_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))
     return stored, True
+
+
+def _stored(task_id: str) -> dict[str, Any] | None:
+    """The stored task ``task_id``, or None."""
+    try:
+        return task_store().read(task_id)
+    except TaskNotFound:
+        return None
+    except CorruptState as exc:
+        raise corrupt_state_error(exc) from None
+    except OSError as exc:
+        raise _storage_error(exc) from exc
 
 
 def _resubmit(

@@ -195,6 +195,26 @@ def test_same_task_id_with_another_payload_is_409_and_keeps_the_original(api, st
     assert json.loads((state_dir / f"{task_id}.json").read_text()) == original
 
 
+def test_a_retry_of_a_stored_task_gets_it_back_after_its_llms_were_turned_off(api, edit_config):
+    """Found by review: the retry was refused (422 no_llm) before the stored task was looked at, so a client
+    retrying after the LLMs changed would think the task never taken, and submit it again under a new id."""
+    task_id = str(uuid.uuid4())
+    first = post(api, {"task_id": task_id, "payload": {"input": "same"}})
+    assert first.status_code == 202
+
+    def all_off(raw):
+        for llm in raw["llms"]:
+            llm["toggle"] = False
+
+    edit_config(all_off)
+    again = post(api, {"task_id": task_id, "payload": {"input": "same"}})
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    assert post(api, {"task_id": task_id, "payload": {"input": "another"}}).status_code == 409
+    refused = post(api, {"task_id": str(uuid.uuid4()), "payload": {"input": "same"}})
+    assert refused.status_code == 422 and refused.json()["code"] == "no_llm"
+
+
 def test_same_task_id_on_another_role_is_409(api):
     task_id = str(uuid.uuid4())
     post(api, {"task_id": task_id, "payload": {"input": "x"}})
