@@ -803,9 +803,7 @@ def queue_job(task: Task, args: list[Any], role: RoleConfig, job_id: str) -> Non
     message is the one ``task.apply_async`` sends, without checking the arguments against the task's
     signature and merging its options again, which took 0.26 M instructions of a submission's 8.7 M
     (the arguments are the server's own). A group of jobs goes through Celery's canvas as before."""
-    from aiagentserver.celery import app
-
-    app.send_task(task.name, args=args, ignore_result=task.ignore_result, **job_options(role, job_id))
+    task.app.send_task(task.name, args=args, ignore_result=task.ignore_result, **job_options(role, job_id))
 
 
 # -- delegation -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis
+from celery import current_app
 from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Q
@@ -83,9 +84,7 @@ def queued_jobs(client: redis.Redis, queues: Iterable[str]) -> set[str]:
 
 def held_jobs(timeout_s: float) -> set[str]:
     """The ids of the jobs the live workers hold: running, prefetched, or waiting for a countdown."""
-    from aiagentserver.celery import app
-
-    inspect = app.control.inspect(timeout=timeout_s)
+    inspect = current_app.control.inspect(timeout=timeout_s)
     ids = set()
     for replies in (inspect.active(), inspect.reserved(), inspect.scheduled()):
         for jobs in (replies or {}).values():

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from celery import current_app
 from django.db import transaction
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -218,10 +219,8 @@ def task_cancel(*, task_id: str, reason: str | None = None) -> dict[str, Any]:
     packet, _ = _update(task_id, cancel)
     jobs = task_pending_jobs(packet)
     if jobs:
-        from aiagentserver.celery import app
-
         try:
-            app.control.revoke(jobs)
+            current_app.control.revoke(jobs)
         except (BrokerError, OSError) as exc:
             # The guards still keep the jobs from running: they find the task cancelled.
             logger.warning("task %s: could not revoke jobs %s: %s", task_id, jobs, exc)
