@@ -117,8 +117,20 @@ class PayloadField(serializers.JSONField):
     """Any JSON on input (the role's agent validates it, with its own messages), documented as an object."""
 
 
+class TextField(serializers.CharField):
+    """A string field that takes strings only: DRF's CharField turns a number into its text, so that
+    `{"feedback": 12345}` was taken as the feedback "12345"."""
+
+    default_error_messages = {"invalid": "must be a string"}
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 @extend_schema_field(OpenApiTypes.UUID)
-class TaskIdField(serializers.CharField):
+class TaskIdField(TextField):
     """Text on input (the view checks the UUID form, with its own message), documented as a UUID. Not
     trimmed: " <uuid> " is not a task id, and a trimmed one would give one task two names."""
 
@@ -327,8 +339,8 @@ class TaskSubmitApi(APIView):
             help_text="Optional: the client's own id, for idempotent retries (the same payload gives the "
             "stored task back, another payload a 409).",
         )
-        profile = serializers.CharField(required=False, trim_whitespace=False, help_text="Optional; must be the URL's.")
-        role = serializers.CharField(required=False, trim_whitespace=False, help_text="Optional; must be the URL's.")
+        profile = TextField(required=False, trim_whitespace=False, help_text="Optional; must be the URL's.")
+        role = TextField(required=False, trim_whitespace=False, help_text="Optional; must be the URL's.")
         payload = PayloadField(help_text=_PAYLOAD_HELP)
 
         def to_internal_value(self, data: Any) -> dict[str, Any]:
@@ -492,14 +504,14 @@ class TaskFeedbackApi(APIView):
     class InputSerializer(ClosedInputSerializer):
         """Feedback from a person or an outside agent on a task of a coder role."""
 
-        feedback = serializers.CharField(max_length=20_000, trim_whitespace=True)
+        feedback = TextField(max_length=20_000, trim_whitespace=True)
         route = serializers.ChoiceField(
             choices=["debug", "coder"],
             default="debug",
             help_text="`debug`: Debug diagnoses with the feedback, then the coder fixes; `coder`: the coder gets "
             "the feedback directly.",
         )
-        tests = serializers.CharField(
+        tests = TextField(
             required=False, max_length=200_000, trim_whitespace=False, help_text="Test code that replaces the tests."
         )
 

@@ -535,3 +535,19 @@ def test_an_unexpected_error_under_the_api_is_a_json_500_and_elsewhere_djangos_p
     assert response.json()["code"] == "server_error" and "a bug" not in response.json()["detail"]
     response = client.get("/healthz")  # not under /api/: Django's page, as before
     assert response.status_code == 500 and response["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"feedback": 12345}, "feedback"), ({"feedback": "x", "tests": 5}, "tests"), ({"feedback": ["x"]}, "feedback")],
+)
+def test_feedback_whose_text_is_not_a_string_is_400_naming_it(api, state_dir, body, field):
+    """Found by a walk-through: DRF's CharField took 12345 for the feedback "12345", and `"tests": 5` replaced
+    the task's tests with "5"."""
+    task = stored("succeeded")
+    response = api.post(
+        f"/api/v1/tasks/{task['task_id']}/feedback", data=json.dumps(body), content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == field and "must be a string" in response.json()["detail"]
+    assert json.loads((state_dir / f"{task['task_id']}.json").read_text()) == task
