@@ -711,6 +711,48 @@ class TaskListNoSlashApi(TaskListApi):
     the schema lists)."""
 
 
+class ApiRootApi(APIView):
+    """GET /api/v1/: where the API's endpoints are, as absolute URLs (`make run` prints this address)."""
+
+    @extend_schema_serializer(component_name="ApiRoot")
+    class OutputSerializer(serializers.Serializer):
+        """The API's endpoints; `submit` is a template with the profile and the role to fill in."""
+
+        submit = serializers.CharField(help_text="POST a task: `…/api/v1/{profile}/{role}`.")
+        tasks = serializers.URLField(help_text="GET the tasks, filtered and paged.")
+        task = serializers.CharField(
+            help_text="GET a task: `…/api/v1/tasks/{task_id}`, with `/cancel`, `/feedback`, `/events`."
+        )
+        config = serializers.URLField(help_text="GET the configuration in force: the profiles and their roles.")
+        llms = serializers.URLField(help_text="GET the LLMs with their health.")
+        metrics = serializers.URLField(help_text="GET the counts, queues and engine figures.")
+        schema = serializers.URLField(help_text="GET the OpenAPI schema.")
+        docs = serializers.URLField(help_text="The schema in Swagger UI.")
+
+    @extend_schema(
+        operation_id="api_root",
+        summary="The API's endpoints",
+        tags=["configuration"],
+        responses={200: OpenApiResponse(OutputSerializer, description="The endpoints."), **errors(401)},
+    )
+    def get(self, request: Request) -> Response:
+        url = request.build_absolute_uri
+        return Response(
+            {
+                "submit": url(reverse("task-submit", args=["PROFILE", "ROLE"])).replace(
+                    "PROFILE/ROLE", "{profile}/{role}"
+                ),
+                "tasks": url(reverse("task-list")),
+                "task": url(reverse("task-detail", args=["TASK_ID"])).replace("TASK_ID", "{task_id}"),
+                "config": url(reverse("config")),
+                "llms": url(reverse("llm-list")),
+                "metrics": url(reverse("metrics")),
+                "schema": url(reverse("schema")),
+                "docs": url(reverse("docs")),
+            }
+        )
+
+
 class ConfigApi(APIView):
     """GET /api/v1/config: the configuration in force (it holds no secrets)."""
 
@@ -904,6 +946,10 @@ class _EventStream:
 
 
 def _last_event_id(request: Request) -> int:
+    # A misspelt last_event_id would replay every event, as an unknown filter listed every task.
+    unknown = sorted(set(request.query_params) - {"last_event_id"})
+    if unknown:
+        raise ApplicationError(f"{unknown[0]}: unknown field", field=unknown[0])
     raw = request.headers.get("Last-Event-ID", request.query_params.get("last_event_id", "0")).strip()
     if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
         raise ApplicationError(

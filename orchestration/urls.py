@@ -5,6 +5,7 @@ from django.urls import path
 from orchestration import api_handler
 
 urlpatterns = [
+    path("", api_handler.ApiRootApi.as_view(), name="api-root"),
     path("config", api_handler.ConfigApi.as_view(), name="config"),
     path("llms", api_handler.LLMListApi.as_view(), name="llm-list"),
     path("metrics", api_handler.MetricsApi.as_view(), name="metrics"),

@@ -195,6 +195,19 @@ def test_configuration_and_health_answers_match_the_schema(api, documented):
     assert documented.check("/healthz", "get", APIClient().get("/healthz"))["status"] == "ok"
 
 
+def test_the_api_root_lists_endpoints_that_answer(api, documented):
+    """`make run` prints /api/v1/, which was a 404."""
+    root = documented.check("/api/v1/", "get", api.get("/api/v1/"))
+    assert root["submit"] == "http://testserver/api/v1/{profile}/{role}"
+    assert root["task"] == "http://testserver/api/v1/tasks/{task_id}"
+    for name in ("tasks", "config", "llms", "metrics", "schema", "docs"):
+        assert api.get(root[name]).status_code == 200, name
+    documented.check("/api/v1/", "get", APIClient().get("/api/v1/"))
+    wrong_method = api.get("/api/v1/developer/planner")
+    assert wrong_method.status_code == 405 and wrong_method.json()["code"] == "method_not_allowed"
+    assert "POST" in wrong_method["Allow"]  # as doc/api_endpoints.md says
+
+
 # --- Serving the schema and the docs -------------------------------------------------------------
 
 

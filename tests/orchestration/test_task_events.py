@@ -134,6 +134,16 @@ def test_a_bad_last_event_id_is_a_400(api, last_event_id, problem):
     assert response.json()["field"] == "Last-Event-ID" and problem in response.json()["detail"]
 
 
+def test_an_unknown_query_parameter_is_a_400_naming_it(api):
+    """A misspelt last_event_id (found by a walk-through: ignored) would replay every event."""
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="developer", role="architect", payload={"input": "x"})
+    packet["history"].append(history_event("submitted", status="queued"))
+    task_store().create(packet)
+    response = api.get(f"/api/v1/tasks/{packet['task_id']}/events", {"last_event_ld": "1"})
+    assert response.status_code == 400
+    assert response.json()["field"] == "last_event_ld" and "unknown field" in response.json()["detail"]
+
+
 def test_events_of_an_unknown_or_malformed_task_and_without_a_token(api, client):
     assert api.get(f"/api/v1/tasks/{uuid.uuid4()}/events").status_code == 404
     assert api.get("/api/v1/tasks/..%2F..%2Fetc%2Fpasswd/events").status_code == 404  # no such route
