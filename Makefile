@@ -46,7 +46,7 @@ $(PY):
 
 $(STAMP): requirements.txt | $(PY)
 	@echo "==> Installing requirements.txt into $(VENV)."
-	@echo "==> The first time, llama-cpp-python compiles from source: this takes several minutes."
+	@echo "==> The first time on a machine, llama-cpp-python compiles from source (several minutes); pip keeps the wheel for later installs."
 	$(PY) -m pip install --disable-pip-version-check --no-deps -r requirements.txt
 	@touch $@
 
