@@ -240,10 +240,12 @@ def run() -> int:
                 "FLOWER_BASIC_AUTH=user:password (or Flower's OAuth options) to serve it on HOST too."
             )
         commands = {
-            # Threads, so that a client following a task's events (SSE) holds a thread, not a process.
+            # Threads, so that a client following a task's events (SSE) holds a thread, not a process. No control
+            # socket: gunicorn's is at one path for all of a user's gunicorns ($HOME/.gunicorn/gunicorn.ctl),
+            # which a second server (or the tests' own) would take over.
             "web": [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"{host}:{port}",
                     "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--worker-class", "gthread",
-                    "--threads", os.environ.get("WEB_THREADS", "8"), "--access-logfile", "-"],
+                    "--threads", os.environ.get("WEB_THREADS", "8"), "--access-logfile", "-", "--no-control-socket"],
             "worker": [sys.executable, "-m", "aiagentserver.worker", "-n", node, "-Q", queues,
                        "--loglevel", os.environ.get("LOG_LEVEL", "INFO").strip().upper(),
                        "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2")],

@@ -119,7 +119,7 @@ def main() -> None:
     ]
     ports = {"server": free_port(), "bare": free_port()}
     gunicorn = [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-                "--log-level", "warning", "--backlog", "2048"]  # fmt: skip
+                "--no-control-socket", "--log-level", "warning", "--backlog", "2048"]  # fmt: skip
     servers = [
         subprocess.Popen(
             [*gunicorn, "aiagentserver.wsgi", "--bind", f"127.0.0.1:{ports['server']}"], cwd=BASE_DIR, env=env

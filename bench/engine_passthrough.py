@@ -143,7 +143,7 @@ def main() -> None:
         ),
         subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
-             "--workers", "2", "--log-level", "warning"],
+             "--no-control-socket", "--workers", "2", "--log-level", "warning"],
             cwd=BASE_DIR,
         ),
     ]  # fmt: skip

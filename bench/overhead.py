@@ -83,7 +83,8 @@ def main() -> None:
         ),
         subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
-             "--workers", "2", "--worker-class", "gthread", "--threads", "8", "--log-level", "warning"],
+             "--workers", "2", "--worker-class", "gthread", "--threads", "8", "--log-level", "warning",
+              "--no-control-socket"],
             cwd=BASE_DIR,
         ),
     ]  # fmt: skip

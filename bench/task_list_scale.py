@@ -252,7 +252,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{self.port}",
              "--workers", "2", "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
-             "--log-level", "warning"],
+             "--log-level", "warning", "--no-control-socket"],
             cwd=BASE_DIR, env=self.env,
         )  # fmt: skip
         self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)

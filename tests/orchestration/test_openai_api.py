@@ -195,7 +195,7 @@ def web(upstream, endless, ollama_server, tmp_path_factory) -> Iterator[str]:
     port = free_port()
     command = [
         sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
-        "--workers", "1", "--worker-class", "gthread", "--threads", "4",
+        "--no-control-socket", "--workers", "1", "--worker-class", "gthread", "--threads", "4",
     ]  # fmt: skip
     env = server_env(API_SUBMIT_THROTTLE_RATE=f"{WORK_RATE}/min", OPENAI_API_MAX_CALLS=str(MAX_CALLS))
     try:

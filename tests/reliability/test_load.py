@@ -30,7 +30,7 @@ def web(tmp_path):
     port = free_port()
     command = [
         sys.executable, "-m", "gunicorn", "aiagentserver.wsgi", "--bind", f"127.0.0.1:{port}",
-        "--workers", "2", "--worker-class", "gthread", "--threads", "8",
+        "--no-control-socket", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
     ]  # fmt: skip
     process = _serve(command, f"http://127.0.0.1:{port}/healthz", tmp_path / "gunicorn.log", env=server_env())
     yield f"http://127.0.0.1:{port}"
