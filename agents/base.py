@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -241,6 +242,46 @@ def schema_problem(error: ValidationError, root: str) -> tuple[str, str]:
     return field, error.message
 
 
+# A string of a reply format's example that describes what the model must write: "<the whole file>". Not
+# "...", which a small model fills some fields of an answer with and others not (a diagnosis's evidence):
+# the answer is then thin, not empty.
+_PLACEHOLDER = re.compile(r'"(<[^"<>\n]{1,80}>)"')
+
+
+def format_placeholders(messages: Iterable[Message]) -> frozenset[str]:
+    """The placeholders of the reply formats ("Reply with JSON: …") in ``messages``, as ``_placeholder_key``
+    gives them."""
+    found: set[str] = set()
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) and "Reply with JSON" in content:
+            found.update(_placeholder_key(match) for match in _PLACEHOLDER.findall(content))
+    return frozenset(found)
+
+
+def _placeholder_key(text: str) -> str:
+    """A placeholder as a small model copies it: with or without its brackets, in any case ("The whole file")."""
+    return " ".join(text.strip().strip("<>").split()).lower()
+
+
+def placeholder_problem(data: Any, placeholders: frozenset[str], path: str = "reply") -> str | None:
+    """The first string of a reply that is one of its format's placeholders, named by its path; or None.
+    A small model copies the format's example as it stands (SmolLM2-135M, doc/performance.md's HumanEval):
+    such a reply follows the schema and says nothing."""
+    if isinstance(data, str):
+        if data.strip() and _placeholder_key(data) in placeholders:
+            return f"{path} is {data.strip()[:80]!r}, the reply format's placeholder: write the real value"
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        problem = placeholder_problem(
+            value, placeholders, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+        )
+        if problem is not None:
+            return problem
+    return None
+
+
 class Agent:
     """An agent: the payload it accepts, its prompt, and the JSON it answers with."""
 
@@ -376,9 +417,10 @@ class Agent:
     ) -> AgentOutcome:
         """Ask for JSON that follows ``schema`` (free text when None), once more with the error if the
         first reply does not, and turn it into a result with ``parse``."""
+        placeholders = format_placeholders(messages)
         reply, decision = self._call(messages, schema, role, config, balancer, deadline, sticky)
         try:
-            return self._outcome(self._parse(reply.text, schema, parse), reply, decision)
+            return self._outcome(self._parse(reply.text, schema, parse, placeholders), reply, decision)
         except ReplyProblem as problem:
             first, first_problem = reply, str(problem)
         retry = [
@@ -400,7 +442,7 @@ class Agent:
         ]
         reply, decision = self._call(retry, schema, role, config, balancer, deadline, decision.llm.id)
         try:
-            result = self._parse(reply.text, schema, parse)
+            result = self._parse(reply.text, schema, parse, placeholders)
         except ReplyProblem as problem:
             raise ReplyError(
                 f"the model's reply did not follow the {self.name} agent's output format, even after a retry "
@@ -439,7 +481,9 @@ class Agent:
         )
 
     @staticmethod
-    def _parse(reply_text: str, schema: dict[str, Any] | None, parse: Any) -> dict[str, Any]:
+    def _parse(
+        reply_text: str, schema: dict[str, Any] | None, parse: Any, placeholders: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         if schema is None:  # free text
             try:
                 check_json(reply_text)
@@ -465,6 +509,9 @@ class Agent:
         error = first_problem(reply_schema(schema), data)
         if error is not None:
             raise ReplyProblem(" ".join(schema_problem(error, "reply")))
+        problem = placeholder_problem(data, placeholders)
+        if problem is not None:
+            raise ReplyProblem(problem)
         return parse(data)
 
     @staticmethod

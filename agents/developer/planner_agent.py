@@ -69,7 +69,7 @@ class PlannerAgent(Agent):
             **system,
             "content": system["content"]
             + "\n\nReply with JSON: "
-            + '{"steps": [{"id": "s1", "role": "...", "input": "what this step must do", "depends_on": []}]}. '
+            + '{"steps": [{"id": "s1", "role": "...", "input": "<what this step must do>", "depends_on": []}]}. '
             + f"Each step's role is one of: {roles}. A step depends only on steps listed before it; "
             + "steps that do not depend on each other can run at the same time.",
         }

@@ -179,3 +179,15 @@ def test_a_time_limit_after_a_step_was_recorded_does_not_fail_the_task(here, scr
     noted = after["history"][-1]["detail"]
     orchestration_engine.task_abandoned(task_id=packet["task_id"], job_id=noted["job_ids"][0], reason="killed")
     assert task_store().read(packet["task_id"])["status"] == "failed"
+
+
+def test_a_coder_that_copies_the_formats_placeholder_fails_the_task_saying_so(api, celery_worker, script):
+    """SmolLM2-135M's coder answered `"<the whole file>"` every round, and each round ran QA's checks, Debug and
+    the next round on it: the task failed only when the same failure repeated, after four rounds."""
+    script([REVIEW_OK, {"match": CODER, "reply": reply(("solution.py", "<the whole file>"))}])
+    done = wait_for(submit(api, {"instruction": "add(a, b) returns a + b", "tests": TESTS}), timeout=60)
+    assert done["status"] == "failed"
+    reason = done["history"][-1]["detail"]["reason"]
+    assert reason.startswith("step 1.coder: the model's reply did not follow the coder agent's output format")
+    assert "reply.files[0].content is '<the whole file>', the reply format's placeholder" in reason
+    assert not [event for event in done["history"] if event["event"] == "check"]
