@@ -80,11 +80,18 @@ def raw_from_rows(*, replace: models.Model | None = None, remove: models.Model |
 
 
 def check_rows(
-    *, known_agents: Collection[str], replace: models.Model | None = None, remove: models.Model | None = None
+    *,
+    known_agents: Collection[str],
+    time_limit_below_s: float | None = None,
+    replace: models.Model | None = None,
+    remove: models.Model | None = None,
 ) -> dict[str, Any]:
     """The raw configuration of the rows (with the edit), or ``ConfigurationError`` naming every bad field."""
     raw = raw_from_rows(replace=replace, remove=remove)
-    parse_configuration(raw, source="the configuration with this change", known_agents=known_agents)
+    parse_configuration(
+        raw, source="the configuration with this change", known_agents=known_agents,
+        time_limit_below_s=time_limit_below_s,
+    )  # fmt: skip
     return raw
 
 
@@ -118,9 +125,9 @@ def write_file(path: Path, raw: dict[str, Any]) -> None:
     atomic_write(path, (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def save_rows_to_file(path: Path, *, known_agents: Collection[str]) -> None:
+def save_rows_to_file(path: Path, *, known_agents: Collection[str], time_limit_below_s: float | None = None) -> None:
     """Validate the rows as they are now and write them to the file."""
-    raw = check_rows(known_agents=known_agents)
+    raw = check_rows(known_agents=known_agents, time_limit_below_s=time_limit_below_s)
     write_file(path, raw)
     ConfigurationFile.objects.update_or_create(path=str(path), defaults={"stamp": file_stamp(path), "error": ""})
 
@@ -164,7 +171,7 @@ def _import(config: Configuration) -> None:
             )  # fmt: skip
 
 
-def sync_from_file(path: Path, *, known_agents: Collection[str]) -> str:
+def sync_from_file(path: Path, *, known_agents: Collection[str], time_limit_below_s: float | None = None) -> str:
     """Copy the file into the rows if it changed since the last copy. Returns the file's current
     problem ("" when it is valid); a broken file leaves the rows as they were."""
     stamp = file_stamp(path)
@@ -172,7 +179,7 @@ def sync_from_file(path: Path, *, known_agents: Collection[str]) -> str:
     if state.stamp == stamp and state.stamp:
         return state.error
     try:
-        config = load_configuration(path, known_agents=known_agents)
+        config = load_configuration(path, known_agents=known_agents, time_limit_below_s=time_limit_below_s)
     except ConfigurationError as exc:
         logger.error("configuration not loaded into the admin: %s", exc)
         state.stamp, state.error = stamp, str(exc)

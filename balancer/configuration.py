@@ -351,7 +351,7 @@ def _costs(check: _Checker, data: dict[str, Any], path: str) -> Mapping[str, flo
 
 def _parse_role(
     check: _Checker, raw: Any, path: str, *, profile: str, name: str, llm_ids: Collection[str],
-    known_agents: Collection[str] | None,
+    known_agents: Collection[str] | None, time_limit_below_s: float | None,
 ) -> RoleConfig | None:  # fmt: skip
     data = check.mapping(raw, path)
     if data is None:
@@ -360,6 +360,14 @@ def _parse_role(
     agent = check.string(data.get("agent", ""), f"{path}.agent", max_length=MAX_LENGTHS["agent"])
     if agent and known_agents is not None and agent not in known_agents:
         check.fail(f"{path}.agent", f"unknown agent {agent!r} (known: {', '.join(sorted(known_agents))})")
+    time_limit_s = check.number(data.get("time_limit_s", 300), f"{path}.time_limit_s", minimum=1, maximum=86400)
+    if time_limit_below_s is not None and time_limit_s >= time_limit_below_s:
+        check.fail(
+            f"{path}.time_limit_s",
+            f"must be under {time_limit_below_s:g}: a step that long would outlive its job's visibility timeout "
+            "(CELERY_VISIBILITY_TIMEOUT, less the 30 s by which the hard time limit follows), and its job would "
+            "come back from Redis as one whose worker died",
+        )
     return RoleConfig(
         profile=profile,
         name=name,
@@ -369,7 +377,7 @@ def _parse_role(
         preferred_llms=check.llm_ids(data.get("preferred_llms", []), f"{path}.preferred_llms", llm_ids),
         max_tokens=check.integer(data.get("max_tokens", 256), f"{path}.max_tokens", minimum=1),
         temperature=check.number(data.get("temperature", 0.7), f"{path}.temperature", minimum=0.0, maximum=2.0),
-        time_limit_s=check.number(data.get("time_limit_s", 300), f"{path}.time_limit_s", minimum=1, maximum=86400),
+        time_limit_s=time_limit_s,
         max_iterations=check.integer(data.get("max_iterations", 3), f"{path}.max_iterations", minimum=1, maximum=100),
     )
 
@@ -394,11 +402,16 @@ def _check_reply_fits(check: _Checker, role: RoleConfig, path: str, llms: Mappin
 
 
 def parse_configuration(
-    raw: Any, *, source: str = "configuration", known_agents: Collection[str] | None = None
+    raw: Any,
+    *,
+    source: str = "configuration",
+    known_agents: Collection[str] | None = None,
+    time_limit_below_s: float | None = None,
 ) -> Configuration:
     """Validate the decoded JSON and build the configuration, or raise ``ConfigurationError`` listing every problem.
 
-    ``known_agents`` is passed in by the caller (the balancer does not know the agents).
+    ``known_agents`` and ``time_limit_below_s`` (the bound of a role's ``time_limit_s``) are passed in by the
+    caller: the balancer knows neither the agents nor the broker.
     """
     check = _Checker()
     top = check.mapping(raw, "")
@@ -438,7 +451,7 @@ def parse_configuration(
                 check.fail(role_path, f"role names must match {NAME_RE.pattern}")
             role = _parse_role(
                 check, raw_role, role_path, profile=profile_name, name=role_name, llm_ids=llms,
-                known_agents=known_agents,
+                known_agents=known_agents, time_limit_below_s=time_limit_below_s,
             )  # fmt: skip
             if role is not None:
                 roles[role_name] = role
@@ -460,8 +473,10 @@ def parse_configuration(
     return Configuration(llms=MappingProxyType(llms), profiles=MappingProxyType(profiles))
 
 
-def load_configuration(path: Path, *, known_agents: Collection[str] | None = None) -> Configuration:
-    """Read and validate ``path``."""
+def load_configuration(
+    path: Path, *, known_agents: Collection[str] | None = None, time_limit_below_s: float | None = None
+) -> Configuration:
+    """Read and validate ``path`` (``parse_configuration`` says what the keywords are)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -483,7 +498,7 @@ def load_configuration(path: Path, *, known_agents: Collection[str] | None = Non
         raise ConfigurationError(str(path), [("", f"is not valid JSON: {exc}")]) from None
     except RecursionError:
         raise ConfigurationError(str(path), [("", "is not valid JSON: nested too deeply")]) from None
-    return parse_configuration(raw, source=str(path), known_agents=known_agents)
+    return parse_configuration(raw, source=str(path), known_agents=known_agents, time_limit_below_s=time_limit_below_s)
 
 
 def file_stamp(path: Path) -> str:
@@ -504,9 +519,12 @@ class ConfigurationSource:
     has never been a good one does ``current()`` raise.
     """
 
-    def __init__(self, path: Path, *, known_agents: Collection[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, *, known_agents: Collection[str] | None = None, time_limit_below_s: float | None = None
+    ) -> None:
         self.path = path
         self.known_agents = known_agents
+        self.time_limit_below_s = time_limit_below_s
         self.last_error: ConfigurationError | None = None
         self._config: Configuration | None = None
         self._stamp: str | None = None
@@ -519,7 +537,9 @@ class ConfigurationSource:
         with self._lock:
             if stamp != self._stamp or self._config is None:
                 try:
-                    self._config = load_configuration(self.path, known_agents=self.known_agents)
+                    self._config = load_configuration(
+                        self.path, known_agents=self.known_agents, time_limit_below_s=self.time_limit_below_s
+                    )
                     self.last_error = None
                 except ConfigurationError as exc:
                     if self._config is None:

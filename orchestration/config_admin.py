@@ -29,11 +29,10 @@ from django.forms.models import BaseModelFormSet, construct_instance
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.functional import cached_property
 
-from agents.registry import AGENTS
 from balancer import config_store
 from balancer.configuration import ConfigurationError, file_stamp
 from balancer.models import LLM, ConfigurationFile, Profile, Role
-from orchestration.runtime import configuration, load_balancer
+from orchestration.runtime import configuration, load_balancer, validation
 
 _page = threading.local()  # what the LLM list's page read for its rows
 
@@ -92,7 +91,7 @@ class ConfigurationForm(forms.ModelForm):
             raise forms.ValidationError(refusal)
         candidate = construct_instance(self, copy.copy(self.instance))
         try:
-            config_store.check_rows(known_agents=AGENTS.names(), replace=candidate)
+            config_store.check_rows(**validation(), replace=candidate)
         except ConfigurationError as exc:
             for path, reason in exc.problems:
                 self.add_error(None, f"{path}: {reason}" if path else reason)
@@ -138,7 +137,7 @@ class ConfigurationAdmin(admin.ModelAdmin):
     form = ConfigurationForm
 
     def _sync(self, request: HttpRequest) -> None:
-        error = config_store.sync_from_file(_path(), known_agents=AGENTS.names())
+        error = config_store.sync_from_file(_path(), **validation())
         if error:
             messages.error(request, f"{_path()} was not loaded; the server keeps its previous configuration. {error}")
 
@@ -175,7 +174,7 @@ class ConfigurationAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         with transaction.atomic():
             super().save_model(request, obj, form, change)
-            config_store.save_rows_to_file(_path(), known_agents=AGENTS.names())
+            config_store.save_rows_to_file(_path(), **validation())
 
     def delete_view(self, request, object_id, extra_context=None):
         with config_store.editing(_path()):
@@ -189,7 +188,7 @@ class ConfigurationAdmin(admin.ModelAdmin):
                 messages.error(request, f"{obj} was not deleted: {refusal}")
                 return HttpResponseRedirect(request.path.rsplit("/delete/", 1)[0] + "/change/")
             try:
-                config_store.check_rows(known_agents=AGENTS.names(), remove=obj)
+                config_store.check_rows(**validation(), remove=obj)
             except ConfigurationError as exc:
                 problems = "; ".join(f"{path}: {reason}" for path, reason in exc.problems)
                 messages.error(request, f"{obj} was not deleted: {problems}")
@@ -199,7 +198,7 @@ class ConfigurationAdmin(admin.ModelAdmin):
     def delete_model(self, request, obj):
         with transaction.atomic():
             super().delete_model(request, obj)
-            config_store.save_rows_to_file(_path(), known_agents=AGENTS.names())
+            config_store.save_rows_to_file(_path(), **validation())
 
 
 @admin.register(LLM)

@@ -59,7 +59,7 @@ from orchestration.packets import (
     history_event,
     new_packet,
 )
-from orchestration.runtime import configuration, load_balancer, task_store
+from orchestration.runtime import HARD_LIMIT_MARGIN_S, configuration, load_balancer, task_store
 from orchestration.state_store import CorruptState, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -788,8 +788,6 @@ def _expects(packet: dict[str, Any], job_id: str) -> bool:
 def job_options(role: RoleConfig, job_id: str) -> dict[str, Any]:
     """A job's Celery options: its id, its role's queue, and the role's time limit (the soft limit leaves
     the engine's own timeout room to act first)."""
-    from orchestration.checks import HARD_LIMIT_MARGIN_S
-
     return {
         "task_id": job_id,
         "queue": role.queue,

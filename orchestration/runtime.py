@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -15,10 +16,21 @@ from balancer.load_balancer import LoadBalancer, Policy
 from orchestration import mcp_handler
 from orchestration.state_store import TaskStore
 
+# Celery's hard time limit follows a role's time limit by this much (orchestration_engine.job_options).
+HARD_LIMIT_MARGIN_S = 30
+
+
+def validation() -> dict[str, Any]:
+    """What a configuration is validated against that the balancer does not know: the agents, and the bound
+    of a role's time limit. A job comes back from Redis once its visibility timeout passes unacknowledged,
+    and is then taken for one whose worker died: no step (with its hard limit's margin) may outlive it."""
+    timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    return {"known_agents": AGENTS.names(), "time_limit_below_s": timeout - HARD_LIMIT_MARGIN_S}
+
 
 @cache
 def _configuration_source(path: Path) -> ConfigurationSource:
-    return ConfigurationSource(path, known_agents=AGENTS.names())
+    return ConfigurationSource(path, **validation())
 
 
 def configuration() -> Configuration:

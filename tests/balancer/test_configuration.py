@@ -132,6 +132,29 @@ def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path, raw):
     assert source.last_error is None
 
 
+def test_a_time_limit_past_the_visibility_timeout_is_named_on_every_load(raw, edit_config, settings):
+    """Found by review: only `manage.py check` compared them, at start-up; an admin edit or a file edit to a
+    `time_limit_s` of 7200 under the default visibility timeout (3600) went in force unwarned, and each of the
+    role's jobs came back from Redis, taken for one whose worker died, while its step still ran."""
+    from orchestration.runtime import configuration, configuration_error, validation
+
+    timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    assert validation()["time_limit_below_s"] == timeout - 30
+    raw["profiles"]["developer"]["roles"]["qa"]["time_limit_s"] = timeout - 30
+    found = problems(raw, time_limit_below_s=timeout - 30)
+    assert "visibility timeout" in found["profiles.developer.roles.qa.time_limit_s"]
+    raw["profiles"]["developer"]["roles"]["qa"]["time_limit_s"] = timeout - 31
+    valid = parse_configuration(raw, known_agents=AGENTS.names(), time_limit_below_s=timeout - 30)
+    assert valid.role("developer", "qa").time_limit_s == timeout - 31
+
+    before = configuration().role("developer", "qa").time_limit_s
+    edit_config(lambda config: config["profiles"]["developer"]["roles"]["qa"].update(time_limit_s=timeout))
+    assert configuration().role("developer", "qa").time_limit_s == before  # the last good one stays
+    assert "profiles.developer.roles.qa.time_limit_s: must be under" in str(configuration_error())
+    with pytest.raises(CommandError, match="time_limit_s: must be under"):
+        call_command("check_config")
+
+
 def test_check_config_command_prints_every_problem(tmp_path, raw, capsys):
     raw["llms"][0]["engine"] = "nope"
     raw["profiles"]["developer"]["roles"]["qa"]["max_tokens"] = -1

@@ -100,6 +100,17 @@ def test_an_invalid_edit_names_the_field_and_leaves_the_file(admin_client, confi
     assert config_file.read_text() == before
 
 
+def test_a_time_limit_past_the_visibility_timeout_is_refused_on_save(admin_client, config_file, settings):
+    admin_client.get(LLM_LIST)
+    before = config_file.read_text()
+    role = Role.objects.get(profile__name="developer", name="planner")
+    timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    response = admin_client.post(f"/admin/balancer/role/{role.pk}/change/", role_form(role, time_limit_s=timeout))
+    assert response.status_code == 200
+    assert "profiles.developer.roles.planner.time_limit_s" in response.content.decode()
+    assert config_file.read_text() == before
+
+
 def test_a_secret_cannot_be_entered(admin_client, config_file, edit_config):
     admin_client.get(LLM_LIST)
     before = config_file.read_text()

@@ -5,8 +5,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.registry import AGENTS
 from balancer.configuration import ConfigurationError, load_configuration
+from orchestration.runtime import validation
 
 
 class Command(BaseCommand):
@@ -18,7 +18,7 @@ class Command(BaseCommand):
     def handle(self, *args, path: str | None, **options):
         target = Path(path) if path else Path(settings.AIAGENT_CONFIG)
         try:
-            config = load_configuration(target, known_agents=AGENTS.names())
+            config = load_configuration(target, **validation())
         except ConfigurationError as exc:
             raise CommandError(str(exc)) from None
         roles = sum(len(profile.roles) for profile in config.profiles.values())
