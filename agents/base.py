@@ -315,6 +315,12 @@ class Agent:
             raise PayloadError(*schema_problem(error, "payload"))
         if cls.text_field and not payload[cls.text_field].strip():
             raise PayloadError(f"payload.{cls.text_field}", "must not be blank")
+        # JSON Schema takes 100.0 for the integer 100; it is stored, and put in prompts, as 100.
+        properties = cls.input_schema.get("properties", {})
+        payload = {
+            key: int(value) if isinstance(value, float) and properties.get(key, {}).get("type") == "integer" else value
+            for key, value in payload.items()
+        }
         payload = {**cls.defaults, **payload}
         cls.check_payload(payload)
         return payload

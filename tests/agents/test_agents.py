@@ -84,6 +84,14 @@ def test_payload_rejections_name_the_field(agent, payload, field):
     assert error.value.field == field
 
 
+def test_an_integer_sent_as_a_whole_float_is_stored_as_an_integer():
+    """Found by a walk-through: `"max_words": 1e2` was stored, and put in the prompt, as 100.0."""
+    payload = agent_class("summarizer").validate_payload({"text": "x", "max_words": 1e2})
+    assert payload["max_words"] == 100 and isinstance(payload["max_words"], int)
+    with pytest.raises(PayloadError):
+        agent_class("summarizer").validate_payload({"text": "x", "max_words": 100.5})
+
+
 def test_every_text_agent_takes_the_input_shorthand():
     for name in AGENTS.names():
         cls = agent_class(name)
