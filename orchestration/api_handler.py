@@ -83,6 +83,7 @@ _ERRORS = {
     401: "`not_authenticated` or `authentication_failed`: no token, or an unknown one.",
     403: "`permission_denied`: a request with an admin session but without its CSRF token.",
     404: "`not_found`: there is no such task.",
+    412: "`precondition_failed`: the task is no longer at the version `If-Match` names; nothing changed.",
     413: "`too_large`: the body is over `API_MAX_BODY_BYTES` (1 MiB by default).",
     500: "`corrupt_state`: the task's state file is not a task packet; the detail says how to recover.",
     507: "`insufficient_storage`: the task state directory is full; nothing is stored.",
@@ -110,6 +111,53 @@ def _located_header(*statuses: int) -> OpenApiParameter:
         description="The task's URL: GET /api/v1/tasks/{task_id}.",
         response=list(statuses),
     )
+
+
+ETAG = OpenApiParameter(
+    "ETag",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description='The task\'s version as an entity tag (`"3"`): send it back in `If-Match` or `If-None-Match`.',
+    response=[200, 202],
+)
+IF_MATCH = OpenApiParameter(
+    "If-Match",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description='Optional: act only if the task is still at this version (its `ETag`, `"3"`; several may be listed, '
+    "comma-separated); otherwise a 412 and nothing changes.",
+)
+IF_NONE_MATCH = OpenApiParameter(
+    "If-None-Match",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description='Optional: the `ETag` of the version the client holds (`"3"`); a 304 without a body while the task '
+    "is still at it.",
+)
+_ENTITY_TAG = re.compile(r'(W/)?"(\d{1,18})"')
+
+
+def _versions(request: Request, header: str) -> frozenset[int] | None:
+    """The versions named by a conditional header (strong entity tags only for If-Match, as HTTP compares
+    them there), or None when it is absent or `*`; a 400 naming the header when it is not a list of
+    entity tags."""
+    raw = request.headers.get(header)
+    if raw is None or raw.strip() == "*":
+        return None
+    versions = set()
+    for item in raw.split(","):
+        tag = _ENTITY_TAG.fullmatch(item.strip())
+        if tag is None:
+            raise ApplicationError(
+                f'{header}: must be entity tags such as "3" (a task\'s ETag), not {raw[:60]!r}', field=header
+            )
+        if not (tag.group(1) and header == "If-Match"):
+            versions.add(int(tag.group(2)))
+    return frozenset(versions)
+
+
+def _etag(packet: dict[str, Any]) -> str:
+    return f'"{packet["version"]}"'
 
 
 @extend_schema_field({"type": "object", "additionalProperties": {}})
@@ -314,7 +362,7 @@ def _task_path_prefix(script_prefix: str) -> str:
 
 def _located(request: Request, packet: dict[str, Any], status_code: int) -> Response:
     location = request.build_absolute_uri(_task_path_prefix(get_script_prefix()) + packet["task_id"])
-    return Response(packet, status=status_code, headers={"Location": location})
+    return Response(packet, status=status_code, headers={"Location": location, "ETag": _etag(packet)})
 
 
 _PLAIN_FIELDS = frozenset({"payload", "task_id"})
@@ -402,6 +450,7 @@ class TaskSubmitApi(APIView):
                 "role", str, OpenApiParameter.PATH, description="One of the profile's roles, e.g. `planner`."
             ),
             _located_header(200, 202),
+            ETAG,
         ],
         request=InputSerializer,
         responses={
@@ -461,16 +510,22 @@ class TaskDetailApi(APIView):
     @extend_schema(
         operation_id="task_get",
         summary="Get a task",
-        description="The whole task packet, read from its state file (always current).",
+        description="The whole task packet, read from its state file (always current), with its version as its "
+        "`ETag`: a client that polls sends it back in `If-None-Match` and gets a 304 until the task changes.",
         tags=["tasks"],
-        parameters=[TASK_ID],
+        parameters=[TASK_ID, IF_NONE_MATCH, ETAG],
         responses={
             200: OpenApiResponse(TaskPacketSerializer, description="The task."),
+            304: OpenApiResponse(description="The task is still at the version `If-None-Match` names; no body."),
             **errors(400, 401, 404, 500),
         },
     )
     def get(self, request: Request, task_id: str) -> Response:
-        return Response(task_get(task_id=task_id))
+        held = _versions(request, "If-None-Match")
+        packet = task_get(task_id=task_id)
+        if "If-None-Match" in request.headers and (held is None or packet["version"] in held):  # None: "*"
+            return Response(status=status.HTTP_304_NOT_MODIFIED, headers={"ETag": _etag(packet)})
+        return Response(packet, headers={"ETag": _etag(packet)})
 
 
 class TaskCancelApi(APIView):
@@ -482,19 +537,21 @@ class TaskCancelApi(APIView):
         description="Cancels a task that has not finished, and its unfinished children. Its queued jobs are "
         "revoked; a running step's answer is discarded. No body.",
         tags=["tasks"],
-        parameters=[TASK_ID, _located_header(200)],
+        parameters=[TASK_ID, IF_MATCH, _located_header(200), ETAG],
         request=None,
         responses={
             200: OpenApiResponse(TaskPacketSerializer, description="The task, now cancelled."),
             **errors(400, 401, 403, 404),
             409: error("`finished`: the task has already finished."),
-            **errors(413, 500),
+            **errors(412, 413, 500),
             503: error("`storage_unavailable`: the task state directory cannot be written; nothing changed."),
             **errors(507),
         },
     )
     def post(self, request: Request, task_id: str) -> Response:
-        return _located(request, task_cancel(task_id=task_id), status.HTTP_200_OK)
+        return _located(
+            request, task_cancel(task_id=task_id, versions=_versions(request, "If-Match")), status.HTTP_200_OK
+        )
 
 
 class TaskFeedbackApi(APIView):
@@ -521,7 +578,7 @@ class TaskFeedbackApi(APIView):
         description="For a task of a coder role (the feedback loop) that is `awaiting_feedback`, `succeeded` or "
         "`failed`: the task goes back to `running` at the next iteration and the loop carries on.",
         tags=["tasks"],
-        parameters=[TASK_ID, _located_header(202)],
+        parameters=[TASK_ID, IF_MATCH, _located_header(202), ETAG],
         request=InputSerializer,
         responses={
             202: OpenApiResponse(TaskPacketSerializer, description="The task, running the next iteration."),
@@ -531,7 +588,7 @@ class TaskFeedbackApi(APIView):
                 "`no_feedback_loop`: the task's role is not a coder role; `not_awaiting_feedback`: the task is "
                 "queued, running or cancelled; `plan_running`: the task is a finished step of a plan that still runs."
             ),
-            **errors(413, 500),
+            **errors(412, 413, 500),
             503: error(
                 "`queue_unavailable`: Redis did not take the round; the task is as it was, post the feedback "
                 "again. Or `storage_unavailable`: the task state directory cannot be written."
@@ -540,14 +597,17 @@ class TaskFeedbackApi(APIView):
         },
     )
     def post(self, request: Request, task_id: str) -> Response:
-        return _located(request, self.accept(request.data, task_id=task_id), status.HTTP_202_ACCEPTED)
+        accepted = self.accept(request.data, task_id=task_id, versions=_versions(request, "If-Match"))
+        return _located(request, accepted, status.HTTP_202_ACCEPTED)
 
     @classmethod
-    def accept(cls, data: Any, *, task_id: str, message_id: str | None = None) -> dict[str, Any]:
+    def accept(
+        cls, data: Any, *, task_id: str, message_id: str | None = None, versions: frozenset[int] | None = None
+    ) -> dict[str, Any]:
         """Validate feedback and give it to the task; the MCP feedback channel comes through here too."""
         serializer = cls.InputSerializer(data=data)
         serializer.is_valid(raise_exception=True)
-        return task_feedback(task_id=task_id, message_id=message_id, **serializer.validated_data)
+        return task_feedback(task_id=task_id, message_id=message_id, versions=versions, **serializer.validated_data)
 
 
 class TaskPaginator(Paginator):

@@ -198,12 +198,24 @@ def _resubmit(
     return existing
 
 
-def task_cancel(*, task_id: str, reason: str | None = None) -> dict[str, Any]:
+def _check_version(packet: dict[str, Any], versions: frozenset[int] | None) -> None:
+    """Under the task's lock: a 412 when the client acts on a version (``If-Match``) the task is no longer at."""
+    if versions is not None and packet["version"] not in versions:
+        named = ", ".join(str(version) for version in sorted(versions)) or "none"
+        raise ApplicationError(
+            f"task {packet['task_id']} is at version {packet['version']}, not {named}: read it again",
+            status_code=412,
+            code="precondition_failed",
+        )
+
+
+def task_cancel(*, task_id: str, reason: str | None = None, versions: frozenset[int] | None = None) -> dict[str, Any]:
     """Cancel a task that has not finished, and its unfinished children. Its queued jobs are revoked;
-    a running step finishes, and its outcome is discarded."""
+    a running step finishes, and its outcome is discarded. ``versions``: only if the task is at one of them."""
     previous: list[str] = []
 
     def cancel(packet: dict[str, Any]) -> bool:
+        _check_version(packet, versions)
         if packet["status"] in FINISHED:
             raise ApplicationError(
                 f"task {packet['task_id']} has already finished as {packet['status']}",
@@ -233,7 +245,13 @@ def task_cancel(*, task_id: str, reason: str | None = None) -> dict[str, Any]:
 
 
 def task_feedback(
-    *, task_id: str, feedback: str, route: str = "debug", tests: str | None = None, message_id: str | None = None
+    *,
+    task_id: str,
+    feedback: str,
+    route: str = "debug",
+    tests: str | None = None,
+    message_id: str | None = None,
+    versions: frozenset[int] | None = None,
 ) -> dict[str, Any]:
     """Feedback from a person or an outside agent on a coder task that awaits it or has finished: the
     loop goes on from it, through Debug (``route="debug"``) or straight to the coder, with fresh rounds.
@@ -255,6 +273,7 @@ def task_feedback(
     def add(packet: dict[str, Any]) -> bool:
         if message_id and _feedback_taken(packet["history"], message_id):
             return False
+        _check_version(packet, versions)
         if packet["status"] not in (AWAITING_FEEDBACK, SUCCEEDED, FAILED):
             raise ApplicationError(
                 f"task {packet['task_id']} is {packet['status']}; feedback is taken when a task awaits it or has "
