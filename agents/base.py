@@ -264,14 +264,24 @@ def _placeholder_key(text: str) -> str:
     return " ".join(text.strip().strip("<>").split()).lower()
 
 
-def placeholder_problem(data: Any, placeholders: frozenset[str], path: str = "reply") -> str | None:
-    """The first string of a reply that is one of its format's placeholders, named by its path; or None.
-    A small model copies the format's example as it stands (SmolLM2-135M, doc/performance.md's HumanEval):
-    such a reply follows the schema and says nothing."""
+def placeholder_problem(
+    data: Any, placeholders: frozenset[str], fields: frozenset[str], path: str = "reply", key: Any = None
+) -> str | None:
+    """The first string of a reply under one of ``fields`` (keys, at any depth) that is one of its format's
+    placeholders, named by its path; or None. A small model copies the format's example as it stands
+    (SmolLM2-135M, doc/performance.md's HumanEval): such a reply follows the schema and holds no work."""
     if isinstance(data, str):
-        if data.strip() and _placeholder_key(data) in placeholders:
+        if key in fields and data.strip() and _placeholder_key(data) in placeholders:
             return f"{path} is {data.strip()[:80]!r}, the reply format's placeholder: write the real value"
         return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for name, value in items:
+        at = f"{path}[{name}]" if isinstance(name, int) else f"{path}.{name}"
+        # A list's items are under the list's key: a plan's `"input"` strings, a file's `"content"`.
+        problem = placeholder_problem(value, placeholders, fields, at, key if isinstance(name, int) else name)
+        if problem is not None:
+            return problem
+    return None
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
     for key, value in items:
         problem = placeholder_problem(
@@ -296,6 +306,10 @@ class Agent:
     plannable: ClassVar[bool] = True
     # How the reply's JSON is described to the model, after the role's system prompt.
     reply_format: ClassVar[str] = ""
+    # The reply's fields (by key, at any depth) that hold the work itself and so must not be a placeholder of
+    # the format ("<the whole file>"): a copied placeholder in a field that is only stored (a coder's "run" or
+    # "notes") leaves the work whole, and is let through.
+    placeholder_fields: ClassVar[frozenset[str]] = frozenset()
     # Whether its work runs generated code in the sandbox (agents/sandbox.py): a worker consuming the queue
     # of such a role reports at its start whether that code can run on its host.
     runs_code: ClassVar[bool] = False
@@ -423,10 +437,12 @@ class Agent:
     ) -> AgentOutcome:
         """Ask for JSON that follows ``schema`` (free text when None), once more with the error if the
         first reply does not, and turn it into a result with ``parse``."""
-        placeholders = format_placeholders(messages)
+        placeholders = format_placeholders(messages) if self.placeholder_fields else frozenset()
         reply, decision = self._call(messages, schema, role, config, balancer, deadline, sticky)
         try:
-            return self._outcome(self._parse(reply.text, schema, parse, placeholders), reply, decision)
+            return self._outcome(
+                self._parse(reply.text, schema, parse, placeholders, self.placeholder_fields), reply, decision
+            )
         except ReplyProblem as problem:
             first, first_problem = reply, str(problem)
         retry = [
@@ -448,7 +464,7 @@ class Agent:
         ]
         reply, decision = self._call(retry, schema, role, config, balancer, deadline, decision.llm.id)
         try:
-            result = self._parse(reply.text, schema, parse, placeholders)
+            result = self._parse(reply.text, schema, parse, placeholders, self.placeholder_fields)
         except ReplyProblem as problem:
             raise ReplyError(
                 f"the model's reply did not follow the {self.name} agent's output format, even after a retry "
@@ -488,7 +504,11 @@ class Agent:
 
     @staticmethod
     def _parse(
-        reply_text: str, schema: dict[str, Any] | None, parse: Any, placeholders: frozenset[str] = frozenset()
+        reply_text: str,
+        schema: dict[str, Any] | None,
+        parse: Any,
+        placeholders: frozenset[str] = frozenset(),
+        fields: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
         if schema is None:  # free text
             try:
@@ -515,7 +535,7 @@ class Agent:
         error = first_problem(reply_schema(schema), data)
         if error is not None:
             raise ReplyProblem(" ".join(schema_problem(error, "reply")))
-        problem = placeholder_problem(data, placeholders)
+        problem = placeholder_problem(data, placeholders, fields)
         if problem is not None:
             raise ReplyProblem(problem)
         return parse(data)

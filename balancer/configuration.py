@@ -219,6 +219,7 @@ class _Checker:
             return minimum
         if not minimum <= value <= maximum:
             self.fail(path, f"must be between {minimum} and {maximum}, not {value}")
+            return minimum  # float() of an integer of 309 digits or more would raise OverflowError
         return float(value)
 
     def capabilities(self, value: Any, path: str) -> frozenset[str]:

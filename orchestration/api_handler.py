@@ -134,26 +134,24 @@ IF_NONE_MATCH = OpenApiParameter(
     description='Optional: the `ETag` of the version the client holds (`"3"`); a 304 without a body while the task '
     "is still at it.",
 )
-_ENTITY_TAG = re.compile(r'(W/)?"(\d{1,18})"')
+# RFC 9110: an entity tag, and a list of them (empty elements are ignored; an opaque tag may hold a comma).
+_ENTITY_TAG = r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"'
+_ENTITY_TAGS = re.compile(rf"[ \t]*(?:,[ \t]*)*{_ENTITY_TAG}(?:[ \t]*,(?:[ \t]*,)*[ \t]*(?:{_ENTITY_TAG})?)*[ \t]*")
+_TAG = re.compile(r'(W/)?"([^"]*)"')
 
 
-def _versions(request: Request, header: str) -> frozenset[int] | None:
-    """The versions named by a conditional header (strong entity tags only for If-Match, as HTTP compares
-    them there), or None when it is absent or `*`; a 400 naming the header when it is not a list of
-    entity tags."""
+def _versions(request: Request, header: str) -> frozenset[str] | None:
+    """The opaque tags a conditional header names (the strong ones only for If-Match, where HTTP compares
+    strongly), to compare with a task's version as text; None when it is absent or `*`; a 400 naming the
+    header when it is not a list of entity tags."""
     raw = request.headers.get(header)
     if raw is None or raw.strip() == "*":
         return None
-    versions = set()
-    for item in raw.split(","):
-        tag = _ENTITY_TAG.fullmatch(item.strip())
-        if tag is None:
-            raise ApplicationError(
-                f'{header}: must be entity tags such as "3" (a task\'s ETag), not {raw[:60]!r}', field=header
-            )
-        if not (tag.group(1) and header == "If-Match"):
-            versions.add(int(tag.group(2)))
-    return frozenset(versions)
+    if not _ENTITY_TAGS.fullmatch(raw):
+        raise ApplicationError(
+            f'{header}: must be entity tags such as "3" (a task\'s ETag), not {raw[:60]!r}', field=header
+        )
+    return frozenset(tag for weak, tag in _TAG.findall(raw) if not (weak and header == "If-Match"))
 
 
 def _etag(packet: dict[str, Any]) -> str:
@@ -523,7 +521,7 @@ class TaskDetailApi(APIView):
     def get(self, request: Request, task_id: str) -> Response:
         held = _versions(request, "If-None-Match")
         packet = task_get(task_id=task_id)
-        if "If-None-Match" in request.headers and (held is None or packet["version"] in held):  # None: "*"
+        if "If-None-Match" in request.headers and (held is None or str(packet["version"]) in held):  # None: "*"
             return Response(status=status.HTTP_304_NOT_MODIFIED, headers={"ETag": _etag(packet)})
         return Response(packet, headers={"ETag": _etag(packet)})
 
@@ -602,7 +600,7 @@ class TaskFeedbackApi(APIView):
 
     @classmethod
     def accept(
-        cls, data: Any, *, task_id: str, message_id: str | None = None, versions: frozenset[int] | None = None
+        cls, data: Any, *, task_id: str, message_id: str | None = None, versions: frozenset[str] | None = None
     ) -> dict[str, Any]:
         """Validate feedback and give it to the task; the MCP feedback channel comes through here too."""
         serializer = cls.InputSerializer(data=data)
@@ -950,7 +948,10 @@ class TaskEventsApi(APIView):
                 description="The task has finished and `Last-Event-ID` is its last event: nothing more will "
                 "come (EventSource stops reconnecting)."
             ),
-            400: error("`invalid`: the task_id is not a UUID, or `Last-Event-ID` is not an event of the task."),
+            400: error(
+                "`invalid`: the task_id is not a UUID, `Last-Event-ID` is not an event of the task, or a query "
+                "parameter other than `last_event_id` is sent."
+            ),
             **errors(401, 404, 500),
             503: error(
                 "`too_many_streams`: this web process already streams `EVENTS_MAX_STREAMS` tasks; `Retry-After` "

@@ -198,18 +198,18 @@ def _resubmit(
     return existing
 
 
-def _check_version(packet: dict[str, Any], versions: frozenset[int] | None) -> None:
-    """Under the task's lock: a 412 when the client acts on a version (``If-Match``) the task is no longer at."""
-    if versions is not None and packet["version"] not in versions:
-        named = ", ".join(str(version) for version in sorted(versions)) or "none"
+def _check_version(packet: dict[str, Any], versions: frozenset[str] | None) -> None:
+    """Under the task's lock: a 412 when the client acts on a version (``If-Match``'s tags, compared as text)
+    the task is no longer at."""
+    if versions is not None and str(packet["version"]) not in versions:
         raise ApplicationError(
-            f"task {packet['task_id']} is at version {packet['version']}, not {named}: read it again",
+            f"task {packet['task_id']} is at version {packet['version']}, not the one If-Match names: read it again",
             status_code=412,
             code="precondition_failed",
         )
 
 
-def task_cancel(*, task_id: str, reason: str | None = None, versions: frozenset[int] | None = None) -> dict[str, Any]:
+def task_cancel(*, task_id: str, reason: str | None = None, versions: frozenset[str] | None = None) -> dict[str, Any]:
     """Cancel a task that has not finished, and its unfinished children. Its queued jobs are revoked;
     a running step finishes, and its outcome is discarded. ``versions``: only if the task is at one of them."""
     previous: list[str] = []
@@ -251,7 +251,7 @@ def task_feedback(
     route: str = "debug",
     tests: str | None = None,
     message_id: str | None = None,
-    versions: frozenset[int] | None = None,
+    versions: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """Feedback from a person or an outside agent on a coder task that awaits it or has finished: the
     loop goes on from it, through Debug (``route="debug"``) or straight to the coder, with fresh rounds.

@@ -35,6 +35,7 @@ REPLY_PATH = {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_./-]{0,59}$"
 
 class CoderAgent(Agent):
     name = "coder"
+    placeholder_fields = frozenset({"content"})
     input_schema = obj(
         {
             "instruction": PAYLOAD_TEXT,

@@ -31,6 +31,7 @@ def step_roles(role: RoleConfig, config: Configuration) -> list[str]:
 
 class PlannerAgent(Agent):
     name = "planner"
+    placeholder_fields = frozenset({"input"})
     input_schema = obj(
         {"goal": PAYLOAD_TEXT, "context": PAYLOAD_TEXT, "execute": {"type": "boolean"}}, required=("goal",)
     )

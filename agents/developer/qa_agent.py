@@ -243,6 +243,7 @@ def static_check(files: list[Mapping[str, str]]) -> dict[str, Any]:
 
 class QAAgent(Agent):
     name = "qa"
+    placeholder_fields = frozenset({"tests"})
     input_schema = obj(
         {
             "files": {**FILES, "minItems": 1},

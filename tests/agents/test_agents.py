@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from agents.base import CHARS_PER_TOKEN, PayloadError, max_json_chars
+from agents.base import CHARS_PER_TOKEN, PayloadError, _placeholder_key, max_json_chars
 from agents.developer import qa_agent
 from agents.registry import AGENTS, agent_class
 from orchestration.runtime import configuration, load_balancer
@@ -214,7 +214,7 @@ def test_a_coder_step_with_the_default_model_writes_code_or_fails_naming_the_pla
         assert "the reply format's placeholder" in failed
         return
     assert all(file["path"] and ".." not in file["path"] for file in result["files"])
-    assert all("the whole file" not in file["content"].lower() for file in result["files"])
+    assert all(_placeholder_key(file["content"]) != "the whole file" for file in result["files"])
 
 
 @pytest.mark.parametrize(
@@ -224,15 +224,19 @@ def test_a_coder_step_with_the_default_model_writes_code_or_fails_naming_the_pla
         (["The whole file", "def add(a, b):\n    return a + b\n"], "asked again"),
         (["<the whole file>", "  <The Whole File> "], "failed"),
         (["# <the whole file>\ndef add(a, b):\n    return a + b\n"], "taken"),
+        (["def add(a, b):\n    return a + b\n"], "taken, its run and notes copied"),
     ],
-    ids=["placeholder-then-code", "unbracketed", "placeholder-twice", "code-that-mentions-it"],
+    ids=["placeholder-then-code", "unbracketed", "placeholder-twice", "code-that-mentions-it", "run-copied"],
 )
 def test_a_reply_that_copies_the_formats_placeholder_is_asked_again(edit_config, tmp_path, replies, outcome):
     from agents.base import ReplyError
     from tests.orchestration.scripted import CODER, code_reply, use_script
 
     again = "the reply format's placeholder: write the real value"
-    rules = [{"match": again, "reply": code_reply(replies[-1])}, {"match": CODER, "reply": code_reply(replies[0])}]
+    first = code_reply(replies[0])
+    if outcome.endswith("copied"):  # only stored, and the work is whole: let through
+        first.update(run="<the command that runs it>", notes="<one sentence>")
+    rules = [{"match": again, "reply": code_reply(replies[-1])}, {"match": CODER, "reply": first}]
     use_script(edit_config, tmp_path / "script.json", rules)
     config = configuration()
     role = config.role("developer", "fast_coder")
@@ -267,7 +271,8 @@ def test_qa_writes_tests_and_reviews_with_the_default_model():
         failed = str(exc)
     else:
         failed = None
-        assert isinstance(written.result["tests"], str) and "python test code" not in written.result["tests"].lower()
+        assert isinstance(written.result["tests"], str)
+        assert _placeholder_key(written.result["tests"]) != "python test code"
     assert failed is None or "the reply format's placeholder" in failed
     review = agent.review(files=FILES, instruction="add(a, b) returns a + b", tests=None, **call)
     assert isinstance(review.result["passed"], bool)

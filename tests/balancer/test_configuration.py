@@ -92,8 +92,9 @@ def test_invalid_json_names_line_and_column(tmp_path):
         ('{"llms": [],\n "profiles": "caf\xe9"}'.encode("latin-1"), "is not UTF-8: byte 0xe9 at line 2"),
         (b'{"llms": [{"max_tokens": ' + b"1" * 5000 + b"}]}", "is not valid JSON: Exceeds the limit"),
         (b"[" * 100_000, "is not valid JSON: nested too deeply"),
+        (b'{"llms": [], "profiles": {"p": {"roles": {}, "daily_budget": ' + b"1" * 400 + b"}}}", "must be between"),
     ],
-    ids=["latin-1", "long-integer", "deep"],
+    ids=["latin-1", "long-integer", "deep", "integer-past-a-float"],
 )
 def test_a_file_json_cannot_read_is_a_configuration_error_and_the_last_good_one_stays(tmp_path, raw, content, problem):
     """Found by review: these raised UnicodeDecodeError, ValueError and RecursionError past the source, so

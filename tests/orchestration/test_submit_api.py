@@ -554,28 +554,32 @@ def test_feedback_whose_text_is_not_a_string_is_400_naming_it(api, state_dir, bo
 
 
 def test_a_task_answers_with_its_version_as_etag_and_304_while_unchanged(api):
-    packet = post(api, {"payload": {"input": "x"}}).json()
+    submitted = post(api, {"payload": {"input": "x"}})
+    assert submitted["ETag"] == '"1"'
+    packet = submitted.json()
     url = f"/api/v1/tasks/{packet['task_id']}"
     first = api.get(url)
     assert first.status_code == 200 and first["ETag"] == '"1"'
-    for held in ('"1"', 'W/"1"', '"7", "1"', "*"):
+    for held in ('"1"', 'W/"1"', '"7", "1"', '"a,b", ,"1",', "*"):  # RFC 9110: empty elements are ignored
         unchanged = api.get(url, HTTP_IF_NONE_MATCH=held)
         assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged["ETag"] == '"1"', held
-    assert api.get(url, HTTP_IF_NONE_MATCH='"0"').status_code == 200
-    bad = api.get(url, HTTP_IF_NONE_MATCH="1")
-    assert bad.status_code == 400 and bad.json()["field"] == "If-None-Match"
+    for other in ('"0"', '"01"', '"abc"', '""'):  # any other tag is a version the task is not at
+        assert api.get(url, HTTP_IF_NONE_MATCH=other).status_code == 200, other
+    for bad in ("1", '"1', "W/1", '"1" "2"'):
+        refused = api.get(url, HTTP_IF_NONE_MATCH=bad)
+        assert refused.status_code == 400 and refused.json()["field"] == "If-None-Match", bad
 
 
 def test_cancel_and_feedback_with_if_match_act_only_on_that_version(api, state_dir):
     """The packet's version is its optimistic concurrency (DESIGN): a client acts on the version it read."""
     packet = post(api, {"payload": {"input": "x"}}).json()
     url = f"/api/v1/tasks/{packet['task_id']}/cancel"
-    for stale in ('"2"', 'W/"1"'):  # If-Match compares strongly: a weak tag never matches
+    for stale in ('"2"', 'W/"1"', '"01"', '"x"'):  # If-Match compares strongly: a weak tag never matches
         refused = api.post(url, HTTP_IF_MATCH=stale)
         assert refused.status_code == 412 and refused.json()["code"] == "precondition_failed", stale
-        assert "is at version 1" in refused.json()["detail"]
+        assert "is at version 1, not the one If-Match names" in refused.json()["detail"]
     assert json.loads((state_dir / f"{packet['task_id']}.json").read_text()) == packet
-    cancelled = api.post(url, HTTP_IF_MATCH='"1"')
+    cancelled = api.post(url, HTTP_IF_MATCH='"9", "1"')
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert cancelled["ETag"] == '"2"'
 
