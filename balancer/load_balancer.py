@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
@@ -157,7 +157,17 @@ for i = 3, #ARGV do
                            'fail_rate', 'fail_ms')
   out[#out + 1] = {breaker, stats, redis.call('ZCOUNT', prefix .. 'slots:' .. id, now, '+inf')}
 end
-return cjson.encode({out, redis.call('GET', KEYS[1])})
+return cjson.encode({out, redis.call('GET', KEYS[1]), redis.call('EXISTS', KEYS[2])})
+"""
+# Rule 7: the day's spending as the ledger (the database) has it, when Redis lost it (restarted without its
+# data). KEYS[1] the spending, KEYS[2] the mark that it was seeded today; ARGV the ledger's total. Keeps the
+# larger of the two (a call recorded in Redis since the loss and not yet in the ledger is not lost either)
+# and returns it.
+_SEED_SPENDING = """
+local spent = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], tostring(spent), 'EX', 259200)
+redis.call('SET', KEYS[2], '1', 'EX', 259200)
+return tostring(spent)
 """
 _BREAKER_FIELDS = ("state", "open_until", "probe_until", "hold_until", "consecutive", "trips")
 _STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate", "fail_ms")
@@ -445,6 +455,15 @@ def direct_call(
     return Configuration(llms={llm_id: config.llms[llm_id]}, profiles={"": profile}), role
 
 
+class SpendingLedger(Protocol):
+    """Rule 7: each profile's spending by day, kept where a Redis restarted without its data does not take it
+    (the server's database: ``balancer.spending``)."""
+
+    def total(self, profile: str, day: str) -> float: ...
+
+    def add(self, profile: str, day: str, amount: float) -> None: ...
+
+
 class LoadBalancer:
     def __init__(
         self,
@@ -456,8 +475,11 @@ class LoadBalancer:
         rng: random.Random | None = None,
         on_call: Callable[[CallSample, Pipeline], None] | None = None,
         stopped_by: tuple[type[BaseException], ...] = (),
+        ledger: SpendingLedger | None = None,
     ) -> None:
         self.redis = client
+        # Rule 7: where each profile's spending is kept besides Redis, which may restart without its data.
+        self.ledger = ledger
         # What a call raises when its caller stopped it, besides ``CallStopped`` and what is not an
         # ``Exception`` (KeyboardInterrupt, SystemExit): a worker's soft time limit, say.
         self.stopped_by = stopped_by
@@ -470,6 +492,7 @@ class LoadBalancer:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self._read = client.register_script(_SNAPSHOT)
+        self._seed_spending = client.register_script(_SEED_SPENDING)
         self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
         self._renew_slot = client.register_script(_RENEW_SLOT)
         self._try_probe = client.register_script(_TRY_PROBE)
@@ -483,9 +506,15 @@ class LoadBalancer:
     def _key(kind: str, llm_id: str) -> str:
         return f"{PREFIX}{kind}:{llm_id}"
 
-    def _spend_key(self, profile: str) -> str:
-        day = datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%d")
-        return f"{PREFIX}spend:{profile}:{day}"
+    def _day(self) -> str:
+        """Rule 7's day (UTC), which the spending is counted by."""
+        return datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%d")
+
+    def _spend_key(self, profile: str, day: str | None = None) -> str:
+        return f"{PREFIX}spend:{profile}:{day or self._day()}"
+
+    def _seeded_key(self, profile: str, day: str) -> str:
+        return f"{PREFIX}spend_seeded:{profile}:{day}"
 
     @staticmethod
     def _hold_keys(profile: str) -> list[str]:
@@ -495,10 +524,22 @@ class LoadBalancer:
 
     # --- reading the shared state -----------------------------------------------------------
 
-    def _snapshot(self, llms: list[LLMConfig], profile: str) -> tuple[dict[str, dict], dict[str, dict], int, float]:
-        """The breakers, latency stats and slots in use of ``llms``, and the profile's spending today."""
+    def _snapshot(
+        self, llms: list[LLMConfig], profile: str, *, budget: float | None = None
+    ) -> tuple[dict[str, dict], dict[str, dict], int, float]:
+        """The breakers, latency stats and slots in use of ``llms``, and the profile's spending today (with a
+        ``budget`` and a ledger, taken from the ledger when Redis lost it)."""
         args = [self.clock(), PREFIX, *(llm.id for llm in llms)]
-        rows, spent = json.loads(self._read(keys=[self._spend_key(profile)], args=args))
+        day = self._day()
+        keys = [self._spend_key(profile, day), self._seeded_key(profile, day)]
+        rows, spent, seeded = json.loads(self._read(keys=keys, args=args))
+        if budget is not None and self.ledger is not None and not seeded:
+            try:
+                total = float(self.ledger.total(profile, day))
+            except Exception:  # the database is away: Redis's count for now, and the ledger asked again next time
+                logger.warning("the spending of %s could not be read from the ledger", profile, exc_info=True)
+            else:
+                spent = self._seed_spending(keys=keys, args=[repr(total)])
         breakers, stats, in_flight = {}, {}, {}
         for llm, (breaker, sample, used) in zip(llms, rows, strict=True):
             breakers[llm.id] = {k: v for k, v in zip(_BREAKER_FIELDS, breaker, strict=True) if v is not False}
@@ -552,7 +593,7 @@ class LoadBalancer:
         ranked, excluded = candidates(config, role, prompt_tokens)
         if not ranked:
             raise NoCandidate("; ".join(f"{k}: {v}" for k, v in excluded.items()) or "no LLM is configured", excluded)
-        breakers, stats, in_flight, spent = self._snapshot(ranked, role.profile)
+        breakers, stats, in_flight, spent = self._snapshot(ranked, role.profile, budget=budget)
         worst: dict[str, float] = {}  # rule 7: the worst cost of the call on each LLM the budget applies to
         if budget is not None:
             for llm in ranked:
@@ -903,8 +944,16 @@ class LoadBalancer:
         )
         commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
         if cost and role is not None:
-            key = self._spend_key(role.profile)
+            day = self._day()
+            key = self._spend_key(role.profile, day)
             commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
+            if self.ledger is not None:
+                try:
+                    self.ledger.add(role.profile, day, cost)
+                except Exception:  # the call is done and paid: its record in Redis still counts it today
+                    logger.warning(
+                        "the spending of %s (%g) was not added to the ledger", role.profile, cost, exc_info=True
+                    )
         if decision.held_by:  # after the spending: a placement in between counts both, never neither
             held, until = self._hold_keys(decision.held_by)
             commands += [("HDEL", [held, decision.slot], None), ("ZREM", [until, decision.slot], None)]

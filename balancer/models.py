@@ -93,3 +93,18 @@ class ConfigurationFile(models.Model):
 
     def __str__(self) -> str:
         return self.path
+
+
+class Spending(models.Model):
+    """Rule 7: a profile's spending on paid APIs on one day (UTC), which the load balancer also counts in
+    Redis; kept here so that a Redis restarted without its data does not let the budget be spent again."""
+
+    profile = models.CharField(max_length=64)
+    day = models.CharField(max_length=10, help_text="YYYY-MM-DD, UTC")
+    amount = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["profile", "day"], name="spending_profile_day")]
+
+    def __str__(self) -> str:
+        return f"{self.profile} {self.day}: {self.amount:g}"

@@ -13,6 +13,7 @@ from django.conf import settings
 from agents.registry import AGENTS
 from balancer.configuration import Configuration, ConfigurationError, ConfigurationSource
 from balancer.load_balancer import LoadBalancer, Policy
+from balancer.spending import DatabaseLedger
 from orchestration import mcp_handler
 from orchestration.state_store import TaskStore
 
@@ -62,6 +63,7 @@ def _balancer(url: str, slot_lease_s: float) -> LoadBalancer:
         policy=Policy(slot_lease_s=slot_lease_s),
         on_call=mcp_handler.publish_llm_call,
         stopped_by=(SoftTimeLimitExceeded,),  # a step out of time stopped the call
+        ledger=DatabaseLedger(),
     )
 
 

@@ -42,7 +42,8 @@ class FakeClock:
 @pytest.fixture
 def client(redis_url):
     client = redis.Redis.from_url(redis_url)
-    for pattern in ("aiagent:lb:*:t-*", "aiagent:lb:spend:tp:*", "aiagent:lb:waiting:tp.*", "aiagent:lb:held*:tp"):
+    patterns = ("aiagent:lb:*:t-*", "aiagent:lb:spend*:tp:*", "aiagent:lb:waiting:tp.*", "aiagent:lb:held*:tp")
+    for pattern in patterns:
         for key in client.scan_iter(pattern):
             client.delete(key)
     return client
@@ -722,6 +723,50 @@ def test_rule_7_past_the_daily_budget_only_local_llms_are_candidates(lb, clock):
     assert decision.llm.id == "t-local"
     assert decision.excluded["t-api"] == "rule 7: the daily budget of 0.05 for tp is spent"
     clock.now += 86400  # a new day
+    assert take(lb, config, budget=0.05).llm.id == "t-api"
+
+
+class MemoryLedger:
+    """``SpendingLedger`` in memory: the database's (balancer/spending.py) is tested in test_spending.py."""
+
+    def __init__(self) -> None:
+        self.days: dict[tuple[str, str], float] = {}
+
+    def total(self, profile: str, day: str) -> float:
+        return self.days.get((profile, day), 0.0)
+
+    def add(self, profile: str, day: str, amount: float) -> None:
+        self.days[profile, day] = self.total(profile, day) + amount
+
+
+def test_rule_7_the_days_spending_outlives_a_redis_that_lost_its_data(client, clock):
+    """Found by review: the spending was kept only in Redis (DESIGN: nothing only there that a user would
+    miss); a Redis restarted without its data let the budget be spent again the same day."""
+    ledger = MemoryLedger()
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), ledger=ledger)
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0}}, {"id": "t-local"}],
+        {"preferred_llms": ["t-api"], "max_tokens": 10},
+        daily_budget=0.05,
+    )
+    role = config.role("tp", "r")
+    for _ in range(2):
+        lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=0.05)  # 0.03 each
+    day = lb._day()
+    assert ledger.total("tp", day) == pytest.approx(0.06)
+    for key in client.scan_iter("aiagent:lb:spend*:tp:*"):  # Redis restarted without its data
+        client.delete(key)
+    decision = take(lb, config, budget=0.05)
+    assert decision.llm.id == "t-local"
+    assert decision.excluded["t-api"] == "rule 7: the daily budget of 0.05 for tp is spent"
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.06)
+    lb.record(decision, result=reply())  # its slot back (a local LLM's call costs nothing)
+    # A call recorded in Redis after the loss and before the seeding is kept: the larger count stands.
+    client.delete(lb._seeded_key("tp", day))
+    client.set(lb._spend_key("tp"), 0.5)
+    take(lb, config, budget=0.05)
+    assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.5)
+    clock.now += 86400  # a new day: nothing spent, in Redis or the ledger
     assert take(lb, config, budget=0.05).llm.id == "t-api"
 
 
