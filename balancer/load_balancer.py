@@ -3,7 +3,8 @@
 Rules are numbered as in balancer/load_balancer_rules.md; keep the two true to
 each other, and name the rule in every exclusion reason. Everything that
 several processes must agree on (in-flight slots, breaker states, latency
-averages, spending) lives in Redis, under ``aiagent:lb:``. Time comes from a
+averages, spending) lives in Redis, under ``aiagent:lb:``; the spending is also
+kept in a ledger (the database) that outlives Redis's data. Time comes from a
 replaceable clock (wall-clock seconds), passed into every Redis script, so that
 the tests and the simulation drive it.
 
@@ -159,16 +160,21 @@ for i = 3, #ARGV do
 end
 return cjson.encode({out, redis.call('GET', KEYS[1]), redis.call('EXISTS', KEYS[2])})
 """
-# Rule 7: the day's spending as the ledger (the database) has it, when Redis lost it (restarted without its
-# data). KEYS[1] the spending, KEYS[2] the mark that it was seeded today; ARGV the ledger's total. Keeps the
-# larger of the two (a call recorded in Redis since the loss and not yet in the ledger is not lost either)
-# and returns it.
+# Rule 7: the day's spending as the ledger (the database) has it. KEYS[1] the spending, KEYS[2] the mark that
+# it was compared with the ledger lately; ARGV the ledger's total, how long the mark lasts. Keeps the larger
+# of the two (a call recorded in Redis and not yet in the ledger is not lost either) and returns it. The mark
+# is short-lived, so that a Redis that lost its data, brought back an old snapshot or evicted the count
+# takes the ledger's total again within minutes.
 _SEED_SPENDING = """
 local spent = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
 redis.call('SET', KEYS[1], tostring(spent), 'EX', 259200)
-redis.call('SET', KEYS[2], '1', 'EX', 259200)
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[2]))
 return tostring(spent)
 """
+# How long the spending is taken from Redis alone before it is compared with the ledger again, and how long
+# a ledger that could not be read is left alone.
+LEDGER_RECHECK_S = 300
+LEDGER_RETRY_S = 30
 _BREAKER_FIELDS = ("state", "open_until", "probe_until", "hold_until", "consecutive", "trips")
 _STATS_FIELDS = ("ttft_ms", "tpot_ms", "samples", "last_at", "fail_rate", "fail_ms")
 # Rule 4. Renew a slot that is still held: KEYS[1] the slots, KEYS[2] (if any) its budget hold's expiries
@@ -480,6 +486,7 @@ class LoadBalancer:
         self.redis = client
         # Rule 7: where each profile's spending is kept besides Redis, which may restart without its data.
         self.ledger = ledger
+        self._ledger_retry_at = 0.0  # time.monotonic(): a ledger that could not be read is not asked before it
         # What a call raises when its caller stopped it, besides ``CallStopped`` and what is not an
         # ``Exception`` (KeyboardInterrupt, SystemExit): a worker's soft time limit, say.
         self.stopped_by = stopped_by
@@ -533,13 +540,14 @@ class LoadBalancer:
         day = self._day()
         keys = [self._spend_key(profile, day), self._seeded_key(profile, day)]
         rows, spent, seeded = json.loads(self._read(keys=keys, args=args))
-        if budget is not None and self.ledger is not None and not seeded:
+        if budget is not None and self.ledger is not None and not seeded and time.monotonic() >= self._ledger_retry_at:
             try:
                 total = float(self.ledger.total(profile, day))
-            except Exception:  # the database is away: Redis's count for now, and the ledger asked again next time
+            except Exception:  # the database is away: Redis's count for now, and the ledger asked again later
+                self._ledger_retry_at = time.monotonic() + LEDGER_RETRY_S
                 logger.warning("the spending of %s could not be read from the ledger", profile, exc_info=True)
             else:
-                spent = self._seed_spending(keys=keys, args=[repr(total)])
+                spent = self._seed_spending(keys=keys, args=[repr(total), LEDGER_RECHECK_S])
         breakers, stats, in_flight = {}, {}, {}
         for llm, (breaker, sample, used) in zip(llms, rows, strict=True):
             breakers[llm.id] = {k: v for k, v in zip(_BREAKER_FIELDS, breaker, strict=True) if v is not False}
@@ -930,7 +938,6 @@ class LoadBalancer:
         to ``on_call``. ``stopped``: its caller stopped it, and ``result`` (if any) is what it had
         produced by then. All of it goes to Redis in one round trip. Returns the breaker's state after it."""
         llm = decision.llm
-        policy = self.policy
         now = self.clock()
         cost = _cost(llm, result) if result is not None else 0.0
         if decision.held_by and result is None and (stopped or isinstance(error, EngineTimeout)):
@@ -943,17 +950,37 @@ class LoadBalancer:
             else None
         )
         commands = [("ZREM", [self._key("slots", llm.id), decision.slot], None)]
+        ledger: tuple[str, str, float] | None = None
         if cost and role is not None:
             day = self._day()
             key = self._spend_key(role.profile, day)
             commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
-            if self.ledger is not None:
-                try:
-                    self.ledger.add(role.profile, day, cost)
-                except Exception:  # the call is done and paid: its record in Redis still counts it today
-                    logger.warning(
-                        "the spending of %s (%g) was not added to the ledger", role.profile, cost, exc_info=True
-                    )
+            if self.ledger is not None and decision.held_by:  # a call a budget held: it is kept there too
+                ledger = (role.profile, day, cost)
+        try:
+            return self._record_outcome(decision, commands, result, error, sample, stopped=stopped, now=now)
+        finally:
+            if ledger is not None:  # after Redis: the slot and the hold are not kept waiting on the database
+                self._add_to_ledger(*ledger)
+
+    def _add_to_ledger(self, profile: str, day: str, cost: float) -> None:
+        try:
+            self.ledger.add(profile, day, cost)
+        except Exception:  # the call is done and paid: its record in Redis still counts it today
+            logger.warning("the spending of %s (%g) was not added to the ledger", profile, cost, exc_info=True)
+
+    def _record_outcome(
+        self,
+        decision: Decision,
+        commands: list,
+        result: ChatResult | None,
+        error: EngineError | None,
+        sample: CallSample | None,
+        *,
+        stopped: bool,
+        now: float,
+    ) -> str:
+        llm = decision.llm
         if decision.held_by:  # after the spending: a placement in between counts both, never neither
             held, until = self._hold_keys(decision.held_by)
             commands += [("HDEL", [held, decision.slot], None), ("ZREM", [until, decision.slot], None)]
@@ -976,7 +1003,7 @@ class LoadBalancer:
             if ttft is None:
                 ttft = result.latency_s / (tokens + 1)
             per_token = max(result.latency_s - ttft, 0.0) / tokens
-            averages = [policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
+            averages = [self.policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
             commands.append((self._sample, [self._key("stats", llm.id)], averages))
         return _text(self._in_one_round_trip(commands, sample)[outcome])
 

@@ -729,14 +729,22 @@ def test_rule_7_past_the_daily_budget_only_local_llms_are_candidates(lb, clock):
 class MemoryLedger:
     """``SpendingLedger`` in memory: the database's (balancer/spending.py) is tested in test_spending.py."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, down: bool = False) -> None:
         self.days: dict[tuple[str, str], float] = {}
+        self.down = down
+        self.reads = self.writes = 0
 
     def total(self, profile: str, day: str) -> float:
+        self.reads += 1
+        if self.down:
+            raise OSError("the database is down")
         return self.days.get((profile, day), 0.0)
 
     def add(self, profile: str, day: str, amount: float) -> None:
-        self.days[profile, day] = self.total(profile, day) + amount
+        self.writes += 1
+        if self.down:
+            raise OSError("the database is down")
+        self.days[profile, day] = self.days.get((profile, day), 0.0) + amount
 
 
 def test_rule_7_the_days_spending_outlives_a_redis_that_lost_its_data(client, clock):
@@ -768,6 +776,37 @@ def test_rule_7_the_days_spending_outlives_a_redis_that_lost_its_data(client, cl
     assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.5)
     clock.now += 86400  # a new day: nothing spent, in Redis or the ledger
     assert take(lb, config, budget=0.05).llm.id == "t-api"
+
+
+def test_rule_7_the_ledger_is_read_every_few_minutes_only_with_a_budget_and_a_down_one_fails_no_call(
+    client, clock, caplog
+):
+    from balancer import load_balancer
+
+    paid = [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0}}]
+    config = config_with(paid, {"preferred_llms": ["t-api"], "max_tokens": 10}, daily_budget=1.0)
+    role = config.role("tp", "r")
+    ledger = MemoryLedger()
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), ledger=ledger)
+    for _ in range(3):  # without a budget: neither read nor written
+        lb.run(config, role, lambda llm: reply(prompt=10, tokens=10))
+    assert (ledger.reads, ledger.writes) == (0, 0)
+    for _ in range(3):  # with one: read once (the mark lasts LEDGER_RECHECK_S), each call's cost written
+        lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=1.0)
+    assert (ledger.reads, ledger.writes) == (1, 3)
+    client.delete(lb._seeded_key("tp", lb._day()))  # the mark's few minutes are over
+    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=1.0)
+    assert ledger.reads == 2
+
+    down = MemoryLedger(down=True)
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), ledger=down)
+    client.delete(lb._seeded_key("tp", lb._day()))
+    for _ in range(3):  # Redis's count stands; the ledger is not asked again for LEDGER_RETRY_S
+        _, decision = lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=1.0)
+        assert decision.llm.id == "t-api"
+    assert (down.reads, down.writes) == (1, 3)
+    assert "could not be read from the ledger" in caplog.text and "was not added to the ledger" in caplog.text
+    assert load_balancer.LEDGER_RETRY_S < load_balancer.LEDGER_RECHECK_S
 
 
 def test_rule_7_each_call_holds_its_worst_cost_so_calls_in_flight_cannot_overrun_the_budget(lb, client, clock):

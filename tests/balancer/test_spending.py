@@ -39,3 +39,9 @@ def test_additions_at_once_from_several_threads_are_all_counted():
     for thread in threads:
         thread.join()
     assert ledger.total("p", "2026-12-03") == pytest.approx(20.0)
+
+
+def test_the_servers_balancer_keeps_its_spending_in_the_database():
+    from orchestration.runtime import load_balancer
+
+    assert isinstance(load_balancer().ledger, DatabaseLedger)
