@@ -105,6 +105,7 @@ class Spending(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["profile", "day"], name="spending_profile_day")]
+        verbose_name = verbose_name_plural = "spending"
 
     def __str__(self) -> str:
         return f"{self.profile} {self.day}: {self.amount:g}"

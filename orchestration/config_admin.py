@@ -31,7 +31,7 @@ from django.utils.functional import cached_property
 
 from balancer import config_store
 from balancer.configuration import ConfigurationError, file_stamp
-from balancer.models import LLM, ConfigurationFile, Profile, Role
+from balancer.models import LLM, ConfigurationFile, Profile, Role, Spending
 from orchestration.runtime import configuration, load_balancer, validation
 
 _page = threading.local()  # what the LLM list's page read for its rows
@@ -245,3 +245,27 @@ class RoleAdmin(ConfigurationAdmin):
     list_display = ("name", "profile", "agent", "preferred_llms", "max_tokens", "time_limit_s")
     list_filter = ("profile", "agent")
     search_fields = ("name", "system_prompt")
+
+
+@admin.register(Spending)
+class SpendingAdmin(admin.ModelAdmin):
+    """Rule 7's ledger: what each profile with a daily budget spent on paid APIs, by day (UTC). Read-only:
+    the load balancer writes it."""
+
+    list_display = ("profile", "day", "amount", "budget")
+    list_filter = ("profile",)
+    ordering = ("-day", "profile")
+
+    @admin.display(description="daily budget (in force)")
+    def budget(self, obj: Spending) -> float | None:
+        profile = configuration().profiles.get(obj.profile)
+        return profile.daily_budget if profile else None
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Spending | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Spending | None = None) -> bool:
+        return False

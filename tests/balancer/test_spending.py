@@ -45,3 +45,12 @@ def test_the_servers_balancer_keeps_its_spending_in_the_database():
     from orchestration.runtime import load_balancer
 
     assert isinstance(load_balancer().ledger, DatabaseLedger)
+
+
+@pytest.mark.django_db
+def test_the_admin_lists_the_spending_read_only(admin_client):
+    DatabaseLedger().add("developer", "2026-12-03", 1.25)
+    page = admin_client.get("/admin/balancer/spending/")
+    assert page.status_code == 200
+    assert "developer" in page.content.decode() and "1.25" in page.content.decode()
+    assert admin_client.get("/admin/balancer/spending/add/").status_code == 403
