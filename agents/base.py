@@ -282,14 +282,6 @@ def placeholder_problem(
         if problem is not None:
             return problem
     return None
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for key, value in items:
-        problem = placeholder_problem(
-            value, placeholders, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
-        )
-        if problem is not None:
-            return problem
-    return None
 
 
 class Agent:

@@ -938,6 +938,7 @@ class LoadBalancer:
         to ``on_call``. ``stopped``: its caller stopped it, and ``result`` (if any) is what it had
         produced by then. All of it goes to Redis in one round trip. Returns the breaker's state after it."""
         llm = decision.llm
+        policy = self.policy
         now = self.clock()
         cost = _cost(llm, result) if result is not None else 0.0
         if decision.held_by and result is None and (stopped or isinstance(error, EngineTimeout)):
@@ -957,55 +958,40 @@ class LoadBalancer:
             commands += [("INCRBYFLOAT", [key, cost], None), ("EXPIRE", [key, 3 * 86400], None)]
             if self.ledger is not None and decision.held_by:  # a call a budget held: it is kept there too
                 ledger = (role.profile, day, cost)
-        try:
-            return self._record_outcome(decision, commands, result, error, sample, stopped=stopped, now=now)
-        finally:
-            if ledger is not None:  # after Redis: the slot and the hold are not kept waiting on the database
-                self._add_to_ledger(*ledger)
-
-    def _add_to_ledger(self, profile: str, day: str, cost: float) -> None:
-        try:
-            self.ledger.add(profile, day, cost)
-        except Exception:  # the call is done and paid: its record in Redis still counts it today
-            logger.warning("the spending of %s (%g) was not added to the ledger", profile, cost, exc_info=True)
-
-    def _record_outcome(
-        self,
-        decision: Decision,
-        commands: list,
-        result: ChatResult | None,
-        error: EngineError | None,
-        sample: CallSample | None,
-        *,
-        stopped: bool,
-        now: float,
-    ) -> str:
-        llm = decision.llm
         if decision.held_by:  # after the spending: a placement in between counts both, never neither
             held, until = self._hold_keys(decision.held_by)
             commands += [("HDEL", [held, decision.slot], None), ("ZREM", [until, decision.slot], None)]
+        outcome = None
         if stopped or isinstance(error, EngineBadRequest):
             # Neither the LLM's success nor its failure (the request was wrong, or its caller stopped the
             # call): nothing for rules 3 and 5 to learn from; a probe is let go.
             if decision.probe:
                 commands.append((self._let_probe_go, [self._key("breaker", llm.id)], [decision.slot, now]))
-            self._in_one_round_trip(commands, sample)
-            return "closed"
-        retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
-        took = now - decision.started if decision.started else None
-        outcome = len(commands)
-        commands.append(
-            self._outcome_call(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took)
-        )
-        if result is not None:
-            ttft = result.time_to_first_token_s
-            tokens = max(result.completion_tokens, 1)
-            if ttft is None:
-                ttft = result.latency_s / (tokens + 1)
-            per_token = max(result.latency_s - ttft, 0.0) / tokens
-            averages = [self.policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
-            commands.append((self._sample, [self._key("stats", llm.id)], averages))
-        return _text(self._in_one_round_trip(commands, sample)[outcome])
+        else:
+            retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
+            took = now - decision.started if decision.started else None
+            outcome = len(commands)
+            commands.append(
+                self._outcome_call(llm.id, ok=error is None, retry_after=retry_after, probe=decision.probe, took_s=took)
+            )
+            if result is not None:
+                ttft = result.time_to_first_token_s
+                tokens = max(result.completion_tokens, 1)
+                if ttft is None:
+                    ttft = result.latency_s / (tokens + 1)
+                per_token = max(result.latency_s - ttft, 0.0) / tokens
+                averages = [policy.ewma_alpha, ttft * 1000, per_token * 1000, now]
+                commands.append((self._sample, [self._key("stats", llm.id)], averages))
+        try:
+            replies = self._in_one_round_trip(commands, sample)
+        finally:
+            if ledger is not None:  # after Redis: the slot and the hold are not kept waiting on the database
+                try:
+                    self.ledger.add(*ledger)
+                except Exception:  # the call is done and paid: its record in Redis still counts it today
+                    logger.warning("the spending of %s (%g) was not added to the ledger", ledger[0], ledger[2],
+                                   exc_info=True)  # fmt: skip
+        return "closed" if outcome is None else _text(replies[outcome])
 
     # --- the whole call ---------------------------------------------------------------------
 

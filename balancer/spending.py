@@ -16,13 +16,11 @@ class DatabaseLedger:
         return float(row or 0.0)
 
     def add(self, profile: str, day: str, amount: float) -> None:
-        with transaction.atomic():
-            if Spending.objects.filter(profile=profile, day=day).update(amount=F("amount") + amount):
-                return
-            try:
-                with transaction.atomic():  # a savepoint: another process may have made the row meanwhile
-                    Spending.objects.create(profile=profile, day=day, amount=amount)
-                    return
-            except IntegrityError:
-                pass
-            Spending.objects.filter(profile=profile, day=day).update(amount=F("amount") + amount)
+        today = Spending.objects.filter(profile=profile, day=day)
+        if today.update(amount=F("amount") + amount):
+            return
+        try:
+            with transaction.atomic():  # a savepoint, should the caller be in a transaction
+                Spending.objects.create(profile=profile, day=day, amount=amount)
+        except IntegrityError:  # another process made the row meanwhile
+            today.update(amount=F("amount") + amount)
