@@ -1147,6 +1147,33 @@ class LoadBalancer:
 
     # --- what operators see -----------------------------------------------------------------
 
+    def budget(self, profile: str, budget: float) -> dict[str, Any]:
+        """Rule 7 as it stands for ``profile`` today: what is spent (as a decision reads it, compared with the
+        ledger when a decision would be), what the calls in flight hold of their worst cost, and what is
+        left of ``budget`` for new calls. With Redis away, what the ledger says is spent, and ``held`` and
+        ``left`` unknown (None)."""
+        day = self._day()
+        try:
+            spent = self._snapshot([], profile, budget=budget)[3]
+            held_key, until_key = self._hold_keys(profile)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(held_key)
+            pipe.zrangebyscore(until_key, self.clock(), "+inf")  # holds whose lease has not expired
+            costs, live = pipe.execute()
+        except redis.RedisError:
+            if self.ledger is None:
+                raise
+            spent, held = float(self.ledger.total(profile, day)), None
+        else:
+            held = round(sum((float(costs[token]) for token in live if token in costs), 0.0), 6)
+        return {
+            "day": day,
+            "daily_budget": budget,
+            "spent": round(spent, 6),
+            "held": held,
+            "left": None if held is None else round(max(budget - spent - held, 0.0), 6),
+        }
+
     def states(self, config: Configuration) -> dict[str, dict[str, Any]]:
         """Each LLM's shared state: healthy or cooling down until when, in flight, average latency."""
         now = self.clock()

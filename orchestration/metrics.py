@@ -36,7 +36,7 @@ from balancer.load_balancer import OUTCOMES
 from orchestration import mcp_handler
 from orchestration.models import Task
 from orchestration.packets import FINISHED, STATUSES
-from orchestration.runtime import configuration
+from orchestration.runtime import configuration, load_balancer
 from orchestration.selectors import llm_list
 
 PREFIX = "aiagent:metrics:"
@@ -449,6 +449,26 @@ def _from_database(query):
         return None
 
 
+def budgets() -> dict[str, Any]:
+    """Each profile with a ``daily_budget``: its spending today against it (rule 7), as the balancer
+    reads it; ``spent`` is null when neither Redis nor the database answers."""
+    part = {}
+    for profile in configuration().profiles.values():
+        if profile.daily_budget is None:
+            continue
+        try:
+            part[profile.name] = load_balancer().budget(profile.name, profile.daily_budget)
+        except (redis.RedisError, DatabaseError):
+            part[profile.name] = {
+                "day": None,
+                "daily_budget": profile.daily_budget,
+                "spent": None,
+                "held": None,
+                "left": None,
+            }
+    return part
+
+
 def usage_part(total: dict[str, dict]) -> dict[str, Any]:
     config = configuration()
     llms = {}
@@ -469,6 +489,7 @@ def usage_part(total: dict[str, dict]) -> dict[str, Any]:
         "llms": llms,
         "loop_iterations": _from_database(loop_iterations),
         "estimated_cost": {"total": round(sum(api_costs.values()), 6), "by_llm": api_costs},
+        "budgets": budgets(),
     }
 
 

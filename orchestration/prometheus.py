@@ -112,6 +112,20 @@ def prometheus_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
     yield from (requests, tokens, cost, latency, ttft, role_requests, role_latency)
 
     usage = snapshot["usage"]
+    budget = GaugeMetricFamily("aiagent_budget_daily", "A profile's daily budget (rule 7).", labels=["profile"])
+    spent = GaugeMetricFamily(
+        "aiagent_budget_spent", "What a profile has spent today (UTC) against its daily budget.", labels=["profile"]
+    )
+    held = GaugeMetricFamily(
+        "aiagent_budget_held", "The worst cost of a profile's calls in flight, held on its budget.", labels=["profile"]
+    )
+    for profile, state in usage["budgets"].items():
+        budget.add_metric([profile], state["daily_budget"])
+        if state["spent"] is not None:
+            spent.add_metric([profile], state["spent"])
+        if state["held"] is not None:
+            held.add_metric([profile], state["held"])
+    yield from (budget, spent, held)
     if usage["tasks"] is None or usage["loop_iterations"] is None:  # the database is away (aiagent_up says so)
         return
     tasks = GaugeMetricFamily("aiagent_tasks", "Stored tasks by role and status.", labels=["profile", "role", "status"])

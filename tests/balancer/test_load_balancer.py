@@ -24,6 +24,7 @@ from balancer.load_balancer import (
 )
 from llm_engines.base import ChatResult
 from llm_engines.errors import ContextTooLong, EngineBadRequest, EngineRateLimited, EngineTimeout, EngineUnavailable
+from tests.conftest import free_port
 
 START = 1_800_000_000.0
 
@@ -834,6 +835,39 @@ def test_rule_7_each_call_holds_its_worst_cost_so_calls_in_flight_cannot_overrun
     assert big.excluded["t-api"] == (
         "rule 7: the call may cost up to 0.12, more than is left of the daily budget of 0.11 for tp (0.086)"
     )
+
+
+def test_rule_7_a_profiles_budget_reads_what_is_spent_held_and_left(client, clock):
+    """What the metrics show of a budget: today's spending as a decision reads it (the ledger's when Redis
+    lost it), the worst cost of the calls in flight, and what is left; with Redis away, the ledger's."""
+    ledger = MemoryLedger()
+    lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), ledger=ledger)
+    config = config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0},
+          "max_concurrency": 4}],
+        {"max_tokens": 10}, daily_budget=1.0,
+    )  # fmt: skip
+    role = config.role("tp", "r")
+    day = lb._day()
+    assert lb.budget("tp", 1.0) == {"day": day, "daily_budget": 1.0, "spent": 0.0, "held": 0.0, "left": 1.0}
+    lb.run(config, role, lambda llm: reply(prompt=10, tokens=10), budget=1.0)  # costs 0.03
+    first = take(lb, config, prompt_tokens=20, budget=1.0)  # holds 0.04 while it runs
+    take(lb, config, prompt_tokens=20, budget=1.0)  # holds 0.04, and its caller dies: the hold expires
+    assert lb.budget("tp", 1.0) == {"day": day, "daily_budget": 1.0, "spent": 0.03, "held": 0.08, "left": 0.89}
+    clock.now += lb.policy.slot_lease_s / 2
+    assert lb.renew_slot(first)
+    clock.now += lb.policy.slot_lease_s / 2 + 1  # the second's lease is over, the first's renewed
+    assert lb.budget("tp", 1.0)["held"] == pytest.approx(0.04)
+    lb.record(first, result=reply(prompt=20, tokens=5), role=role)  # costs 0.03
+    assert lb.budget("tp", 1.0) == {"day": day, "daily_budget": 1.0, "spent": 0.06, "held": 0.0, "left": 0.94}
+    for key in client.scan_iter("aiagent:lb:spend*:tp:*"):  # Redis restarted without its data
+        client.delete(key)
+    assert lb.budget("tp", 1.0)["spent"] == pytest.approx(0.06)
+    ledger.days["tp", day] = 2.5  # over the budget: nothing left
+    away = LoadBalancer(redis.Redis(port=free_port()), clock=clock, ledger=ledger)
+    assert away.budget("tp", 1.0) == {"day": day, "daily_budget": 1.0, "spent": 2.5, "held": None, "left": None}
+    with pytest.raises(redis.RedisError):
+        LoadBalancer(redis.Redis(port=free_port()), clock=clock).budget("tp", 1.0)
 
 
 def test_rule_7_a_call_that_timed_out_or_was_stopped_unseen_is_charged_its_worst_cost(lb, client):

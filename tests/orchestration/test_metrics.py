@@ -307,3 +307,38 @@ def test_the_metrics_count_recent_and_looped_tasks_from_their_indexes_alone():
     assert "USING COVERING INDEX task_loop_idx" in rounds, rounds
     # No metrics query reads the table's rows (and with them, on SQLite, the packets' pages).
     assert all("COVERING INDEX" in plan for plan in plans.values()), plans
+
+
+@pytest.mark.django_db
+def test_the_metrics_show_each_budgets_spending_today(api, admin_client, edit_config):
+    """An operator paying for API LLMs saw the estimated cost since the aggregator started, not what a
+    profile had spent today against its daily budget, which decides when its roles go local (rule 7)."""
+    from balancer.spending import DatabaseLedger
+    from orchestration.runtime import load_balancer
+
+    edit_config(lambda raw: raw["profiles"]["productivity"].update(daily_budget=2.0))
+    balancer = load_balancer()
+    day = balancer.budget("productivity", 2.0)["day"]
+    DatabaseLedger().add("productivity", day, 0.5)  # spent today, and Redis has lost its count
+    for key in balancer.redis.scan_iter("aiagent:lb:spend*:productivity:*"):
+        balancer.redis.delete(key)
+    try:
+        snapshot = api.get("/api/v1/metrics").json()
+        assert snapshot["usage"]["budgets"] == {
+            "productivity": {"day": day, "daily_budget": 2.0, "spent": 0.5, "held": 0.0, "left": 1.5}
+        }
+        families = {
+            family.name: {sample.labels["profile"]: sample.value for sample in family.samples}
+            for family in text_string_to_metric_families(api.get("/metrics").content.decode())
+            if family.name.startswith("aiagent_budget_")
+        }
+        assert families == {
+            "aiagent_budget_daily": {"productivity": 2.0},
+            "aiagent_budget_spent": {"productivity": 0.5},
+            "aiagent_budget_held": {"productivity": 0.0},
+        }
+        page = admin_client.get("/admin/metrics/").content.decode()
+        assert "<tr><td>productivity</td><td>2.0</td><td>0.5</td><td>0.0</td><td>1.5</td></tr>" in page
+    finally:
+        for key in balancer.redis.scan_iter("aiagent:lb:spend*:productivity:*"):
+            balancer.redis.delete(key)
