@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 # What reading a reply that is not the shape it should be raises (the clients hand over what the server sent):
 # a body that is not JSON (ValueError), a list or a number where an object is expected (TypeError), a part
-# missing (AttributeError, KeyError), no choices (IndexError). The server is at fault.
-MALFORMED_REPLY = (AttributeError, TypeError, IndexError, KeyError, ValueError)
+# missing (AttributeError, KeyError), no choices (IndexError), JSON nested past what the parser follows
+# (RecursionError). The server is at fault.
+MALFORMED_REPLY = (AttributeError, TypeError, IndexError, KeyError, ValueError, RecursionError)
 
 # The longest wait a server's Retry-After is taken for: the balancer cools the LLM down that long, and a
 # value beyond any real one (1e12 s, inf) would disable it for ever and put its cooldown past the

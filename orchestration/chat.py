@@ -86,6 +86,7 @@ class ChatError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -94,6 +95,9 @@ class ChatError(Exception):
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        # Whether sending it again can help, for the clients that retry a 429 or a 5xx by themselves (OpenAI's
+        # read ``x-should-retry``); None: as the status says.
+        self.retry = retry
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -35,6 +35,7 @@ from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
     EngineError,
+    EngineQuotaExceeded,
     EngineRateLimited,
     EngineTimeout,
 )
@@ -78,7 +79,7 @@ def _no_candidate(exc: NoCandidate) -> ChatError:
         if any(reason.startswith("rule 7:") for reason in reasons):
             return ChatError(
                 f"the role's daily budget cannot pay for this request: {exc}", status=429,
-                type="insufficient_quota", code="insufficient_quota",
+                type="insufficient_quota", code="insufficient_quota", retry=False,
             )  # fmt: skip
         return ChatError(
             f"the messages and max_tokens do not fit the context: {exc}", code="context_length_exceeded",
@@ -101,6 +102,8 @@ def engine_error(exc: BaseException) -> ChatError:
         return ChatError(str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, EngineBadRequest):
         return ChatError(str(exc))
+    if isinstance(exc, EngineQuotaExceeded):  # the upstream account's: waiting does not lift it
+        return ChatError(str(exc), status=429, type="insufficient_quota", code="insufficient_quota", retry=False)
     if isinstance(exc, EngineRateLimited):
         return ChatError(
             str(exc), status=429, type="rate_limit_error", code="rate_limit_exceeded", retry_after=exc.retry_after
@@ -109,7 +112,10 @@ def engine_error(exc: BaseException) -> ChatError:
         return ChatError(str(exc), status=504, type="server_error", code="timeout")
     if isinstance(exc, EngineError):
         status = 502 if exc.llm_at_fault else 503
-        return ChatError(f"the LLM failed: {exc}", status=status, type="server_error", code="llm_failed")
+        return ChatError(
+            f"the LLM failed: {exc}", status=status, type="server_error", code="llm_failed",
+            retry=False if exc.llm_at_fault else None,  # its key, its settings: the same again until they change
+        )  # fmt: skip
     if isinstance(exc, redis.RedisError | DatabaseError):
         status, body = rest_error_response(exc)  # the REST API's own answer to an outage, in OpenAI's shape
         return ChatError(
@@ -123,6 +129,8 @@ def error_response(error: ChatError) -> JsonResponse:
     response = JsonResponse(error.body(), status=error.status)
     if error.retry_after:
         response["Retry-After"] = str(max(1, round(error.retry_after)))
+    if error.retry is not None:
+        response["x-should-retry"] = "true" if error.retry else "false"
     return response
 
 

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # Words with which OpenAI-compatible servers say a prompt does not fit.
 _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
+# The codes with which OpenAI says a model does not take a parameter, or a value of it, that was sent.
+_UNSUPPORTED = ("unsupported_parameter", "unsupported_value")
 
 
 # How a server takes a JSON schema: OpenAI's ``json_schema`` response format, or
@@ -60,8 +62,11 @@ _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too 
 STRUCTURED_OUTPUT = ("json_schema", "json_object")
 
 
-def tool_call(call_id: str | None, name: str, arguments: str | None) -> dict[str, Any]:
-    """One tool call in the OpenAI shape; a server that gave no id gets one."""
+def tool_call(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+    """One tool call in the OpenAI shape; a server that gave no id gets one, and arguments given as an object
+    (not as JSON text, as OpenAI gives them) are written as JSON."""
+    if arguments is not None and not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
     return {
         "id": call_id or f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
@@ -98,6 +103,11 @@ class OpenAIEngine(Engine):
         # (Azure OpenAI before its 2024-05 API versions, servers that forbid unknown fields) is streamed
         # without it from its first refusal on, and the reply's tokens are counted as the stream's pieces.
         self._stream_usage = True
+        # OpenAI's reasoning models (o-series, gpt-5) refuse ``max_tokens`` (they take ``max_completion_tokens``,
+        # which older OpenAI-compatible servers do not know) and any temperature but their own: a call they
+        # refuse so is sent again adapted, and so are this engine's later calls.
+        self._token_limit = "max_tokens"
+        self._send_temperature = True
         # A local server needs no key, but the client insists on one.
         self.client = openai.OpenAI(
             api_key=api_key or "no-key",
@@ -136,8 +146,14 @@ class OpenAIEngine(Engine):
             # 408: the server gave up waiting for the request (a proxy, a busy server); sending it again may work.
             if exc.status_code >= 500 or exc.status_code == 408:
                 return EngineUnavailable(f"server error {exc.status_code}: {message}", engine=self.name)
+            if exc.status_code == 402:  # OpenRouter and others: no credits left on the account
+                return EngineQuotaExceeded(f"out of credits: {message}", engine=self.name)
             if any(marker in message.lower() for marker in _CONTEXT_MARKERS):
                 return ContextTooLong(message, engine=self.name)
+            if getattr(exc, "code", None) in _UNSUPPORTED:
+                # A setting the model does not take (OpenAI's reasoning models): every call sent there fails so,
+                # wherever it comes from; another LLM may serve it.
+                return EngineConfigurationError(f"{self.model} does not take the request: {message}", engine=self.name)
             return EngineBadRequest(f"{exc.status_code}: {message}", engine=self.name)
         if isinstance(exc, openai.APIError):
             # No status: an error event in a stream (vLLM and llama.cpp's server report a failing engine so), or a
@@ -213,7 +229,7 @@ class OpenAIEngine(Engine):
         watchdog = Watchdog(timeout, options.cancel)
         try:
             with watchdog:
-                response = self.client.chat.completions.create(**self._request(messages, options))
+                response = self._create(self._request(messages, options))
             choice = response.choices[0]
             text = choice.message.content or ""
             if not isinstance(text, str):
@@ -266,13 +282,32 @@ class OpenAIEngine(Engine):
                 completion = pieces if options.max_tokens is None else min(pieces, options.max_tokens)
         return estimate_tokens(messages) if prompt is None else prompt, completion
 
+    def _create(self, request: dict[str, Any], **stream: Any) -> Any:
+        """``request`` sent, adapted to what the model refused before; a refusal of ``max_tokens`` or of the
+        temperature (by its ``param``, as OpenAI names it) adapts it, and it is sent again."""
+        while True:
+            adapted = dict(request)
+            if "max_tokens" in adapted and self._token_limit != "max_tokens":
+                adapted[self._token_limit] = adapted.pop("max_tokens")
+            if not self._send_temperature:
+                adapted.pop("temperature", None)
+            try:
+                return self.client.chat.completions.create(**adapted, **stream)
+            except openai.BadRequestError as exc:
+                param = getattr(exc, "param", None)
+                if param == "max_tokens" and self._token_limit == "max_tokens":
+                    self._token_limit = "max_completion_tokens"
+                elif param == "temperature" and self._send_temperature and "temperature" in adapted:
+                    self._send_temperature = False
+                else:
+                    raise
+                logger.warning("%s refuses %s: sent without it from now on", self.model, param)
+
     def _open_stream(self, request: dict[str, Any]) -> Any:
         """The stream of ``request``, asking for its usage unless the server refused to be asked."""
         if self._stream_usage:
             try:
-                return self.client.chat.completions.create(
-                    **request, stream=True, stream_options={"include_usage": True}
-                )
+                return self._create(request, stream=True, stream_options={"include_usage": True})
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 # Where a server names the field varies (OpenAI's error.message, a FastAPI 422's detail[].loc, a
                 # plain string error), and the client's message quotes only the first: the body is searched.
@@ -280,7 +315,7 @@ class OpenAIEngine(Engine):
                     raise
                 self._stream_usage = False
                 logger.warning("%s refuses stream_options: its streams are counted without it", self.base_url)
-        return self.client.chat.completions.create(**request, stream=True)
+        return self._create(request, stream=True)
 
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
         options = options or ChatOptions()
@@ -408,7 +443,8 @@ class OpenAIEngine(Engine):
         except MALFORMED_REPLY as exc:
             return Health(False, str(self._malformed(exc, "a model list")), time.perf_counter() - started)
         elapsed = time.perf_counter() - started
-        if self.model not in served:
+        # Ollama's /v1 lists a model pulled without a tag as "name:latest", and serves it by either name.
+        if self.model not in served and f"{self.model}:latest" not in served:
             return Health(False, f"model {self.model} is not served (served: {', '.join(served[:10])})", elapsed)
         return Health(True, f"{self.model} served", elapsed)
 

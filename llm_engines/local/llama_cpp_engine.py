@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import queue
 import re
 import subprocess
@@ -47,6 +48,8 @@ from llm_engines.errors import (
     EngineError,
     EngineTimeout,
 )
+
+logger = logging.getLogger(__name__)
 
 PACKAGE_SCHEME = "package:"
 # How often a call waiting for a busy context looks whether its caller cancelled it.
@@ -149,6 +152,9 @@ class LlamaCppEngine(Engine):
         self._loaded = 0
         self._load_lock = threading.Lock()
         self._schemas: dict[str, str | None] = {}  # check_schema's answers, by the schema's hash
+        # Some models' chat templates refuse a system message (Gemma's, Mistral-Instruct's before v0.3), which
+        # every agent sends: from the first such refusal on, the system text goes first in the user's message.
+        self._system_in_user = False
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
@@ -262,7 +268,19 @@ class LlamaCppEngine(Engine):
         chunks = None
         try:
             self._check_cancel(cancel)  # cancelled while it waited for the context: its prompt is not read
-            chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
+            merged = system_in_user(request["messages"])
+            if self._system_in_user and merged is not None:
+                request = {**request, "messages": merged}
+            try:
+                chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
+            except ValueError:  # the template's raise_exception(): it refused the messages
+                if self._system_in_user or merged is None:
+                    raise
+                chunks = llama.create_chat_completion(
+                    **{**request, "messages": merged}, stream=True, logits_processor=[watch]
+                )
+                self._system_in_user = True
+                logger.warning("the chat template of %s refuses a system message: it goes in the user's", self.model)
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 finish_reason = choice.get("finish_reason")
@@ -428,6 +446,21 @@ def plain_message(message: Message, *, vision: bool) -> dict[str, Any]:
     if role == "tool":
         return {"role": "user", "content": f"[tool result {message.get('tool_call_id', '')}]\n{content or ''}"}
     return {"role": role, "content": content if content is not None else ""}
+
+
+def system_in_user(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    """``messages`` with a leading system message's text put first in the user message after it, as models
+    whose templates have no system role are told to take it; None when they do not start so."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return None
+    system, user = messages[0]["content"] or "", messages[1]["content"]
+    if isinstance(system, list):
+        system = "\n".join(part.get("text", "") for part in system if part.get("type") == "text")
+    if isinstance(user, list):  # a model that reads images: its parts, the system's text first
+        content: Any = [{"type": "text", "text": system}, *user]
+    else:
+        content = f"{system}\n\n{user}"
+    return [{**messages[1], "content": content}, *messages[2:]]
 
 
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)

@@ -32,6 +32,7 @@ from llm_engines.base import (
 )
 from llm_engines.errors import (
     ContextTooLong,
+    EngineAuthError,
     EngineBadRequest,
     EngineCancelled,
     EngineConfigurationError,
@@ -178,6 +179,8 @@ class OllamaEngine(Engine):
             return EngineUnavailable(f"cannot reach {self.base_url}: {exc}", engine=self.name)
         if isinstance(exc, ollama.ResponseError):
             status, message = exc.status_code, exc.error
+            if not isinstance(message, str):  # a proxy's own error object, {"message": ...}, say
+                message = json.dumps(message, default=str)
             if status == 429:
                 # The client raises ResponseError "from None", but keeps the HTTP error as the context.
                 headers = getattr(getattr(exc.__context__, "response", None), "headers", None)
@@ -191,8 +194,14 @@ class OllamaEngine(Engine):
                 return EngineConfigurationError(
                     f"{self.base_url} does not have {self.model}: {message}", engine=self.name
                 )
+            if status in (401, 403):  # a proxy in front of Ollama that wants credentials
+                return EngineAuthError(f"refused the credentials: {message}", engine=self.name)
             if "context" in message.lower():
                 return ContextTooLong(message, engine=self.name)
+            if "does not support" in message.lower():
+                # "... does not support tools" (or images, thinking): the model, configured with a capability it
+                # lacks, fails every such call; another LLM may serve it.
+                return EngineConfigurationError(f"{self.model}: {message}", engine=self.name)
             return EngineBadRequest(f"{status}: {message}", engine=self.name)
         return EngineError(str(exc), engine=self.name)
 

@@ -26,9 +26,14 @@ class _FaultHandler(BaseHTTPRequestHandler):
         # Read the request first: a connection closed on unread data is reset, and the client may lose the reply.
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.received.append(body)
-        if self.mode == "strict" and b'"stream_options"' in body:
-            self._json(*self.refusal)
-            return
+        if self.mode == "strict":
+            # ``refusal``: (status, JSON body) for a request with stream_options, or a list of (what the request
+            # holds, status, JSON body), the first that matches answered.
+            refusals = self.refusal if isinstance(self.refusal, list) else [(b'"stream_options"', *self.refusal)]
+            for marker, status, reply in refusals:
+                if marker in body:
+                    self._json(status, reply)
+                    return
         if self.mode in ("pieces", "strict"):
             # The reply's pieces one by one, ``interval`` apart, then the connection closes (HTTP/1.0: no length).
             status, content_type, pieces = self.canned
@@ -98,7 +103,8 @@ def fault_server() -> Iterator[callable]:
     after two chunks; in mode "canned" every request with ``canned`` (status, content type, body) and
     ``headers``; in mode "pieces" with ``canned`` (status, content type, a list of pieces of the body),
     sent ``interval`` seconds apart, the connection closed after the last; in mode "strict" as "pieces", but
-    ``refusal`` (status, JSON body) for a request that has ``stream_options``. ``received`` (an argument)
+    ``refusal`` (status, JSON body) for a request that has ``stream_options`` (or a list of refusals, each
+    with what the request holds to get it). ``received`` (an argument)
     collects the requests' bodies."""
     servers = []
 

@@ -270,3 +270,36 @@ def test_a_generation_its_caller_cancels_stops_at_the_next_token(engine):
     assert time.monotonic() - started < 5
     busy.close()
     assert engine.chat(HELLO, ChatOptions(max_tokens=4)).text
+
+
+# Mistral-Instruct v0.1's chat template: roles must alternate from the user's, so a system message is refused.
+_NO_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_chat_template_that_refuses_a_system_message_gets_its_text_in_the_users():
+    """Gemma's and Mistral-Instruct's templates refuse a system message, which every agent sends: each call
+    on such a model failed as a bad request (neither failover nor the breaker)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    engine = LlamaCppEngine(**SETTINGS)  # its own, not the cached one the other tests share
+    llama = engine._acquire(None)
+    rendered: list[str] = []
+    formatter = Jinja2ChatFormatter(template=_NO_SYSTEM_TEMPLATE, eos_token="</s>", bos_token="<s>")
+
+    def handler(**kwargs):
+        rendered.append(formatter(messages=kwargs["messages"]).prompt)  # raises as the template does
+        return llama_cpp.llama_chat_format.chat_formatter_to_chat_completion_handler(formatter)(**kwargs)
+
+    llama.chat_handler = handler
+    engine._idle.put(llama)
+    for _ in range(2):
+        assert engine.chat(HELLO, ChatOptions(max_tokens=4)).finish_reason in ("stop", "length")
+    assert rendered == ["<s>[INST] You are helpful.\n\nName a colour. [/INST]"] * 2  # refused once, then merged
+    with pytest.raises(EngineBadRequest, match="alternate"):  # what merging cannot mend is still refused
+        engine.chat([{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Name a colour."}])

@@ -12,6 +12,7 @@ import pytest
 
 from llm_engines.base import ChatOptions, estimate_tokens
 from llm_engines.errors import (
+    EngineAuthError,
     EngineBadRequest,
     EngineConfigurationError,
     EngineRateLimited,
@@ -52,9 +53,11 @@ def test_images_go_as_base64_in_the_message():
         to_ollama_message({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]})
 
 
-def test_the_server_refusing_images_is_a_bad_request(engine):
+def test_the_server_refusing_images_is_the_llms_configuration_error(engine):
+    """Only an LLM configured with ``vision`` is sent images (rule 1): one whose model cannot read them is
+    configured wrong, and another LLM may serve the call."""
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-    with pytest.raises(EngineBadRequest, match="does not support images"):
+    with pytest.raises(EngineConfigurationError, match="does not support images"):
         engine.chat([{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}])
 
 
@@ -288,3 +291,24 @@ def test_a_cancelled_call_ends_at_once_though_its_server_goes_on(fault_server):
     with pytest.raises(EngineCancelled):
         OllamaEngine(model="m", base_url=url).chat(HELLO, ChatOptions(timeout=30, cancel=cancelled))
     assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "raised", "said"),
+    [
+        # A proxy in front of Ollama answering in OpenAI's shape: the error object crashed the classification.
+        (400, {"message": "bad field", "type": "invalid_request_error"}, EngineBadRequest, '"message": "bad field"'),
+        (401, "unauthorized", EngineAuthError, "refused the credentials"),
+        (403, {"message": "forbidden"}, EngineAuthError, "forbidden"),
+        (400, "library/gemma:2b does not support tools", EngineConfigurationError, "does not support tools"),
+    ],
+    ids=["error-object", "401", "403", "no-tools"],
+)
+def test_errors_are_classified_whatever_their_shape(fault_server, status, error, raised, said):
+    """An error object (not a string) escaped as AttributeError, and a 401/403 or a model without the tools it
+    was configured with were the request's fault: no failover, and the breaker learned nothing."""
+    url = fault_server("canned", (status, "application/json", json.dumps({"error": error}).encode()))
+    engine = OllamaEngine(model="m", base_url=url)
+    for call in (engine.chat, lambda messages: list(engine.stream(messages))):
+        with pytest.raises(raised, match=said):
+            call(HELLO)

@@ -376,3 +376,95 @@ def test_a_bad_request_that_does_not_name_stream_options_is_not_sent_again(fault
     with pytest.raises(EngineBadRequest, match="max_tokens is too large"):
         list(OpenAIEngine(model="m", base_url=f"{url}/v1").stream(HELLO))
     assert len(received) == 1
+
+
+_NO_MAX_TOKENS = {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' "
+    "instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter",
+}  # fmt: skip
+_NO_TEMPERATURE = {
+    "message": "Unsupported value: 'temperature' does not support 0.7 with this model. Only the default (1) value is "
+    "supported.",
+    "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_a_reasoning_model_that_refuses_max_tokens_and_the_temperature_is_sent_them_as_it_takes_them(
+    fault_server, streamed
+):
+    """OpenAI's o-series and gpt-5 refuse ``max_tokens`` and any temperature but 1 with a 400: every call to
+    them failed, as the request's fault (no failover, and the breaker never learned)."""
+    received: list[bytes] = []
+    refusals = [(b'"max_tokens"', 400, {"error": _NO_MAX_TOKENS}), (b'"temperature"', 400, {"error": _NO_TEMPERATURE})]
+    if streamed:
+        reply = (200, "text/event-stream", [_chunk({"content": "Pe"}), _chunk({"content": "ar."}, "stop"), DONE])
+    else:
+        message = {"role": "assistant", "content": "Pear."}
+        whole = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "usage": None,
+                 "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}  # fmt: skip
+        reply = (200, "application/json", [json.dumps(whole).encode()])
+    url = fault_server("strict", reply, received=received, refusal=refusals)
+    engine = OpenAIEngine(model="gpt-5-mini", base_url=f"{url}/v1")
+    for _ in range(2):
+        call = engine.stream if streamed else engine.chat
+        result = call(HELLO, ChatOptions(max_tokens=64))
+        if streamed:
+            result = next(chunk.result for chunk in result if chunk.result)
+        assert result.text == "Pear."
+    sent = [json.loads(body) for body in received]
+    assert [("max_tokens" in body, "temperature" in body) for body in sent] == [
+        (True, True),
+        (False, True),
+        (False, False),
+        (False, False),
+    ]  # refused twice, adapted for good
+    assert sent[-1]["max_completion_tokens"] == 64
+
+
+def test_a_parameter_the_model_does_not_take_and_a_402_are_the_llms_fault(fault_server):
+    """Both were EngineBadRequest, the request's fault: no other LLM was tried, and the breaker learned nothing."""
+    from llm_engines.errors import EngineConfigurationError
+
+    top_p = {"message": "Unsupported parameter: 'top_p'", "param": "top_p", "code": "unsupported_parameter"}
+    url = fault_server("canned", (400, "application/json", json.dumps({"error": top_p}).encode()))
+    with pytest.raises(EngineConfigurationError, match="does not take the request") as raised:
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO, ChatOptions(top_p=0.5))
+    assert raised.value.llm_at_fault
+    credits = {"error": {"message": "Insufficient credits", "code": 402}}
+    url = fault_server("canned", (402, "application/json", json.dumps(credits).encode()))
+    with pytest.raises(EngineQuotaExceeded, match="out of credits") as raised:
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+    assert raised.value.llm_at_fault and not raised.value.transient
+
+
+def test_a_model_ollama_lists_with_its_latest_tag_is_served(fault_server):
+    """Ollama's /v1/models lists "llama3.2:latest" for a model its calls take as "llama3.2": the check said
+    it was not served, and every check counted against its breaker until it tripped."""
+    listed = {"object": "list", "data": [{"id": "llama3.2:latest", "object": "model", "created": 0, "owned_by": "x"}]}
+    url = fault_server("canned", (200, "application/json", json.dumps(listed).encode()))
+    assert OpenAIEngine(model="llama3.2", base_url=f"{url}/v1").health().ok
+    assert not OpenAIEngine(model="llama3.1", base_url=f"{url}/v1").health().ok
+
+
+def test_tool_arguments_sent_as_an_object_come_back_as_json_text(fault_server):
+    """A server that sends a call's arguments as an object (not the JSON text OpenAI sends) had them handed on
+    as a dict: a /v1 client got arguments that were not a string."""
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+    }
+    whole = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]}  # fmt: skip
+    url = fault_server("canned", (200, "application/json", json.dumps(whole).encode()))
+    result = OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+    assert result.tool_calls[0]["function"]["arguments"] == '{"x": 1}'
+
+
+def test_a_reply_nested_past_what_the_parser_follows_is_an_unavailable_engine(fault_server):
+    """Its RecursionError escaped the engine's errors, and the step failed with it."""
+    url = fault_server("canned", (200, "application/json", b"[" * 100_000 + b"]" * 100_000))
+    with pytest.raises(EngineUnavailable):
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)

@@ -678,6 +678,22 @@ def test_a_spent_daily_budget_is_429_insufficient_quota(client):
     error = caught.value.body
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
     assert "daily budget" in error["message"]
+    assert caught.value.response.headers["x-should-retry"] == "false"  # the client would try twice more
+
+
+def test_errors_that_another_try_cannot_mend_tell_the_client_not_to_retry():
+    """OpenAI's client retries a 429 and a 5xx twice by itself: a spent quota upstream, a refused key or a
+    model the LLM's server lacks were asked three times, and the quota was a rate limit to wait out."""
+    from llm_engines.errors import EngineAuthError, EngineQuotaExceeded, EngineUnavailable
+    from orchestration.openai_api import engine_error, error_response
+
+    quota = error_response(engine_error(EngineQuotaExceeded("out of quota")))
+    assert quota.status_code == 429 and quota["x-should-retry"] == "false"
+    assert json.loads(quota.content)["error"]["code"] == "insufficient_quota"
+    refused = error_response(engine_error(EngineAuthError("refused the credentials")))
+    assert refused.status_code == 502 and refused["x-should-retry"] == "false"
+    down = error_response(engine_error(EngineUnavailable("cannot reach")))
+    assert down.status_code == 503 and "x-should-retry" not in down  # the client's own rule: it retries
 
 
 def test_a_roles_messages_over_every_context_are_context_length_exceeded_beside_a_disabled_llm(client):
