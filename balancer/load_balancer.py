@@ -968,7 +968,8 @@ class LoadBalancer:
             if decision.probe:
                 commands.append((self._let_probe_go, [self._key("breaker", llm.id)], [decision.slot, now]))
         else:
-            retry_after = error.retry_after or 0 if isinstance(error, EngineRateLimited) else 0
+            # A server that said how long it needs (a 429's or a 503's Retry-After) is held that long (rule 3).
+            retry_after = getattr(error, "retry_after", None) or 0
             took = now - decision.started if decision.started else None
             outcome = len(commands)
             commands.append(

@@ -21,9 +21,14 @@ class EngineError(Exception):
 
 
 class EngineUnavailable(EngineError):
-    """The engine cannot be reached or is not ready."""
+    """The engine cannot be reached or is not ready; ``retry_after`` is in seconds when its server said how
+    long it needs (a 503 with ``Retry-After``: a model still loading, an overloaded proxy)."""
 
     transient = True
+
+    def __init__(self, message: str, *, engine: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, engine=engine)
+        self.retry_after = retry_after
 
 
 class EngineTimeout(EngineError):

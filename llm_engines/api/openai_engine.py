@@ -145,7 +145,10 @@ class OpenAIEngine(Engine):
         if isinstance(exc, openai.APIStatusError):
             # 408: the server gave up waiting for the request (a proxy, a busy server); sending it again may work.
             if exc.status_code >= 500 or exc.status_code == 408:
-                return EngineUnavailable(f"server error {exc.status_code}: {message}", engine=self.name)
+                retry_after = retry_after_seconds(exc.response.headers) if exc.status_code == 503 else None
+                return EngineUnavailable(
+                    f"server error {exc.status_code}: {message}", engine=self.name, retry_after=retry_after
+                )
             if exc.status_code == 402:  # OpenRouter and others: no credits left on the account
                 return EngineQuotaExceeded(f"out of credits: {message}", engine=self.name)
             if any(marker in message.lower() for marker in _CONTEXT_MARKERS):

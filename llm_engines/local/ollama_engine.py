@@ -181,15 +181,16 @@ class OllamaEngine(Engine):
             status, message = exc.status_code, exc.error
             if not isinstance(message, str):  # a proxy's own error object, {"message": ...}, say
                 message = json.dumps(message, default=str)
+            # The client raises ResponseError "from None", but keeps the HTTP error as the context.
+            headers = getattr(getattr(exc.__context__, "response", None), "headers", None)
             if status == 429:
-                # The client raises ResponseError "from None", but keeps the HTTP error as the context.
-                headers = getattr(getattr(exc.__context__, "response", None), "headers", None)
                 return EngineRateLimited(
                     f"rate limited: {message}", engine=self.name, retry_after=retry_after_seconds(headers)
                 )
             if status >= 500 or status < 0:
                 # Below 0: an error line in the middle of a streamed reply (the model's runner died, say).
-                return EngineUnavailable(f"server error {status}: {message}", engine=self.name)
+                retry_after = retry_after_seconds(headers) if status == 503 else None
+                return EngineUnavailable(f"server error {status}: {message}", engine=self.name, retry_after=retry_after)
             if status == 404:
                 return EngineConfigurationError(
                     f"{self.base_url} does not have {self.model}: {message}", engine=self.name

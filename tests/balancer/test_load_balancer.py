@@ -210,9 +210,15 @@ def test_rule_3_a_bad_request_does_not_count(lb):
     assert take(lb, config).llm.id == "t-a"
 
 
-def test_rule_3_retry_after_is_honoured(lb, clock):
+@pytest.mark.parametrize(
+    "error",
+    [EngineRateLimited("slow down", retry_after=42), EngineUnavailable("503: loading the model", retry_after=42)],
+    ids=["429", "503"],
+)
+def test_rule_3_retry_after_is_honoured(lb, clock, error):
+    """A 503's Retry-After (a server loading its model) was not: the LLM was tried again at once."""
     config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
-    fail(lb, take(lb, config), EngineRateLimited("slow down", retry_after=42))
+    fail(lb, take(lb, config), error)
     clock.now += 41
     assert take(lb, config).llm.id == "t-b"
     clock.now += 2

@@ -312,3 +312,11 @@ def test_errors_are_classified_whatever_their_shape(fault_server, status, error,
     for call in (engine.chat, lambda messages: list(engine.stream(messages))):
         with pytest.raises(raised, match=said):
             call(HELLO)
+
+
+def test_a_503_says_how_long_the_server_needs(fault_server):
+    body = json.dumps({"error": "server busy, please try again"}).encode()
+    url = fault_server("canned", (503, "application/json", body), headers=(("Retry-After", "12"),))
+    with pytest.raises(EngineUnavailable) as error:
+        OllamaEngine(model="m", base_url=url).chat(HELLO)
+    assert error.value.retry_after == 12.0

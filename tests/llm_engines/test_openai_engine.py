@@ -468,3 +468,13 @@ def test_a_reply_nested_past_what_the_parser_follows_is_an_unavailable_engine(fa
     url = fault_server("canned", (200, "application/json", b"[" * 100_000 + b"]" * 100_000))
     with pytest.raises(EngineUnavailable):
         OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+
+
+def test_a_503_says_how_long_the_server_needs(fault_server):
+    """A server loading its model answers 503 with Retry-After: the breaker was not told, and the LLM was
+    tried again at once."""
+    body = json.dumps({"error": {"message": "loading model"}}).encode()
+    url = fault_server("canned", (503, "application/json", body), headers=(("Retry-After", "12"),))
+    with pytest.raises(EngineUnavailable) as error:
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+    assert error.value.retry_after == 12.0 and error.value.transient
