@@ -246,6 +246,23 @@ def schema_problem(error: ValidationError, root: str) -> tuple[str, str]:
 # "...", which a small model fills some fields of an answer with and others not (a diagnosis's evidence):
 # the answer is then thin, not empty.
 _PLACEHOLDER = re.compile(r'"(<[^"<>\n]{1,80}>)"')
+# What models wrap an answer in: a reasoning block before it (Qwen3, DeepSeek-R1 and others think in
+# <think>…</think> unless their server takes it out), and a Markdown code fence around a JSON reply (models
+# whose server does not enforce the schema).
+_REASONING = re.compile(r"\A\s*<(think|thinking|reasoning)>.*?</\1>\s*", re.DOTALL | re.IGNORECASE)
+_FENCE = re.compile(r"\A\s*```(?:json|JSON)?[ \t]*\n(.*?)\n?```\s*\Z", re.DOTALL)
+
+
+def without_reasoning(text: str) -> str:
+    """``text`` without a reasoning block that it starts with."""
+    return _REASONING.sub("", text, count=1)
+
+
+def unwrapped_json(text: str) -> str:
+    """A reply's JSON without what models wrap it in: a reasoning block before it, a code fence around it."""
+    text = without_reasoning(text)
+    fenced = _FENCE.match(text)
+    return fenced.group(1) if fenced else text
 
 
 def format_placeholders(messages: Iterable[Message]) -> frozenset[str]:
@@ -503,6 +520,7 @@ class Agent:
         fields: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
         if schema is None:  # free text
+            reply_text = without_reasoning(reply_text)
             try:
                 check_json(reply_text)
             except UnsafeJSON as exc:
@@ -510,7 +528,7 @@ class Agent:
             return {"output": reply_text.strip()}
         try:
             # strict=False: grammar-driven engines put raw newlines and tabs inside strings.
-            data = json.loads(reply_text, strict=False)
+            data = json.loads(unwrapped_json(reply_text), strict=False)
         except json.JSONDecodeError as exc:
             cut = " (the reply was cut off: it reached max_tokens)" if exc.pos >= len(reply_text) - 1 else ""
             raise ReplyProblem(f"it is not valid JSON: {exc.msg} at character {exc.pos}{cut}") from None

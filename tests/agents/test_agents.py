@@ -420,3 +420,26 @@ def test_a_reply_past_a_main_text_fields_grammar_bound_is_not_refused():
     assert result["summary"] == summary
     with pytest.raises(ReplyProblem, match="key_points"):  # the other bounds stand
         Agent._parse(json.dumps({"summary": "s", "key_points": ["k" * 81]}), schema, lambda data: data)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '<think>\nThe user wants a summary. {"not": "this"}\n</think>\n\n{"summary": "s", "key_points": ["k"]}',
+        '```json\n{"summary": "s", "key_points": ["k"]}\n```',
+        '<think>Short.</think>```\n{"summary": "s", "key_points": ["k"]}```\n',
+        '  {"summary": "s", "key_points": ["k"]}  ',
+    ],
+    ids=["reasoning", "fence", "both", "plain"],
+)
+def test_a_json_reply_wrapped_in_reasoning_or_a_code_fence_is_read(reply):
+    """Reasoning models (Qwen3, DeepSeek-R1) start with <think>…</think>, and models whose server does not
+    enforce the schema fence their JSON: each such reply was "not valid JSON", asked again and failed."""
+    from agents.base import Agent, ReplyProblem
+
+    schema = {"type": "object", "required": ["summary", "key_points"]}
+    assert Agent._parse(reply, schema, lambda data: data) == {"summary": "s", "key_points": ["k"]}
+    assert Agent._parse("<think>Hm.</think>\nParis.", None, None) == {"output": "Paris."}
+    for broken in ('<think>never closed {"summary": "s", "key_points": []}', 'Here: {"summary": "s"}'):
+        with pytest.raises(ReplyProblem, match="not valid JSON"):
+            Agent._parse(broken, schema, lambda data: data)
