@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 # Words with which OpenAI-compatible servers say a prompt does not fit.
 _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too many tokens", "exceed")
+# Finish reasons with which OpenAI-compatible servers end a reply they gave up on (vLLM and SGLang abort a
+# request, some servers report an error so): what came is part of a reply, not a whole one.
+_FAILED = ("abort", "error")
 # The codes with which OpenAI says a model does not take a parameter, or a value of it, that was sent.
 _UNSUPPORTED = ("unsupported_parameter", "unsupported_value")
 
@@ -234,6 +237,12 @@ class OpenAIEngine(Engine):
             with watchdog:
                 response = self._create(self._request(messages, options))
             choice = response.choices[0]
+            if choice.finish_reason in _FAILED:
+                raise EngineUnavailable(
+                    f"the reply from {self.base_url or 'the API'} ended with finish_reason {choice.finish_reason!r}: "
+                    "the server gave up on it",
+                    engine=self.name,
+                )
             text = choice.message.content or ""
             if not isinstance(text, str):
                 raise TypeError(f"content is a {type(text).__name__}")
@@ -401,6 +410,12 @@ class OpenAIEngine(Engine):
             # that died), and what came is part of a reply.
             raise EngineUnavailable(
                 f"the stream from {self.base_url or 'the API'} ended before the reply was done", engine=self.name
+            )
+        if finish_reason in _FAILED:
+            raise EngineUnavailable(
+                f"the reply from {self.base_url or 'the API'} ended with finish_reason {finish_reason!r}: "
+                "the server gave up on it",
+                engine=self.name,
             )
         text = "".join(parts)
         tool_calls = tuple(tool_call(call["id"], call["name"], call["arguments"]) for call in calls)

@@ -478,3 +478,18 @@ def test_a_503_says_how_long_the_server_needs(fault_server):
     with pytest.raises(EngineUnavailable) as error:
         OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
     assert error.value.retry_after == 12.0 and error.value.transient
+
+
+@pytest.mark.parametrize("finish_reason", ["abort", "error"])
+def test_a_reply_its_server_gave_up_on_is_an_unavailable_engine(fault_server, finish_reason):
+    """vLLM and SGLang end an aborted request with finish_reason "abort": the part that came was taken as the
+    whole reply."""
+    url = fault_server("pieces", (200, "text/event-stream", [_chunk({"content": "Pe"}), _chunk({}, finish_reason)]))
+    with pytest.raises(EngineUnavailable, match="gave up"):
+        list(OpenAIEngine(model="m", base_url=f"{url}/v1").stream(HELLO))
+    message = {"role": "assistant", "content": "Pe"}
+    whole = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "finish_reason": finish_reason, "message": message}]}  # fmt: skip
+    url = fault_server("canned", (200, "application/json", json.dumps(whole).encode()))
+    with pytest.raises(EngineUnavailable, match="gave up"):
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
