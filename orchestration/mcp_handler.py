@@ -248,6 +248,18 @@ end
 return 1
 """
 
+# Forget a consumer only if nothing is pending for it at this moment: KEYS[1] the stream; ARGV the group, the
+# consumer. Checked and deleted in one script, so that a message delivered to a live consumer in between (whose
+# idle time Redis 7.0 counts from its last delivery, not its last read) is not dropped from the pending list
+# with it (its acknowledgement, and so its answer, would be lost).
+_FORGET_IF_IDLE = """
+if redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])[1] then
+  return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 # A handler does the message's work and adds its Redis writes (an answer, an aggregation) to
 # ``Writes``, run with the acknowledgement; it raises Reject to refuse the message, anything else to
 # have it delivered again later.
@@ -301,6 +313,7 @@ class Consumer:
         claim_idle_s: float | None = None,
         max_deliveries: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        undeliverable: Mapping[str, Callable[[Entry, Writes], bool]] | None = None,
     ) -> None:
         self.handlers = dict(handlers)
         self.redis = connection or client()
@@ -310,6 +323,10 @@ class Consumer:
         self.clock = clock
         self._next_claim = 0.0
         self._ack_then = self.redis.register_script(_ACK_THEN)
+        self._forget_if_idle = self.redis.register_script(_FORGET_IF_IDLE)
+        # Per channel, what answers a message that could not be handled in ``max_deliveries`` before it is
+        # rejected: True when it answered.
+        self.undeliverable = dict(undeliverable or {})
 
     def ensure_groups(self) -> None:
         """Create the group on every channel (from its first entry, so that nothing sent before the
@@ -328,15 +345,29 @@ class Consumer:
         for channel in self.handlers:
             for consumer in self.redis.xinfo_consumers(channel, GROUP):
                 name = text(consumer["name"])
-                if name != self.name and not consumer["pending"] and consumer["idle"] >= idle_s * 1000:
-                    self.redis.xgroup_delconsumer(channel, GROUP, name)
+                # A live consumer may look idle (Redis 7.0 counts from its last delivery): one that is reads
+                # again within a poll and is made anew; what was delivered to it meanwhile is kept.
+                if (
+                    name != self.name
+                    and not consumer["pending"]
+                    and consumer["idle"] >= idle_s * 1000
+                    and self._forget_if_idle(keys=[channel], args=[GROUP, name])
+                ):
                     forgotten.append(name)
         return forgotten
 
-    def poll(self, *, block_ms: int = 1000, count: int = 50) -> int:
-        """Take over the messages of dead consumers when due, then read and handle new ones. Returns
-        how many messages were handled (acknowledged). A channel or group that vanished (Redis lost its
-        data, or was flushed) is made again."""
+    def leave(self) -> None:
+        """Leave the group on every channel (a consumer that stops), unless messages are pending for it: those
+        stay, for another consumer to take over."""
+        for channel in self.handlers:
+            self._forget_if_idle(keys=[channel], args=[GROUP, self.name])
+
+    def poll(self, *, block_ms: int = 1000, count: int = 10) -> int:
+        """Take over the messages of dead consumers when due, then read and handle new ones (at most ``count``
+        a channel: every message read waits, pending, while those before it are handled, and one that waits
+        past ``MCP_CLAIM_IDLE_SECONDS`` is taken over by another consumer and handled twice). Returns how many
+        messages were handled (acknowledged). A channel or group that vanished (Redis lost its data, or was
+        flushed) is made again."""
         try:
             return self._poll(block_ms, count)
         except redis.ResponseError as exc:
@@ -389,13 +420,16 @@ class Consumer:
         writes = Writes()
         try:
             if entry.deliveries > self.max_deliveries:
-                raise Reject(
-                    {
-                        "code": "undeliverable",
-                        "detail": f"the message could not be handled in {self.max_deliveries} deliveries",
-                    }
-                )
-            self.handlers[entry.channel](entry, writes)
+                answered = self.undeliverable.get(entry.channel)
+                if answered is None or not answered(entry, writes):
+                    raise Reject(
+                        {
+                            "code": "undeliverable",
+                            "detail": f"the message could not be handled in {self.max_deliveries} deliveries",
+                        }
+                    )
+            else:
+                self.handlers[entry.channel](entry, writes)
         except Reject as rejected:
             writes = Writes()
             logger.info("%s: message %s rejected: %s", entry.channel, entry.id, rejected.body.get("detail"))
@@ -450,13 +484,41 @@ def handle_inbound(entry: Entry, pipe: Writes) -> None:
     for field, value in (("profile", profile), ("role", role)):
         if not isinstance(value, str) or not value:
             raise Reject({"code": "invalid", "detail": f"{field}: is required on {INBOUND}", "field": field})
-    data.setdefault("task_id", str(uuid.uuid5(INBOUND_TASK_NAMESPACE, f"{entry.channel}:{entry.id}")))
+    data["task_id"] = inbound_task_id(entry)
     try:
         packet, created = TaskSubmitApi.accept(data, profile=profile, role=role)
     except Exception as exc:
         raise _refused(exc) from None
     answer = {"channel": entry.channel, "message_id": entry.id, "task_id": packet["task_id"]}
     publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"], "created": created}, pipe=pipe)
+
+
+def inbound_task_id(entry: Entry) -> Any:
+    """The task an inbound message submits: the ``task_id`` it names, else one derived from its id (so that a
+    second delivery finds the task of the first)."""
+    named = (entry.data or {}).get("task_id")
+    return named if named is not None else str(uuid.uuid5(INBOUND_TASK_NAMESPACE, f"{entry.channel}:{entry.id}"))
+
+
+def inbound_stored(entry: Entry, pipe: Writes) -> bool:
+    """An inbound message that could not be handled in its deliveries, answered ``accepted`` if an earlier
+    delivery stored its task: the broker did not take the job (Redis away), and the recovery sweep queues it.
+    Answered ``rejected``, its producer would send it again, and a new message makes a new task."""
+    from orchestration.packets import parse_task_id
+    from orchestration.runtime import task_store
+
+    if entry.data is None:
+        return False
+    try:
+        packet = task_store().read(parse_task_id(inbound_task_id(entry)))
+    except Exception:  # not a task id, no such task, the disk away: rejected as undeliverable
+        return False
+    if packet.get("profile") != entry.data.get("profile") or packet.get("role") != entry.data.get("role"):
+        return False  # a task of another submission that happens to have the id it names
+    answer = {"channel": entry.channel, "message_id": entry.id, "task_id": packet["task_id"]}
+    detail = "stored, but its job could not be queued: the recovery sweep queues it"
+    publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"], "created": True, "detail": detail}, pipe=pipe)
+    return True
 
 
 def handle_feedback(entry: Entry, pipe: Writes) -> None:
@@ -492,4 +554,8 @@ def handle_metrics(entry: Entry, pipe: Writes) -> None:
 
 def server_consumer(**options: Any) -> Consumer:
     """The consumer ``manage.py mcp_consume`` runs: all three channels."""
-    return Consumer({INBOUND: handle_inbound, FEEDBACK: handle_feedback, METRICS: handle_metrics}, **options)
+    return Consumer(
+        {INBOUND: handle_inbound, FEEDBACK: handle_feedback, METRICS: handle_metrics},
+        undeliverable={INBOUND: inbound_stored},
+        **options,
+    )

@@ -344,3 +344,67 @@ def test_feedback_undone_by_a_failed_enqueue_is_taken_again_when_its_message_com
     assert not _feedback_taken([taken, undone], "1-0")
     assert _feedback_taken([taken, undone, taken], "1-0")
     assert not _feedback_taken([taken], "2-0")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_inbound_task_stored_while_the_broker_was_away_is_answered_accepted_not_rejected(channels, monkeypatch):
+    """Found by review: its deliveries used up (each stored or found the task, and could not queue its job), the
+    message was answered rejected/undeliverable, without a task_id, while the task was stored and the recovery
+    sweep ran it: a producer that sent it again got a second task."""
+    from kombu.exceptions import OperationalError
+
+    from orchestration import orchestration_engine
+    from orchestration.runtime import task_store
+
+    def broker_away(*args, **kwargs):
+        # Injected: the broker's publish fails as with Redis away; the channel's own Redis must stay up.
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(orchestration_engine, "queue_job", broker_away)
+    stream = f"test-inbound-{uuid.uuid4().hex[:8]}"
+    consumer = mcp_handler.Consumer(
+        {stream: mcp_handler.handle_inbound}, undeliverable={stream: mcp_handler.inbound_stored},
+        name="c", claim_idle_s=0.001, max_deliveries=2,
+    )  # fmt: skip
+    consumer.ensure_groups()
+    task = {"profile": "productivity", "role": "summarizer", "payload": {"input": "Some text."}}
+    message_id = add(channels, stream, mcp_handler.TASK, task)
+    for _ in range(4):
+        consumer._next_claim = 0
+        consumer.poll(block_ms=10)
+        time.sleep(0.01)
+    kind, answer = answer_to(channels, message_id, timeout=1, channel=stream)
+    assert (kind, answer["status"], answer["created"]) == ("accepted", "queued", True), answer
+    assert "recovery sweep" in answer["detail"]
+    events = [event["event"] for event in task_store().read(answer["task_id"])["history"]]
+    assert events == ["submitted", "enqueue_failed", "enqueued", "enqueue_failed"]
+    # A message whose task was never stored (the database was away, say) is still rejected.
+    other = add(channels, stream, mcp_handler.TASK, task)
+    channels.xreadgroup(mcp_handler.GROUP, "c", {stream: ">"}, count=1)  # delivered, and not handled
+    unstored = mcp_handler.Entry(channel=stream, id=other, type=mcp_handler.TASK, data=task, deliveries=3)
+    assert consumer.handle(unstored) == 1
+    kind, answer = answer_to(channels, other, timeout=1, channel=stream)
+    assert (kind, answer["code"]) == ("rejected", "undeliverable")
+    channels.delete(stream)
+
+
+def test_only_consumers_with_nothing_pending_are_forgotten_and_a_stopping_one_leaves(channels):
+    """Redis 7.0 counts a consumer's idle time from its last delivery, so a live consumer of a quiet channel
+    looks dead; it was checked and deleted in two round trips, and a message delivered to it in between was
+    dropped from the pending list with it (its answer lost)."""
+    stream = f"test-stream-{uuid.uuid4().hex[:8]}"
+    newcomer = mcp_handler.Consumer({stream: lambda entry, writes: None}, name="newcomer")
+    newcomer.ensure_groups()
+    channels.xadd(stream, mcp_handler.encode("x", {}))
+    channels.xreadgroup(mcp_handler.GROUP, "busy", {stream: ">"}, count=1)  # holds a message
+    channels.xgroup_createconsumer(stream, mcp_handler.GROUP, "quiet")  # it has read nothing yet
+    assert newcomer.forget_dead_consumers(idle_s=0) == ["quiet"]
+    names = {mcp_handler.text(c["name"]) for c in channels.xinfo_consumers(stream, mcp_handler.GROUP)}
+    assert names == {"busy"}
+    busy = mcp_handler.Consumer({stream: lambda entry, writes: None}, name="busy")
+    busy.leave()  # its message stays pending, for another consumer to take over
+    channels.xgroup_createconsumer(stream, mcp_handler.GROUP, "newcomer")
+    newcomer.leave()
+    names = {mcp_handler.text(c["name"]) for c in channels.xinfo_consumers(stream, mcp_handler.GROUP)}
+    assert names == {"busy"}
+    channels.delete(stream)

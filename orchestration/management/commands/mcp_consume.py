@@ -42,6 +42,7 @@ class Command(BaseCommand):
         while not stopping:
             self._retrying(lambda: consumer.poll(block_ms=options["block_ms"]))
             close_old_connections()
+        self._retrying(consumer.leave)  # what is pending for it stays, for another consumer
 
     @staticmethod
     def _retrying(step) -> bool:
