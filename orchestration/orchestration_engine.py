@@ -60,14 +60,14 @@ from orchestration.packets import (
     new_packet,
 )
 from orchestration.runtime import HARD_LIMIT_MARGIN_S, configuration, load_balancer, task_store
-from orchestration.state_store import CorruptState, TaskExists, TaskNotFound
+from orchestration.state_store import CorruptState, StorageUnavailable, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
 
 MAIN = "main"  # the first step of a task that is not a loop
 # Redis (the leases, the balancer's state, the channels) or the broker not answering: a step that meets one
 # is left to the recovery sweep rather than failed.
-OUTAGES = (redis.RedisError, KombuOperationalError)
+OUTAGES = (redis.RedisError, KombuOperationalError, StorageUnavailable)
 
 
 class StepBusy(Exception):
@@ -242,10 +242,12 @@ def _supervised(
         return _fail(task_id, guard, f"step {name}: {exc}", balancer=getattr(exc, "balancer", None))
     except OUTAGES as exc:
         # Redis or the broker did not answer (the balancer's state, the step's record's messages, the next
-        # jobs' queueing): not the task's fault, and nothing is failed. The job ends; once they answer
-        # again, the recovery sweep finds the task with nothing moving it on and queues its jobs again
-        # (a recorded step stays recorded; one that was not is run again).
-        logger.warning("task %s: step %s stopped, Redis or the broker did not answer: %s", task_id, name, exc)
+        # jobs' queueing), or the state directory could not be written (full, read-only): not the task's
+        # fault, and nothing is failed. The job ends; once they answer again, the recovery sweep finds the
+        # task with nothing moving it on and queues its jobs again (a recorded step stays recorded; one that
+        # was not is run again).
+        logger.warning("task %s: step %s stopped by an outage of Redis, the broker or the state directory: %s",
+                       task_id, name, exc)  # fmt: skip
         raise
     except Exception as exc:
         _fail(task_id, guard, f"step {name}: internal error: {type(exc).__name__}: {exc}")
@@ -407,9 +409,9 @@ def _check_step(packet: dict[str, Any], step: str, job_id: str) -> dict[str, Any
     except SandboxUnavailable as exc:
         detail, llm = qa_agent.check_result(name, False, str(exc), error=True), None
     except OUTAGES as exc:
-        # Redis or the broker did not answer: not the code's fault, nor the check's. As for any step
-        # (``_supervised``), the job ends and the recovery sweep queues the check again once they answer.
-        logger.warning("task %s: check %s stopped, Redis or the broker did not answer: %s", task_id, step, exc)
+        # Redis, the broker or the state directory is away: not the code's fault, nor the check's. As for any
+        # step (``_supervised``), the job ends and the recovery sweep queues the check again once they answer.
+        logger.warning("task %s: check %s stopped by an outage: %s", task_id, step, exc)
         raise
     except Exception as exc:
         logger.exception("task %s: check %s failed", task_id, step)

@@ -98,6 +98,15 @@ def check_packet(packet: Any, task_id: str) -> dict[str, Any]:
     return packet
 
 
+class StorageUnavailable(OSError):
+    """The state directory could not be read or written (full, read-only, gone): an outage, not the task's
+    fault. Its ``errno`` and ``strerror`` are the system's."""
+
+
+def _unavailable(exc: OSError) -> StorageUnavailable:
+    return exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(exc.errno, exc.strerror, exc.filename)
+
+
 class TaskExists(Exception):
     def __init__(self, packet: dict[str, Any]) -> None:
         super().__init__(f"task {packet['task_id']} exists")
@@ -158,12 +167,15 @@ class TaskStore:
     def create(self, packet: dict[str, Any]) -> dict[str, Any]:
         """Store a new packet (version 1), or raise ``TaskExists`` with the stored one."""
         task_id = packet["task_id"]
-        with self._locked(task_id):
-            if self.exists(task_id):
-                raise TaskExists(self.read(task_id))
-            stored = {**packet, "version": 1}
-            self._write(stored, new=True)
-            self._observe(None, stored)
+        try:
+            with self._locked(task_id):
+                if self.exists(task_id):
+                    raise TaskExists(self.read(task_id))
+                stored = {**packet, "version": 1}
+                self._write(stored, new=True)
+                self._observe(None, stored)
+        except OSError as exc:
+            raise _unavailable(exc) from exc
         return stored
 
     def update(self, task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
@@ -176,6 +188,12 @@ class TaskStore:
         if not self.exists(task_id):
             # Checked before locking too, so that requests for unknown tasks leave no lock files.
             raise TaskNotFound(f"no task {task_id}")
+        try:
+            return self._update(task_id, change)
+        except OSError as exc:
+            raise _unavailable(exc) from exc
+
+    def _update(self, task_id: str, change: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
         with self._locked(task_id):
             try:
                 data = self._read_bytes(task_id)

@@ -220,9 +220,10 @@ class StepJob(Task):
             return
         task = self._task_id(args)
         if isinstance(exc, orchestration_engine.OUTAGES):
-            # Redis or the broker did not answer (the step's lease, a check's verdict queued): the task
-            # is not failed for it; the recovery sweep moves it on once they answer again.
-            logger.warning("task %s: job %s stopped, Redis or the broker did not answer: %s", task, task_id, exc)
+            # Redis or the broker did not answer (the step's lease, a check's verdict queued), or the state
+            # directory could not be written: the task is not failed for it; the recovery sweep moves it on
+            # once they answer again.
+            logger.warning("task %s: job %s stopped by an outage: %s", task, task_id, exc)
             return
         orchestration_engine.task_abandoned(
             task_id=task, job_id=task_id, reason=f"step {self._step(args)} was stopped: {type(exc).__name__}: {exc}"

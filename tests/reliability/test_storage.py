@@ -75,3 +75,42 @@ def test_a_read_only_state_directory_is_a_503_and_stored_tasks_stay_readable(api
     cancel = api.post(f"/api/v1/tasks/{stored.json()['task_id']}/cancel")
     assert (cancel.status_code, cancel.json()["code"]) == (503, "storage_unavailable")
     assert leftovers(small_state_dir / "state") == [f"{stored.json()['task_id']}.json"]
+
+
+def test_a_step_whose_record_finds_the_disk_full_is_left_to_run_again_not_failed(
+    small_state_dir, edit_config, tmp_path, monkeypatch
+):
+    """Found by a fault-injection session: the step's record failed with ENOSPC, the smaller write that failed
+    the task fitted, and the task was failed for good, its answer thrown away; a full disk is an outage, like
+    Redis away, and the step runs again once there is room (a recorded step stays recorded)."""
+    from orchestration.orchestration_engine import task_step
+    from orchestration.packets import new_packet
+    from orchestration.runtime import task_store
+    from orchestration.state_store import StorageUnavailable, TaskStore
+    from tests.orchestration.scripted import use_script
+
+    summary = {"match": r'Reply with JSON: \{"summary"', "reply": {"summary": "Short.", "key_points": ["short"]}}
+    use_script(edit_config, tmp_path / "script.json", [summary])
+    packet = new_packet(task_id=str(uuid.uuid4()), profile="productivity", role="summarizer", payload={"input": "x"})
+    task_store().create(packet)
+    filler = small_state_dir / "filler"
+    real_write = TaskStore._write
+
+    filled: list[bool] = []
+
+    def filling_the_disk_first(self, packet, *, new=False):
+        if not filled and any(event["event"] == "step" for event in packet["history"]):
+            filled.append(True)  # the step's record, once: the disk filled while the LLM answered
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+        return real_write(self, packet, new=new)
+
+    monkeypatch.setattr(TaskStore, "_write", filling_the_disk_first)
+    job_id = str(uuid.uuid4())
+    with pytest.raises(StorageUnavailable):
+        task_step(task_id=packet["task_id"], job_id=job_id, worker="test")
+    left = task_store().read(packet["task_id"])
+    assert (left["status"], [e["event"] for e in left["history"]]) == ("running", ["claimed"])
+
+    filler.unlink()  # room again: the job delivered again (or queued again by the sweep) runs the step
+    assert task_step(task_id=packet["task_id"], job_id=job_id, worker="test") == "succeeded"
+    assert task_store().read(packet["task_id"])["result"]["summary"] == "Short."
