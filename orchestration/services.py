@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import current_app
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from kombu.exceptions import OperationalError as BrokerError
 
 from agents.base import CHECKS, LOOP, Agent, PayloadError
@@ -95,6 +95,17 @@ def _enqueue(*, packet: dict[str, Any], job_id: str, role: RoleConfig) -> None:
         ) from exc
 
 
+def _after_commit(enqueue: Callable[[], None]) -> None:
+    """``enqueue`` once the request's transaction commits, or at once outside one. The task's file (the truth)
+    is written by then: a database that stopped answering (the mirror's row was not written, and the sweep
+    writes it) keeps neither its job from the queue nor the client from being told it was accepted (a client
+    told 503 would submit it again, and the sweep would run both)."""
+    try:
+        transaction.on_commit(enqueue)
+    except DatabaseError:  # the connection could not even be asked whether a transaction is open: none is
+        enqueue()
+
+
 def _first_prompt_tokens(agent: type[Agent], payload: dict[str, Any], role: RoleConfig) -> int:
     """The estimated tokens of a task's first prompt, as the balancer counts them; 0 for QA, whose checks
     each build a prompt of their own."""
@@ -156,7 +167,7 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
         ) from None
     except OSError as exc:
         raise _storage_error(exc) from exc
-    transaction.on_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))
+    _after_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))
     return stored, True
 
 
@@ -385,5 +396,5 @@ def task_retry(*, task_id: str) -> dict[str, Any]:
         return True
 
     packet, _ = _update(task_id, retry)
-    transaction.on_commit(lambda: _enqueue(packet=packet, job_id=job_id, role=role_config))
+    _after_commit(lambda: _enqueue(packet=packet, job_id=job_id, role=role_config))
     return packet

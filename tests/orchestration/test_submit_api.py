@@ -589,3 +589,24 @@ def test_cancel_and_feedback_with_if_match_act_only_on_that_version(api, state_d
     refused = api.post(url, data=body, content_type="application/json", HTTP_IF_MATCH='"5"')
     assert refused.status_code == 412 and refused.json()["code"] == "precondition_failed"
     assert json.loads((state_dir / f"{task['task_id']}.json").read_text()) == task
+
+
+def test_a_task_stored_when_the_database_stops_answering_is_queued_and_accepted(api, redis_url, monkeypatch):
+    """Found by a fault-injection session (PostgreSQL cut off from the web): the file was written, then
+    asking the connection for the transaction to queue the job after failed, and the client was told 503
+    database_unavailable; the sweep ran the task, and a client that submitted it again had it run twice."""
+    import redis
+    from django.db import OperationalError
+
+    from orchestration import services
+
+    def connection_lost(func):
+        # Injected: a PostgreSQL connection that dropped fails so (the test's database cannot be cut off).
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(services.transaction, "on_commit", connection_lost)
+    response = post(api, {"payload": {"input": "plan a release"}})
+    assert response.status_code == 202, response.content
+    job_id = response.json()["history"][0]["detail"]["job_id"]
+    queued = redis.Redis.from_url(redis_url).lrange("developer.planner", 0, -1)
+    assert any(json.loads(message)["headers"]["id"] == job_id for message in queued)
