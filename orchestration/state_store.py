@@ -172,7 +172,12 @@ class TaskStore:
                 if self.exists(task_id):
                     raise TaskExists(self.read(task_id))
                 stored = {**packet, "version": 1}
-                self._write(stored, new=True)
+                try:
+                    self._write(stored, new=True)
+                except BaseException:
+                    if not self.exists(task_id):  # nothing stored: nor is its lock file left (a full disk's inodes)
+                        self._unlink_lock(task_id)
+                    raise
                 self._observe(None, stored)
         except OSError as exc:
             raise _unavailable(exc) from exc

@@ -55,6 +55,7 @@ def test_a_full_state_directory_is_a_507_and_leaves_nothing_half_written(api, sm
     assert response.json()["code"] == "insufficient_storage"
     assert "full" in response.json()["detail"]
     assert leftovers(state) == [f"{stored.json()['task_id']}.json"]  # no task file, no temporary file
+    assert not (state / ".locks" / f"{task_id}.lock").exists()  # nor a lock file (each refusal left one)
     assert not Task.objects.filter(task_id=task_id).exists()
     assert (state / f"{stored.json()['task_id']}.json").read_bytes() == before
 
