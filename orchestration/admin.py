@@ -22,7 +22,9 @@ from django.utils.translation import gettext as _
 from orchestration.exceptions import ApplicationError
 from orchestration.metrics import metrics_get
 from orchestration.models import Task
+from orchestration.runtime import task_store
 from orchestration.services import task_cancel, task_retry
+from orchestration.state_store import CorruptState, TaskNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,23 @@ class TaskAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context=None) -> HttpResponse:
+        """The task as its row has it, with a warning when its state file (the truth) cannot be read."""
+        try:
+            task_store().read(object_id)
+        except CorruptState as exc:
+            self.message_user(
+                request,
+                f"{exc}. What this page shows is the database mirror's copy; manage.py sync_tasks "
+                "--restore-unreadable writes the file from it.",
+                messages.WARNING,
+            )
+        except TaskNotFound:
+            self.message_user(request, "This task has no state file: its row is an orphan.", messages.WARNING)
+        except (OSError, ValueError):  # the disk away; an id that is no task's (the page says it does not exist)
+            pass
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def has_change_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
         return False  # the state file is the truth: tasks change only through the services

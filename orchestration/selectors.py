@@ -55,7 +55,8 @@ def task_get(*, task_id: str) -> dict[str, Any]:
 
 def corrupt_state_error(exc: CorruptState) -> ApplicationError:
     return ApplicationError(
-        f"{exc}; restore the file from a backup, or remove it and run manage.py sync_tasks",
+        f"{exc}; restore the file from a backup, or write it from the database mirror's copy with manage.py "
+        "sync_tasks --restore-unreadable",
         status_code=500,
         code="corrupt_state",
     )

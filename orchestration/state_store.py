@@ -319,6 +319,26 @@ class TaskStore:
                 self._unlink_lock(task_id)
         return removed
 
+    def restore_file(self, task_id: str, packet: Any) -> Path:
+        """Write the file of a task whose file cannot be read (not JSON, not a task packet) from ``packet``, its
+        mirror row's copy, and keep the unreadable file beside it as ``<task_id>.json.unreadable``, which the
+        store does not read. Returns that path. ``CorruptState`` if ``packet`` is not a task packet of this
+        id; ``ValueError`` if the file can be read now (someone mended it meanwhile)."""
+        packet = check_packet(packet, parse_task_id(task_id))
+        with self._locked(task_id):
+            path = self.path(task_id)
+            try:
+                self._parse(task_id, self._read_bytes(task_id))
+            except (CorruptState, OSError):
+                pass
+            else:
+                raise ValueError(f"the file of task {task_id} can be read now: it was not restored")
+            kept = path.with_name(f"{path.name}.unreadable")
+            os.replace(path, kept)
+            data = json.dumps(packet, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            atomic_write(path, data, sync_directory=True)
+        return kept
+
     def _unlink_lock(self, task_id: str) -> None:
         """Unlink the task's lock file, which the caller holds: last, so that a writer waiting for it finds it
         unlinked once it has it, and locks the path's new one (``_locked``)."""

@@ -191,3 +191,11 @@ def test_an_action_goes_on_past_a_task_it_fails_on(admin_client, api, monkeypatc
     # (The admin capitalises a message's first letter: the id's is left out.)
     assert f"{ids[1][1:]}: failed: RuntimeError: the parent&#x27;s state file is corrupt" in page
     assert {Task.objects.get(task_id=i).status for i in (ids[0], ids[2])} == {"cancelled"}
+
+
+def test_a_task_whose_state_file_cannot_be_read_is_shown_with_a_warning(admin_client, task, state_dir):
+    """Its page showed the row's copy as the task, with nothing to say that its file (the truth) was broken."""
+    (state_dir / f"{task['task_id']}.json").write_text('{"task_id": "cut off')
+    page = admin_client.get(f"/admin/orchestration/task/{task['task_id']}/change/").content.decode()
+    assert "is not valid JSON" in page and "sync_tasks --restore-unreadable" in page
+    assert "submitted" in page  # the row's copy is still shown

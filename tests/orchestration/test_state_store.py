@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connections
 
 from orchestration.models import Task
@@ -227,6 +228,41 @@ def test_sync_tasks_keeps_the_row_of_a_task_whose_file_cannot_be_read(settings, 
     assert Task.objects.get(task_id=packet["task_id"]).packet == packet
     assert f"kept the row of task {packet['task_id']}" in err.getvalue()
     assert "0 orphan rows removed; 1 rows kept whose file cannot be read" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_sync_tasks_writes_an_unreadable_file_from_its_row_when_asked(settings, tmp_path):
+    """The corrupt_state error advised removing the file and running sync_tasks, which then removed the row as
+    an orphan: the only good copy of the task went with it."""
+    settings.TASKS_STATE_DIR = tmp_path / "state"
+    store = TaskStore(settings.TASKS_STATE_DIR)
+    packet = store.create(make_packet())
+    broken = store.path(packet["task_id"])
+    broken.write_text('{"task_id": "cut off')
+    out, err = io.StringIO(), io.StringIO()
+    call_command("sync_tasks", "--restore-unreadable", stdout=out, stderr=err)
+    assert store.read(packet["task_id"]) == packet
+    assert broken.with_name(f"{broken.name}.unreadable").read_text() == '{"task_id": "cut off'
+    assert "(1 files restored from them)" in out.getvalue() and "restored " in err.getvalue()
+    call_command("sync_tasks", stdout=(again := io.StringIO()))  # the aside file is not read as a task
+    assert "1 state files" in again.getvalue() and "0 rows kept" in again.getvalue()
+
+
+@pytest.mark.django_db
+def test_sync_tasks_keeps_the_rows_when_the_state_directory_looks_unmounted(settings, tmp_path):
+    """Pointed at an empty directory (a volume that did not mount), it removed every row, and with them the
+    rows' copies of the packets."""
+    settings.TASKS_STATE_DIR = tmp_path / "state"
+    store = TaskStore(settings.TASKS_STATE_DIR)
+    for _ in range(3):
+        store.create(make_packet())
+    settings.TASKS_STATE_DIR = tmp_path / "empty"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CommandError, match=r"3 of the 3 rows have no state file .* is its volume mounted"):
+        call_command("sync_tasks", stdout=io.StringIO())
+    assert Task.objects.count() == 3
+    call_command("sync_tasks", "--remove-orphans", stdout=(out := io.StringIO()))
+    assert Task.objects.count() == 0 and "3 orphan rows removed" in out.getvalue()
 
 
 @pytest.mark.django_db

@@ -3,7 +3,7 @@
 import itertools
 import uuid
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
@@ -19,6 +19,18 @@ BATCH = 100
 
 class Command(BaseCommand):
     help = "Rebuild the Task table from the JSON state files: add missing rows, update stale ones, drop orphans."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--remove-orphans", action="store_true",
+            help="remove the rows whose state file is gone even when they are most of the rows, or all of them "
+            "(refused otherwise: a state directory whose volume is not mounted looks so)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--restore-unreadable", action="store_true",
+            help="write the state file of each task whose file cannot be read (not JSON, not a task packet) from "
+            "its row's copy of the packet, keeping the unreadable file beside it as <task_id>.json.unreadable",
+        )  # fmt: skip
 
     def handle(self, *args, **options):
         seen: set[uuid.UUID] = set()
@@ -54,12 +66,37 @@ class Command(BaseCommand):
         unseen = [task_id for task_id in current if task_id not in seen]
         kept = {task_id for task_id in unseen if store.path(str(task_id)).exists()}
         orphans = [task_id for task_id in unseen if task_id not in kept]
-        for start in range(0, len(orphans), 500):
-            Task.objects.filter(task_id__in=orphans[start : start + 500]).delete()
+        # Most rows without a file is what a state directory whose volume did not mount (or a wrong
+        # TASKS_STATE_DIR) looks like: removing them would lose the rows' copies of every packet.
+        refused = bool(orphans) and (not seen or len(orphans) > len(current) / 2) and not options["remove_orphans"]
+        if not refused:
+            for start in range(0, len(orphans), 500):
+                Task.objects.filter(task_id__in=orphans[start : start + 500]).delete()
+        files_restored = 0
         for task_id in sorted(kept):
-            self.stderr.write(f"kept the row of task {task_id}: its file {store.path(str(task_id))} cannot be read")
+            path = store.path(str(task_id))
+            if not options["restore_unreadable"]:
+                self.stderr.write(
+                    f"kept the row of task {task_id}: its file {path} cannot be read (--restore-unreadable writes "
+                    "it from the row)"
+                )
+                continue
+            try:
+                aside = store.restore_file(str(task_id), Task.objects.get(task_id=task_id).packet)
+            except (Task.DoesNotExist, CorruptState, ValueError, OSError) as exc:
+                self.stderr.write(f"not restored from its row: task {task_id}: {exc}")
+            else:
+                files_restored += 1
+                self.stderr.write(f"restored {path} from its row; the unreadable file is now {aside}")
         self.stdout.write(
             f"{len(seen)} state files; {written + restored} rows written ({restored} of them were ahead of "
-            f"their file, or held another write of its version); {len(orphans)} orphan rows removed; "
-            f"{len(kept)} rows kept whose file cannot be read"
+            f"their file, or held another write of its version); "
+            f"{0 if refused else len(orphans)} orphan rows removed; {len(kept)} rows kept whose file cannot be "
+            f"read ({files_restored} files restored from them)"
         )
+        if refused:
+            raise CommandError(
+                f"{len(orphans)} of the {len(current)} rows have no state file in {store.root}: not removed. Is "
+                "that the server's state directory (TASKS_STATE_DIR), and is its volume mounted? If the tasks are "
+                "gone for good, run again with --remove-orphans"
+            )
