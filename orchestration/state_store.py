@@ -13,6 +13,7 @@ files under its lock (retention, orchestration/retention.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -31,6 +32,12 @@ from orchestration.models import Task
 from orchestration.packets import STATUSES, now_iso, parse_task_id
 
 logger = logging.getLogger(__name__)
+
+# The file that says a directory is a server's state directory. Without it, a directory that holds no task
+# while the database lists some is taken for the mount point of a volume that did not mount (or a wrong
+# TASKS_STATE_DIR): tasks written there would be hidden once the volume is mounted, and those on it are
+# not found meanwhile.
+MARKER = ".aiagentserver"
 
 
 class TaskNotFound(LookupError):
@@ -121,6 +128,32 @@ class TaskStore:
         self.root = Path(root)
         self._locks = self.root / ".locks"
         self.on_write = on_write
+        self._home = False  # whether the directory is known to be the server's (``_check_home``)
+
+    def _check_home(self) -> None:
+        """Before the first task this process stores: the directory is the server's (it has its ``MARKER``),
+        or it is made so when nothing says it is not: it holds tasks (a directory from before the marker),
+        or the database lists none (a new server). Else ``StorageUnavailable``, and nothing is written."""
+        marker = self.root / MARKER
+        if marker.exists():
+            self._home = True
+            return
+        if not any(self.root.glob("*.json")):
+            try:
+                listed = Task.objects.exists()
+            except DatabaseError:  # cannot tell now: asked again at the next task
+                return
+            if listed:
+                raise StorageUnavailable(
+                    errno.ENOENT,
+                    f"{self.root} holds no task, and no {MARKER} file, while the database lists tasks: is it "
+                    f"the server's state directory (TASKS_STATE_DIR), and is its volume mounted? (If it is, and "
+                    f"its tasks are gone, create the file {marker})",
+                    str(self.root),
+                )
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, b"the task state directory of an ai-agent-server\n", sync_directory=True)
+        self._home = True
 
     def path(self, task_id: str) -> Path:
         return self.root / f"{parse_task_id(task_id)}.json"
@@ -168,6 +201,8 @@ class TaskStore:
         """Store a new packet (version 1), or raise ``TaskExists`` with the stored one."""
         task_id = packet["task_id"]
         try:
+            if not self._home:
+                self._check_home()
             with self._locked(task_id):
                 if self.exists(task_id):
                     raise TaskExists(self.read(task_id))

@@ -17,7 +17,7 @@ from django.db import connections
 
 from orchestration.models import Task
 from orchestration.packets import history_event, new_packet
-from orchestration.state_store import TaskExists, TaskNotFound, TaskStore
+from orchestration.state_store import MARKER, StorageUnavailable, TaskExists, TaskNotFound, TaskStore
 
 
 def make_packet(**overrides):
@@ -81,7 +81,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(store, monkeyp
     with pytest.raises(TypeError):
         store.update(packet["task_id"], unserialisable)
     assert store.read(packet["task_id"]) == packet
-    assert [path.name for path in store.root.iterdir() if path.is_file()] == [f"{packet['task_id']}.json"]
+    files = sorted(path.name for path in store.root.iterdir() if path.is_file())
+    assert files == sorted([f"{packet['task_id']}.json", MARKER])
 
 
 def test_read_of_a_missing_task_and_a_bad_id(store):
@@ -486,3 +487,24 @@ def test_a_state_file_whose_field_has_a_wrong_type_is_corrupt(store, field, valu
         store.read(packet["task_id"])
     with pytest.raises(CorruptState):
         store.update(packet["task_id"], lambda current: True)
+
+
+@pytest.mark.django_db
+def test_no_task_is_stored_in_an_empty_directory_while_the_database_lists_tasks(tmp_path):
+    """A state directory whose volume did not mount (or a wrong TASKS_STATE_DIR) is an empty directory: the
+    server stored new tasks there, hidden once the volume was mounted, and found none of the others."""
+    home = TaskStore(tmp_path / "state")
+    stored = home.create(make_packet())  # a new server: the directory is made its own
+    assert (tmp_path / "state" / MARKER).exists()
+    unmounted = TaskStore(tmp_path / "mount-point")
+    (tmp_path / "mount-point").mkdir()
+    with pytest.raises(StorageUnavailable, match="is its volume mounted"):
+        unmounted.create(make_packet())
+    assert list((tmp_path / "mount-point").iterdir()) == []  # nothing written, not even a lock file
+    (tmp_path / "mount-point" / MARKER).touch()  # the operator says it is the server's
+    unmounted.create(make_packet())
+    # A directory from before the marker, which holds tasks, is taken as the server's.
+    (tmp_path / "state" / MARKER).unlink()
+    TaskStore(tmp_path / "state").create(make_packet())
+    assert (tmp_path / "state" / MARKER).exists()
+    assert TaskStore(tmp_path / "state").read(stored["task_id"]) == stored

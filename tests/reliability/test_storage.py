@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.models import Task
+from orchestration.state_store import MARKER
 
 pytestmark = pytest.mark.django_db
 
@@ -37,8 +38,12 @@ def submit(api, text: str = "Plan a release.", task_id: str | None = None):
 
 
 def leftovers(state: Path) -> list[str]:
-    """Every file in the state directory but the lock files: task files and temporary files."""
-    return sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.is_file() and ".locks" not in p.parts)
+    """Every file in the state directory but the lock files and its marker: task files and temporary files."""
+    return sorted(
+        str(p.relative_to(state))
+        for p in state.rglob("*")
+        if p.is_file() and ".locks" not in p.parts and p.name != MARKER
+    )
 
 
 def test_a_full_state_directory_is_a_507_and_leaves_nothing_half_written(api, small_state_dir):
