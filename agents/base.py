@@ -526,9 +526,10 @@ class Agent:
             except UnsafeJSON as exc:
                 raise ReplyProblem(f"it is not text the server can store: {exc}") from None
             return {"output": reply_text.strip()}
+        reply_text = unwrapped_json(reply_text)
         try:
             # strict=False: grammar-driven engines put raw newlines and tabs inside strings.
-            data = json.loads(unwrapped_json(reply_text), strict=False)
+            data = json.loads(reply_text, strict=False)
         except json.JSONDecodeError as exc:
             cut = " (the reply was cut off: it reached max_tokens)" if exc.pos >= len(reply_text) - 1 else ""
             raise ReplyProblem(f"it is not valid JSON: {exc.msg} at character {exc.pos}{cut}") from None

@@ -507,7 +507,8 @@ def inbound_stored(entry: Entry, pipe: Writes) -> bool:
     from orchestration.packets import parse_task_id
     from orchestration.runtime import task_store
 
-    if entry.data is None:
+    if entry.data is None or entry.data.get("task_id") is not None:
+        # A task_id the producer named may be another submission's: the rejection names it, to be looked up.
         return False
     try:
         packet = task_store().read(parse_task_id(inbound_task_id(entry)))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import current_app
-from django.db import DatabaseError, transaction
+from django.db import transaction
 from kombu.exceptions import OperationalError as BrokerError
 
 from agents.base import CHECKS, LOOP, Agent, PayloadError
@@ -100,9 +100,9 @@ def _after_commit(enqueue: Callable[[], None]) -> None:
     is written by then: a database that stopped answering (the mirror's row was not written, and the sweep
     writes it) keeps neither its job from the queue nor the client from being told it was accepted (a client
     told 503 would submit it again, and the sweep would run both)."""
-    try:
+    if transaction.get_connection().in_atomic_block:  # known without asking the database
         transaction.on_commit(enqueue)
-    except DatabaseError:  # the connection could not even be asked whether a transaction is open: none is
+    else:
         enqueue()
 
 

@@ -106,12 +106,17 @@ def check_packet(packet: Any, task_id: str) -> dict[str, Any]:
 
 
 class StorageUnavailable(OSError):
-    """The state directory could not be read or written (full, read-only, gone): an outage, not the task's
-    fault. Its ``errno`` and ``strerror`` are the system's."""
+    """A task could not be stored or updated: the state directory refused a write or a read of it (full,
+    read-only, an I/O error), or is not the server's (``MARKER``). An outage, not the task's fault. Its
+    ``errno``, ``strerror`` and file names are the system's."""
 
 
 def _unavailable(exc: OSError) -> StorageUnavailable:
-    return exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(exc.errno, exc.strerror, exc.filename)
+    if isinstance(exc, StorageUnavailable):
+        return exc
+    if exc.errno is None:
+        return StorageUnavailable(*exc.args)
+    return StorageUnavailable(exc.errno, exc.strerror, exc.filename, None, exc.filename2)
 
 
 class TaskExists(Exception):
@@ -273,7 +278,7 @@ class TaskStore:
             raise
         # A row that the guarded write left alone, at the packet's version or ahead of it, keeps the mark
         # too: the sweep makes it what the file says. It may be the row of an earlier task of this id
-        # whose file was removed (as the corrupt_state error advises) before the id was submitted again,
+        # whose file was removed by hand before the id was submitted again,
         # a cancelled version 2 over a queued version 1, or a row ahead of a file restored from a backup.
         if mirror_packet(packet):
             self._unmark(marker)

@@ -58,6 +58,8 @@ _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too 
 _FAILED = ("abort", "error")
 # The codes with which OpenAI says a model does not take a parameter, or a value of it, that was sent.
 _UNSUPPORTED = ("unsupported_parameter", "unsupported_value")
+# The parameters a caller of the OpenAI-compatible API chooses (the others are the server's own settings).
+_CALLERS = ("top_p", "stop", "tools", "tool_choice")
 
 
 # How a server takes a JSON schema: OpenAI's ``json_schema`` response format, or
@@ -157,8 +159,11 @@ class OpenAIEngine(Engine):
             if any(marker in message.lower() for marker in _CONTEXT_MARKERS):
                 return ContextTooLong(message, engine=self.name)
             if getattr(exc, "code", None) in _UNSUPPORTED:
-                # A setting the model does not take (OpenAI's reasoning models): every call sent there fails so,
-                # wherever it comes from; another LLM may serve it.
+                if getattr(exc, "param", None) in _CALLERS:
+                    # What the caller chose (a /v1 client's top_p or tools): the request's fault, not the LLM's.
+                    return EngineBadRequest(f"{self.model} does not take the request: {message}", engine=self.name)
+                # A setting of the server's own that the model does not take (a response format, say): every
+                # call sent there fails so; another LLM may serve it.
                 return EngineConfigurationError(f"{self.model} does not take the request: {message}", engine=self.name)
             return EngineBadRequest(f"{exc.status_code}: {message}", engine=self.name)
         if isinstance(exc, openai.APIError):
@@ -306,14 +311,18 @@ class OpenAIEngine(Engine):
             try:
                 return self.client.chat.completions.create(**adapted, **stream)
             except openai.BadRequestError as exc:
+                # Only a refusal of the parameter itself (not of its value being too large, say), and by what this
+                # request sent: calls in flight together may each be refused before the first has adapted.
                 param = getattr(exc, "param", None)
-                if param == "max_tokens" and self._token_limit == "max_tokens":
+                if getattr(exc, "code", None) not in _UNSUPPORTED or param not in adapted:
+                    raise
+                if param == "max_tokens":
                     self._token_limit = "max_completion_tokens"
-                elif param == "temperature" and self._send_temperature and "temperature" in adapted:
+                elif param == "temperature":
                     self._send_temperature = False
                 else:
                     raise
-                logger.warning("%s refuses %s: sent without it from now on", self.model, param)
+                logger.warning("%s refuses %s: sent as it takes it from now on", self.model, param)
 
     def _open_stream(self, request: dict[str, Any]) -> Any:
         """The stream of ``request``, asking for its usage unless the server refused to be asked."""

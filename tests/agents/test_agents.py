@@ -443,3 +443,5 @@ def test_a_json_reply_wrapped_in_reasoning_or_a_code_fence_is_read(reply):
     for broken in ('<think>never closed {"summary": "s", "key_points": []}', 'Here: {"summary": "s"}'):
         with pytest.raises(ReplyProblem, match="not valid JSON"):
             Agent._parse(broken, schema, lambda data: data)
+    with pytest.raises(ReplyProblem, match="cut off"):  # said of the JSON, not of the reasoning before it
+        Agent._parse("<think>" + "Hm. " * 100 + '</think>{"summary": "s", "key_points": ', schema, lambda d: d)

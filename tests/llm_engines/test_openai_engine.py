@@ -427,10 +427,11 @@ def test_a_parameter_the_model_does_not_take_and_a_402_are_the_llms_fault(fault_
     """Both were EngineBadRequest, the request's fault: no other LLM was tried, and the breaker learned nothing."""
     from llm_engines.errors import EngineConfigurationError
 
-    top_p = {"message": "Unsupported parameter: 'top_p'", "param": "top_p", "code": "unsupported_parameter"}
-    url = fault_server("canned", (400, "application/json", json.dumps({"error": top_p}).encode()))
+    schema = {"message": "Unsupported parameter: 'response_format'", "param": "response_format",
+              "code": "unsupported_parameter"}  # fmt: skip
+    url = fault_server("canned", (400, "application/json", json.dumps({"error": schema}).encode()))
     with pytest.raises(EngineConfigurationError, match="does not take the request") as raised:
-        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO, ChatOptions(top_p=0.5))
+        OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO, ChatOptions(json_schema={"type": "object"}))
     assert raised.value.llm_at_fault
     credits = {"error": {"message": "Insufficient credits", "code": 402}}
     url = fault_server("canned", (402, "application/json", json.dumps(credits).encode()))
@@ -493,3 +494,49 @@ def test_a_reply_its_server_gave_up_on_is_an_unavailable_engine(fault_server, fi
     url = fault_server("canned", (200, "application/json", json.dumps(whole).encode()))
     with pytest.raises(EngineUnavailable, match="gave up"):
         OpenAIEngine(model="m", base_url=f"{url}/v1").chat(HELLO)
+
+
+def test_concurrent_first_calls_to_a_reasoning_model_all_adapt_and_a_too_large_max_tokens_is_not_taken_for_one(
+    fault_server,
+):
+    """Found by review: the calls in flight together were each refused before the first had adapted, and the
+    others failed as the LLM's fault; and any 400 that named max_tokens ("too large") switched the engine to
+    max_completion_tokens for good."""
+    import threading
+
+    received: list[bytes] = []
+    refusals = [(b'"max_tokens"', 400, {"error": _NO_MAX_TOKENS})]
+    message = {"role": "assistant", "content": "Pear."}
+    whole = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}  # fmt: skip
+    url = fault_server("strict", (200, "application/json", [json.dumps(whole).encode()]), received=received,
+                       refusal=refusals, interval=0.2)  # fmt: skip
+    engine = OpenAIEngine(model="o3-mini", base_url=f"{url}/v1")
+    outcomes: list = []
+    barrier = threading.Barrier(4)
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(engine.chat(HELLO, ChatOptions(max_tokens=64)).text)
+        except Exception as exc:  # the test reports what each call got
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == ["Pear."] * 4
+
+    too_large = {"message": "max_tokens is too large: 99999", "param": "max_tokens", "code": "invalid_value"}
+    url = fault_server("strict", (200, "application/json", [json.dumps(whole).encode()]),
+                       refusal=[(b'"max_tokens"', 400, {"error": too_large})])  # fmt: skip
+    engine = OpenAIEngine(model="gpt-4o", base_url=f"{url}/v1")
+    with pytest.raises(EngineBadRequest, match="too large"):
+        engine.chat(HELLO, ChatOptions(max_tokens=99999))
+    assert engine._token_limit == "max_tokens"
+    top_p = {"message": "Unsupported parameter: 'top_p'", "param": "top_p", "code": "unsupported_parameter"}
+    url = fault_server("canned", (400, "application/json", json.dumps({"error": top_p}).encode()))
+    with pytest.raises(EngineBadRequest, match="does not take"):  # the client's choice: not the LLM's fault
+        OpenAIEngine(model="o3-mini", base_url=f"{url}/v1").chat(HELLO, ChatOptions(top_p=0.5))

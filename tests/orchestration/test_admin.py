@@ -195,7 +195,12 @@ def test_an_action_goes_on_past_a_task_it_fails_on(admin_client, api, monkeypatc
 
 def test_a_task_whose_state_file_cannot_be_read_is_shown_with_a_warning(admin_client, task, state_dir):
     """Its page showed the row's copy as the task, with nothing to say that its file (the truth) was broken."""
-    (state_dir / f"{task['task_id']}.json").write_text('{"task_id": "cut off')
-    page = admin_client.get(f"/admin/orchestration/task/{task['task_id']}/change/").content.decode()
+    path = state_dir / f"{task['task_id']}.json"
+    whole = path.read_bytes()
+    path.write_text('{"task_id": "cut off')
+    try:
+        page = admin_client.get(f"/admin/orchestration/task/{task['task_id']}/change/").content.decode()
+    finally:
+        path.write_bytes(whole)  # the session's state directory: other tests read every file in it
     assert "is not valid JSON" in page and "sync_tasks --restore-unreadable" in page
     assert "submitted" in page  # the row's copy is still shown

@@ -378,6 +378,14 @@ def test_an_inbound_task_stored_while_the_broker_was_away_is_answered_accepted_n
     assert "recovery sweep" in answer["detail"]
     events = [event["event"] for event in task_store().read(answer["task_id"])["history"]]
     assert events == ["submitted", "enqueue_failed", "enqueued", "enqueue_failed"]
+    # A message that names its own task_id (maybe another submission's) is rejected, naming it.
+    named = add(channels, stream, mcp_handler.TASK, {**task, "task_id": answer["task_id"]})
+    channels.xreadgroup(mcp_handler.GROUP, "c", {stream: ">"}, count=1)
+    entry = mcp_handler.Entry(channel=stream, id=named, type=mcp_handler.TASK,
+                              data={**task, "task_id": answer["task_id"]}, deliveries=3)  # fmt: skip
+    assert consumer.handle(entry) == 1
+    kind, rejected = answer_to(channels, named, timeout=1, channel=stream)
+    assert (kind, rejected["code"], rejected["task_id"]) == ("rejected", "undeliverable", answer["task_id"])
     # A message whose task was never stored (the database was away, say) is still rejected.
     other = add(channels, stream, mcp_handler.TASK, task)
     channels.xreadgroup(mcp_handler.GROUP, "c", {stream: ">"}, count=1)  # delivered, and not handled
@@ -401,6 +409,8 @@ def test_only_consumers_with_nothing_pending_are_forgotten_and_a_stopping_one_le
     assert newcomer.forget_dead_consumers(idle_s=0) == ["quiet"]
     names = {mcp_handler.text(c["name"]) for c in channels.xinfo_consumers(stream, mcp_handler.GROUP)}
     assert names == {"busy"}
+    # Checked in the script that deletes: one whose message came after the listing is kept.
+    assert newcomer._forget_if_idle(keys=[stream], args=[mcp_handler.GROUP, "busy"]) == 0
     busy = mcp_handler.Consumer({stream: lambda entry, writes: None}, name="busy")
     busy.leave()  # its message stays pending, for another consumer to take over
     channels.xgroup_createconsumer(stream, mcp_handler.GROUP, "newcomer")

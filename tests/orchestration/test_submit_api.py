@@ -591,22 +591,39 @@ def test_cancel_and_feedback_with_if_match_act_only_on_that_version(api, state_d
     assert json.loads((state_dir / f"{task['task_id']}.json").read_text()) == task
 
 
-def test_a_task_stored_when_the_database_stops_answering_is_queued_and_accepted(api, redis_url, monkeypatch):
+@pytest.mark.django_db(transaction=True)  # no transaction around the request: the server runs without one
+def test_a_task_stored_when_the_database_stops_answering_is_queued_and_accepted(api, monkeypatch):
     """Found by a fault-injection session (PostgreSQL cut off from the web): the file was written, then
     asking the connection for the transaction to queue the job after failed, and the client was told 503
     database_unavailable; the sweep ran the task, and a client that submitted it again had it run twice."""
-    import redis
-    from django.db import OperationalError
+    from django.db import OperationalError, connection
 
-    from orchestration import services
+    from orchestration import orchestration_engine
+    from orchestration.state_store import TaskStore
 
-    def connection_lost(func):
-        # Injected: a PostgreSQL connection that dropped fails so (the test's database cannot be cut off).
-        raise OperationalError("server closed the connection unexpectedly")
+    real_create = TaskStore.create
 
-    monkeypatch.setattr(services.transaction, "on_commit", connection_lost)
+    def create_then_lose_the_database(self, packet):
+        stored = real_create(self, packet)
+
+        def lost():
+            # Injected: the connection to the database drops once the file is written (the test's SQLite
+            # cannot be cut off as a PostgreSQL server can).
+            raise OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(connection, "ensure_connection", lost)
+        return stored
+
+    published = []
+    real_queue_job = orchestration_engine.queue_job
+
+    def queue_job(job, args, role, job_id):  # the real publish, noted (a worker may take the job at once)
+        published.append(job_id)
+        return real_queue_job(job, args, role, job_id)
+
+    monkeypatch.setattr(TaskStore, "create", create_then_lose_the_database)
+    monkeypatch.setattr(orchestration_engine, "queue_job", queue_job)
     response = post(api, {"payload": {"input": "plan a release"}})
+    monkeypatch.undo()
     assert response.status_code == 202, response.content
-    job_id = response.json()["history"][0]["detail"]["job_id"]
-    queued = redis.Redis.from_url(redis_url).lrange("developer.planner", 0, -1)
-    assert any(json.loads(message)["headers"]["id"] == job_id for message in queued)
+    assert published == [response.json()["history"][0]["detail"]["job_id"]]

@@ -83,7 +83,7 @@ class Command(BaseCommand):
                 continue
             try:
                 aside = store.restore_file(str(task_id), Task.objects.get(task_id=task_id).packet)
-            except (Task.DoesNotExist, CorruptState, ValueError, OSError) as exc:
+            except (Task.DoesNotExist, TaskNotFound, CorruptState, ValueError, OSError) as exc:
                 self.stderr.write(f"not restored from its row: task {task_id}: {exc}")
             else:
                 files_restored += 1
