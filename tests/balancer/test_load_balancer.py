@@ -733,6 +733,16 @@ def test_rule_7_past_the_daily_budget_only_local_llms_are_candidates(lb, clock):
     assert take(lb, config, budget=0.05).llm.id == "t-api"
 
 
+def paid_config():
+    """One api LLM at 1 (prompt) and 2 (completion) a thousand tokens, 4 calls at once, for a role of 10 tokens
+    at most in a profile with a daily budget of 1."""
+    return config_with(
+        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0},
+          "max_concurrency": 4}],
+        {"max_tokens": 10}, daily_budget=1.0,
+    )  # fmt: skip
+
+
 class MemoryLedger:
     """``SpendingLedger`` in memory: the database's (balancer/spending.py) is tested in test_spending.py."""
 
@@ -848,11 +858,7 @@ def test_rule_7_a_profiles_budget_reads_what_is_spent_held_and_left(client, cloc
     lost it), the worst cost of the calls in flight, and what is left; with Redis away, the ledger's."""
     ledger = MemoryLedger()
     lb = LoadBalancer(client, clock=clock, sleep=clock.sleep, rng=random.Random(7), ledger=ledger)
-    config = config_with(
-        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0},
-          "max_concurrency": 4}],
-        {"max_tokens": 10}, daily_budget=1.0,
-    )  # fmt: skip
+    config = paid_config()
     role = config.role("tp", "r")
     day = lb._day()
     assert lb.budget("tp", 1.0) == {"day": day, "daily_budget": 1.0, "spent": 0.0, "held": 0.0, "left": 1.0}
@@ -881,11 +887,7 @@ def test_rule_7_a_call_that_timed_out_or_was_stopped_unseen_is_charged_its_worst
     answer: every such call could go past the budget by its worst cost."""
     from llm_engines.errors import EngineTimeout
 
-    config = config_with(
-        [{"id": "t-api", "source": "api", "cost_per_1k_tokens": {"prompt": 1.0, "completion": 2.0},
-          "max_concurrency": 4}],
-        {"max_tokens": 10}, daily_budget=1.0,
-    )  # fmt: skip
+    config = paid_config()
     role = config.role("tp", "r")
     lb.record(take(lb, config, prompt_tokens=20, budget=1.0), error=EngineTimeout("no answer in 30s"), role=role)
     assert float(client.get(lb._spend_key("tp"))) == pytest.approx(0.04)
