@@ -252,6 +252,16 @@ class Engine(ABC):
         """A cheap check that the engine can serve: reachable, and the model present."""
 
 
+def text_parts(content: Any) -> str:
+    """A message's text: its content when that is a string; the text of its ``text`` parts, a line each,
+    when it is a list of parts (images left out)."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(
+        part.get("text", "") for part in content or [] if isinstance(part, Mapping) and part.get("type") == "text"
+    )
+
+
 def estimate_tokens(messages: Iterable[Message]) -> int:
     """A cheap upper estimate of a prompt's tokens (about three characters a token, plus framing).
 
@@ -259,13 +269,7 @@ def estimate_tokens(messages: Iterable[Message]) -> int:
     no token counts fills them with it."""
     total = 0
     for message in messages:
-        content = message.get("content")
-        text = (
-            content
-            if isinstance(content, str)
-            else " ".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
-        )
-        total += len(text) // 3 + 8
+        total += len(text_parts(message.get("content"))) // 3 + 8
     return total
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from llm_engines.base import Cancel, ChatChunk, ChatOptions, ChatResult, Engine, Health, Message
+from llm_engines.base import Cancel, ChatChunk, ChatOptions, ChatResult, Engine, Health, Message, text_parts
 from llm_engines.errors import (
     ContextTooLong,
     EngineBadRequest,
@@ -436,7 +436,7 @@ def plain_message(message: Message, *, vision: bool) -> dict[str, Any]:
     reads images), a tool call written out in the assistant's text, a tool's answer as a user message."""
     content = message.get("content")
     if isinstance(content, list) and not (vision and _has_images([message])):
-        content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+        content = text_parts(content)
     role = message["role"]
     if role == "assistant" and message.get("tool_calls"):
         calls = "\n".join(
@@ -453,9 +453,7 @@ def system_in_user(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     whose templates have no system role are told to take it; None when they do not start so."""
     if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
         return None
-    system, user = messages[0]["content"] or "", messages[1]["content"]
-    if isinstance(system, list):
-        system = "\n".join(part.get("text", "") for part in system if part.get("type") == "text")
+    system, user = text_parts(messages[0]["content"]), messages[1]["content"]
     if isinstance(user, list):  # a model that reads images: its parts, the system's text first
         content: Any = [{"type": "text", "text": system}, *user]
     else:

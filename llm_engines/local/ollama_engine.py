@@ -29,6 +29,7 @@ from llm_engines.base import (
     Watchdog,
     estimate_completion_tokens,
     estimate_tokens,
+    text_parts,
 )
 from llm_engines.errors import (
     ContextTooLong,
@@ -78,12 +79,10 @@ def to_ollama_message(message: Message, tool_names: Mapping[str, str] | None = N
             {"function": {"name": call["function"]["name"], "arguments": _arguments(call["function"]["arguments"])}}
             for call in message["tool_calls"]
         ]
-        text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content or [])
+        text = text_parts(content)
         return {"role": message["role"], "content": text, "tool_calls": calls}
     if message["role"] == "tool":
-        if isinstance(content, list):
-            content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
-        converted = {"role": "tool", "content": content or ""}
+        converted = {"role": "tool", "content": text_parts(content)}
         name = (tool_names or {}).get(message.get("tool_call_id", ""))
         if name:
             converted["tool_name"] = name
