@@ -58,6 +58,8 @@ _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too 
 _FAILED = ("abort", "error")
 # The codes with which OpenAI says a model does not take a parameter, or a value of it, that was sent.
 _UNSUPPORTED = ("unsupported_parameter", "unsupported_value")
+# Where OpenAI-compatible servers stream a reasoning model's thinking, apart from the reply's text.
+_REASONING_FIELDS = ("reasoning_content", "reasoning")
 # The parameters a caller of the OpenAI-compatible API chooses (the others are the server's own settings).
 _CALLERS = ("top_p", "stop", "tools", "tool_choice")
 
@@ -375,8 +377,14 @@ class OpenAIEngine(Engine):
                         finish_reason = choice.finish_reason or finish_reason
                         text = choice.delta.content if choice.delta else None
                         deltas = (choice.delta.tool_calls if choice.delta else None) or []
-                        if text or deltas:
+                        # A reasoning model's thinking, streamed before its answer by the servers that take it
+                        # out of the text (vLLM, DeepSeek's API: reasoning_content; others: reasoning): not part of
+                        # the reply, but tokens generated, paid for and timed.
+                        thought = _reasoning(choice.delta)
+                        if text or deltas or thought:
                             pieces += 1
+                        if thought and first_at is None:
+                            first_at = time.perf_counter()
                         for delta in deltas:
                             # The id and the name come whole (in the call's first delta), the arguments in pieces; a
                             # delta names its call by index. Some servers give none (or one index for every call):
@@ -474,6 +482,13 @@ class OpenAIEngine(Engine):
         if self.model not in served and f"{self.model}:latest" not in served:
             return Health(False, f"model {self.model} is not served (served: {', '.join(served[:10])})", elapsed)
         return Health(True, f"{self.model} served", elapsed)
+
+
+def _reasoning(delta: Any) -> bool:
+    """Whether a streamed delta carries a reasoning model's thinking."""
+    if delta is None:
+        return False
+    return any(isinstance(getattr(delta, name, None), str) and getattr(delta, name) for name in _REASONING_FIELDS)
 
 
 def _count(value: Any) -> int | None:

@@ -136,6 +136,17 @@ def test_a_stream_without_usage_has_its_tokens_estimated(fault_server):
     assert (result.text, result.prompt_tokens, result.completion_tokens) == ("Pear.", estimate_tokens(HELLO), 2)
 
 
+def test_a_reasoning_models_thinking_counts_as_tokens_and_times_the_first_one(fault_server):
+    """Streamed apart from the text (reasoning_content), the thinking was not counted: a reply without usage
+    cost only its visible tokens (rule 7), and its first token was timed at the answer's (rule 5)."""
+    thinking = [_chunk({"reasoning_content": "Hm"}), _chunk({"reasoning_content": ", fruit."})]
+    pieces = [*thinking, _chunk({"content": "Pe"}), _chunk({"content": "ar."}, "stop"), DONE]
+    url = fault_server("pieces", (200, "text/event-stream", pieces), interval=0.3)
+    result = next(chunk.result for chunk in OpenAIEngine(model="m", base_url=f"{url}/v1").stream(HELLO) if chunk.result)
+    assert (result.text, result.completion_tokens) == ("Pear.", 4)
+    assert result.time_to_first_token_s < 0.3  # the first thought's, not the answer's (0.6 s later)
+
+
 @pytest.mark.parametrize(("value", "expected"), [("1e12", 3600.0), ("inf", 3600.0), ("nan", None), ("30", 30.0)])
 def test_a_retry_after_beyond_any_real_one_is_capped(fault_server, value, expected):
     """The balancer cools the LLM down that long: 1e12 s disabled it for ever, and its cooldown's date
