@@ -106,3 +106,12 @@ def test_check_deploy_leaves_only_the_https_opt_ins_and_nothing_once_they_are_se
     opted_in = run(manage, tmp_path, **PRODUCTION, **HTTPS_OPT_INS)
     assert opted_in.returncode == 0, opted_in.stderr
     assert "System check identified no issues" in opted_in.stdout, opted_in.stdout + opted_in.stderr
+
+
+def test_manage_py_says_in_one_line_what_the_settings_lack(tmp_path):
+    """Run as the README showed it (no DEBUG=1), a command printed a traceback ending in the missing setting."""
+    result = run(["manage.py", "sync_tasks"], tmp_path, DEBUG="0", SECRET_KEY="")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("manage.py: SECRET_KEY must be set when DEBUG is off")
+    assert "DEBUG=1" in result.stderr
