@@ -43,6 +43,7 @@ from llm_engines.errors import (
     EngineRateLimited,
     EngineTimeout,
     EngineUnavailable,
+    RequestTooLarge,
 )
 
 if TYPE_CHECKING:
@@ -1053,7 +1054,7 @@ class LoadBalancer:
                                 f"rule 6: context of {llm.context_length} tokens, no larger than that of "
                                 f"{decision.llm.id}, which the prompt did not fit"
                             )
-                elif not (exc.transient or exc.llm_at_fault):
+                elif not (exc.transient or exc.llm_at_fault or isinstance(exc, RequestTooLarge)):
                     raise
                 last_error = exc
                 failed[decision.llm.id] = f"rule 6: failed in this step: {exc}"

@@ -67,6 +67,11 @@ class EngineBadRequest(EngineError):
     """The request itself is wrong; sending it again anywhere fails the same way."""
 
 
+class RequestTooLarge(EngineBadRequest):
+    """The request is larger than the LLM's account may send at once (OpenAI's 429 "Request too large … tokens
+    per min"): this LLM can never take it, another may. Not the LLM's failure, and no time lifts it."""
+
+
 class ContextTooLong(EngineBadRequest):
     """The prompt and the requested completion do not fit the model's context."""
 

@@ -40,6 +40,7 @@ from llm_engines.errors import (
     EngineRateLimited,
     EngineTimeout,
     EngineUnavailable,
+    RequestTooLarge,
 )
 from llm_engines.http import (
     MALFORMED_REPLY,
@@ -141,6 +142,9 @@ class OpenAIEngine(Engine):
             if "insufficient_quota" in (exc.code, exc.type):
                 # No quota left on the account: waiting does not bring it back, another LLM may serve the call.
                 return EngineQuotaExceeded(f"out of quota: {message}", engine=self.name)
+            if "request too large" in message.lower():
+                # Over the account's tokens per minute by itself: waiting does not help it, nor hurt the others.
+                return RequestTooLarge(message, engine=self.name)
             retry_after = retry_after_seconds(exc.response.headers)
             return EngineRateLimited(f"rate limited: {message}", engine=self.name, retry_after=retry_after)
         if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):

@@ -595,6 +595,25 @@ def test_rule_6_a_transient_error_fails_over_to_the_next_candidate(lb):
     assert decision.excluded["t-a"] == "rule 6: failed in this step: connection refused"
 
 
+def test_rule_6_a_request_too_large_for_an_llms_rate_fails_over_without_counting_against_it(lb):
+    """OpenAI's 429 "Request too large … tokens per min" was a rate limit: its Retry-After held the LLM for
+    every caller, though only this request can never be sent there (and another LLM may take it)."""
+    from llm_engines.errors import RequestTooLarge
+
+    config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a", "t-b"]})
+
+    def call(llm):
+        if llm.id == "t-a":
+            raise RequestTooLarge("Request too large for gpt-4o on tokens per min (TPM): Limit 30000")
+        return reply()
+
+    _, decision = lb.run(config, config.role("tp", "r"), call)
+    assert decision.llm.id == "t-b"
+    state = lb.states(config)["t-a"]
+    assert (state["breaker"], state["failure_rate"]) == ("closed", 0)
+    assert take(lb, config).llm.id == "t-a"  # the next call, a smaller one, goes there again
+
+
 def test_rule_6_the_time_a_failed_attempt_took_is_not_counted_as_waiting(lb, clock):
     config = config_with([{"id": "t-a"}, {"id": "t-b"}], {"preferred_llms": ["t-a"]})
 

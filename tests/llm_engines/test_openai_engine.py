@@ -551,3 +551,16 @@ def test_concurrent_first_calls_to_a_reasoning_model_all_adapt_and_a_too_large_m
     url = fault_server("canned", (400, "application/json", json.dumps({"error": top_p}).encode()))
     with pytest.raises(EngineBadRequest, match="does not take"):  # the client's choice: not the LLM's fault
         OpenAIEngine(model="o3-mini", base_url=f"{url}/v1").chat(HELLO, ChatOptions(top_p=0.5))
+
+
+def test_a_request_too_large_for_the_accounts_rate_is_not_a_rate_limit_to_wait_out(fault_server):
+    """It was EngineRateLimited, and its Retry-After held the LLM for every caller."""
+    from llm_engines.errors import RequestTooLarge
+
+    error = {"message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, "
+             "Requested 45000.", "type": "tokens", "code": "rate_limit_exceeded"}  # fmt: skip
+    body = json.dumps({"error": error}).encode()
+    url = fault_server("canned", (429, "application/json", body), headers=(("Retry-After", "20"),))
+    with pytest.raises(RequestTooLarge, match="Request too large") as raised:
+        OpenAIEngine(model="gpt-4o", base_url=f"{url}/v1").chat(HELLO)
+    assert not raised.value.transient and not raised.value.llm_at_fault
