@@ -23,6 +23,7 @@ from orchestration.exceptions import ApplicationError
 from orchestration.metrics import metrics_get
 from orchestration.models import Task
 from orchestration.runtime import task_store
+from orchestration.selectors import RESTORE_ADVICE
 from orchestration.services import task_cancel, task_retry
 from orchestration.state_store import CorruptState, TaskNotFound
 
@@ -111,8 +112,7 @@ class TaskAdmin(admin.ModelAdmin):
         except CorruptState as exc:
             self.message_user(
                 request,
-                f"{exc}. What this page shows is the database mirror's copy; manage.py sync_tasks "
-                "--restore-unreadable writes the file from it.",
+                f"{exc}. What this page shows is the database mirror's copy: {RESTORE_ADVICE}.",
                 messages.WARNING,
             )
         except TaskNotFound:

@@ -503,19 +503,18 @@ def inbound_task_id(entry: Entry) -> Any:
 def inbound_stored(entry: Entry, pipe: Writes) -> bool:
     """An inbound message that could not be handled in its deliveries, answered ``accepted`` if an earlier
     delivery stored its task: the broker did not take the job (Redis away), and the recovery sweep queues it.
-    Answered ``rejected``, its producer would send it again, and a new message makes a new task."""
-    from orchestration.packets import parse_task_id
+    Answered ``rejected``, its producer would send it again, and a new message makes a new task. Only a
+    message without a ``task_id`` of its own: its task's id is derived from the message's, so no other
+    submission has it; a task_id the producer named may be another's, and the rejection names it."""
     from orchestration.runtime import task_store
+    from orchestration.state_store import CorruptState, TaskNotFound
 
     if entry.data is None or entry.data.get("task_id") is not None:
-        # A task_id the producer named may be another submission's: the rejection names it, to be looked up.
         return False
     try:
-        packet = task_store().read(parse_task_id(inbound_task_id(entry)))
-    except Exception:  # not a task id, no such task, the disk away: rejected as undeliverable
+        packet = task_store().read(inbound_task_id(entry))
+    except (TaskNotFound, CorruptState, OSError):  # not stored, or not readable: rejected as undeliverable
         return False
-    if packet.get("profile") != entry.data.get("profile") or packet.get("role") != entry.data.get("role"):
-        return False  # a task of another submission that happens to have the id it names
     answer = {"channel": entry.channel, "message_id": entry.id, "task_id": packet["task_id"]}
     detail = "stored, but its job could not be queued: the recovery sweep queues it"
     publish(FEEDBACK, ACCEPTED, {**answer, "status": packet["status"], "created": True, "detail": detail}, pipe=pipe)

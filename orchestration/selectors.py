@@ -53,10 +53,16 @@ def task_get(*, task_id: str) -> dict[str, Any]:
         raise corrupt_state_error(exc) from None
 
 
+# How to mend a task whose state file cannot be read: the API's error and the admin's warning say it.
+RESTORE_ADVICE = (
+    "restore the file from a backup, or write it from the database mirror's copy with manage.py sync_tasks "
+    "--restore-unreadable"
+)
+
+
 def corrupt_state_error(exc: CorruptState) -> ApplicationError:
     return ApplicationError(
-        f"{exc}; restore the file from a backup, or write it from the database mirror's copy with manage.py "
-        "sync_tasks --restore-unreadable",
+        f"{exc}; {RESTORE_ADVICE}",
         status_code=500,
         code="corrupt_state",
     )

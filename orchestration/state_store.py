@@ -119,6 +119,12 @@ def _unavailable(exc: OSError) -> StorageUnavailable:
     return StorageUnavailable(exc.errno, exc.strerror, exc.filename, None, exc.filename2)
 
 
+def _encoded(packet: dict[str, Any]) -> bytes:
+    """A state file's bytes. Compact: the C encoder (an indented dump is encoded in Python, four times slower,
+    at every write)."""
+    return json.dumps(packet, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 class TaskExists(Exception):
     def __init__(self, packet: dict[str, Any]) -> None:
         super().__init__(f"task {packet['task_id']} exists")
@@ -259,8 +265,7 @@ class TaskStore:
         # A new task's file is made durable before the client is told it is accepted. An update's
         # rename is not waited for: a power loss may bring back the version before it (whole), and
         # the recovery sweep runs the lost step again.
-        # Compact: the C encoder (an indented dump is encoded in Python, four times slower, at every write).
-        data = json.dumps(packet, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        data = _encoded(packet)
         # The task is marked unmirrored before its file is written and unmarked once its row is: a
         # process that dies in between (killed while the database kept it waiting, say) leaves the
         # mark, and the sweep writes the row. Without it the sweep, which finds its candidates by
@@ -375,8 +380,7 @@ class TaskStore:
                 raise ValueError(f"the file of task {task_id} can be read now: it was not restored")
             kept = path.with_name(f"{path.name}.unreadable")
             os.replace(path, kept)
-            data = json.dumps(packet, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            atomic_write(path, data, sync_directory=True)
+            atomic_write(path, _encoded(packet), sync_directory=True)
         return kept
 
     def _unlink_lock(self, task_id: str) -> None:

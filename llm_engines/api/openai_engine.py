@@ -248,12 +248,7 @@ class OpenAIEngine(Engine):
             with watchdog:
                 response = self._create(self._request(messages, options))
             choice = response.choices[0]
-            if choice.finish_reason in _FAILED:
-                raise EngineUnavailable(
-                    f"the reply from {self.base_url or 'the API'} ended with finish_reason {choice.finish_reason!r}: "
-                    "the server gave up on it",
-                    engine=self.name,
-                )
+            self._check_finished(choice.finish_reason)
             text = choice.message.content or ""
             if not isinstance(text, str):
                 raise TypeError(f"content is a {type(text).__name__}")
@@ -304,6 +299,15 @@ class OpenAIEngine(Engine):
             else:
                 completion = pieces if options.max_tokens is None else min(pieces, options.max_tokens)
         return estimate_tokens(messages) if prompt is None else prompt, completion
+
+    def _check_finished(self, finish_reason: Any) -> None:
+        """``EngineUnavailable`` for a reply its server gave up on (``_FAILED``): what came is part of one."""
+        if finish_reason in _FAILED:
+            raise EngineUnavailable(
+                f"the reply from {self.base_url or 'the API'} ended with finish_reason {finish_reason!r}: "
+                "the server gave up on it",
+                engine=self.name,
+            )
 
     def _create(self, request: dict[str, Any], **stream: Any) -> Any:
         """``request`` sent, adapted to what the model refused before; a refusal of ``max_tokens`` or of the
@@ -432,12 +436,7 @@ class OpenAIEngine(Engine):
             raise EngineUnavailable(
                 f"the stream from {self.base_url or 'the API'} ended before the reply was done", engine=self.name
             )
-        if finish_reason in _FAILED:
-            raise EngineUnavailable(
-                f"the reply from {self.base_url or 'the API'} ended with finish_reason {finish_reason!r}: "
-                "the server gave up on it",
-                engine=self.name,
-            )
+        self._check_finished(finish_reason)
         text = "".join(parts)
         tool_calls = tuple(tool_call(call["id"], call["name"], call["arguments"]) for call in calls)
         prompt_tokens, completion_tokens = self._usage(usage, messages, options, text, tool_calls, pieces)
@@ -490,9 +489,7 @@ class OpenAIEngine(Engine):
 
 def _reasoning(delta: Any) -> bool:
     """Whether a streamed delta carries a reasoning model's thinking."""
-    if delta is None:
-        return False
-    return any(isinstance(getattr(delta, name, None), str) and getattr(delta, name) for name in _REASONING_FIELDS)
+    return any(isinstance(value := getattr(delta, name, None), str) and value for name in _REASONING_FIELDS)
 
 
 def _count(value: Any) -> int | None:

@@ -268,13 +268,13 @@ class LlamaCppEngine(Engine):
         chunks = None
         try:
             self._check_cancel(cancel)  # cancelled while it waited for the context: its prompt is not read
-            merged = system_in_user(request["messages"])
-            if self._system_in_user and merged is not None:
-                request = {**request, "messages": merged}
+            if self._system_in_user:
+                request = {**request, "messages": system_in_user(request["messages"]) or request["messages"]}
             try:
                 chunks = llama.create_chat_completion(**request, stream=True, logits_processor=[watch])
             except ValueError:  # the template's raise_exception(): it refused the messages
-                if self._system_in_user or merged is None:
+                merged = None if self._system_in_user else system_in_user(request["messages"])
+                if merged is None:
                     raise
                 chunks = llama.create_chat_completion(
                     **{**request, "messages": merged}, stream=True, logits_processor=[watch]
