@@ -76,23 +76,28 @@ def _enqueue(*, packet: dict[str, Any], job_id: str, role: RoleConfig) -> None:
     try:
         _publish(task_id=packet["task_id"], job_id=job_id, role=role)
     except (BrokerError, OSError) as exc:
-        logger.error("task %s: could not be queued: %s", packet["task_id"], exc)
-        error = str(exc)
+        _enqueue_failed(packet=packet, job_id=job_id, exc=exc)
 
-        def failed(current: dict[str, Any]) -> bool:
-            current["history"].append(
-                history_event("enqueue_failed", status=current["status"], detail={"job_id": job_id, "error": error})
-            )
-            return True
 
-        _update(packet["task_id"], failed)
-        raise ApplicationError(
-            "the task is stored as queued but the queue (Redis) is unavailable; submit it again with the same "
-            "task_id to queue it",
-            status_code=503,
-            code="queue_unavailable",
-            task_id=packet["task_id"],
-        ) from exc
+def _enqueue_failed(*, packet: dict[str, Any], job_id: str, exc: Exception) -> None:
+    """Note in the task that its job could not be queued, and tell the client (a 503) to submit it again."""
+    logger.error("task %s: could not be queued: %s", packet["task_id"], exc)
+    error = str(exc)
+
+    def failed(current: dict[str, Any]) -> bool:
+        current["history"].append(
+            history_event("enqueue_failed", status=current["status"], detail={"job_id": job_id, "error": error})
+        )
+        return True
+
+    _update(packet["task_id"], failed)
+    raise ApplicationError(
+        "the task is stored as queued but the queue (Redis) is unavailable; submit it again with the same "
+        "task_id to queue it",
+        status_code=503,
+        code="queue_unavailable",
+        task_id=packet["task_id"],
+    ) from exc
 
 
 def _after_commit(enqueue: Callable[[], None]) -> None:
@@ -153,8 +158,20 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
     packet["history"].append(
         history_event("submitted", status=QUEUED, detail={"queue": role_config.queue, "job_id": job_id})
     )
+    # Outside a transaction (the API's requests) the job is queued as soon as the task's file is durable, while
+    # the store writes its row and its message (``TaskStore.create``'s ``then``): the worker's first steps, up
+    # to its claim, which waits for the task's lock, overlap them. In a transaction, once it commits.
+    in_transaction = transaction.get_connection().in_atomic_block  # known without asking the database
+    not_queued: list[Exception] = []
+
+    def publish(stored: dict[str, Any]) -> None:
+        try:
+            _publish(task_id=stored["task_id"], job_id=job_id, role=role_config)
+        except (BrokerError, OSError) as exc:
+            not_queued.append(exc)  # told once the task's lock is released (``_enqueue_failed`` takes it)
+
     try:
-        stored = task_store().create(packet)
+        stored = task_store().create(packet, then=None if in_transaction else publish)
     except TaskExists as exists:
         return _resubmit(exists.packet, profile=profile, role=role, payload=payload, role_config=role_config), False
     except CorruptState as exc:  # the task_id's file exists and is not a task packet
@@ -167,7 +184,10 @@ def task_submit(*, profile: str, role: str, payload: Any, task_id: str | None = 
         ) from None
     except OSError as exc:
         raise _storage_error(exc) from exc
-    _after_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))
+    if in_transaction:
+        transaction.on_commit(lambda: _enqueue(packet=stored, job_id=job_id, role=role_config))
+    elif not_queued:
+        _enqueue_failed(packet=stored, job_id=job_id, exc=not_queued[0])
     return stored, True
 
 

@@ -208,8 +208,13 @@ class TaskStore:
     def exists(self, task_id: str) -> bool:
         return self.path(task_id).exists()
 
-    def create(self, packet: dict[str, Any]) -> dict[str, Any]:
-        """Store a new packet (version 1), or raise ``TaskExists`` with the stored one."""
+    def create(self, packet: dict[str, Any], *, then: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Store a new packet (version 1), or raise ``TaskExists`` with the stored one.
+
+        ``then``, when given, is called with the stored packet once its file is durable, under the task's lock
+        and before its row and its message are written: its job can be queued there (``services.task_submit``),
+        so that the worker's first steps overlap those writes, and its claim, which takes the lock, still comes
+        after them. It must not raise: an exception from it leaves the row to the recovery sweep."""
         task_id = packet["task_id"]
         try:
             if not self._home:
@@ -219,7 +224,7 @@ class TaskStore:
                     raise TaskExists(self.read(task_id))
                 stored = {**packet, "version": 1}
                 try:
-                    self._write(stored, new=True)
+                    self._write(stored, new=True, then=then)
                 except BaseException:
                     if not self.exists(task_id):  # nothing stored: nor is its lock file left (a full disk's inodes)
                         self._unlink_lock(task_id)
@@ -261,7 +266,9 @@ class TaskStore:
             self._observe(current, updated)
         return updated, True
 
-    def _write(self, packet: dict[str, Any], *, new: bool = False) -> None:
+    def _write(
+        self, packet: dict[str, Any], *, new: bool = False, then: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         # A new task's file is made durable before the client is told it is accepted. An update's
         # rename is not waited for: a power loss may bring back the version before it (whole), and
         # the recovery sweep runs the lost step again.
@@ -281,6 +288,8 @@ class TaskStore:
             if not replaced:
                 self._unmark(marker)  # the file is as it was, and so is its row
             raise
+        if then is not None:
+            then(packet)
         # A row that the guarded write left alone, at the packet's version or ahead of it, keeps the mark
         # too: the sweep makes it what the file says. It may be the row of an earlier task of this id
         # whose file was removed by hand before the id was submitted again,

@@ -603,8 +603,8 @@ def test_a_task_stored_when_the_database_stops_answering_is_queued_and_accepted(
 
     real_create = TaskStore.create
 
-    def create_then_lose_the_database(self, packet):
-        stored = real_create(self, packet)
+    def create_then_lose_the_database(self, packet, **options):
+        stored = real_create(self, packet, **options)
 
         def lost():
             # Injected: the connection to the database drops once the file is written (the test's SQLite
@@ -627,3 +627,46 @@ def test_a_task_stored_when_the_database_stops_answering_is_queued_and_accepted(
     monkeypatch.undo()
     assert response.status_code == 202, response.content
     assert published == [response.json()["history"][0]["detail"]["job_id"]]
+
+
+@pytest.mark.django_db(transaction=True)  # no transaction around the request: the server runs without one
+def test_the_job_is_queued_once_the_file_is_written_under_the_tasks_lock_before_its_row(api, state_dir, monkeypatch):
+    """The job goes on the queue as soon as the task's file is durable, while the store writes its row and its
+    message: a worker's first steps overlap those writes, and its claim, which takes the task's lock, waits for
+    them. A publish that fails there is told to the client as before (503), with its row written."""
+    import fcntl
+
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from orchestration import orchestration_engine
+    from orchestration.runtime import task_store
+
+    seen = []
+    real_queue_job = orchestration_engine.queue_job
+
+    def queue_job(job, args, role, job_id):  # the real publish, with what it finds when it is made
+        (task_id,) = args
+        with open(state_dir / ".locks" / f"{task_id}.lock", "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = False
+            except BlockingIOError:
+                locked = True
+        seen.append((task_store().read(task_id)["status"], locked, Task.objects.filter(task_id=task_id).exists()))
+        return real_queue_job(job, args, role, job_id)
+
+    monkeypatch.setattr(orchestration_engine, "queue_job", queue_job)
+    response = post(api, {"payload": {"input": "plan a release"}})
+    assert response.status_code == 202, response.content
+    assert seen == [("queued", True, False)]  # the file written, the lock held, the row not yet
+    assert Task.objects.get(task_id=response.json()["task_id"]).version == 1
+
+    def broker_away(job, args, role, job_id):
+        raise BrokerError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(orchestration_engine, "queue_job", broker_away)
+    refused = post(api, {"payload": {"input": "plan a release"}})
+    assert refused.status_code == 503 and refused.json()["code"] == "queue_unavailable", refused.content
+    task_id = refused.json()["task_id"]
+    assert [event["event"] for event in task_store().read(task_id)["history"]] == ["submitted", "enqueue_failed"]
+    assert Task.objects.get(task_id=task_id).version == 2

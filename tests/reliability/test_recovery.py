@@ -140,9 +140,37 @@ def test_a_step_that_meets_a_redis_outage_is_left_to_the_sweep_not_failed(
 def test_a_task_whose_process_died_between_its_file_and_its_row_is_found_by_the_sweep(
     api, celery_worker, script, monkeypatch
 ):
-    """The web process is killed after writing the new task's file, before its row (while the database
-    kept it waiting, say): no row, no job. The task was marked unmirrored before its file was written,
-    so the sweep writes its row, then finds nothing moving it on and queues it."""
+    """The web process is killed after writing the new task's file, before its job and its row (the job is
+    queued once the file is durable, then the row is written): no row, no job. The task was marked unmirrored
+    before its file was written, so the sweep writes its row, then finds nothing moving it on and queues it."""
+    from orchestration import services
+
+    class Killed(BaseException):
+        """The process's death, as far as the code after it is concerned: nothing below runs."""
+
+    def die(**_job):
+        raise Killed
+
+    script([SUMMARY])
+    task_id = str(uuid.uuid4())
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "_publish", die)
+        with pytest.raises(Killed):
+            services.task_submit(profile="productivity", role="summarizer", payload={"input": "Hi."}, task_id=task_id)
+    assert task_store().read(task_id)["status"] == "queued"
+    assert not Task.objects.filter(task_id=task_id).exists()
+    report = recovery.sweep(grace_s=0)
+    assert report.mirrored == 1 and report.recovered == [task_id]
+    done = wait_for(task_id)
+    assert done["status"] == "succeeded"
+    assert events(done) == ["submitted", "recovered", "claimed", "step", "finished"]
+
+
+def test_a_task_whose_process_died_after_its_job_was_queued_before_its_row_runs_and_gets_its_row(
+    api, celery_worker, script, monkeypatch
+):
+    """The web process is killed after queueing the new task's job, before its row: the worker's claim, which
+    waits for the task's lock (released by the death), writes the row, and the task runs as any other."""
     from orchestration import services, state_store
 
     class Killed(BaseException):
@@ -157,13 +185,10 @@ def test_a_task_whose_process_died_between_its_file_and_its_row_is_found_by_the_
         patched.setattr(state_store, "mirror_packet", die)
         with pytest.raises(Killed):
             services.task_submit(profile="productivity", role="summarizer", payload={"input": "Hi."}, task_id=task_id)
-    assert task_store().read(task_id)["status"] == "queued"
-    assert not Task.objects.filter(task_id=task_id).exists()
-    report = recovery.sweep(grace_s=0)
-    assert report.mirrored == 1 and report.recovered == [task_id]
     done = wait_for(task_id)
     assert done["status"] == "succeeded"
-    assert events(done) == ["submitted", "recovered", "claimed", "step", "finished"]
+    assert events(done) == ["submitted", "claimed", "step", "finished"]
+    assert Task.objects.get(task_id=task_id).version == done["version"]
 
 
 def test_a_task_accepted_while_redis_was_down_is_queued_by_the_sweep(api, celery_worker, script):
