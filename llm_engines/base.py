@@ -39,14 +39,20 @@ class ChatResult:
     # The functions the model asked to call, in the OpenAI shape: {"id", "type": "function",
     # "function": {"name", "arguments": a JSON text}}. Only engines that support tools fill it.
     tool_calls: tuple[Mapping[str, Any], ...] = ()
+    # A reasoning model's thinking, when its server gives it apart from the answer ("" otherwise): never part
+    # of ``text``, which is the answer alone. A model whose server leaves it in the text (<think>…</think>)
+    # has it there.
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)
 class ChatChunk:
-    """A piece of a streamed reply; the last chunk carries the whole ``result`` and no text."""
+    """A piece of a streamed reply: of its answer (``text``) or of its thinking (``reasoning``), which comes
+    first; the last chunk carries the whole ``result`` and neither."""
 
     text: str
     result: ChatResult | None = None
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,7 +246,8 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(self, messages: Sequence[Message], options: ChatOptions | None = None) -> Iterator[ChatChunk]:
-        """Complete ``messages``, yielding text as it comes and, last, a chunk with the result."""
+        """Complete ``messages``, yielding text (and thinking, apart) as it comes and, last, a chunk with the
+        result."""
 
     def refuse_tools(self, options: ChatOptions) -> None:
         """``EngineBadRequest`` when ``options`` carry tools that this engine cannot pass to its model."""

@@ -59,7 +59,9 @@ _CONTEXT_MARKERS = ("context length", "context window", "maximum context", "too 
 _FAILED = ("abort", "error")
 # The codes with which OpenAI says a model does not take a parameter, or a value of it, that was sent.
 _UNSUPPORTED = ("unsupported_parameter", "unsupported_value")
-# Where OpenAI-compatible servers stream a reasoning model's thinking, apart from the reply's text.
+# Where OpenAI-compatible servers put a reasoning model's thinking, apart from the reply's text, streamed and
+# whole: DeepSeek's API and vLLM before its rename, reasoning_content; OpenRouter, later vLLM and Ollama's /v1,
+# reasoning. Servers in between send both, with the same thinking: one is read, the first that has text.
 _REASONING_FIELDS = ("reasoning_content", "reasoning")
 # The parameters a caller of the OpenAI-compatible API chooses (the others are the server's own settings).
 _CALLERS = ("top_p", "stop", "tools", "tool_choice")
@@ -257,7 +259,9 @@ class OpenAIEngine(Engine):
                 for call in choice.message.tool_calls or []
                 if getattr(call, "function", None) is not None
             )
-            prompt_tokens, completion_tokens = self._usage(response.usage, messages, options, text, calls)
+            reasoning = _reasoning(choice.message)
+            # The thinking is tokens generated too, when the server gives no count.
+            prompt_tokens, completion_tokens = self._usage(response.usage, messages, options, reasoning + text, calls)
             return ChatResult(
                 text=text,
                 model=response.model or self.model,
@@ -266,6 +270,7 @@ class OpenAIEngine(Engine):
                 latency_s=time.perf_counter() - started,
                 finish_reason=choice.finish_reason,
                 tool_calls=calls,
+                reasoning=reasoning,
             )
         except openai.OpenAIError as exc:
             if watchdog.fired:  # its shutting the connection made the read fail
@@ -359,6 +364,7 @@ class OpenAIEngine(Engine):
         watchdog = Watchdog(timeout, options.cancel)
         first_at = None
         parts: list[str] = []
+        thoughts: list[str] = []
         finish_reason = None
         model = self.model
         usage = None
@@ -386,13 +392,16 @@ class OpenAIEngine(Engine):
                         text = choice.delta.content if choice.delta else None
                         deltas = (choice.delta.tool_calls if choice.delta else None) or []
                         # A reasoning model's thinking, streamed before its answer by the servers that take it
-                        # out of the text (vLLM, DeepSeek's API: reasoning_content; others: reasoning): not part of
-                        # the reply, but tokens generated, paid for and timed.
+                        # out of the text: not part of the reply's text, but tokens generated, paid for and timed,
+                        # and passed on apart.
                         thought = _reasoning(choice.delta)
                         if text or deltas or thought:
                             pieces += 1
-                        if thought and first_at is None:
-                            first_at = time.perf_counter()
+                        if thought:
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                            thoughts.append(thought)
+                            yield ChatChunk(text="", reasoning=thought)
                         for delta in deltas:
                             # The id and the name come whole (in the call's first delta), the arguments in pieces; a
                             # delta names its call by index. Some servers give none (or one index for every call):
@@ -451,6 +460,7 @@ class OpenAIEngine(Engine):
                 time_to_first_token_s=None if first_at is None else first_at - started,
                 finish_reason=finish_reason,
                 tool_calls=tool_calls,
+                reasoning="".join(thoughts),
             ),
         )
 
@@ -487,9 +497,15 @@ class OpenAIEngine(Engine):
         return Health(True, f"{self.model} served", elapsed)
 
 
-def _reasoning(delta: Any) -> bool:
-    """Whether a streamed delta carries a reasoning model's thinking."""
-    return any(isinstance(value := getattr(delta, name, None), str) and value for name in _REASONING_FIELDS)
+def _reasoning(message: Any) -> str:
+    """The thinking that a reply's message, or a streamed delta, carries apart from its text (the first of
+    ``_REASONING_FIELDS`` that holds text), or "". The client keeps the fields it does not know as attributes,
+    whatever their value: one that is not text is ignored."""
+    for name in _REASONING_FIELDS:
+        value = getattr(message, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def _count(value: Any) -> int | None:

@@ -107,6 +107,13 @@ def to_ollama_message(message: Message, tool_names: Mapping[str, str] | None = N
     return converted
 
 
+def thinking(message: Any) -> str:
+    """A reply message's thinking, which Ollama gives apart from its content (``message.thinking``, whole or a
+    piece of a stream) for a model that thinks; "" when there is none."""
+    value = getattr(message, "thinking", None)
+    return value if isinstance(value, str) else ""
+
+
 def tool_calls(message: Any) -> tuple[dict[str, Any], ...]:
     """The tool calls of an Ollama reply message, in the OpenAI shape (Ollama gives them no id)."""
     return tuple(
@@ -120,7 +127,12 @@ def tool_calls(message: Any) -> tuple[dict[str, Any], ...]:
 
 
 class OllamaEngine(Engine):
-    """Tools: Ollama takes ``tools`` but not ``tool_choice``; the model decides whether to call one."""
+    """Tools: Ollama takes ``tools`` but not ``tool_choice``; the model decides whether to call one.
+
+    Thinking: the request leaves ``think`` out. Ollama then has a model that can think do so, and gives its
+    thinking in ``message.thinking`` (older versions leave it in the content, as <think>…</think>), which the
+    engine passes on apart from the text; ``think: true`` would be a 400 ("does not support thinking") for
+    every model that cannot."""
 
     name = "ollama"
     supports_tools = True
@@ -239,14 +251,15 @@ class OllamaEngine(Engine):
         started: float,
         first_at: float | None,
         calls: tuple = (),
+        reasoning: str = "",
     ) -> ChatResult:
         # A count Ollama leaves out is estimated: 0 tokens would make the call's tokens look slow (rule 5).
         prompt_tokens = response.prompt_eval_count
         if prompt_tokens is None:
             prompt_tokens = estimate_tokens(messages)
         completion_tokens = response.eval_count
-        if completion_tokens is None:
-            completion_tokens = estimate_completion_tokens(text, calls, max_tokens=options.max_tokens)
+        if completion_tokens is None:  # the thinking is tokens generated too
+            completion_tokens = estimate_completion_tokens(reasoning + text, calls, max_tokens=options.max_tokens)
         return ChatResult(
             text=text,
             model=response.model or self.model,
@@ -256,6 +269,7 @@ class OllamaEngine(Engine):
             time_to_first_token_s=None if first_at is None else first_at - started,
             finish_reason=response.done_reason,
             tool_calls=calls,
+            reasoning=reasoning,
         )
 
     def chat(self, messages: Sequence[Message], options: ChatOptions | None = None) -> ChatResult:
@@ -270,7 +284,10 @@ class OllamaEngine(Engine):
             with watchdog:
                 response = self._client(timeout).chat(**request, stream=False)
             text = response.message.content or ""
-            return self._result(response, messages, options, text, started, None, tool_calls(response.message))
+            calls = tool_calls(response.message)
+            return self._result(
+                response, messages, options, text, started, None, calls, reasoning=thinking(response.message)
+            )
         except _FAILURES as exc:
             if watchdog.fired:
                 raise self._stopped(watchdog, timeout) from None
@@ -286,6 +303,7 @@ class OllamaEngine(Engine):
         watchdog = Watchdog(timeout, options.cancel)
         first_at = None
         parts: list[str] = []
+        thoughts: list[str] = []
         calls: tuple[dict[str, Any], ...] = ()
         last = None
         try:
@@ -300,6 +318,13 @@ class OllamaEngine(Engine):
                             )
                         last = chunk
                         calls += tool_calls(chunk.message)
+                        # A thinking model's thinking comes first, apart from the text: timed as its first tokens.
+                        thought = thinking(chunk.message)
+                        if thought:
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                            thoughts.append(thought)
+                            yield ChatChunk(text="", reasoning=thought)
                         text = chunk.message.content if chunk.message else ""
                         if text:
                             if first_at is None:
@@ -319,7 +344,10 @@ class OllamaEngine(Engine):
             if watchdog.fired:  # the shut connection read as the end of the body: the reply is not whole
                 raise self._stopped(watchdog, timeout)
             raise EngineUnavailable("the stream ended before the reply was done", engine=self.name)
-        yield ChatChunk(text="", result=self._result(last, messages, options, "".join(parts), started, first_at, calls))
+        result = self._result(
+            last, messages, options, "".join(parts), started, first_at, calls, reasoning="".join(thoughts)
+        )
+        yield ChatChunk(text="", result=result)
 
     def _stopped(self, watchdog: Watchdog, timeout: float) -> EngineError:
         """What a call that its watchdog ended raises, streamed or whole."""

@@ -184,11 +184,40 @@ def test_a_timeout_is_kept_to_the_second_not_rounded_to_a_coarse_step():
     assert engine._client(0.3)._client.timeout.read == 1.0
 
 
-def _line(content: str, done: bool = False) -> bytes:
-    """One line of Ollama's streamed reply (the last, ``done``, without its counts)."""
-    line = {"model": "m", "created_at": "2026-01-01T00:00:00Z", "message": {"role": "assistant", "content": content},
-            "done": done}  # fmt: skip
+def _line(content: str, done: bool = False, thinking: str | None = None) -> bytes:
+    """One line of Ollama's streamed reply (the last, ``done``, without its counts); ``thinking``, a piece of a
+    thinking model's thinking, in the message beside its content."""
+    message = {"role": "assistant", "content": content, **({"thinking": thinking} if thinking is not None else {})}
+    line = {"model": "m", "created_at": "2026-01-01T00:00:00Z", "message": message, "done": done}
     return json.dumps(line).encode() + b"\n"
+
+
+def test_a_thinking_models_streamed_thinking_comes_apart_from_its_text_and_is_timed_first(fault_server):
+    """Ollama gives a thinking model's thinking in ``message.thinking``, before the answer: it was dropped, and
+    the first token was timed at the answer's. The request leaves ``think`` out: ``think: true`` is a 400 for
+    a model that cannot think."""
+    received: list[bytes] = []
+    lines = [_line("", thinking="Hm"), _line("", thinking=", fruit."), _line("Pe"), _line("ar."), _line("", done=True)]
+    url = fault_server("pieces", (200, "application/x-ndjson", lines), interval=0.3, received=received)
+    chunks = list(OllamaEngine(model="m", base_url=url).stream(HELLO))
+    assert [(chunk.reasoning, chunk.text) for chunk in chunks[:-1]] == [("Hm", ""), (", fruit.", ""), ("", "Pe"),
+                                                                        ("", "ar.")]  # fmt: skip
+    result = chunks[-1].result
+    assert (result.reasoning, result.text) == ("Hm, fruit.", "Pear.")
+    assert result.time_to_first_token_s < 0.3  # the first thought's, not the answer's (0.6 s later)
+    assert "think" not in json.loads(received[0])
+
+
+def test_a_thinking_models_whole_reply_carries_its_thinking_apart_from_its_text(fault_server):
+    """Without a count from Ollama, the thinking's tokens are estimated with the text's ("Hm, fruit." and
+    "Pear.": 15 characters, 5 tokens)."""
+    received: list[bytes] = []
+    url = fault_server(
+        "canned", (200, "application/json", _line("Pear.", done=True, thinking="Hm, fruit.")), received=received
+    )
+    result = OllamaEngine(model="m", base_url=url).chat(HELLO)
+    assert (result.reasoning, result.text, result.completion_tokens) == ("Hm, fruit.", "Pear.", 5)
+    assert "think" not in json.loads(received[0])
 
 
 def test_a_stream_that_keeps_sending_ends_at_its_timeout(fault_server):

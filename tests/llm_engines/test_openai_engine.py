@@ -147,6 +147,37 @@ def test_a_reasoning_models_thinking_counts_as_tokens_and_times_the_first_one(fa
     assert result.time_to_first_token_s < 0.3  # the first thought's, not the answer's (0.6 s later)
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_a_reasoning_models_streamed_thinking_comes_apart_from_its_text(fault_server, field):
+    """vLLM and DeepSeek's API (reasoning_content), OpenRouter and later vLLM (reasoning) stream the thinking
+    before the answer: it was dropped. A thought under both names is one thought; one that is not text is the
+    server's own, and ignored."""
+    pieces = [_chunk({field: "Hm"}), _chunk({"reasoning_content": ", fruit.", "reasoning": ", fruit."}),
+              _chunk({field: {"tokens": 3}}), _chunk({"content": "Pe"}), _chunk({"content": "ar."}, "stop"),
+              DONE]  # fmt: skip
+    chunks = list(streaming(fault_server, pieces).stream(HELLO))
+    assert [(chunk.reasoning, chunk.text) for chunk in chunks[:-1]] == [("Hm", ""), (", fruit.", ""), ("", "Pe"),
+                                                                        ("", "ar.")]  # fmt: skip
+    result = chunks[-1].result
+    assert (result.reasoning, result.text, chunks[-1].reasoning, chunks[-1].text) == ("Hm, fruit.", "Pear.", "", "")
+
+
+def _replying(fault_server, message: dict) -> OpenAIEngine:
+    """An engine whose server answers every call whole, with ``message``."""
+    body = json.dumps({**COMPLETION, "choices": [{**COMPLETION["choices"][0], "message": message}]}).encode()
+    return OpenAIEngine(model="m", base_url=f"{fault_server('canned', (200, 'application/json', body))}/v1")
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_a_reasoning_models_whole_reply_carries_its_thinking_apart_from_its_text(fault_server, field):
+    """The thinking of a reply not streamed was dropped; without a count from the server, its tokens are
+    estimated with the text's ("Hm, fruit." and "Pear.": 15 characters, 5 tokens)."""
+    result = _replying(fault_server, {"role": "assistant", "content": "Pear.", field: "Hm, fruit."}).chat(HELLO)
+    assert (result.reasoning, result.text, result.completion_tokens) == ("Hm, fruit.", "Pear.", 5)
+    result = _replying(fault_server, {"role": "assistant", "content": "Pear.", field: ["not", "text"]}).chat(HELLO)
+    assert (result.reasoning, result.text, result.completion_tokens) == ("", "Pear.", 2)
+
+
 @pytest.mark.parametrize(("value", "expected"), [("1e12", 3600.0), ("inf", 3600.0), ("nan", None), ("30", 30.0)])
 def test_a_retry_after_beyond_any_real_one_is_capped(fault_server, value, expected):
     """The balancer cools the LLM down that long: 1e12 s disabled it for ever, and its cooldown's date
