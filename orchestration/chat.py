@@ -547,33 +547,37 @@ def _generate(
     balancer: LoadBalancer,
     deadline: float,
     *,
-    on_text: Callable[[str], None] | None = None,
+    on_piece: Callable[[str, str], None] | None = None,
     stop: threading.Event | None = None,
     timed_out: threading.Event | None = None,
     cancel: Cancel | None = None,
 ) -> ChatResult:
-    """One LLM's reply, streamed from its engine (each piece handed to ``on_text``), so that what it had
-    produced is known however the call ends. ``stop`` is set when the client left, ``timed_out`` (with it)
-    when the reader gave up waiting; ``cancel`` breaks the engine's blocking reads then."""
+    """One LLM's reply, streamed from its engine (each piece handed to ``on_piece`` with its kind: "reasoning"
+    for a piece of the model's thinking, which its engine gives apart, "text" for a piece of its answer), so
+    that what it had produced is known however the call ends. ``stop`` is set when the client left,
+    ``timed_out`` (with it) when the reader gave up waiting; ``cancel`` breaks the engine's blocking reads
+    then."""
     engine, options = _engine(request, llm, balancer, deadline)
     options = replace(options, cancel=cancel)
     started = time.monotonic()
     first_at: float | None = None
     last_at = started  # when the latest piece came
     pieces: list[str] = []
+    thoughts: list[str] = []
     result = None
 
     def partial(unsent: str = "") -> ChatResult:
-        # What the LLM produced until now, for its cost and the metrics: engines stream a token a piece,
-        # and the prompt is counted as the balancer estimated it.
+        # What the LLM produced until now, for its cost and the metrics: engines stream a token a piece (of
+        # thinking or of text), and the prompt is counted as the balancer estimated it.
         return ChatResult(
             text="".join(pieces),
             model=llm.model,
             prompt_tokens=estimate_tokens(request.messages),
-            completion_tokens=len(pieces) + bool(unsent),
+            completion_tokens=len(thoughts) + len(pieces) + bool(unsent),
             latency_s=time.monotonic() - started,
             time_to_first_token_s=None if first_at is None else first_at - started,
             finish_reason="length",
+            reasoning="".join(thoughts),
         )
 
     def reader_gave_up() -> EngineTimeout:
@@ -590,21 +594,22 @@ def _generate(
             if timed_out is not None and timed_out.is_set():
                 raise reader_gave_up()
             if stop is not None and stop.is_set():
-                raise ClientGone("the client left the stream", partial=partial(chunk.text))
-            if chunk.text:
-                if on_text is not None:
-                    on_text(chunk.text)
-                last_at = time.monotonic()
-                if first_at is None:
-                    first_at = last_at
-                pieces.append(chunk.text)
+                raise ClientGone("the client left the stream", partial=partial(chunk.reasoning or chunk.text))
+            for kind, piece, kept in (("reasoning", chunk.reasoning, thoughts), ("text", chunk.text, pieces)):
+                if piece:
+                    if on_piece is not None:
+                        on_piece(kind, piece)
+                    last_at = time.monotonic()
+                    if first_at is None:
+                        first_at = last_at
+                    kept.append(piece)
     except EngineError as exc:
         # The engine's blocking read was broken by ``cancel``: the reader's reason, not the engine's.
         if timed_out is not None and timed_out.is_set():
             raise reader_gave_up() from exc
         if stop is not None and stop.is_set():
             raise ClientGone("the client left the stream", partial=partial()) from exc
-        if pieces:
+        if pieces or thoughts:
             if isinstance(exc, EngineTimeout) and (
                 balancer.clock() >= deadline - DEADLINE_SLACK_S or not _stalled(engine, options, last_at)
             ):
@@ -612,10 +617,10 @@ def _generate(
                 # ending a reply longer than it holds. Not a stall, which is the LLM's fault.
                 raise DeadlineReached(f"the time limit ended the reply: {exc}", partial=partial(), llm=llm.id) from exc
             if isinstance(exc, ContextTooLong):
-                # The client has this LLM's text: the balancer must not hand the rest of the reply to an LLM
-                # with a larger context (rule 6), as it does for a ContextTooLong.
+                # The client has this LLM's text (or thinking): the balancer must not hand the rest of the reply
+                # to an LLM with a larger context (rule 6), as it does for a ContextTooLong.
                 raise EngineBadRequest(exc.message, engine=exc.engine) from exc
-            # The client has this LLM's text: another LLM cannot take over the reply.
+            # The client has this LLM's text (or thinking): another LLM cannot take over the reply.
             exc.transient = exc.llm_at_fault = False
         raise
     finally:
@@ -650,8 +655,8 @@ def complete(request: ChatRequest) -> tuple[ChatResult, str]:
 class Stream:
     """One streamed reply, produced by the balancer's call in a thread of its own and read here.
 
-    ``first()`` waits for the first event: the first text (the LLM is then known, and no failover can
-    happen any more: the client has text), the whole result, or the error, which the caller can still
+    ``first()`` waits for the first event: the first text or thinking (the LLM is then known, and no failover
+    can happen any more: the client has its words), the whole result, or the error, which the caller can still
     answer with its own status. ``rest()`` yields the events after it; closing it (the client left)
     stops the generation."""
 
@@ -682,7 +687,7 @@ class Stream:
             llm,
             self.balancer,
             self.deadline,
-            on_text=lambda text: self.events.put(("text", (llm.id, text))),
+            on_piece=lambda kind, piece: self.events.put((kind, (llm.id, piece))),
             stop=self.stop,
             timed_out=self.timed_out,
             cancel=self.cancel,

@@ -259,6 +259,8 @@ class ChatCompletionsApi(OpenAIView):
             message["tool_calls"] = _tool_calls(result)
         elif message["content"] is None:
             message["content"] = ""
+        if result.reasoning:  # only then: a reply without thinking is as it always was
+            message["reasoning_content"] = result.reasoning
         response = JsonResponse({
             "id": completion_id(),
             "object": "chat.completion",
@@ -284,7 +286,7 @@ class ChatCompletionsApi(OpenAIView):
             raise
         if kind == "error":  # before its first text: answered whole (the thread has ended, or will)
             return error_response(engine_error(value))
-        llm = value[0] if kind == "text" else value[1].llm.id
+        llm = value[0] if kind in ("reasoning", "text") else value[1].llm.id
         body = _StreamBody(self._events(chat, stream, kind, value), stream)
         response = StreamingHttpResponse(body, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
@@ -311,6 +313,8 @@ class ChatCompletionsApi(OpenAIView):
                     kind, value = "done", (value.partial, None)
                 if kind == "idle":
                     yield b": keep-alive\n\n"
+                elif kind == "reasoning":  # the field of DeepSeek's API (and vLLM's, before its rename)
+                    yield chunk({"reasoning_content": value[1]})
                 elif kind == "text":
                     yield chunk({"content": value[1]})
                 elif kind == "done":

@@ -37,7 +37,9 @@ MAX_CALLS = 2
 
 
 class Upstream(BaseHTTPRequestHandler):
-    """An OpenAI-compatible API that calls the first tool it is offered, or answers in text."""
+    """An OpenAI-compatible API that calls the first tool it is offered, or answers in text; asked to think (the
+    last message begins with "Think"), it streams its thinking first, in ``reasoning``, as OpenRouter and later
+    vLLM do."""
 
     protocol_version = "HTTP/1.1"
     received: list[dict] = []
@@ -66,6 +68,7 @@ class Upstream(BaseHTTPRequestHandler):
         if tools:
             name = tools[0]["function"]["name"]
             call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": '{"city": "Oslo"}'}}
+        thinks = str(request["messages"][-1].get("content")).startswith("Think")
         if not request.get("stream"):
             message = {"role": "assistant", "content": None if call else '{"answer": 42}'}
             if call:
@@ -81,6 +84,8 @@ class Upstream(BaseHTTPRequestHandler):
             deltas += [{"tool_calls": [first]}, {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}]
         elif request.get("response_format"):
             deltas.append({"content": '{"answer": 42}'})
+        elif thinks:
+            deltas += [{"reasoning": "Hm, "}, {"reasoning": "a fruit."}, {"content": "Pe"}, {"content": "ar."}]
         else:
             deltas += [{"content": "up"}, {"content": "stream"}]
         events = [{**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d}]} for d in deltas]
@@ -350,6 +355,48 @@ def test_a_local_ollama_model_calls_a_tool(client, streamed):
         assert choice.finish_reason == "tool_calls"
         name, arguments = choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments
     assert name == "weather" and isinstance(json.loads(arguments)["city"], str)
+
+
+def _deltas(web: str, key: str, body: dict) -> tuple[str, list[dict]]:
+    """The LLM that answered a streamed completion, and its chunks' deltas, as sent."""
+    response = requests.post(
+        f"{web}/v1/chat/completions", json={**body, "stream": True}, headers={"Authorization": f"Bearer {key}"},
+        stream=True, timeout=60,
+    )  # fmt: skip
+    assert response.status_code == 200
+    events = [line[len("data: ") :] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return response.headers["x-llm"], [json.loads(event)["choices"][0]["delta"] for event in events[:-1]]
+
+
+def test_a_reasoning_models_thinking_comes_as_reasoning_content_and_a_plain_reply_is_unchanged(web, key, client):
+    """It was dropped. Streamed, it comes in ``delta.reasoning_content`` (the field of DeepSeek's API, which
+    clients and chat UIs read), before the answer; whole, in ``message.reasoning_content`` beside the content.
+    A reply without thinking is as it was, without the field; the usage is the upstream's either way. (The
+    server streams from its engines, whole replies too.)"""
+    think = {"model": "upstream", "messages": [{"role": "user", "content": "Think, then name one fruit."}]}
+    assert _deltas(web, key, think) == (
+        "upstream",
+        [{"role": "assistant", "content": ""}, {"reasoning_content": "Hm, "}, {"reasoning_content": "a fruit."},
+         {"content": "Pe"}, {"content": "ar."}, {}],
+    )  # fmt: skip
+    whole = requests.post(
+        f"{web}/v1/chat/completions", json=think, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ).json()
+    assert whole["choices"][0]["message"] == {
+        "role": "assistant", "content": "Pear.", "refusal": None, "reasoning_content": "Hm, a fruit.",
+    }  # fmt: skip
+    assert whole["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+    assert client.chat.completions.create(**think).choices[0].message.reasoning_content == "Hm, a fruit."
+
+    plain = {"model": "upstream", "messages": [{"role": "user", "content": "Name one fruit."}]}
+    assert _deltas(web, key, plain) == (
+        "upstream", [{"role": "assistant", "content": ""}, {"content": "up"}, {"content": "stream"}, {}]
+    )  # fmt: skip
+    whole = requests.post(
+        f"{web}/v1/chat/completions", json=plain, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ).json()
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": "upstream", "refusal": None}
 
 
 def test_tools_for_an_llm_that_cannot_call_them_are_refused(client):
@@ -776,7 +823,7 @@ def test_a_context_overflow_after_streamed_text_is_not_handed_to_a_larger_llm(mo
     request = SimpleNamespace(options=ChatOptions(), messages=[{"role": "user", "content": "hi"}])
     llm = SimpleNamespace(id="t", model="m", engine="overflowing", engine_settings=dict)
     balancer = load_balancer()
-    texts: list[str] = []
+    pieces: list[tuple[str, str]] = []
     with pytest.raises(EngineBadRequest, match="the context is full") as caught:
-        chat._generate(request, llm, balancer, balancer.clock() + 30, on_text=texts.append)
-    assert not isinstance(caught.value, ContextTooLong) and texts == ["Once"]
+        chat._generate(request, llm, balancer, balancer.clock() + 30, on_piece=lambda *piece: pieces.append(piece))
+    assert not isinstance(caught.value, ContextTooLong) and pieces == [("text", "Once")]
