@@ -68,6 +68,10 @@ MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_
 # Fields of an assistant message as OpenAI's API returns it, which clients send back in the history:
 # accepted when they say nothing (null, empty), and dropped.
 ECHOED_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call"})
+# The thinking that this server's replies carry beside an assistant's content, which clients send back in the
+# history with the rest of the message: accepted in an assistant message (text or null), and dropped, as the
+# chat templates of reasoning models drop the thinking of earlier turns.
+ECHOED_REASONING = "reasoning_content"
 MAX_MESSAGES = 1000
 MAX_TOOLS = 128
 MAX_STOP = 4
@@ -205,7 +209,11 @@ def check_messages(messages: Any) -> tuple[list[dict[str, Any]], bool]:
         if not isinstance(message, dict):
             raise ChatError(f"{where} must be an object", param=where)
         unknown = sorted(
-            key for key in message if key not in MESSAGE_FIELDS and not (key in ECHOED_FIELDS and not message[key])
+            key
+            for key in message
+            if key not in MESSAGE_FIELDS
+            and not (key in ECHOED_FIELDS and not message[key])
+            and not (key == ECHOED_REASONING and message.get("role") == "assistant")
         )
         if unknown:
             raise ChatError(f"{where} has an unknown field {unknown[0]!r}", param=f"{where}.{unknown[0]}")
@@ -216,6 +224,9 @@ def check_messages(messages: Any) -> tuple[list[dict[str, Any]], bool]:
             )
         if "name" in message and not isinstance(message["name"], str):
             raise ChatError(f"{where}.name must be a string", param=f"{where}.name")
+        if not isinstance(message.get(ECHOED_REASONING), str | None):
+            where_reasoning = f"{where}.{ECHOED_REASONING}"
+            raise ChatError(f"{where_reasoning} must be a string", param=where_reasoning)
         has_calls = role == "assistant" and message.get("tool_calls") is not None
         if message.get("tool_calls") is not None:
             if role != "assistant":

@@ -399,6 +399,22 @@ def test_a_reasoning_models_thinking_comes_as_reasoning_content_and_a_plain_repl
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": "upstream", "refusal": None}
 
 
+def test_a_reply_sent_back_in_the_history_with_its_thinking_is_taken_and_the_thinking_not_passed_on(client, upstream):
+    """A client that keeps the assistant's message as it came (``model_dump()``) sends its reasoning_content
+    back with the next turn: that was a 400, an unknown field. It is dropped, as reasoning models' templates
+    drop earlier thinking; one that is not text is a 400 that names it."""
+    asked = [{"role": "user", "content": "Think, then name one fruit."}]
+    reply = client.chat.completions.create(model="upstream", messages=asked).choices[0].message.model_dump()
+    assert reply["reasoning_content"] == "Hm, a fruit."
+    upstream.received.clear()
+    follow = [*asked, reply, {"role": "user", "content": "And another?"}]
+    assert client.chat.completions.create(model="upstream", messages=follow).choices[0].message.content == "upstream"
+    assert upstream.received[-1]["messages"][1] == {"role": "assistant", "content": "Pear."}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="upstream", messages=[*asked, {**reply, "reasoning_content": ["Hm"]}])
+    assert caught.value.body["param"] == "messages[1].reasoning_content"
+
+
 def test_tools_for_an_llm_that_cannot_call_them_are_refused(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
