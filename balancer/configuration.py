@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
+import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,6 +532,7 @@ class ConfigurationSource:
         self._config: Configuration | None = None
         self._stamp: str | None = None
         self._lock = threading.Lock()
+        _sources.add(self)
 
     def current(self) -> Configuration:
         stamp = file_stamp(self.path)
@@ -550,3 +553,18 @@ class ConfigurationSource:
                     self.last_error = exc
                 self._stamp = stamp
             return self._config
+
+
+# A worker's pool child is forked from a process whose threads (the LLMs' health checks, the recovery sweep)
+# read the configuration: a child forked while one of them held a source's lock, reloading the file, would
+# inherit it held by a thread it does not have, and wait for it at its first reload for ever (every task it
+# took hung until the hard time limit). Each child gets its sources' locks anew.
+_sources: weakref.WeakSet[ConfigurationSource] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for source in list(_sources):
+        source._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import threading
 from collections.abc import Mapping
 from importlib import import_module
@@ -60,6 +61,15 @@ def engine_class(name: str) -> type[Engine]:
 
 _cache: dict[str, tuple[str, Engine]] = {}
 _cache_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A forked child must not inherit the lock held by a thread of its parent (the health checks build engines)."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def get_engine(name: str, settings: Mapping[str, Any], *, key: str | None = None) -> Engine:

@@ -283,3 +283,42 @@ def test_text_fields_are_refused_longer_than_the_admins_columns(raw):
     for name in ("id", "engine", "model", "base_url", "api_key_env"):
         assert f"at most {columns[name]} characters" in found[f"llms[1].{name}"], name
     assert f"at most {columns['agent']} characters" in found["profiles.developer.roles.qa.agent"]
+
+
+def test_a_child_forked_while_a_thread_reloads_the_configuration_can_reload_it(tmp_path, raw):
+    """Found by a full run on PostgreSQL (and seen on SQLite): a worker's pool child forked while a thread of the
+    main process (the LLMs' health checks, the sweep) held the source's lock inherited it held by a thread it
+    does not have, and hung at its first reload, each task it took until the hard time limit."""
+    import os
+    import threading
+
+    path = tmp_path / "configuration.json"
+    path.write_text(json.dumps(raw))
+    source = ConfigurationSource(path, known_agents=AGENTS.names())
+    source.current()
+    raw["profiles"]["developer"]["roles"]["planner"]["max_tokens"] = 77
+    path.write_text(json.dumps(raw) + " ")  # changed: the child must reload it
+    reloading, forked = threading.Event(), threading.Event()
+
+    def reload_in_progress():  # a thread holding the lock as a reload does, across the fork
+        with source._lock:
+            reloading.set()
+            forked.wait(10)
+
+    holder = threading.Thread(target=reload_in_progress)
+    holder.start()
+    reloading.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: reloads within the time, or exits with 1 (its lock inherited held)
+        done = threading.Event()
+
+        def reload():
+            if source.current().profiles["developer"].roles["planner"].max_tokens == 77:
+                done.set()
+
+        threading.Thread(target=reload, daemon=True).start()
+        os._exit(0 if done.wait(10) else 1)
+    forked.set()
+    holder.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
