@@ -137,6 +137,25 @@ def test_a_step_that_meets_a_redis_outage_is_left_to_the_sweep_not_failed(
     assert done["history"][3]["detail"]["job_id"] == job_id
 
 
+class Killed(BaseException):
+    """A process's death, as far as the code after it is concerned: nothing below runs."""
+
+
+def _submit_killed_at(monkeypatch, module, name: str) -> str:
+    """Submit a summarizer task from this process, killed (``Killed``) where ``module.name`` is called."""
+    from orchestration import services
+
+    def die(*_args, **_kwargs):
+        raise Killed
+
+    task_id = str(uuid.uuid4())
+    with monkeypatch.context() as patched:
+        patched.setattr(module, name, die)
+        with pytest.raises(Killed):
+            services.task_submit(profile="productivity", role="summarizer", payload={"input": "Hi."}, task_id=task_id)
+    return task_id
+
+
 def test_a_task_whose_process_died_between_its_file_and_its_row_is_found_by_the_sweep(
     api, celery_worker, script, monkeypatch
 ):
@@ -145,18 +164,8 @@ def test_a_task_whose_process_died_between_its_file_and_its_row_is_found_by_the_
     before its file was written, so the sweep writes its row, then finds nothing moving it on and queues it."""
     from orchestration import services
 
-    class Killed(BaseException):
-        """The process's death, as far as the code after it is concerned: nothing below runs."""
-
-    def die(**_job):
-        raise Killed
-
     script([SUMMARY])
-    task_id = str(uuid.uuid4())
-    with monkeypatch.context() as patched:
-        patched.setattr(services, "_publish", die)
-        with pytest.raises(Killed):
-            services.task_submit(profile="productivity", role="summarizer", payload={"input": "Hi."}, task_id=task_id)
+    task_id = _submit_killed_at(monkeypatch, services, "_publish")
     assert task_store().read(task_id)["status"] == "queued"
     assert not Task.objects.filter(task_id=task_id).exists()
     report = recovery.sweep(grace_s=0)
@@ -171,20 +180,10 @@ def test_a_task_whose_process_died_after_its_job_was_queued_before_its_row_runs_
 ):
     """The web process is killed after queueing the new task's job, before its row: the worker's claim, which
     waits for the task's lock (released by the death), writes the row, and the task runs as any other."""
-    from orchestration import services, state_store
-
-    class Killed(BaseException):
-        """The process's death, as far as the code after it is concerned: nothing below runs."""
-
-    def die(_packet):
-        raise Killed
+    from orchestration import state_store
 
     script([SUMMARY])
-    task_id = str(uuid.uuid4())
-    with monkeypatch.context() as patched:
-        patched.setattr(state_store, "mirror_packet", die)
-        with pytest.raises(Killed):
-            services.task_submit(profile="productivity", role="summarizer", payload={"input": "Hi."}, task_id=task_id)
+    task_id = _submit_killed_at(monkeypatch, state_store, "mirror_packet")
     done = wait_for(task_id)
     assert done["status"] == "succeeded"
     assert events(done) == ["submitted", "claimed", "step", "finished"]
