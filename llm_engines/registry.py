@@ -63,13 +63,21 @@ _cache: dict[str, tuple[str, Engine]] = {}
 _cache_lock = threading.Lock()
 
 
-def _new_lock_in_child() -> None:
-    """A forked child must not inherit the lock held by a thread of its parent (the health checks build engines)."""
-    global _cache_lock
+_inherited: list[dict[str, tuple[str, Engine]]] = []
+
+
+def _forget_in_child() -> None:
+    """A forked child (a worker's pool child) builds its own engines: those its parent built (its health checks
+    do) hold the parent's locks, held by a thread the child does not have if the fork came while one was
+    taken, and the parent's HTTP connections. They are kept, not finalized here: what closing them would close
+    is the parent's. And ``_cache_lock`` anew, for the same reason."""
+    global _cache, _cache_lock
+    _inherited.append(_cache)
+    _cache = {}
     _cache_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_lock_in_child)
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def get_engine(name: str, settings: Mapping[str, Any], *, key: str | None = None) -> Engine:

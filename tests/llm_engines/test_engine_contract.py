@@ -72,3 +72,43 @@ def test_a_prompt_over_the_context_is_context_too_long(engine):
 
 def test_health(engine):
     assert engine.health().ok
+
+
+def test_a_forked_child_builds_its_own_engines_even_while_its_parent_was_building_one():
+    """A worker's pool child inherited the engines its main process had built (its health checks do), with
+    their locks and connections, and the cache's lock, held at the fork if a health check was building an
+    engine then: the child's first call for an engine waited for ever. It builds its own now."""
+    import os
+    import threading
+    import time
+
+    from llm_engines import registry
+
+    settings = {"model": "instant"}
+    parents = get_engine("instant", settings, key="fork-test")
+    building, forked = threading.Event(), threading.Event()
+
+    def build_in_progress():  # a thread holding the cache's lock, as a health check building an engine does
+        with registry._cache_lock:
+            building.set()
+            forked.wait(10)
+
+    holder = threading.Thread(target=build_in_progress)
+    holder.start()
+    building.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: its own engine within the time (exit 0), the parent's (2), or none (1)
+        got = []
+        threading.Thread(
+            target=lambda: got.append(get_engine("instant", settings, key="fork-test")), daemon=True
+        ).start()
+        for _ in range(100):
+            if got:
+                break
+            time.sleep(0.1)
+        os._exit(1 if not got else 2 if got[0] is parents else 0)
+    forked.set()
+    holder.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert get_engine("instant", settings, key="fork-test") is parents  # the parent keeps its own
